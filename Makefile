@@ -1,0 +1,25 @@
+# Two commands on a fresh clone: `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+
+.PHONY: install assets test lint run bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]' $(TORCH)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+assets: install
+	$(PY) -m engine.weights.embedded
+
+test: install assets
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,1 @@
+"""Checkpoint discovery and weight loading (safetensors, GGUF, hub ids)."""

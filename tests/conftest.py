@@ -1,0 +1,45 @@
+"""Shared fixtures: the real Qwen vocabulary and the embedded SmolLM2 model fetched by `make assets`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.weights.embedded import QWEN_TIKTOKEN, SMOLLM2_GGUF, asset_path
+from tokenizer import QwenTokenizer
+from tokenizer.hf import HFTokenizer, load_gguf_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load_fixture(relative: str) -> dict:
+    return json.loads((FIXTURES / relative).read_text())
+
+
+@pytest.fixture(scope="session")
+def qwen_vocab_path() -> Path:
+    return asset_path(QWEN_TIKTOKEN)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(qwen_vocab_path: Path) -> QwenTokenizer:
+    return QwenTokenizer(qwen_vocab_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return asset_path(SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf: Path) -> HFTokenizer:
+    return load_gguf_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(smollm2_gguf: Path):
+    """transformers' own reading of the same GGUF vocabulary (the reference)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
