@@ -1,0 +1,151 @@
+"""``AsyncEngine``: one engine thread owns the model; asyncio callers get per-request streams of deltas."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from engine.engine import LLMEngine, StepOutput
+from engine.sampling import SamplingParams
+from engine.scheduler import QueueFullError
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; no request can run any more."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    deliver: Callable[[StepOutput | BaseException], None]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    """Wraps ``LLMEngine`` in a background thread.
+
+    ``generate`` is an async iterator of ``StepOutput`` deltas. Leaving it early (a client that went away,
+    a cancelled task) aborts the request, which frees its blocks before the next step. An exception in the
+    engine thread is delivered to every waiting request and marks the engine dead.
+    """
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._deliver: dict[str, Callable[[StepOutput | BaseException], None]] = {}
+        self._pending_adds = 0
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="qwen-serve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + self._pending_adds
+
+    async def generate(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams
+                       ) -> AsyncIterator[StepOutput]:
+        if self.error is not None:
+            raise EngineDeadError(str(self.error)) from self.error
+        if self.num_waiting >= self.engine.config.scheduler.max_waiting:
+            raise QueueFullError("the request queue is full")
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+
+        def deliver(item: StepOutput | BaseException) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        with self._lock:
+            self._pending_adds += 1
+        self._inbox.put(_Add(request_id, list(prompt_ids), params, deliver))
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    def shutdown(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    # -- engine thread ---------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished()
+                if not self._drain_inbox(block):
+                    return
+                for output in self.engine.step():
+                    deliver = self._deliver.get(output.request_id)
+                    if output.finished:
+                        self._deliver.pop(output.request_id, None)
+                    if deliver is not None:
+                        deliver(output)
+        except BaseException as exc:
+            self.error = exc
+            dead = EngineDeadError(f"engine failed: {exc!r}")
+            for deliver in self._deliver.values():
+                deliver(dead)
+            self._deliver.clear()
+            self._fail_inbox(dead)
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued adds and aborts; False on shutdown."""
+        while True:
+            try:
+                message = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if message is None:
+                return False
+            if isinstance(message, _Abort):
+                self._deliver.pop(message.request_id, None)
+                self.engine.abort(message.request_id)
+                continue
+            with self._lock:
+                self._pending_adds -= 1
+            try:
+                self.engine.add_request(message.request_id, message.prompt_ids, message.params)
+            except (ValueError, QueueFullError) as exc:
+                message.deliver(exc)
+                continue
+            self._deliver[message.request_id] = message.deliver
+
+    def _fail_inbox(self, error: BaseException) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(message, _Add):
+                message.deliver(error)

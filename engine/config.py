@@ -1,0 +1,122 @@
+"""One ``ModelConfig`` for every supported architecture, from HF ``config.json`` or GGUF metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED = ("qwen", "qwen2", "llama")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and numerics of a decoder-only model (``intermediate_size`` is the width of one MLP branch)."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_model_len: int
+    qkv_bias: bool
+    tie_word_embeddings: bool
+    # Qwen-1 only: dynamic NTK rotary base and logN attention scaling, both driven by ``seq_length``.
+    seq_length: int = 0
+    use_dynamic_ntk: bool = False
+    use_logn_attn: bool = False
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> ModelConfig:
+        """From a ``config.json`` of model_type ``qwen`` (Qwen-1), ``qwen2`` or ``llama``."""
+        model_type = config.get("model_type")
+        if model_type == "qwen":
+            return cls._from_qwen1(config)
+        if model_type not in ("qwen2", "llama"):
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
+        rope_scaling = config.get("rope_scaling") or {}
+        if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) != "default":
+            raise ValueError(f"unsupported rope_scaling {rope_scaling}")
+        heads = config["num_attention_heads"]
+        rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(
+            arch=model_type,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            intermediate_size=config["intermediate_size"],
+            rms_norm_eps=config["rms_norm_eps"],
+            rope_theta=float(rope_theta),
+            max_model_len=config.get("max_position_embeddings", 2048),
+            qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    @classmethod
+    def _from_qwen1(cls, config: dict[str, Any]) -> ModelConfig:
+        if config.get("rotary_pct", 1.0) != 1.0:
+            raise ValueError("Qwen-1 with rotary_pct != 1 is not supported")
+        heads = config["num_attention_heads"]
+        seq_length = config.get("seq_length", 2048)
+        dynamic_ntk = bool(config.get("use_dynamic_ntk", False))
+        return cls(
+            arch="qwen",
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=config.get("kv_channels") or config["hidden_size"] // heads,
+            intermediate_size=config["intermediate_size"] // 2,
+            rms_norm_eps=config.get("layer_norm_epsilon", 1e-6),
+            rope_theta=float(config.get("rotary_emb_base", 10000)),
+            max_model_len=config.get("max_position_embeddings", seq_length) if dynamic_ntk else seq_length,
+            qkv_bias=True,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            seq_length=seq_length,
+            use_dynamic_ntk=dynamic_ntk,
+            use_logn_attn=bool(config.get("use_logn_attn", False)),
+        )
+
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any], has_output_weight: bool) -> ModelConfig:
+        """From GGUF metadata (architectures ``llama`` and ``qwen2``)."""
+        arch = metadata["general.architecture"]
+        if arch not in ("llama", "qwen2"):
+            raise ValueError(f"unsupported GGUF architecture {arch!r}")
+
+        def key(name: str, default: Any = None) -> Any:
+            return metadata.get(f"{arch}.{name}", default)
+
+        heads = key("attention.head_count")
+        hidden = key("embedding_length")
+        return cls(
+            arch=arch,
+            vocab_size=key("vocab_size") or len(metadata["tokenizer.ggml.tokens"]),
+            hidden_size=hidden,
+            num_layers=key("block_count"),
+            num_heads=heads,
+            num_kv_heads=key("attention.head_count_kv", heads),
+            head_dim=key("attention.key_length") or hidden // heads,
+            intermediate_size=key("feed_forward_length"),
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            max_model_len=key("context_length", 2048),
+            qkv_bias=arch == "qwen2",
+            tie_word_embeddings=not has_output_weight,
+        )

@@ -1,0 +1,115 @@
+"""Paged KV cache bookkeeping: fixed-size blocks, block tables and prefix sharing by chained block hashes."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+from engine.sequence import Sequence
+
+
+class BlockManager:
+    """Hands out cache blocks of ``block_size`` token slots.
+
+    A full block is registered under the hash of (previous block's hash, its tokens, ``extra``), where
+    ``extra`` covers anything else that changes the cached keys (Qwen-1's NTK alpha). A new sequence reuses
+    every leading block whose chain matches. Freed blocks keep their hash until they are handed out again, so
+    a later request can still hit them (least recently freed go first).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._refs = [0] * num_blocks
+        self._hash_of: dict[int, int] = {}
+        self._block_of: dict[int, int] = {}
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _chain(self, seq: Sequence, extra: Hashable) -> list[int]:
+        """Hashes of every full block of ``seq``'s tokens."""
+        hashes, previous = [], 0
+        tokens = seq.token_ids
+        for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
+            previous = hash((previous, tuple(tokens[start : start + self.block_size]), extra))
+            hashes.append(previous)
+        return hashes
+
+    def allocate(self, seq: Sequence, extra: Hashable = None) -> bool:
+        """Give ``seq`` blocks for all its tokens, reusing cached prefix blocks. False (nothing taken) when
+        there are not enough free blocks."""
+        hashes = self._chain(seq, extra)
+        hits: list[int] = []
+        for block_hash in hashes:
+            block = self._block_of.get(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        # Always compute at least the last token, so its logits exist.
+        if len(hits) * self.block_size >= len(seq):
+            hits.pop()
+        fresh_needed = self.blocks_needed(len(seq)) - len(hits)
+        reusable_free = sum(1 for b in hits if self._refs[b] == 0)
+        if fresh_needed > self.num_free - reusable_free:
+            return False
+        for block in hits:
+            self._take(block)
+        table = list(hits)
+        for _ in range(fresh_needed):
+            table.append(self._take_fresh())
+        for index in range(len(hits), len(hashes)):
+            self._register(table[index], hashes[index])
+        seq.block_table = table
+        seq.num_computed = len(hits) * self.block_size
+        self.prefix_queries += len(seq)
+        self.prefix_hits += seq.num_computed
+        return True
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Whether ``seq`` can get a slot for one more token."""
+        return len(seq.block_table) >= self.blocks_needed(len(seq)) or self.num_free > 0
+
+    def append_slot(self, seq: Sequence, extra: Hashable = None) -> None:
+        """Make room for ``seq``'s newest token; register the block it completes."""
+        if len(seq.block_table) < self.blocks_needed(len(seq)):
+            seq.block_table.append(self._take_fresh())
+        if len(seq) % self.block_size == 0:
+            chain = self._chain(seq, extra)
+            self._register(seq.block_table[len(chain) - 1], chain[-1])
+
+    def free(self, seq: Sequence) -> None:
+        for block in reversed(seq.block_table):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
+        seq.block_table = []
+        seq.num_computed = 0
+
+    def _take(self, block: int) -> None:
+        if self._refs[block] == 0:
+            del self._free[block]
+        self._refs[block] += 1
+
+    def _take_fresh(self) -> int:
+        block, _ = self._free.popitem(last=False)
+        old = self._hash_of.pop(block, None)
+        if old is not None and self._block_of.get(old) == block:
+            del self._block_of[old]
+        self._refs[block] = 1
+        return block
+
+    def _register(self, block: int, block_hash: int) -> None:
+        self._hash_of[block] = block_hash
+        self._block_of.setdefault(block_hash, block)

@@ -1,0 +1,75 @@
+"""Building blocks of the decoder: RMSNorm, dense and int4 linears, rotary embedding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class DenseLinear(nn.Module):
+    """y = x W^T + b with a full-precision weight."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4 linear on torch's packed kernel: w = (q - 8) * scale + zero, per group of inputs."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.group_size = group_size
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]), self.packed, self.group_size,
+                                              self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def qwen_ntk_alpha(prompt_len: int, seq_length: int) -> float:
+    """Qwen-1 dynamic-NTK alpha, fixed for a sequence by the length of its first (prefill) pass."""
+    context_value = math.log(prompt_len / seq_length, 2) + 1
+    return float(max(2 ** math.ceil(context_value) - 1, 1))
+
+
+def inverse_frequencies(head_dim: int, base: float, ntk_alpha: float = 1.0) -> torch.Tensor:
+    """RoPE inverse frequencies (fp32); with NTK scaling the base becomes base * alpha^(d/(d-2))."""
+    if ntk_alpha != 1.0:
+        base = base * ntk_alpha ** (head_dim / (head_dim - 2))
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. ``x``: [N, heads, D]; ``cos``/``sin``: [N, 1, D/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

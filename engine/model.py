@@ -1,0 +1,124 @@
+"""One decoder-only transformer parameterised by ``ModelConfig`` (Qwen-1, Qwen2, Llama).
+
+The model runs on *packed* tokens: the new tokens of every sequence in the step, one after another. Only
+attention sees a batch shape: queries are gathered into a left-padded [B, Tq] layout, keys and values are
+gathered from the paged cache into a left-padded [B, Tk] layout, and an explicit mask says what each query may
+see. Linear layers never pay for padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.config import ModelConfig
+from engine.layers import RMSNorm, apply_rotary
+
+
+@dataclass
+class StepInputs:
+    """Everything one forward pass needs besides the token ids (built by the runner).
+
+    ``cos``/``sin``: [N, 1, D/2] rotary factors of every new token; ``logn``: [N, 1, 1] Qwen-1 query scales or
+    None; ``write_slots``: [N] cache slot of every new token; ``kv_slots``: [B, Tk] left-padded cache slots of
+    every key a sequence attends to; ``mask``: [B, 1, Tq, Tk] True where attention is allowed; ``query_index``:
+    [B, Tq] packed index of each padded query (None when every sequence has exactly one new token);
+    ``query_valid``: [B, Tq] which padded queries are real; ``last_index``: [B] packed index of each
+    sequence's last token (the one whose logits are sampled).
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    logn: torch.Tensor | None
+    write_slots: torch.Tensor
+    kv_slots: torch.Tensor
+    mask: torch.Tensor
+    query_index: torch.Tensor | None
+    query_valid: torch.Tensor | None
+    last_index: torch.Tensor
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, qkv: nn.Module, o_proj: nn.Module) -> None:
+        super().__init__()
+        self.qkv = qkv
+        self.o_proj = o_proj
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.split = (config.q_size, config.kv_size, config.kv_size)
+
+    def forward(self, x: torch.Tensor, step: StepInputs, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), step.cos, step.sin)
+        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), step.cos, step.sin)
+        if step.logn is not None:
+            q = q * step.logn
+        k_cache.index_copy_(0, step.write_slots, k)
+        v_cache.index_copy_(0, step.write_slots, v.view(n, self.num_kv_heads, self.head_dim))
+        keys = k_cache[step.kv_slots].transpose(1, 2)
+        values = v_cache[step.kv_slots].transpose(1, 2)
+        queries = q.unsqueeze(2) if step.query_index is None else q[step.query_index].transpose(1, 2)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=step.mask,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        out = out.transpose(1, 2)
+        out = out.reshape(n, -1) if step.query_valid is None else out[step.query_valid].reshape(n, -1)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+
+    def __init__(self, gate_up: nn.Module, down: nn.Module) -> None:
+        super().__init__()
+        self.gate_up = gate_up
+        self.down = down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, attention: Attention, mlp: MLP) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.attn = attention
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, step: StepInputs, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), step, k_cache, v_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers, final norm and LM head. ``forward`` returns fp32 logits of the last tokens."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, embed: torch.Tensor, layers: list[DecoderLayer],
+                 lm_head: nn.Module | None) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.embed = nn.Parameter(embed, requires_grad=False)
+        self.layers = nn.ModuleList(layers)
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.lm_head = lm_head
+
+    def forward(self, token_ids: torch.Tensor, step: StepInputs, kv_cache: torch.Tensor,
+                all_logits: bool = False) -> torch.Tensor:
+        """``kv_cache``: [layers, 2, slots, kv_heads, D]. Logits of each sequence's last token, or of every
+        token when ``all_logits``."""
+        x = F.embedding(token_ids, self.embed)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, step, kv_cache[index, 0], kv_cache[index, 1])
+        if not all_logits:
+            x = x[step.last_index]
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            return F.linear(x, self.embed).float()
+        return self.lm_head(x).float()

@@ -1,0 +1,91 @@
+"""Turns a scheduled batch into model inputs (packed tokens, slots, left-padded attention layout) and runs it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.config import ModelConfig
+from engine.layers import inverse_frequencies
+from engine.model import DecoderModel, StepInputs
+from engine.sequence import Sequence
+
+
+class ModelRunner:
+    """Owns the model and its KV cache tensor [layers, 2, slots, kv_heads, head_dim]."""
+
+    def __init__(self, model: DecoderModel, config: ModelConfig, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.model, self.config = model, config
+        self.block_size, self.device, self.dtype = block_size, device, dtype
+        self.kv_cache = torch.zeros(config.num_layers, 2, num_blocks * block_size, config.num_kv_heads,
+                                    config.head_dim, dtype=dtype, device=device)
+        self._inv_freq: dict[float, torch.Tensor] = {}
+
+    def inv_freq(self, ntk_alpha: float) -> torch.Tensor:
+        if ntk_alpha not in self._inv_freq:
+            self._inv_freq[ntk_alpha] = inverse_frequencies(self.config.head_dim, self.config.rope_theta,
+                                                            ntk_alpha).to(self.device)
+        return self._inv_freq[ntk_alpha]
+
+    @torch.inference_mode()
+    def run(self, batch: list[Sequence], all_logits: bool = False) -> torch.Tensor:
+        """Compute every sequence's tokens from ``num_computed`` on; fp32 logits of each last token."""
+        token_ids, inputs = self.prepare(batch)
+        return self.model(token_ids, inputs, self.kv_cache, all_logits=all_logits)
+
+    def prepare(self, batch: list[Sequence]) -> tuple[torch.Tensor, StepInputs]:
+        device, block_size = self.device, self.block_size
+        q_lens = [len(s) - s.num_computed for s in batch]
+        kv_lens = [len(s) for s in batch]
+        tokens: list[int] = []
+        positions: list[int] = []
+        for seq, q_len in zip(batch, q_lens, strict=True):
+            if q_len == 1:
+                tokens.append(seq.token_at(len(seq) - 1))
+            else:
+                tokens += seq.token_ids[seq.num_computed :]
+            positions += range(seq.num_computed, len(seq))
+        b, tq, tk = len(batch), max(q_lens), max(kv_lens)
+        as_tensor = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+
+        q_len_t, kv_len_t = as_tensor(q_lens), as_tensor(kv_lens)
+        row_of_token = torch.repeat_interleave(torch.arange(b, device=device), q_len_t)
+        position_t = as_tensor(positions)
+        width = max(len(s.block_table) for s in batch)
+        tables = as_tensor([s.block_table + [0] * (width - len(s.block_table)) for s in batch])
+        slots = (tables[:, :, None] * block_size + torch.arange(block_size, device=device)).view(b, -1)
+        write_slots = slots[row_of_token, position_t]
+        key_offset = torch.arange(tk, device=device)[None, :] - (tk - kv_len_t)[:, None]
+        kv_slots = slots.gather(1, key_offset.clamp(min=0))
+
+        key_valid = key_offset >= 0
+        query_offset = torch.arange(tq, device=device)[None, :] - (tq - q_len_t)[:, None]
+        query_valid = query_offset >= 0
+        causal = (torch.arange(tk, device=device)[None, :] - tk) <= (torch.arange(tq, device=device)[:, None] - tq)
+        mask = (causal[None] & key_valid[:, None, :]) | ~query_valid[:, :, None]
+        starts = torch.cumsum(q_len_t, 0) - q_len_t
+        query_index = None
+        if tq > 1:
+            query_index = (starts[:, None] + query_offset).clamp(min=0)
+
+        alphas = [s.ntk_alpha for s in batch]
+        if len(set(alphas)) == 1:
+            inv = self.inv_freq(alphas[0])[None, :]
+        else:
+            inv = torch.stack([self.inv_freq(a) for a in alphas])[row_of_token]
+        angles = position_t[:, None].float() * inv
+        cos = angles.cos()[:, None, :].to(self.dtype)
+        sin = angles.sin()[:, None, :].to(self.dtype)
+        logn = None
+        if self.config.use_logn_attn:
+            seq_length = self.config.seq_length
+            scale = (position_t + 1).double().log() / math.log(seq_length)
+            logn = torch.where(position_t + 1 > seq_length, scale, 1.0).float().to(self.dtype)[:, None, None]
+        inputs = StepInputs(
+            cos=cos, sin=sin, logn=logn, write_slots=write_slots, kv_slots=kv_slots, mask=mask[:, None],
+            query_index=query_index, query_valid=query_valid if tq > 1 else None,
+            last_index=starts + q_len_t - 1,
+        )
+        return as_tensor(tokens), inputs

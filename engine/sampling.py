@@ -1,0 +1,157 @@
+"""Sampling parameters and the per-row vectorised sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. Defaults are neutral: plain sampling, no truncation, no penalties.
+
+    ``temperature=0`` is greedy; ``top_k`` <= 0 and ``top_p`` = 1 and ``min_p`` = 0 disable truncation;
+    ``repetition_penalty`` follows HF (prompt and output tokens); presence/frequency penalties follow OpenAI
+    (output tokens); ``logit_bias`` adds to raw logits (-100 effectively bans a token); ``logprobs=k`` returns the
+    chosen token's log-probability and the top-k alternatives from the model's raw distribution.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError("logprobs must be >= 0")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def truncates(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+
+
+@dataclass
+class SampleRequest:
+    """What the sampler needs to know about one row."""
+
+    params: SamplingParams
+    prompt_ids: Seq[int]
+    output_ids: Seq[int]
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+
+
+def apply_penalties_and_bias(logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
+    """Logit bias, min_tokens bans, HF repetition penalty and OpenAI presence/frequency penalties, in place."""
+    for row, request in enumerate(rows):
+        params = request.params
+        if params.logit_bias:
+            ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+            logits[row, ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+        if len(request.output_ids) < params.min_tokens and request.stop_ids:
+            logits[row, list(request.stop_ids)] = float("-inf")
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({*request.prompt_ids, *request.output_ids}), dtype=torch.long)
+            scores = logits[row, seen]
+            logits[row, seen] = torch.where(scores < 0, scores * params.repetition_penalty,
+                                            scores / params.repetition_penalty)
+        if (params.presence_penalty or params.frequency_penalty) and request.output_ids:
+            ids, counts = torch.tensor(request.output_ids, dtype=torch.long).unique(return_counts=True)
+            logits[row, ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Top-k, then top-p (nucleus), then min-p, per row on temperature-scaled logits: dropped tokens get -inf."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)
+    drop = ranks[None, :] >= torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop |= probs < (min_p[:, None] * probs[:, :1])
+    drop[:, 0] = False
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+class Sampler:
+    """Picks the next token of every row in one pass; ``vocab_limit`` hides embedding rows no tokenizer has."""
+
+    def __init__(self, vocab_limit: int | None = None) -> None:
+        self.vocab_limit = vocab_limit
+
+    def __call__(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> SampleResult:
+        logits = logits.float()
+        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+            logits[:, self.vocab_limit:] = float("-inf")
+        want_logprobs = [r.params.logprobs is not None for r in rows]
+        raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
+        logits = apply_penalties_and_bias(logits, rows)
+        chosen = logits.argmax(dim=-1)
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if sampled:
+            chosen[sampled] = self._sample(logits[sampled], [rows[i] for i in sampled])
+        token_ids = chosen.tolist()
+        logprobs: list[dict[int, float] | None] = []
+        for row, request in enumerate(rows):
+            k = request.params.logprobs
+            if k is None or raw_logprobs is None:
+                logprobs.append(None)
+                continue
+            entry = {token_ids[row]: raw_logprobs[row, token_ids[row]].item()}
+            if k:
+                values, ids = raw_logprobs[row].topk(k)
+                entry.update(zip(ids.tolist(), values.tolist(), strict=True))
+            logprobs.append(entry)
+        return SampleResult(token_ids, logprobs)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
+        temperature = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype)
+        logits = logits / temperature[:, None]
+        if any(r.params.truncates for r in rows):
+            logits = truncate(
+                logits,
+                torch.tensor([r.params.top_k for r in rows]),
+                torch.tensor([r.params.top_p for r in rows], dtype=logits.dtype),
+                torch.tensor([r.params.min_p for r in rows], dtype=logits.dtype),
+            )
+        probs = logits.softmax(dim=-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p; each seeded row draws its own noise.
+        noise = torch.empty_like(probs)
+        for row, request in enumerate(rows):
+            noise[row].exponential_(generator=request.generator)
+        return (probs / noise).argmax(dim=-1)

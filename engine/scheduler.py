@@ -1,0 +1,92 @@
+"""Continuous batching: who runs in the next step, admission, preemption by recompute."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from engine.kv_cache import BlockManager
+from engine.sequence import Sequence, Status
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; the caller should retry later."""
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting: int = 256
+
+
+class Scheduler:
+    """Running sequences decode every step; waiting ones join as soon as there is room (tokens, blocks, seats).
+
+    When the cache runs out of blocks, the newest running sequence is preempted: its blocks are freed and it
+    goes back to the head of the queue to be recomputed later (prompt and output so far).
+    """
+
+    def __init__(self, blocks: BlockManager, config: SchedulerConfig, cache_key: Callable[[Sequence], Hashable]):
+        self.blocks = blocks
+        self.config = config
+        self.cache_key = cache_key
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Sequence]:
+        """The sequences of the next step; each computes its tokens from ``num_computed`` on."""
+        batch: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:
+                continue
+            while not self.blocks.can_append(seq):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.append_slot(seq, self.cache_key(seq))
+                batch.append(seq)
+        budget = self.config.max_num_batched_tokens - len(batch)
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if batch and len(seq) > budget:
+                break
+            if not self.blocks.allocate(seq, self.cache_key(seq)):
+                break
+            self.waiting.popleft()
+            if seq.num_cached_prompt_tokens == 0 and not seq.output_ids:
+                seq.num_cached_prompt_tokens = seq.num_computed
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append(seq)
+            budget -= len(seq) - seq.num_computed
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark ``seq`` done and give its blocks back at once."""
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)

@@ -1,0 +1,91 @@
+"""Build a ``DecoderModel`` from a weight source, one tensor at a time, straight into the target dtype/device."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.layers import DenseLinear, Int4Linear
+from engine.model import MLP, Attention, DecoderLayer, DecoderModel
+from engine.weights.int4 import Int4Weight
+from engine.weights.sources import WeightSource
+
+
+class ModelBuilder:
+    """Turns canonical parts (``names``) of a checkpoint into modules.
+
+    ``use_int4``: keep 4-bit matrices packed on torch's int4 CPU kernel (else dequantize them).
+    ``rope_permuted``: the checkpoint stores q/k rows in llama.cpp's interleaved order (GGUF llama).
+    """
+
+    def __init__(self, config: ModelConfig, source: WeightSource, names: dict[str, str], dtype: torch.dtype,
+                 device: torch.device, *, use_int4: bool = False, rope_permuted: bool = False) -> None:
+        self.config, self.source, self.names = config, source, names
+        self.dtype, self.device = dtype, device
+        self.use_int4, self.rope_permuted = use_int4, rope_permuted
+
+    def build(self, progress=None) -> DecoderModel:
+        layers = []
+        for i in range(self.config.num_layers):
+            layers.append(self._layer(i))
+            if progress is not None:
+                progress(i + 1, self.config.num_layers)
+        embed = self._tensor("embed")
+        lm_head = None
+        if not self.config.tie_word_embeddings:
+            lm_head = DenseLinear(self._tensor("lm_head"), None)
+        model = DecoderModel(self.config, self.dtype, embed, layers, lm_head)
+        model.final_norm.weight.data = self._tensor("final_norm")
+        return model.eval()
+
+    def _name(self, part: str, layer: int | None = None) -> str:
+        return self.names[part].format(i=layer)
+
+    def _tensor(self, part: str, layer: int | None = None) -> torch.Tensor:
+        return self.source.dense(self._name(part, layer)).to(device=self.device, dtype=self.dtype)
+
+    def _optional(self, part: str, layer: int) -> torch.Tensor | None:
+        if part not in self.names or self._name(part, layer) not in self.source:
+            return None
+        return self._tensor(part, layer)
+
+    def _layer(self, i: int) -> DecoderLayer:
+        if "qkv" in self.names:
+            qkv = self._linear(["qkv"], i, [self._optional("qkv_bias", i)])
+        else:
+            biases = [self._optional(f"{p}_bias", i) for p in "qkv"]
+            qkv = self._linear(["q", "k", "v"], i, biases)
+        attention = Attention(self.config, qkv, self._linear(["o"], i, [None]))
+        mlp = MLP(self._linear(["gate", "up"], i, [None, None]), self._linear(["down"], i, [None]))
+        layer = DecoderLayer(self.config, self.dtype, attention, mlp)
+        layer.attn_norm.weight.data = self._tensor("attn_norm", i)
+        layer.mlp_norm.weight.data = self._tensor("mlp_norm", i)
+        return layer
+
+    def _row_order(self, part: str) -> torch.Tensor | None:
+        """Undo llama.cpp's q/k row permutation so that rotate-half RoPE applies."""
+        if not self.rope_permuted or part not in ("q", "k"):
+            return None
+        heads = self.config.num_heads if part == "q" else self.config.num_kv_heads
+        half = self.config.head_dim // 2
+        return torch.arange(heads * half * 2).view(heads, half, 2).transpose(1, 2).reshape(-1)
+
+    def _linear(self, parts: list[str], i: int, biases: list[torch.Tensor | None]) -> nn.Module:
+        names = [self._name(p, i) for p in parts]
+        bias = None if all(b is None for b in biases) else torch.cat([
+            b if b is not None else torch.zeros(0) for b in biases])
+        quantized = [self.source.int4(n) for n in names] if self.use_int4 else []
+        if quantized and all(q is not None for q in quantized):
+            weights = [q if (order := self._row_order(p)) is None else q.rows(order)
+                       for p, q in zip(parts, quantized, strict=True)]
+            fused = Int4Weight.cat(weights)
+            packed, scales_and_zeros = fused.pack_for_cpu(self.dtype)
+            return Int4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
+        dense = []
+        for part, name in zip(parts, names, strict=True):
+            weight = self.source.dense(name)
+            if (order := self._row_order(part)) is not None:
+                weight = weight[order]
+            dense.append(weight.to(device=self.device, dtype=self.dtype))
+        return DenseLinear(dense[0] if len(dense) == 1 else torch.cat(dense), bias)

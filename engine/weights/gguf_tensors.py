@@ -1,0 +1,51 @@
+"""Tensors of a GGUF file: dense ones dequantized with the ``gguf`` library, Q4_0/Q4_1 kept as 4-bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from engine.weights.int4 import Int4Weight
+
+_Q4_BLOCK = 32
+_Q4_BYTES = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}
+
+
+class GGUFTensors:
+    """Named access to the tensors of one GGUF file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.reader = GGUFReader(str(path))
+        self._tensors = {t.name: t for t in self.reader.tensors}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def is_int4(self, name: str) -> bool:
+        return self._tensors[name].tensor_type in _Q4_BYTES
+
+    def dense(self, name: str) -> torch.Tensor:
+        """The tensor as fp32, in PyTorch layout ([out, in] for matrices)."""
+        tensor = self._tensors[name]
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        return torch.from_numpy(np.array(values, dtype=np.float32))
+
+    def int4(self, name: str) -> Int4Weight:
+        """A Q4_0/Q4_1 matrix without dequantizing: the same numbers ``dense`` would give, kept packed."""
+        tensor = self._tensors[name]
+        out_features, in_features = (int(d) for d in reversed(tensor.shape))
+        blocks = np.asarray(tensor.data).reshape(out_features, in_features // _Q4_BLOCK, -1)
+        scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if tensor.tensor_type == GGMLQuantizationType.Q4_1:
+            zero = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            packed = blocks[..., 4:]
+        else:
+            zero = -8.0 * scale
+            packed = blocks[..., 2:]
+        q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(out_features, in_features)
+        return Int4Weight(torch.from_numpy(q.copy()), torch.from_numpy(scale), torch.from_numpy(zero), _Q4_BLOCK)

@@ -1,0 +1,44 @@
+"""4-bit weights kept packed: the asymmetric form w = q * scale + zero, per group of input features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Int4Weight:
+    """``q``: uint8 [out, in] in 0..15; ``scale``/``zero``: fp32 [out, in // group_size]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    def dequantize(self) -> torch.Tensor:
+        groups = self.q.view(self.q.shape[0], -1, self.group_size).float()
+        return (groups * self.scale[..., None] + self.zero[..., None]).view(self.q.shape)
+
+    def rows(self, index: torch.Tensor) -> Int4Weight:
+        return Int4Weight(self.q[index], self.scale[index], self.zero[index], self.group_size)
+
+    @staticmethod
+    def cat(parts: list[Int4Weight]) -> Int4Weight:
+        """Stack along the output axis (fusing q/k/v or gate/up)."""
+        return Int4Weight(
+            torch.cat([p.q for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            torch.cat([p.zero for p in parts]),
+            parts[0].group_size,
+        )
+
+    def pack_for_cpu(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed weight, scales-and-zeros) for ``torch._weight_int4pack_mm_for_cpu``: w = (q - 8) s + z."""
+        packed = torch._convert_weight_to_int4pack_for_cpu(self.q.to(torch.int32), 1)
+        scales_and_zeros = torch.stack([self.scale, self.zero + 8 * self.scale], dim=-1).transpose(0, 1)
+        return packed, scales_and_zeros.contiguous().to(dtype)

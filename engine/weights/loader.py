@@ -1,0 +1,86 @@
+"""Resolve ``--model`` (hub id, local folder, ``.gguf`` file, or the embedded default) and load it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import ModelConfig
+from engine.model import DecoderModel
+from engine.weights.builder import ModelBuilder
+from engine.weights.embedded import SMOLLM2_GGUF, asset_path
+from engine.weights.gguf_tensors import GGUFTensors
+from engine.weights.sources import GGUF_NAMES, HF_NAMES, QWEN1_NAMES, GGUFSource, SafetensorsSource
+from tokenizer import HFTokenizer, QwenTokenizer, Tokenizer
+from tokenizer.gguf_metadata import gguf_metadata
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "tokenizer*", "*.jinja"]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what came beside it in the checkpoint."""
+
+    name: str
+    path: Path
+    config: ModelConfig
+    model: DecoderModel
+    tokenizer: Tokenizer | None
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """The embedded SmolLM2 for None; an existing file or folder as is; otherwise a hub id, downloaded (or
+    found in the local hub cache; ``HF_HUB_OFFLINE=1`` is honoured) with ``huggingface_hub``."""
+    if model is None:
+        return asset_path(SMOLLM2_GGUF)
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise FileNotFoundError(f"model {model!r} is neither a local file or folder nor a hub id")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=model, allow_patterns=HUB_PATTERNS))
+
+
+def load_model(model: str | None, *, dtype: torch.dtype, device: torch.device, use_int4: bool = False,
+               progress=None) -> LoadedModel:
+    path = resolve_model_path(model)
+    name = model or SMOLLM2_GGUF.filename.removesuffix(".gguf")
+    if path.suffix == ".gguf":
+        return _load_gguf(name, path, dtype, device, use_int4, progress)
+    return _load_folder(name, path, dtype, device, progress)
+
+
+def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, use_int4: bool,
+               progress) -> LoadedModel:
+    tensors = GGUFTensors(path)
+    metadata = gguf_metadata(tensors.reader)
+    config = ModelConfig.from_gguf(metadata, has_output_weight="output.weight" in tensors)
+    builder = ModelBuilder(config, GGUFSource(tensors), GGUF_NAMES, dtype, device, use_int4=use_int4,
+                           rope_permuted=config.arch == "llama")
+    tokenizer = HFTokenizer.from_gguf_metadata(metadata)
+    return LoadedModel(name, path, config, builder.build(progress), tokenizer)
+
+
+def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.device, progress) -> LoadedModel:
+    config = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    names = QWEN1_NAMES if config.arch == "qwen" else HF_NAMES
+    model = ModelBuilder(config, SafetensorsSource(folder), names, dtype, device).build(progress)
+    generation_path = folder / "generation_config.json"
+    generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
+    return LoadedModel(name, folder, config, model, load_folder_tokenizer(folder), generation)
+
+
+def load_folder_tokenizer(folder: Path) -> Tokenizer | None:
+    """``qwen.tiktoken`` (Qwen-1), else ``tokenizer.json``, else None (token-id prompts only)."""
+    if (folder / "qwen.tiktoken").exists():
+        return QwenTokenizer(folder / "qwen.tiktoken")
+    if (folder / "tokenizer.json").exists():
+        return HFTokenizer.from_folder(folder)
+    return None

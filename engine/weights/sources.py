@@ -1,0 +1,92 @@
+"""Where tensors come from: safetensors checkpoints (single or sharded) and GGUF files, under one interface."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+
+from engine.weights.gguf_tensors import GGUFTensors
+from engine.weights.int4 import Int4Weight
+
+
+class WeightSource(Protocol):
+    def __contains__(self, name: str) -> bool: ...
+
+    def dense(self, name: str) -> torch.Tensor: ...
+
+    def int4(self, name: str) -> Int4Weight | None:
+        """The tensor kept 4-bit when the checkpoint stores it so, else None."""
+
+
+class SafetensorsSource:
+    """A folder with ``model.safetensors`` or ``*.safetensors`` shards (with or without an index)."""
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors"))
+            weight_map = {}
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {folder}")
+        self._handles = {name: safe_open(folder / name, framework="pt") for name in files}
+        if not weight_map:
+            weight_map = {key: name for name, handle in self._handles.items() for key in handle.keys()}  # noqa: SIM118
+        self._where = weight_map
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def dense(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+    def int4(self, name: str) -> Int4Weight | None:
+        return None
+
+
+class GGUFSource:
+    """A ``.gguf`` file: Q4_0/Q4_1 matrices can stay 4-bit, everything else is dequantized."""
+
+    def __init__(self, tensors: GGUFTensors) -> None:
+        self._tensors = tensors
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def dense(self, name: str) -> torch.Tensor:
+        return self._tensors.dense(name)
+
+    def int4(self, name: str) -> Int4Weight | None:
+        return self._tensors.int4(name) if self._tensors.is_int4(name) else None
+
+
+# Canonical parts of a decoder and their names in each checkpoint layout ({i}: layer index).
+QWEN1_NAMES = {
+    "embed": "transformer.wte.weight", "final_norm": "transformer.ln_f.weight", "lm_head": "lm_head.weight",
+    "attn_norm": "transformer.h.{i}.ln_1.weight", "mlp_norm": "transformer.h.{i}.ln_2.weight",
+    "qkv": "transformer.h.{i}.attn.c_attn.weight", "qkv_bias": "transformer.h.{i}.attn.c_attn.bias",
+    "o": "transformer.h.{i}.attn.c_proj.weight",
+    "gate": "transformer.h.{i}.mlp.w2.weight", "up": "transformer.h.{i}.mlp.w1.weight",
+    "down": "transformer.h.{i}.mlp.c_proj.weight",
+}
+HF_NAMES = {
+    "embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight",
+    "attn_norm": "model.layers.{i}.input_layernorm.weight",
+    "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    **{p: f"model.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkvo"},
+    **{f"{p}_bias": f"model.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"},
+    **{p: f"model.layers.{{i}}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
+}
+GGUF_NAMES = {
+    "embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
+    "attn_norm": "blk.{i}.attn_norm.weight", "mlp_norm": "blk.{i}.ffn_norm.weight",
+    **{p: f"blk.{{i}}.attn_{p}.weight" for p in "qkv"}, "o": "blk.{i}.attn_output.weight",
+    **{f"{p}_bias": f"blk.{{i}}.attn_{p}.bias" for p in "qkv"},
+    **{p: f"blk.{{i}}.ffn_{p}.weight" for p in ("gate", "up", "down")},
+}
