@@ -153,6 +153,18 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def prompt_logits(self, prompt_ids: Seq[int]) -> torch.Tensor:
+        """fp32 logits at every position of ``prompt_ids`` from one forward pass (nothing cached is reused)."""
+        c = self.model_config
+        seq = Sequence("prompt-logits", list(prompt_ids), SamplingParams(), frozenset(), 1,
+                       ntk_alpha=qwen_ntk_alpha(len(prompt_ids), c.seq_length) if c.use_dynamic_ntk else 1.0)
+        if not self.blocks.allocate(seq, share=False):
+            raise InvalidRequestError("not enough free KV-cache blocks for this prompt")
+        try:
+            return self.runner.run([seq], all_logits=True)
+        finally:
+            self.blocks.free(seq)
+
     # -- the step --------------------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:

@@ -47,10 +47,10 @@ class BlockManager:
             hashes.append(previous)
         return hashes
 
-    def allocate(self, seq: Sequence, extra: Hashable = None) -> bool:
-        """Give ``seq`` blocks for all its tokens, reusing cached prefix blocks. False (nothing taken) when
-        there are not enough free blocks."""
-        hashes = self._chain(seq, extra)
+    def allocate(self, seq: Sequence, extra: Hashable = None, *, share: bool = True) -> bool:
+        """Give ``seq`` blocks for all its tokens, reusing cached prefix blocks (unless not ``share``). False
+        (nothing taken) when there are not enough free blocks."""
+        hashes = self._chain(seq, extra) if share else []
         hits: list[int] = []
         for block_hash in hashes:
             block = self._block_of.get(block_hash)

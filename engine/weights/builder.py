@@ -23,6 +23,8 @@ class ModelBuilder:
                  device: torch.device, *, use_int4: bool = False, rope_permuted: bool = False) -> None:
         self.config, self.source, self.names = config, source, names
         self.dtype, self.device = dtype, device
+        # On CPU an fp32 head costs memory, not time (the head matmul is not bandwidth-bound there).
+        self.head_dtype = torch.float32 if device.type == "cpu" else dtype
         self.use_int4, self.rope_permuted = use_int4, rope_permuted
 
     def build(self, progress=None) -> DecoderModel:
@@ -31,19 +33,19 @@ class ModelBuilder:
             layers.append(self._layer(i))
             if progress is not None:
                 progress(i + 1, self.config.num_layers)
-        embed = self._tensor("embed")
+        embed = self._tensor("embed", dtype=self.head_dtype)
         lm_head = None
         if not self.config.tie_word_embeddings:
-            lm_head = DenseLinear(self._tensor("lm_head"), None)
+            lm_head = DenseLinear(self._tensor("lm_head", dtype=self.head_dtype), None)
         model = DecoderModel(self.config, self.dtype, embed, layers, lm_head)
-        model.final_norm.weight.data = self._tensor("final_norm")
+        model.final_norm.weight.data = self._tensor("final_norm", dtype=self.head_dtype)
         return model.eval()
 
     def _name(self, part: str, layer: int | None = None) -> str:
         return self.names[part].format(i=layer)
 
-    def _tensor(self, part: str, layer: int | None = None) -> torch.Tensor:
-        return self.source.dense(self._name(part, layer)).to(device=self.device, dtype=self.dtype)
+    def _tensor(self, part: str, layer: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.source.dense(self._name(part, layer)).to(device=self.device, dtype=dtype or self.dtype)
 
     def _optional(self, part: str, layer: int) -> torch.Tensor | None:
         if part not in self.names or self._name(part, layer) not in self.source:

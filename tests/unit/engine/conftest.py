@@ -1,0 +1,34 @@
+"""Engine fixtures: the Qwen-1 reference model and its recorded oracles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine import EngineConfig, LLMEngine
+from engine.sampling import Sampler
+from tests.conftest import FIXTURES
+
+QWEN1_MODEL = FIXTURES / "qwen1" / "model"
+
+
+class RecordingSampler(Sampler):
+    """Keeps the logits of every step (to compare with recorded decode logits)."""
+
+    def __init__(self, vocab_limit=None) -> None:
+        super().__init__(vocab_limit)
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, logits, rows):
+        self.steps.append(logits.clone())
+        return super().__call__(logits, rows)
+
+
+def qwen1_engine(**config) -> LLMEngine:
+    return LLMEngine.from_model(str(QWEN1_MODEL), dtype="float32", device="cpu", config=EngineConfig(**config))
+
+
+@pytest.fixture(scope="session")
+def qwen1_logits() -> dict[str, torch.Tensor]:
+    return load_file(FIXTURES / "qwen1" / "logits.safetensors")
