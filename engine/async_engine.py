@@ -23,7 +23,7 @@ class _Add:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    deliver: Callable[[StepOutput | BaseException], None]
+    deliver: Callable[[StepOutput | BaseException], bool]
 
 
 @dataclass
@@ -42,7 +42,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
-        self._deliver: dict[str, Callable[[StepOutput | BaseException], None]] = {}
+        self._deliver: dict[str, Callable[[StepOutput | BaseException], bool]] = {}
         self._pending_adds = 0
         self._lock = threading.Lock()
         self.error: BaseException | None = None
@@ -65,13 +65,18 @@ class AsyncEngine:
                        ) -> AsyncIterator[StepOutput]:
         if self.error is not None:
             raise EngineDeadError(str(self.error)) from self.error
-        if self.num_waiting >= self.engine.config.scheduler.max_waiting:
+        if not self.engine.scheduler.has_room(incoming=self._pending_adds):
             raise QueueFullError("the request queue is full")
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
 
-        def deliver(item: StepOutput | BaseException) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
+        def deliver(item: StepOutput | BaseException) -> bool:
+            """Hand ``item`` to the caller's event loop; False when that loop is gone."""
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, item)
+            except RuntimeError:
+                return False
+            return True
 
         with self._lock:
             self._pending_adds += 1
@@ -108,8 +113,9 @@ class AsyncEngine:
                     deliver = self._deliver.get(output.request_id)
                     if output.finished:
                         self._deliver.pop(output.request_id, None)
-                    if deliver is not None:
-                        deliver(output)
+                    if deliver is not None and not deliver(output) and not output.finished:
+                        self._deliver.pop(output.request_id, None)
+                        self.engine.abort(output.request_id)
         except BaseException as exc:
             self.error = exc
             dead = EngineDeadError(f"engine failed: {exc!r}")

@@ -101,7 +101,7 @@ def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min
     drop = ranks[None, :] >= torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
-    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
     drop |= probs < (min_p[:, None] * probs[:, :1])
     drop[:, 0] = False
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))

@@ -36,8 +36,14 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
+    def has_room(self, incoming: int = 0) -> bool:
+        """Whether one more request fits: ``max_waiting`` may wait beyond the free running seats
+        (``incoming``: requests on their way in that are not counted yet)."""
+        free_seats = max(0, self.config.max_num_seqs - len(self.running))
+        return len(self.waiting) + incoming < self.config.max_waiting + free_seats
+
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.config.max_waiting:
+        if not self.has_room():
             raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
         self.waiting.append(seq)
 

@@ -1,0 +1,209 @@
+"""Continuous batching through AsyncEngine on the real SmolLM2 (fp32): invariance, prefix cache, preemption,
+abort, seeds, queue bound and failure."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from engine import AsyncEngine, EngineConfig, EngineDeadError, LLMEngine, QueueFullError, SamplingParams
+from engine.scheduler import SchedulerConfig
+from engine.weights.loader import load_model
+from tokenizer import ChatMessage, build_prompt
+
+TOPICS = ["the sea", "a robot", "winter", "coffee", "the moon", "a library", "trains", "music", "a garden",
+          "mountains", "the city at night", "a cat", "rain", "an old map", "bread", "the desert"]
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return load_model(str(smollm2_gguf), dtype=torch.float32, device=torch.device("cpu"))
+
+
+def engine_over(loaded, **config) -> LLMEngine:
+    config.setdefault("max_model_len", 1024)
+    scheduler = config.pop("scheduler", SchedulerConfig())
+    return LLMEngine(loaded, EngineConfig(kv_cache_memory=config.pop("kv", 64 << 20), scheduler=scheduler,
+                                          **config))
+
+
+def prompt(loaded, text: str) -> list[int]:
+    return build_prompt(loaded.tokenizer, [ChatMessage("user", text)]).token_ids
+
+
+def run_solo(engine: LLMEngine, ids: list[int], params: SamplingParams) -> list[int]:
+    engine.add_request("solo", ids, params)
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    return tokens
+
+
+async def collect(engine: AsyncEngine, request_id: str, ids: list[int], params: SamplingParams,
+                  delay: float = 0.0) -> list[int]:
+    await asyncio.sleep(delay)
+    tokens = []
+    async for out in engine.generate(request_id, ids, params):
+        tokens += out.new_token_ids
+    return tokens
+
+
+def test_staggered_batch_equals_solo(smollm2):
+    prompts = [prompt(smollm2, f"Write one sentence about {topic}.") for topic in TOPICS]
+    solo_engine = engine_over(smollm2)
+    solo = [run_solo(solo_engine, ids, GREEDY) for ids in prompts]
+    async_engine = AsyncEngine(engine_over(smollm2))
+    peak = 0
+
+    async def main():
+        nonlocal peak
+        tasks = [asyncio.create_task(collect(async_engine, f"r{i}", ids, GREEDY, delay=0.03 * i))
+                 for i, ids in enumerate(prompts)]
+        while not all(t.done() for t in tasks):
+            peak = max(peak, async_engine.num_running)
+            await asyncio.sleep(0.01)
+        return [t.result() for t in tasks]
+
+    try:
+        together = asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+    assert peak > 1
+    assert together == solo
+
+
+def test_shared_prefix_hits_the_cache_with_identical_tokens(smollm2):
+    system = " ".join(f"Rule {i}: answer politely and briefly." for i in range(40))
+    first = build_prompt(smollm2.tokenizer, [ChatMessage("system", system), ChatMessage("user", "Hi!")]).token_ids
+    second = build_prompt(smollm2.tokenizer, [ChatMessage("system", system),
+                                              ChatMessage("user", "Name a color.")]).token_ids
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert shared >= 256
+    cold = run_solo(engine_over(smollm2), second, GREEDY)
+    warm_engine = engine_over(smollm2)
+    run_solo(warm_engine, first, GREEDY)
+    hits = warm_engine.blocks.prefix_hits
+    assert run_solo(warm_engine, second, GREEDY) == cold
+    assert warm_engine.blocks.prefix_hits - hits >= shared // 16 * 16
+
+
+def test_preemption_keeps_tokens(smollm2):
+    prompts = [prompt(smollm2, f"Describe {topic} in detail.") for topic in TOPICS[:6]]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    roomy = engine_over(smollm2, max_model_len=256)
+    expected = [run_solo(roomy, ids, params) for ids in prompts]
+    per_token = 30 * 2 * 3 * 64 * 4
+    tight = engine_over(smollm2, max_model_len=256, kv=per_token * 16 * 17)  # 272 slots for ~6 x 75 tokens
+    for i, ids in enumerate(prompts):
+        tight.add_request(str(i), ids, params)
+    outputs: dict[str, list[int]] = {}
+    while tight.has_unfinished():
+        for out in tight.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert tight.scheduler.num_preemptions > 0
+    assert [outputs[str(i)] for i in range(len(prompts))] == expected
+    assert tight.blocks.num_free == tight.blocks.num_blocks
+
+
+def test_seeded_sampling_is_reproducible_across_batch_compositions(smollm2):
+    ids = prompt(smollm2, "Tell me a short story.")
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = run_solo(engine_over(smollm2), ids, params)
+    crowded = engine_over(smollm2)
+    crowded.add_request("seeded", ids, params)
+    for i, topic in enumerate(TOPICS[:5]):
+        crowded.add_request(f"other{i}", prompt(smollm2, topic), SamplingParams(temperature=1.0, max_tokens=16))
+    tokens = []
+    while crowded.has_unfinished():
+        tokens += [t for out in crowded.step() if out.request_id == "seeded" for t in out.new_token_ids]
+    assert tokens == alone
+    assert run_solo(engine_over(smollm2), ids, SamplingParams(temperature=0.9, top_p=0.95, seed=99,
+                                                             max_tokens=16, ignore_eos=True)) != alone
+
+
+def test_abort_frees_blocks_at_once(smollm2):
+    engine = engine_over(smollm2)
+    async_engine = AsyncEngine(engine)
+
+    async def main():
+        stream = async_engine.generate("long", prompt(smollm2, "Count to one thousand."),
+                                       SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 3:
+                break
+        await stream.aclose()
+        assert engine.blocks.num_free < engine.blocks.num_blocks or async_engine.num_running == 0
+        for _ in range(200):
+            if engine.blocks.num_free == engine.blocks.num_blocks and async_engine.num_running == 0:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    try:
+        assert asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+
+
+def test_queue_bound_is_reported(smollm2):
+    engine = engine_over(smollm2, scheduler=SchedulerConfig(max_num_seqs=1, max_waiting=1))
+    async_engine = AsyncEngine(engine)
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        ids = prompt(smollm2, "Hello")
+        first = asyncio.create_task(collect(async_engine, "a", ids, long))
+        second = asyncio.create_task(collect(async_engine, "b", ids, long))
+        for _ in range(1000):
+            if async_engine.num_waiting == 1 and async_engine.num_running == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert async_engine.num_waiting == 1 and async_engine.num_running == 1
+        with pytest.raises(QueueFullError):
+            await collect(async_engine, "c", ids, long)
+        first.cancel()
+        second.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+
+    try:
+        asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+
+
+def test_engine_failure_reaches_every_request_and_marks_it_dead(smollm2):
+    engine = engine_over(smollm2)
+
+    def broken(batch, all_logits=False):
+        raise RuntimeError("simulated device failure")
+
+    engine.runner.run = broken
+    async_engine = AsyncEngine(engine)
+
+    async def main():
+        results = await asyncio.gather(
+            *(collect(async_engine, f"r{i}", prompt(smollm2, "Hi"), GREEDY) for i in range(3)),
+            return_exceptions=True)
+        assert all(isinstance(r, EngineDeadError) for r in results)
+        with pytest.raises(EngineDeadError):
+            await collect(async_engine, "later", prompt(smollm2, "Hi"), GREEDY)
+
+    asyncio.run(main())
+    assert not async_engine.is_alive
+
+
+def test_invalid_requests_are_refused(smollm2):
+    engine = engine_over(smollm2, max_model_len=64)
+    from engine import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.add_request("a", [], GREEDY)
+    with pytest.raises(InvalidRequestError, match="context"):
+        engine.add_request("b", [1] * 64, GREEDY)
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        engine.add_request("c", [49152], GREEDY)
