@@ -6,10 +6,11 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32."""
+    """x * rsqrt(mean(x^2) + eps) * weight, in one fused op (accumulating in fp32)."""
 
     def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
@@ -17,9 +18,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
 class DenseLinear(nn.Module):
@@ -69,7 +68,7 @@ def inverse_frequencies(head_dim: int, base: float, ntk_alpha: float = 1.0) -> t
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. ``x``: [N, heads, D]; ``cos``/``sin``: [N, 1, D/2]."""
+    """Rotate-half RoPE. ``x``: [N, heads, D]; ``cos``: [N, 1, D] (both halves); ``sin``: [N, 1, D] with the
+    first half negated, so that rotate_half(x) * sin becomes a swap of halves times ``sin``."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin)

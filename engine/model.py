@@ -53,9 +53,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: StepInputs, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), step.cos, step.sin)
-        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), step.cos, step.sin)
+        qkv = self.qkv(x)
+        q_size, kv_size, _ = self.split
+        qk = apply_rotary(qkv[:, : q_size + kv_size].view(n, -1, self.head_dim), step.cos, step.sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, q_size + kv_size :]
         if step.logn is not None:
             q = q * step.logn
         k_cache.index_copy_(0, step.write_slots, k)

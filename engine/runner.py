@@ -76,8 +76,9 @@ class ModelRunner:
         else:
             inv = torch.stack([self.inv_freq(a) for a in alphas])[row_of_token]
         angles = position_t[:, None].float() * inv
-        cos = angles.cos()[:, None, :].to(self.dtype)
-        sin = angles.sin()[:, None, :].to(self.dtype)
+        cos = angles.cos().repeat(1, 2)[:, None, :].to(self.dtype)
+        sin = angles.sin()
+        sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(self.dtype)
         logn = None
         if self.config.use_logn_attn:
             seq_length = self.config.seq_length

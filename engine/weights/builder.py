@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.device import head_dtype
 from engine.layers import DenseLinear, Int4Linear
 from engine.model import MLP, Attention, DecoderLayer, DecoderModel
 from engine.weights.int4 import Int4Weight
@@ -23,8 +24,7 @@ class ModelBuilder:
                  device: torch.device, *, use_int4: bool = False, rope_permuted: bool = False) -> None:
         self.config, self.source, self.names = config, source, names
         self.dtype, self.device = dtype, device
-        # On CPU an fp32 head costs memory, not time (the head matmul is not bandwidth-bound there).
-        self.head_dtype = torch.float32 if device.type == "cpu" else dtype
+        self.head_dtype = head_dtype(dtype, device)
         self.use_int4, self.rope_permuted = use_int4, rope_permuted
 
     def build(self, progress=None) -> DecoderModel:
