@@ -31,6 +31,12 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], object]
+    deliver: Callable[[object], bool]
+
+
 class AsyncEngine:
     """Wraps ``LLMEngine`` in a background thread.
 
@@ -41,7 +47,7 @@ class AsyncEngine:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._deliver: dict[str, Callable[[StepOutput | BaseException], bool]] = {}
         self._pending_adds = 0
         self._lock = threading.Lock()
@@ -97,6 +103,31 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    async def call(self, fn: Callable[[LLMEngine], object]) -> object:
+        """Run ``fn(engine)`` on the engine thread between steps (e.g. prompt logits) and return its result."""
+        if self.error is not None:
+            raise EngineDeadError(str(self.error)) from self.error
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
+
+        def deliver(result: object) -> bool:
+            def settle() -> None:
+                if future.done():
+                    return
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:
+                return False
+            return True
+
+        self._inbox.put(_Call(fn, deliver))
+        return await future
+
     def shutdown(self) -> None:
         self._inbox.put(None)
         self._thread.join(timeout=30)
@@ -138,6 +169,13 @@ class AsyncEngine:
                 self._deliver.pop(message.request_id, None)
                 self.engine.abort(message.request_id)
                 continue
+            if isinstance(message, _Call):
+                try:
+                    result: object = message.fn(self.engine)
+                except Exception as exc:  # noqa: BLE001 - the caller gets the failure, the engine goes on
+                    result = exc
+                message.deliver(result)
+                continue
             with self._lock:
                 self._pending_adds -= 1
             try:
@@ -153,5 +191,5 @@ class AsyncEngine:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(message, _Add):
+            if isinstance(message, (_Add, _Call)):
                 message.deliver(error)

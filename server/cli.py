@@ -1,22 +1,63 @@
-"""The ``qwen-serve`` command."""
+"""The ``qwen-serve`` command: flags, ``QWEN_SERVE_*`` variables and ``--config FILE.yaml`` into one Settings."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
 
 from server import __version__
+from server.settings import Settings, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qwen-serve", description="OpenAI-compatible inference server for Qwen-family chat models."
-    )
+        prog="qwen-serve", description="OpenAI-compatible inference server for Qwen-family chat models. Every flag "
+        "is also a QWEN_SERVE_<FLAG> environment variable and a key of the --config YAML file.")
     parser.add_argument("--version", action="version", version=f"qwen-serve {__version__}")
+    parser.add_argument("--config", help="YAML file with settings (flags and environment win over it)")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description or ""
+        if name in ("api_key", "open_paths", "cors_origins"):
+            parser.add_argument(flag, action="append", help=f"{help_text} (repeatable or comma-separated)")
+        else:
+            parser.add_argument(flag, help=f"{help_text} (default: {field.get_default(call_default_factory=True)})")
     return parser
 
 
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config")
+    for key in ("api_key", "open_paths", "cors_origins"):
+        if args.get(key):
+            args[key] = ",".join(args[key])
+    return load_settings(args, config_file)
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: refuse new work with 503 at once, let running requests finish, then exit 0."""
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.config.app.state.qwen.draining = True
+        super().handle_exit(sig, frame)
+
+
 def main(argv: list[str] | None = None) -> None:
-    build_parser().parse_args(argv)
+    try:
+        settings = parse_settings(argv)
+    except (ValidationError, FileNotFoundError) as exc:
+        sys.exit(f"qwen-serve: invalid settings: {exc}")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.app import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.drain_timeout))
+    DrainingServer(config).run()
 
 
 if __name__ == "__main__":

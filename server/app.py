@@ -1,0 +1,140 @@
+"""``create_app(settings, engine)``: the FastAPI application, its middleware and its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine import AsyncEngine, EngineConfig, LLMEngine, SchedulerConfig
+from server import __version__
+from server.app_state import AppState
+from server.errors import APIError, error_response, install_error_handlers
+from server.routes import chat, completions, models, system, tokenize
+from server.settings import Settings
+
+log = logging.getLogger("qwen_serve")
+
+
+def build_engine(settings: Settings, progress=None) -> AsyncEngine:
+    """Load the model named by the settings into an engine thread."""
+    config = EngineConfig(
+        kv_cache_memory=settings.kv_cache_memory,
+        max_model_len=settings.max_model_len,
+        scheduler=SchedulerConfig(max_num_seqs=settings.max_num_seqs,
+                                  max_num_batched_tokens=settings.max_num_batched_tokens,
+                                  max_waiting=settings.max_waiting),
+    )
+    llm = LLMEngine.from_model(settings.model, dtype=settings.dtype, device=settings.device, config=config,
+                               progress=progress)
+    return AsyncEngine(llm)
+
+
+class BodyLimit:
+    """413 for request bodies over ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(scope, receive, send)
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise APIError(413, f"request body larger than {self.limit} bytes")
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except APIError:
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await error_response(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
+
+
+def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI:
+    """The application. Without ``engine``, the model loads in the background and /health says 503 meanwhile."""
+    state = AppState(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = engine is None
+        if engine is not None:
+            state.attach(engine)
+        else:
+            threading.Thread(target=_load_in_background, args=(state,), daemon=True).start()
+        yield
+        state.draining = True
+        if owned and state.service is not None:
+            await asyncio.to_thread(state.service.engine.shutdown)
+
+    app = FastAPI(title="qwen-serve", version=__version__, lifespan=lifespan)
+    app.state.qwen = state
+    install_error_handlers(app)
+    for module in (chat, completions, models, system, tokenize):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = request_id
+        path = request.url.path
+        if settings.api_key and path not in settings.open_paths and not _authorized(request, settings.api_key):
+            response = error_response(401, "missing or invalid API key", code="invalid_api_key",
+                                      headers={"WWW-Authenticate": "Bearer"})
+        elif state.draining and path.startswith("/v1/"):
+            response = error_response(503, "the server is shutting down", code="draining")
+        else:
+            response = await call_next(request)
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    return app
+
+
+def _authorized(request: Request, keys: list[str]) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    return any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
+
+
+def _load_in_background(state: AppState) -> None:
+    from tqdm import tqdm
+
+    try:
+        with tqdm(desc=f"loading {state.settings.model_name}", unit="layer") as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            engine = build_engine(state.settings, progress)
+        state.attach(engine)
+        settings = state.settings
+        log.info("ready: model %s on http://%s:%s/v1", settings.model_name, settings.host, settings.port)
+    except BaseException as exc:
+        state.load_error = exc
+        log.exception("loading the model failed")

@@ -1,0 +1,231 @@
+"""From an OpenAI request to engine requests and back: prompts, sampling defaults, text streams per choice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine import AsyncEngine, EngineDeadError, InvalidRequestError, QueueFullError, SamplingParams
+from server.errors import APIError
+from server.protocol import ChatMessageIn, SamplingFields
+from tokenizer import ChatMessage, IncrementalDetokenizer, StopStringMatcher, Tokenizer, build_prompt
+from tokenizer.chat import ChatTemplateError, chat_stop_token_ids
+
+ROLE_ALIASES = {"developer": "system"}
+
+
+@dataclass
+class ChoiceEvent:
+    """Progress of one choice: new text (stop strings already removed), its tokens and their logprobs."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class ChoiceResult:
+    """A whole choice, gathered from its events."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+async def collect_choices(events: AsyncIterator[ChoiceEvent], n: int) -> list[ChoiceResult]:
+    results = [ChoiceResult() for _ in range(n)]
+    async with contextlib.aclosing(events):
+        async for event in events:
+            result = results[event.index]
+            result.text += event.text
+            result.token_ids += event.token_ids
+            result.logprobs += event.logprobs
+            result.finish_reason = event.finish_reason or result.finish_reason
+    return results
+
+
+async def prepend(first: ChoiceEvent | None, rest: AsyncIterator[ChoiceEvent]) -> AsyncIterator[ChoiceEvent]:
+    """``first`` (when there is one) followed by ``rest``."""
+    if first is not None:
+        yield first
+    async for event in rest:
+        yield event
+
+
+@dataclass
+class Generation:
+    """What one request asks the engine for (``n`` choices share prompt and params)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_strings: list[str]
+    n: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelService:
+    """The served model: its engine, tokenizer, name and generation defaults."""
+
+    def __init__(self, engine: AsyncEngine, name: str) -> None:
+        llm = engine.engine
+        if llm.tokenizer is None:
+            raise ValueError("the model has no tokenizer; the server needs one")
+        self.engine = engine
+        self.name = name
+        self.tokenizer: Tokenizer = llm.tokenizer
+        self.max_model_len = llm.max_model_len
+        self.generation_config: dict[str, Any] = llm.loaded.generation_config
+        self.vocab_size = llm.vocab_size
+        self.chat_stop_ids = chat_stop_token_ids(self.tokenizer) | self._configured_stop_ids()
+
+    def _configured_stop_ids(self) -> frozenset[int]:
+        words = self.generation_config.get("stop_words_ids") or []
+        return frozenset(w[0] for w in words if isinstance(w, list) and len(w) == 1)
+
+    # -- prompts ---------------------------------------------------------------------------------------------
+
+    def chat_prompt_ids(self, messages: Sequence[ChatMessageIn], add_generation_prompt: bool = True) -> list[int]:
+        converted = [ChatMessage(ROLE_ALIASES.get(m.role, m.role), m.text()) for m in messages]
+        try:
+            prompt = build_prompt(self.tokenizer, converted, add_generation_prompt=add_generation_prompt,
+                                  max_window_size=self.generation_config.get("max_window_size"))
+        except ChatTemplateError as exc:
+            raise APIError(400, f"the chat template refused the conversation: {exc}", param="messages") from exc
+        return prompt.token_ids
+
+    def text_prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, allow_special=True)  # the client owns a raw prompt
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+        return list(prompt)
+
+    # -- sampling --------------------------------------------------------------------------------------------
+
+    def sampling_params(self, request: SamplingFields, prompt_len: int, *, chat: bool,
+                        logprobs: int | None) -> SamplingParams:
+        """Request values, else the model's generation_config, else neutral; validated against the context."""
+        room = self.max_model_len - prompt_len
+        if room <= 0:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the prompt "
+                                f"has {prompt_len} tokens.", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        limit = request.token_limit  # type: ignore[attr-defined]
+        if limit is not None and prompt_len + limit > self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                f"you requested {prompt_len + limit} tokens ({prompt_len} in the prompt, {limit} "
+                                f"in the completion).", param="max_tokens", code="context_length_exceeded")
+        defaults = self.generation_config
+        max_tokens = min(limit or defaults.get("max_new_tokens") or room, room)
+        temperature = request.temperature
+        if temperature is None:
+            temperature = defaults.get("temperature", 1.0) if defaults.get("do_sample", True) else 0.0
+        bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
+        if any(not 0 <= t < self.vocab_size for t in bias):
+            raise APIError(400, f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias")
+        top_k = request.top_k if request.top_k is not None else defaults.get("top_k", 0)
+        return SamplingParams(
+            temperature=temperature,
+            top_p=request.top_p if request.top_p is not None else defaults.get("top_p", 1.0),
+            top_k=max(top_k or 0, 0),
+            min_p=request.min_p if request.min_p is not None else 0.0,
+            seed=request.seed,
+            max_tokens=max_tokens,
+            stop_token_ids=tuple(self.chat_stop_ids) if chat else (),
+            repetition_penalty=(request.repetition_penalty if request.repetition_penalty is not None
+                                else defaults.get("repetition_penalty", 1.0)),
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            logit_bias=bias,
+            logprobs=logprobs,
+        )
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    async def stream(self, generation: Generation) -> AsyncIterator[ChoiceEvent]:
+        """Events of all ``n`` choices, interleaved as they come; leaving early aborts every choice."""
+        streams = [self._choice(i, generation) for i in range(generation.n)]
+        if len(streams) == 1:
+            async with contextlib.aclosing(streams[0]) as only:
+                async for event in only:
+                    yield event
+            return
+        queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()
+
+        async def pump(stream: AsyncIterator[ChoiceEvent]) -> None:
+            try:
+                async for event in stream:
+                    await queue.put(event)
+                await queue.put(None)
+            except Exception as exc:
+                await queue.put(exc)
+
+        tasks = [asyncio.create_task(pump(s)) for s in streams]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _choice(self, index: int, generation: Generation) -> AsyncIterator[ChoiceEvent]:
+        params = generation.params
+        if generation.n > 1 and params.seed is not None:
+            params = SamplingParams(**{**params.__dict__, "seed": params.seed + index})
+        detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+        matcher = StopStringMatcher(generation.stop_strings)
+        request_id = f"{generation.request_id}-{index}"
+        stream = self.engine.generate(request_id, generation.prompt_ids, params)
+        async with contextlib.aclosing(stream):
+            try:
+                async for out in stream:
+                    text = "".join(matcher.push(detokenizer.push(t)) for t in out.new_token_ids)
+                    finish = out.finish_reason
+                    if out.finished and not matcher.stopped:
+                        text += matcher.push(detokenizer.flush())
+                        text += matcher.flush()
+                    if matcher.stopped:
+                        finish = "stop"
+                    yield ChoiceEvent(index, text, out.new_token_ids, out.new_logprobs, finish,
+                                      out.num_prompt_tokens, out.num_output_tokens)
+                    if matcher.stopped:
+                        return
+            except QueueFullError as exc:
+                raise APIError(429, "the server is at capacity; retry shortly", code="queue_full",
+                               headers={"Retry-After": "1"}) from exc
+            except EngineDeadError as exc:
+                raise APIError(503, "the engine has failed; the server must be restarted",
+                               code="engine_dead") from exc
+            except InvalidRequestError as exc:
+                raise APIError(400, str(exc)) from exc
+
+    async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[dict[int, float] | None]:
+        """Log-probabilities of each prompt token given the ones before it (the first has none)."""
+        logits = await self.engine.call(lambda llm: llm.prompt_logits(prompt_ids))
+        logprobs = logits.log_softmax(-1)  # type: ignore[attr-defined]
+        entries: list[dict[int, float] | None] = [None]
+        for position in range(1, len(prompt_ids)):
+            row = logprobs[position - 1]
+            entry = {prompt_ids[position]: row[prompt_ids[position]].item()}
+            if top:
+                values, ids = row.topk(top)
+                entry.update(zip(ids.tolist(), values.tolist(), strict=True))
+            entries.append(entry)
+        return entries

@@ -1,0 +1,93 @@
+"""One Settings object from CLI flags, ``QWEN_SERVE_*`` environment variables and a YAML file (in that order)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(value: Any) -> int | None:
+    """``2GiB``, ``512M``, ``1e9`` or a plain integer."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip().lower().removesuffix("ib").removesuffix("b")
+    if text and text[-1] in _UNITS:
+        return int(float(text[:-1]) * _UNITS[text[-1]])
+    return int(float(text))
+
+
+def _comma_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the server. Each is a ``--flag``, a ``QWEN_SERVE_FLAG`` variable and a YAML key."""
+
+    model_config = SettingsConfigDict(env_prefix="QWEN_SERVE_", extra="forbid", validate_default=True)
+
+    model: str | None = Field(default=None, description="hub id, local folder or .gguf file; default: embedded")
+    served_model_name: str | None = Field(default=None, description="name clients use (default: --model)")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted Bearer keys")
+    open_paths: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["/health", "/metrics"],
+                                                       description="paths served without a key")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_model_len: int | None = Field(default=None, ge=16)
+    max_num_seqs: int = Field(default=32, ge=1)
+    max_num_batched_tokens: int = Field(default=2048, ge=16)
+    max_waiting: int = Field(default=256, ge=0)
+    dtype: str = "auto"
+    device: str = "auto"
+    kv_cache_memory: int | None = Field(default=None, description="bytes for the KV cache, e.g. 2GiB")
+    max_request_bytes: int = Field(default=8 << 20, description="larger bodies get 413")
+    drain_timeout: float = Field(default=30.0, ge=0, description="seconds to finish requests on SIGTERM")
+    log_level: str = "info"
+
+    @field_validator("api_key", "open_paths", "cors_origins", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+    @field_validator("kv_cache_memory", "max_request_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> Any:
+        return parse_bytes(value)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model or "SmolLM2-135M-Instruct"
+
+
+def load_settings(overrides: dict[str, Any] | None = None, config_file: str | Path | None = None) -> Settings:
+    """Flags (``overrides``) win over the environment, which wins over the YAML file."""
+
+    class LayeredSettings(Settings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                       init_settings: PydanticBaseSettingsSource,
+                                       env_settings: PydanticBaseSettingsSource,
+                                       dotenv_settings: PydanticBaseSettingsSource,
+                                       file_secret_settings: PydanticBaseSettingsSource):
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if config_file is not None:
+                if not Path(config_file).is_file():
+                    raise FileNotFoundError(f"config file {config_file} does not exist")
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+            return tuple(sources)
+
+    values = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return Settings.model_validate(LayeredSettings(**values).model_dump())

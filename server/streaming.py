@@ -1,0 +1,34 @@
+"""Server-sent events: JSON chunks, then ``[DONE]``; the first event is awaited before the response starts,
+so that errors found up front (queue full, bad request) still get their HTTP status."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse
+
+
+async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def sse_response(chunks: AsyncIterator[BaseModel | dict]) -> EventSourceResponse:
+    """An SSE response over ``chunks``, started only once the first chunk exists."""
+    iterator = aiter(chunks)
+    first = await anext(iterator)
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        try:
+            async for chunk in _chain(first, iterator):
+                data = chunk.model_dump_json(exclude_none=False) if isinstance(chunk, BaseModel) else json.dumps(chunk)
+                yield {"data": data}
+            yield {"data": "[DONE]"}
+        finally:
+            await iterator.aclose()  # type: ignore[attr-defined]
+
+    return EventSourceResponse(events(), ping=15)
