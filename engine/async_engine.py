@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from engine.engine import LLMEngine, StepOutput
 from engine.sampling import SamplingParams
 from engine.scheduler import QueueFullError
+
+log = logging.getLogger("qwen_serve.engine")
 
 
 class EngineDeadError(RuntimeError):

@@ -167,6 +167,7 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
         if not batch:

@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -92,21 +92,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     for module in (chat, completions, models, system, tokenize):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = request_id
-        path = request.url.path
-        if settings.api_key and path not in settings.open_paths and not _authorized(request, settings.api_key):
-            response = error_response(401, "missing or invalid API key", code="invalid_api_key",
-                                      headers={"WWW-Authenticate": "Bearer"})
-        elif state.draining and path.startswith("/v1/"):
-            response = error_response(503, "the server is shutting down", code="draining")
-        else:
-            response = await call_next(request)
-        response.headers["X-Request-Id"] = request_id
-        return response
-
+    app.add_middleware(Guard, settings=settings, state=state)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-Id"])
@@ -114,8 +100,39 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     return app
 
 
-def _authorized(request: Request, keys: list[str]) -> bool:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+class Guard:
+    """Request ids (echoed, or made up), API keys (constant-time compare) and the drain gate."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, state: AppState) -> None:
+        self.app, self.settings, self.state = app, settings, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode("latin-1"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        path = scope["path"]
+        settings = self.settings
+        if settings.api_key and path not in settings.open_paths and not _authorized(headers, settings.api_key):
+            response = error_response(401, "missing or invalid API key", code="invalid_api_key",
+                                      headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send_with_id)
+        if self.state.draining and path.startswith("/v1/"):
+            return await error_response(503, "the server is shutting down", code="draining")(
+                scope, receive, send_with_id)
+        await self.app(scope, receive, send_with_id)
+
+
+def _authorized(headers: dict[str, str], keys: list[str]) -> bool:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         return False
     return any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
