@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: install assets test lint run bench
+.PHONY: install assets test lint run
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,3 +23,6 @@ test: install assets
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+run: install assets
+	$(VENV)/bin/qwen-serve --host 127.0.0.1 --port 8000

@@ -175,7 +175,7 @@ class AsyncEngine:
             if isinstance(message, _Call):
                 try:
                     result: object = message.fn(self.engine)
-                except Exception as exc:  # noqa: BLE001 - the caller gets the failure, the engine goes on
+                except Exception as exc:
                     result = exc
                 message.deliver(result)
                 continue

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 import uvicorn
 from pydantic import ValidationError
+from sse_starlette.sse import AppStatus
 
 from server import __version__
 from server.settings import Settings, load_settings
@@ -57,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.drain_timeout))
+    # Draining lets running streams finish (uvicorn cuts them at --drain-timeout), and uvicorn re-raises the
+    # signal after its graceful shutdown: a drained SIGTERM is a clean exit for us.
+    AppStatus.disable_automatic_graceful_drain()
+    signal.signal(signal.SIGTERM, lambda *_: None)
     DrainingServer(config).run()
 
 

@@ -111,7 +111,8 @@ def write_tiny_qwen1(folder: Path, vocab_file: Path) -> Path:
                "lm_head.weight": randn(vocab, hidden, std=2.0 / hidden**0.5)}
     for i in range(layers):
         prefix = f"transformer.h.{i}."
-        tensors |= {prefix + "ln_1.weight": 1 + randn(hidden, std=0.1), prefix + "ln_2.weight": 1 + randn(hidden, std=0.1),
+        tensors |= {prefix + "ln_1.weight": 1 + randn(hidden, std=0.1),
+                    prefix + "ln_2.weight": 1 + randn(hidden, std=0.1),
                     prefix + "attn.c_attn.weight": randn(3 * hidden, hidden, std=hidden**-0.5),
                     prefix + "attn.c_attn.bias": randn(3 * hidden, std=0.1),
                     prefix + "attn.c_proj.weight": randn(hidden, hidden, std=hidden**-0.5),
