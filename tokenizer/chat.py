@@ -76,6 +76,7 @@ def build_chatml_prompt(
     *,
     max_window_size: int | None = None,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> Prompt:
     """ChatML exactly as Qwen's ``make_context``, generalised to any list of messages.
 
@@ -83,6 +84,8 @@ def build_chatml_prompt(
     message becomes one ``<|im_start|>role\\ncontent<|im_end|>`` turn in order. Older turns are dropped as
     ``make_context`` drops history: walking from the newest, a unit (a user message and the replies after it)
     is kept while system + unit + kept tokens stay below ``max_window_size``; the last message always stays.
+    ``continue_final_message`` leaves the last turn open (no ``<|im_end|>``, no new assistant header) for the
+    model to continue it.
     """
     im_start = _special_id(tokenizer, IM_START)
     im_end = _special_id(tokenizer, IM_END)
@@ -115,9 +118,11 @@ def build_chatml_prompt(
         ids += unit_ids
     for message in rest[-1:]:
         last_text, last_ids = turn(message)
+        if continue_final_message:
+            last_text, last_ids = last_text.removesuffix(IM_END), last_ids[:-1]
         text += f"\n{last_text}"
         ids += [*newline, *last_ids]
-    if add_generation_prompt:
+    if add_generation_prompt and not continue_final_message:
         text += f"\n{IM_START}assistant\n"
         ids += [*newline, im_start, *tokenizer.encode("assistant"), *newline]
     return Prompt(text, ids, dropped)

@@ -1,0 +1,187 @@
+"""Qwen's ReAct function calling: the prompt of Qwen's ``openai_api.py`` and the parser of model output.
+
+Two deliberate differences from the original: the system message is used verbatim (the original strips it and
+drops the default one), and tool results are encoded as plain text like every other content (the original's
+text-completion path lets ``<|im_end|>`` inside a function result become a control token).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenizer.chat import DEFAULT_SYSTEM, ChatMessage
+
+TOOL_DESC = (
+    "{name_for_model}: Call this tool to interact with the {name_for_human} API. What is the {name_for_human} API "
+    "useful for? {description_for_model} Parameters: {parameters}"
+)
+REACT_INSTRUCTION = """Answer the following questions as best you can. You have access to the following APIs:
+
+{tools_text}
+
+Use the following format:
+
+Question: the input question you must answer
+Thought: you should always think about what to do
+Action: the action to take, should be one of [{tools_name_text}]
+Action Input: the input to the action
+Observation: the result of the action
+... (this Thought/Action/Action Input/Observation can be repeated zero or more times)
+Thought: I now know the final answer
+Final Answer: the final answer to the original input question
+
+Begin!"""
+OBSERVATION = "Observation:"
+STOP_STRINGS = (OBSERVATION,)
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A callable function as the ReAct prompt describes it."""
+
+    name: str
+    description: str = ""
+    parameters: Any = field(default_factory=dict)
+    name_for_human: str | None = None
+    description_for_model: str | None = None
+
+    @classmethod
+    def from_function(cls, function: dict[str, Any]) -> Tool:
+        """From an OpenAI function (``name``, ``description``, ``parameters``) or Qwen's own form
+        (``name_for_model``, ``name_for_human``, ``description_for_model``, list-shaped ``parameters``)."""
+        name = function.get("name_for_model") or function.get("name")
+        if not name:
+            raise ReactError("every function needs a name")
+        return cls(name, function.get("description", ""), function.get("parameters", {}),
+                   function.get("name_for_human"), function.get("description_for_model"))
+
+    def describe(self) -> str:
+        return TOOL_DESC.format(
+            name_for_model=self.name,
+            name_for_human=self.name_for_human or self.name,
+            description_for_model=self.description_for_model or self.description,
+            parameters=json.dumps(self.parameters, ensure_ascii=False),
+        )
+
+
+@dataclass(frozen=True)
+class FunctionCall:
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ReactInput:
+    """One OpenAI message: ``calls`` for an assistant's tool/function calls; role ``function`` or ``tool`` for a
+    result."""
+
+    role: str
+    content: str
+    calls: tuple[FunctionCall, ...] = ()
+
+
+class ReactError(ValueError):
+    """A conversation the ReAct format cannot express."""
+
+
+def instruction(tools: Sequence[Tool]) -> str:
+    return REACT_INSTRUCTION.format(
+        tools_text="\n\n".join(tool.describe() for tool in tools),
+        tools_name_text=", ".join(tool.name for tool in tools),
+    ).lstrip("\n").rstrip()
+
+
+def _clean(text: str) -> str:
+    return text.lstrip("\n").rstrip()
+
+
+def react_messages(messages: Sequence[ReactInput], tools: Sequence[Tool]) -> tuple[list[ChatMessage], bool]:
+    """ChatML turns for a conversation with tools, and whether the last assistant turn is left open (after a
+    tool result the model continues with ``Thought:``; after an assistant message it continues that message)."""
+    if not any(m.role == "user" for m in messages):
+        raise ReactError("expecting at least one user message")
+    system = DEFAULT_SYSTEM
+    rest = list(messages)
+    if rest and rest[0].role == "system":
+        system = rest.pop(0).content
+    turns: list[ChatMessage] = []
+    for index, message in enumerate(rest):
+        content = _clean(message.content)
+        if message.role in ("function", "tool"):
+            if not turns or turns[-1].role != "assistant":
+                raise ReactError(f"a {message.role} result must follow an assistant message that called it")
+            observation = f"{turns[-1].content}\n{OBSERVATION} {content}"
+            if index == len(rest) - 1:
+                observation += "\nThought:"
+            turns[-1] = ChatMessage("assistant", observation)
+        elif message.role == "assistant":
+            text = _assistant_text(content, message.calls, bool(tools))
+            if turns and turns[-1].role == "assistant":
+                turns[-1] = ChatMessage("assistant", f"{turns[-1].content}\n{text}")
+            else:
+                turns.append(ChatMessage("assistant", _clean(text)))
+        else:
+            turns.append(ChatMessage(message.role, content))
+    if tools:
+        _prefix_instruction(turns, instruction(tools))
+    open_last = turns[-1].role == "assistant"
+    return [ChatMessage("system", system), *turns], open_last
+
+
+def _assistant_text(content: str, calls: Sequence[FunctionCall], with_tools: bool) -> str:
+    if not calls:
+        return f"Thought: I now know the final answer.\nFinal Answer: {content}" if with_tools else content
+    parts = []
+    for number, call in enumerate(calls):
+        thought = content if number == 0 else ""
+        if not thought.startswith("Thought:"):
+            thought = f"Thought: {thought}"
+        parts.append(f"{thought}\nAction: {call.name}\nAction Input: {call.arguments}")
+    return "\n".join(parts)
+
+
+def _prefix_instruction(turns: list[ChatMessage], text: str) -> None:
+    """As the original: before the user message of the last answered exchange, else before the question."""
+    history = turns[:-1] if turns[-1].role == "user" else turns
+    answered = [i for i, turn in enumerate(history) if turn.role == "user"]
+    target = answered[-1] if answered else len(turns) - 1
+    turns[target] = ChatMessage("user", f"{text}\n\nQuestion: {turns[target].content}")
+
+
+@dataclass(frozen=True)
+class ReactReply:
+    """Model output read as an OpenAI message: content, and a function call when the model chose one."""
+
+    content: str
+    call: FunctionCall | None
+
+    @property
+    def finish_reason(self) -> str:
+        return "function_call" if self.call else "stop"
+
+
+def parse_reply(text: str) -> ReactReply:
+    """Exactly the reading of Qwen's ``parse_response``: an action needs ``\\nAction:`` before
+    ``\\nAction Input:``; its thought becomes the content; otherwise the text after the last
+    ``\\nFinal Answer: `` (or all of it) is the content."""
+    action = text.find("\nAction:")
+    action_input = text.find("\nAction Input:")
+    if 0 <= action < action_input:
+        if text.find(f"\n{OBSERVATION}") < action_input:
+            text = text.rstrip() + f"\n{OBSERVATION}"
+        observation = text.find(f"\n{OBSERVATION}")
+        name = text[action + len("\nAction:") : action_input].strip()
+        arguments = text[action_input + len("\nAction Input:") : observation].strip()
+        if name:
+            thought = text[:action]
+            start = thought.find("Thought: ")
+            if start >= 0:
+                thought = thought[start + len("Thought: ") :]
+            return ReactReply(thought.strip(), FunctionCall(name, arguments))
+    final = text.rfind("\nFinal Answer: ")
+    if final >= 0:
+        text = text[final + len("\nFinal Answer: ") :]
+    return ReactReply(text, None)
