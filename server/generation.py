@@ -10,11 +10,9 @@ from typing import Any
 
 from engine import AsyncEngine, EngineDeadError, InvalidRequestError, QueueFullError, SamplingParams
 from server.errors import APIError
-from server.protocol import ChatMessageIn, SamplingFields
+from server.protocol import SamplingFields
 from tokenizer import ChatMessage, IncrementalDetokenizer, StopStringMatcher, Tokenizer, build_prompt
 from tokenizer.chat import ChatTemplateError, chat_stop_token_ids
-
-ROLE_ALIASES = {"developer": "system"}
 
 
 @dataclass
@@ -93,10 +91,11 @@ class ModelService:
 
     # -- prompts ---------------------------------------------------------------------------------------------
 
-    def chat_prompt_ids(self, messages: Sequence[ChatMessageIn], add_generation_prompt: bool = True) -> list[int]:
-        converted = [ChatMessage(ROLE_ALIASES.get(m.role, m.role), m.text()) for m in messages]
+    def chat_prompt_ids(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
+                        continue_final_message: bool = False) -> list[int]:
         try:
-            prompt = build_prompt(self.tokenizer, converted, add_generation_prompt=add_generation_prompt,
+            prompt = build_prompt(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                                  continue_final_message=continue_final_message,
                                   max_window_size=self.generation_config.get("max_window_size"))
         except ChatTemplateError as exc:
             raise APIError(400, f"the chat template refused the conversation: {exc}", param="messages") from exc

@@ -22,10 +22,66 @@ class TextPart(Request):
     text: str
 
 
+class FunctionCallIn(Request):
+    name: str
+    arguments: str = ""
+
+
+class ToolCallIn(Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class FunctionSpec(Request):
+    """An OpenAI function, or Qwen's own form (``name_for_model``, ``name_for_human``, ``description_for_model``)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None
+    description: str = ""
+    parameters: dict[str, Any] | list[Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    @model_validator(mode="after")
+    def _named_with_object_schema(self) -> FunctionSpec:
+        if not (self.name or (self.model_extra or {}).get("name_for_model")):
+            raise ValueError("every function needs a name")
+        if isinstance(self.parameters, dict):
+            kind = self.parameters.get("type", "object")
+            if kind != "object":
+                raise ValueError(f"function parameters must be a JSON schema of type object, not {kind!r}")
+            if not isinstance(self.parameters.get("properties", {}), dict):
+                raise ValueError("function parameters: properties must be an object")
+            required = self.parameters.get("required", [])
+            if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+                raise ValueError("function parameters: required must be a list of names")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return (self.model_extra or {}).get("name_for_model") or self.name or ""
+
+
+class ToolSpec(Request):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(Request):
+    name: str
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessageIn(Request):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    function_call: FunctionCallIn | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -90,12 +146,51 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    functions: list[FunctionSpec] | None = None
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
 
     @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+    def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.tools and self.functions:
+            raise ValueError("give tools or the legacy functions, not both")
+        if self.tool_choice is not None and not self.tools:
+            raise ValueError("tool_choice requires tools")
+        if self.function_call is not None and not self.functions:
+            raise ValueError("function_call requires functions")
+        names = {f.model_name for f in self.function_specs}
+        forced = self.forced_function
+        if forced is not None and forced not in names:
+            raise ValueError(f"the chosen function {forced!r} is not among the given ones")
         return self
+
+    @property
+    def function_specs(self) -> list[FunctionSpec]:
+        return [t.function for t in self.tools or []] or list(self.functions or [])
+
+    @property
+    def legacy_functions(self) -> bool:
+        return bool(self.functions)
+
+    @property
+    def calls_allowed(self) -> bool:
+        choice = self.tool_choice if self.tools else self.function_call
+        return bool(self.function_specs) and choice != "none"
+
+    @property
+    def forced_function(self) -> str | None:
+        """The function the reply must call: a named choice, or the only tool under "required"."""
+        choice = self.tool_choice if self.tools else self.function_call
+        if isinstance(choice, NamedToolChoice):
+            return choice.function.name
+        if isinstance(choice, NamedFunction):
+            return choice.name
+        if choice == "required" and len(self.function_specs) == 1:
+            return self.function_specs[0].model_name
+        return None
 
     @property
     def token_limit(self) -> int | None:
@@ -177,9 +272,50 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+    function_call: FunctionCallOut | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_calls(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        for key in ("tool_calls", "function_call"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ToolCallDelta(BaseModel):
+    index: int = 0
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatChoice(BaseModel):
@@ -203,6 +339,8 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionDelta | None = None
 
     @model_serializer(mode="wrap")
     def _without_unset(self, handler) -> dict[str, Any]:

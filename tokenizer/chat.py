@@ -55,15 +55,18 @@ def build_prompt(
     *,
     max_window_size: int | None = None,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
 ) -> Prompt:
     """The model's chat template when the tokenizer has one, else Qwen ChatML (``make_context``)."""
     if tokenizer.chat_template:
         return build_template_prompt(
-            tokenizer, messages, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
+            tokenizer, messages, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, **(template_kwargs or {})
         )
     return build_chatml_prompt(
-        tokenizer, messages, max_window_size=max_window_size, add_generation_prompt=add_generation_prompt
+        tokenizer, messages, max_window_size=max_window_size, add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
     )
 
 
@@ -156,6 +159,7 @@ def build_template_prompt(
     messages: Sequence[ChatMessage],
     *,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
     **template_kwargs: Any,
 ) -> Prompt:
     """Render the model's jinja chat template; message contents are encoded as plain text.
@@ -170,11 +174,14 @@ def build_template_prompt(
     rendered = render_chat_template(
         tokenizer.chat_template,
         stand_ins,
-        add_generation_prompt=add_generation_prompt,
+        add_generation_prompt=add_generation_prompt and not continue_final_message,
         bos_token=getattr(tokenizer, "bos_token", None),
         eos_token=getattr(tokenizer, "eos_token", None),
         **template_kwargs,
     )
+    if continue_final_message and messages:
+        last = f"\ue000{len(messages) - 1}\ue001"
+        rendered = rendered[: rendered.rindex(last) + len(last)]  # the last turn stays open
     pieces: list[tuple[str, bool]] = []
     position = 0
     for match in _SENTINEL.finditer(rendered):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenizer.chat import DEFAULT_SYSTEM, ChatMessage
+from tokenizer.chat import ChatMessage
 
 TOOL_DESC = (
     "{name_for_model}: Call this tool to interact with the {name_for_human} API. What is the {name_for_human} API "
@@ -103,11 +103,10 @@ def react_messages(messages: Sequence[ReactInput], tools: Sequence[Tool]) -> tup
     tool result the model continues with ``Thought:``; after an assistant message it continues that message)."""
     if not any(m.role == "user" for m in messages):
         raise ReactError("expecting at least one user message")
-    system = DEFAULT_SYSTEM
     rest = list(messages)
-    if rest and rest[0].role == "system":
-        system = rest.pop(0).content
     turns: list[ChatMessage] = []
+    if rest and rest[0].role == "system":  # without one, the prompt builder adds the model's default
+        turns.append(ChatMessage("system", rest.pop(0).content))
     for index, message in enumerate(rest):
         content = _clean(message.content)
         if message.role in ("function", "tool"):
@@ -127,8 +126,7 @@ def react_messages(messages: Sequence[ReactInput], tools: Sequence[Tool]) -> tup
             turns.append(ChatMessage(message.role, content))
     if tools:
         _prefix_instruction(turns, instruction(tools))
-    open_last = turns[-1].role == "assistant"
-    return [ChatMessage("system", system), *turns], open_last
+    return turns, turns[-1].role == "assistant"
 
 
 def _assistant_text(content: str, calls: Sequence[FunctionCall], with_tools: bool) -> str:
@@ -185,3 +183,75 @@ def parse_reply(text: str) -> ReactReply:
     if final >= 0:
         text = text[final + len("\nFinal Answer: ") :]
     return ReactReply(text, None)
+
+
+@dataclass
+class ReplyDelta:
+    """A piece of a streamed reply: content text, the start of a call (its name), or argument text."""
+
+    content: str = ""
+    call_name: str | None = None
+    arguments: str = ""
+
+
+def forced_call_prefix(name: str) -> str:
+    """The start of a reply that calls ``name``: put in the prompt, it leaves the model only the arguments."""
+    return f"Thought: \nAction: {name}\nAction Input:"
+
+
+class ReplyStreamParser:
+    """Reads a ReAct reply as it streams; the pieces reassemble to ``parse_reply`` of the whole text.
+
+    Text is held until the reply shows what it is: ``\nAction Input:`` after ``\nAction:`` (a call: the thought
+    goes out as content, then the name, then the arguments as they come, white space at either end held back),
+    or ``\nFinal Answer: `` (the answer streams from there). Anything else is read whole at the end.
+    ``prefix``: reply text that sits in the prompt already (``forced_call_prefix``).
+    """
+
+    def __init__(self, prefix: str = "") -> None:
+        self._text = prefix
+        self._mode = "undecided"
+        self._start = 0
+        self._sent = 0
+
+    def feed(self, delta: str) -> list[ReplyDelta]:
+        self._text += delta
+        return self._decide() if self._mode == "undecided" else self._advance()
+
+    def finish(self) -> list[ReplyDelta]:
+        if self._mode != "undecided":
+            return self._advance()
+        reply = parse_reply(self._text)
+        if reply.call is None:
+            return [ReplyDelta(content=reply.content)] if reply.content else []
+        return [*self._opening(reply.content, reply.call.name), ReplyDelta(arguments=reply.call.arguments)]
+
+    def _decide(self) -> list[ReplyDelta]:
+        text = self._text
+        action, action_input = text.find("\nAction:"), text.find("\nAction Input:")
+        final = text.find("\nFinal Answer: ")
+        name = text[action + len("\nAction:") : action_input].strip() if 0 <= action < action_input else ""
+        if name and not 0 <= final < action:
+            thought = text[:action]
+            start = thought.find("Thought: ")
+            if start >= 0:
+                thought = thought[start + len("Thought: ") :]
+            self._mode, self._start = "arguments", action_input + len("\nAction Input:")
+            return [*self._opening(thought.strip(), name), *self._advance()]
+        if final >= 0 and not 0 <= action < final:
+            self._mode, self._start = "answer", final + len("\nFinal Answer: ")
+            return self._advance()
+        return []
+
+    @staticmethod
+    def _opening(content: str, name: str) -> list[ReplyDelta]:
+        return [*([ReplyDelta(content=content)] if content else []), ReplyDelta(call_name=name)]
+
+    def _advance(self) -> list[ReplyDelta]:
+        body = self._text[self._start :]
+        if self._mode == "arguments":
+            body = body.strip()  # grows only at its end as text comes, so its new tail is what to send
+        fresh, self._sent = body[self._sent :], len(body)
+        if not fresh:
+            return []
+        return [ReplyDelta(arguments=fresh)] if self._mode == "arguments" else [ReplyDelta(content=fresh)]

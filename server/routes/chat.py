@@ -24,6 +24,7 @@ from server.protocol import (
 )
 from server.routes.deps import ready_service, until_disconnected
 from server.streaming import sse_response
+from server.tools import StreamedReply, ToolPlan, plain_messages
 from server.usage import UsageTracker
 
 router = APIRouter()
@@ -32,33 +33,46 @@ router = APIRouter()
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = ready_service(request, body.model)
-    prompt_ids = service.chat_prompt_ids(body.messages, body.add_generation_prompt)
+    plan = ToolPlan.of(body)
+    if plan is None:
+        prompt_ids = service.chat_prompt_ids(plain_messages(body.messages),
+                                             add_generation_prompt=body.add_generation_prompt)
+        stops = body.stop
+    else:
+        turns, open_last = plan.messages(body.messages)
+        prompt_ids = service.chat_prompt_ids(turns, add_generation_prompt=not open_last,
+                                             continue_final_message=open_last)
+        stops = [*body.stop, *plan.stop_strings]
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = service.sampling_params(body, len(prompt_ids), chat=True, logprobs=top)
-    generation = Generation(request.state.request_id, prompt_ids, params, body.stop, body.n)
+    generation = Generation(request.state.request_id, prompt_ids, params, stops, body.n)
     tracker = UsageTracker(state_of(request).metrics, len(prompt_ids), body.n)
     if body.stream:
-        return await sse_response(_chunks(service, generation, body, tracker))
-    return await until_disconnected(request, _complete(service, generation, body, tracker))
+        return await sse_response(_chunks(service, generation, body, plan, tracker))
+    return await until_disconnected(request, _complete(service, generation, body, plan, tracker))
 
 
 async def _complete(service: ModelService, generation: Generation, body: ChatCompletionRequest,
-                    tracker: UsageTracker) -> ChatCompletionResponse:
-    choices = await collect_choices(tracker.track(service.stream(generation)), body.n)
+                    plan: ToolPlan | None, tracker: UsageTracker) -> ChatCompletionResponse:
+    results = await collect_choices(tracker.track(service.stream(generation)), body.n)
     top = body.top_logprobs or 0
-    choices = [
-        ChatChoice(index=i, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
-                   logprobs=chat_logprobs(service.tokenizer, c.token_ids, c.logprobs, top) if body.logprobs else None)
-        for i, c in enumerate(choices)
-    ]
+    choices = []
+    for index, result in enumerate(results):
+        if plan is None:
+            message, reason = ChatMessageOut(content=result.text), result.finish_reason
+        else:
+            message, reason = plan.message(result.text, result.finish_reason)
+        logprobs = chat_logprobs(service.tokenizer, result.token_ids, result.logprobs, top) if body.logprobs else None
+        choices.append(ChatChoice(index=index, message=message, finish_reason=reason, logprobs=logprobs))
     return ChatCompletionResponse(id=new_id("chatcmpl"), created=now(), model=service.name, choices=choices,
                                   usage=tracker.usage())
 
 
 async def _chunks(service: ModelService, generation: Generation, body: ChatCompletionRequest,
-                  tracker: UsageTracker) -> AsyncIterator[ChatCompletionChunk]:
+                  plan: ToolPlan | None, tracker: UsageTracker) -> AsyncIterator[ChatCompletionChunk]:
     chunk_id, created = new_id("chatcmpl"), now()
     top = body.top_logprobs or 0
+    replies = [StreamedReply(plan) if plan else None for _ in range(body.n)]
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=chunk_id, created=created, model=service.name, choices=choices, usage=usage)
@@ -68,14 +82,23 @@ async def _chunks(service: ModelService, generation: Generation, body: ChatCompl
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                      for i in range(body.n)])
         async for event in prepend(first, events):
-            if event.text or (body.logprobs and event.logprobs):
+            reply = replies[event.index]
+            logprobs = None
+            if body.logprobs and event.logprobs:
+                logprobs = chat_logprobs(service.tokenizer, event.token_ids, event.logprobs, top)
+            deltas = [ChatDelta(content=event.text)] if reply is None else reply.feed(event.text)
+            reason = event.finish_reason
+            if reply is not None and reason is not None:
+                closing, reason = reply.finish(reason)
+                deltas += closing
+            for delta in deltas:
+                if delta.content == "" and delta.tool_calls is None and delta.function_call is None:
+                    continue
+                yield chunk([ChatChunkChoice(index=event.index, delta=delta, logprobs=logprobs)])
                 logprobs = None
-                if body.logprobs:
-                    logprobs = chat_logprobs(service.tokenizer, event.token_ids, event.logprobs, top)
-                yield chunk([ChatChunkChoice(index=event.index, delta=ChatDelta(content=event.text),
-                                             logprobs=logprobs)])
-            if event.finish_reason is not None:
-                yield chunk([ChatChunkChoice(index=event.index, delta=ChatDelta(),
-                                             finish_reason=event.finish_reason)])
+            if logprobs is not None:
+                yield chunk([ChatChunkChoice(index=event.index, delta=ChatDelta(content=""), logprobs=logprobs)])
+            if reason is not None:
+                yield chunk([ChatChunkChoice(index=event.index, delta=ChatDelta(), finish_reason=reason)])
     if body.include_usage:
         yield chunk([], tracker.usage())

@@ -78,3 +78,11 @@ def test_template_exceptions_become_chat_template_errors(smollm2_tokenizer):
     strict.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(ChatTemplateError, match="roles must alternate"):
         build_prompt(strict, [ChatMessage("user", "hi")])
+
+
+def test_template_can_leave_the_final_message_open(smollm2_tokenizer):
+    messages = [ChatMessage("user", "Write a haiku"), ChatMessage("assistant", "Autumn moonlight")]
+    closed = build_prompt(smollm2_tokenizer, messages, add_generation_prompt=False)
+    open_ = build_prompt(smollm2_tokenizer, messages, continue_final_message=True)
+    assert closed.text.startswith(open_.text) and open_.text.endswith("<|im_start|>assistant\nAutumn moonlight")
+    assert open_.token_ids == closed.token_ids[: len(open_.token_ids)]

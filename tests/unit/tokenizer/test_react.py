@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import load_fixture
 from tokenizer.chat import build_chatml_prompt
@@ -13,7 +17,9 @@ from tokenizer.react import (
     FunctionCall,
     ReactError,
     ReactInput,
+    ReplyStreamParser,
     Tool,
+    forced_call_prefix,
     parse_reply,
     react_messages,
 )
@@ -100,3 +106,43 @@ def test_multiple_tool_calls_become_successive_actions():
     messages, _ = react_messages(inputs, [Tool("a"), Tool("b")])
     assert messages[-1].content == ("Thought: Need two.\nAction: a\nAction Input: {\"x\": 1}\nThought: \nAction: b"
                                     "\nAction Input: {}\nObservation: ra\nThought:")
+
+
+def reassemble(deltas) -> tuple[str, str | None, str]:
+    content = "".join(d.content for d in deltas)
+    names = [d.call_name for d in deltas if d.call_name is not None]
+    assert len(names) <= 1
+    return content, (names[0] if names else None), "".join(d.arguments for d in deltas)
+
+
+STREAM_TEXTS = [c["raw_output"].split("Observation:")[0] for c in VECTORS["parse_response_cases"]] + [
+    "Thought: look\nAction: f\nAction Input:   {\"a\": [1, 2]}  \n\n",
+    "Thought: done.\nFinal Answer: 你好 🍕 world",
+    "no scaffolding at all",
+    "Thought: x\nAction: \nAction Input: {}\nFinal Answer: fallback",
+]
+
+
+@given(text=st.sampled_from(STREAM_TEXTS), cuts=st.lists(st.integers(0, 200), max_size=10))
+@settings(max_examples=400, deadline=None)
+def test_streamed_reply_reassembles_to_parse(text, cuts):
+    parser = ReplyStreamParser()
+    bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
+    deltas = []
+    for start, end in pairwise(bounds):
+        deltas += parser.feed(text[start:end])
+    deltas += parser.finish()
+    expected = parse_reply(text)
+    content, name, arguments = reassemble(deltas)
+    assert content == expected.content
+    assert (name, arguments) == ((expected.call.name, expected.call.arguments) if expected.call else (None, ""))
+
+
+def test_forced_call_prefix_makes_the_reply_a_call():
+    parser = ReplyStreamParser(prefix=forced_call_prefix("get_weather"))
+    deltas = parser.feed(' {"city": "Paris"')
+    assert deltas[0].call_name == "get_weather" and not deltas[0].content
+    deltas += parser.feed("}\n") + parser.finish()
+    assert reassemble(deltas) == ("", "get_weather", '{"city": "Paris"}')
+    assert parse_reply(forced_call_prefix("get_weather") + ' {"city": "Paris"}\n').call.arguments == \
+        '{"city": "Paris"}'
