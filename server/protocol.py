@@ -298,24 +298,24 @@ class ChatMessageOut(BaseModel):
         return data
 
 
-class FunctionDelta(BaseModel):
-    name: str | None = None
-    arguments: str | None = None
+class SparseModel(BaseModel):
+    """Serialized without its unset (None) fields, as OpenAI sends stream deltas."""
 
     @model_serializer(mode="wrap")
     def _without_unset(self, handler) -> dict[str, Any]:
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
-class ToolCallDelta(BaseModel):
+class FunctionDelta(SparseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(SparseModel):
     index: int = 0
     id: str | None = None
     type: Literal["function"] | None = None
     function: FunctionDelta
-
-    @model_serializer(mode="wrap")
-    def _without_unset(self, handler) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatChoice(BaseModel):
@@ -334,17 +334,13 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class ChatDelta(BaseModel):
-    """A streamed message fragment; unset fields are left out, as OpenAI does."""
+class ChatDelta(SparseModel):
+    """A streamed message fragment."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
     function_call: FunctionDelta | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_unset(self, handler) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatChunkChoice(BaseModel):

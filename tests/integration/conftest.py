@@ -47,6 +47,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_healthy(url: str, seconds: float) -> bool:
+    """Poll ``/health`` until it answers 200 (True) or ``seconds`` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def serve(settings: Settings, engine: AsyncEngine) -> Iterator[RunningServer]:
     """Run the app on a free loopback port until the fixture ends."""
     port = free_port()
@@ -55,13 +68,7 @@ def serve(settings: Settings, engine: AsyncEngine) -> Iterator[RunningServer]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
+    assert wait_healthy(url, 30)
     try:
         yield RunningServer(url, app, engine)
     finally:

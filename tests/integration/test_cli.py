@@ -7,13 +7,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
 
 from server.cli import parse_settings
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, wait_healthy
 
 
 def test_flags_beat_environment_beat_yaml(tmp_path, monkeypatch):
@@ -54,16 +53,7 @@ def test_sigterm_lets_running_requests_finish_then_exits_zero(tmp_path):
          "--kv-cache-memory", "128MiB", "--drain-timeout", "60", "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("the server did not become ready")
+        assert wait_healthy(url, 120), "the server did not become ready"
         body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}], "stream": True,
                 "max_tokens": 60, "logit_bias": {"0": -100, "1": -100, "2": -100}}
         lines: list[str] = []

@@ -106,8 +106,12 @@ def test_full_queue_gets_429_with_retry_after(smol_loaded):
         for server in serve(Settings(served_model_name=SMOL_NAME), engine):
             long = {"model": SMOL_NAME, "messages": HELLO, "max_tokens": 400, "stream": True, "logit_bias": NO_END}
             with httpx.stream("POST", server.url + CHAT, json=long, timeout=60) as first:
-                next(first.iter_lines())
-                response = httpx.post(server.url + CHAT, json={"model": SMOL_NAME, "messages": HELLO})
+                assert first.status_code == 200
+                lines = first.iter_lines()
+                assert next(line for line in lines if '"content":"' in line and '"role"' not in line)
+                assert engine.num_running == 1
+                response = httpx.post(server.url + CHAT, json={"model": SMOL_NAME, "messages": HELLO, "max_tokens": 2},
+                                      timeout=60)
                 assert_error(response, 429)
                 assert response.headers["retry-after"] == "1"
     finally:
