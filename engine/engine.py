@@ -100,8 +100,10 @@ class LLMEngine:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
                 budget = int(free * 0.85)
-            else:
-                budget = DEFAULT_CPU_KV_BYTES
+            else:  # room for every seat at full context, at most DEFAULT_CPU_KV_BYTES
+                seats = self.config.scheduler.max_num_seqs
+                full_context = (self.max_model_len + self.config.block_size) * bytes_per_token
+                budget = min(DEFAULT_CPU_KV_BYTES, full_context * seats)
         num_blocks = budget // (bytes_per_token * self.config.block_size)
         if num_blocks * self.config.block_size < self.max_model_len:
             raise ValueError(f"KV cache of {budget} bytes holds {num_blocks * self.config.block_size} tokens, "
