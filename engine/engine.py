@@ -15,7 +15,7 @@ from engine.layers import qwen_ntk_alpha
 from engine.runner import ModelRunner
 from engine.sampling import Sampler, SampleRequest, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import Sequence, Status
+from engine.sequence import Sequence
 from engine.weights.loader import LoadedModel, load_model
 from tokenizer import Tokenizer
 
@@ -254,4 +254,4 @@ class LLM:
         return list(prompt)
 
 
-__all__ = ["LLM", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams", "Status", "StepOutput"]
+__all__ = ["LLM", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams", "StepOutput"]

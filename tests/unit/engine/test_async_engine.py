@@ -137,7 +137,6 @@ def test_abort_frees_blocks_at_once(smollm2):
             if seen == 3:
                 break
         await stream.aclose()
-        assert engine.blocks.num_free < engine.blocks.num_blocks or async_engine.num_running == 0
         for _ in range(200):
             if engine.blocks.num_free == engine.blocks.num_blocks and async_engine.num_running == 0:
                 return True
