@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,14 +49,6 @@ async def collect_choices(events: AsyncIterator[ChoiceEvent], n: int) -> list[Ch
             result.logprobs += event.logprobs
             result.finish_reason = event.finish_reason or result.finish_reason
     return results
-
-
-async def prepend(first: ChoiceEvent | None, rest: AsyncIterator[ChoiceEvent]) -> AsyncIterator[ChoiceEvent]:
-    """``first`` (when there is one) followed by ``rest``."""
-    if first is not None:
-        yield first
-    async for event in rest:
-        yield event
 
 
 @dataclass
@@ -187,7 +180,7 @@ class ModelService:
     async def _choice(self, index: int, generation: Generation) -> AsyncIterator[ChoiceEvent]:
         params = generation.params
         if generation.n > 1 and params.seed is not None:
-            params = SamplingParams(**{**params.__dict__, "seed": params.seed + index})
+            params = dataclasses.replace(params, seed=params.seed + index)
         detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
         matcher = StopStringMatcher(generation.stop_strings)
         request_id = f"{generation.request_id}-{index}"

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TypeVar
 
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
+T = TypeVar("T")
 
-async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    yield first
+
+async def prepend(first: T | None, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``first`` (unless None) followed by ``rest``: for streams whose first item was awaited ahead."""
+    if first is not None:
+        yield first
     async for item in rest:
         yield item
 
@@ -24,7 +28,7 @@ async def sse_response(chunks: AsyncIterator[BaseModel | dict]) -> EventSourceRe
 
     async def events() -> AsyncIterator[dict[str, str]]:
         try:
-            async for chunk in _chain(first, iterator):
+            async for chunk in prepend(first, iterator):
                 data = chunk.model_dump_json(exclude_none=False) if isinstance(chunk, BaseModel) else json.dumps(chunk)
                 yield {"data": data}
             yield {"data": "[DONE]"}

@@ -64,10 +64,11 @@ class HFTokenizer(Tokenizer):
         bos_token: str | None = None,
         chat_template: str | None = None,
     ) -> None:
-        if json.loads(raw.to_str()).get("decoder", {}).get("type") != "ByteLevel":
+        serialized = raw.to_str()
+        if json.loads(serialized).get("decoder", {}).get("type") != "ByteLevel":
             raise ValueError("only byte-level BPE tokenizers (GPT-2, Qwen2, Llama-3, SmolLM style) are supported")
         self._raw = raw
-        self._plain = RawTokenizer.from_str(raw.to_str())
+        self._plain = RawTokenizer.from_str(serialized)
         self._plain.encode_special_tokens = True
         self.special_tokens = {
             tok.content: tok_id for tok_id, tok in raw.get_added_tokens_decoder().items() if tok.special

@@ -75,14 +75,13 @@ class ModelBuilder:
 
     def _linear(self, parts: list[str], i: int, biases: list[torch.Tensor | None]) -> nn.Module:
         names = [self._name(p, i) for p in parts]
-        bias = None if all(b is None for b in biases) else torch.cat([
-            b if b is not None else torch.zeros(0) for b in biases])
         quantized = [self.source.int4(n) for n in names] if self.use_int4 else []
         if quantized and all(q is not None for q in quantized):
             weights = [q if (order := self._row_order(p)) is None else q.rows(order)
                        for p, q in zip(parts, quantized, strict=True)]
             fused = Int4Weight.cat(weights)
             packed, scales_and_zeros = fused.pack_for_cpu(self.dtype)
+            bias = self._fused_bias(biases, [w.out_features for w in weights])
             return Int4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
         dense = []
         for part, name in zip(parts, names, strict=True):
@@ -90,4 +89,12 @@ class ModelBuilder:
             if (order := self._row_order(part)) is not None:
                 weight = weight[order]
             dense.append(weight.to(device=self.device, dtype=self.dtype))
+        bias = self._fused_bias(biases, [w.shape[0] for w in dense])
         return DenseLinear(dense[0] if len(dense) == 1 else torch.cat(dense), bias)
+
+    def _fused_bias(self, biases: list[torch.Tensor | None], rows: list[int]) -> torch.Tensor | None:
+        """One bias for fused parts; a part without one contributes zeros."""
+        if all(b is None for b in biases):
+            return None
+        return torch.cat([b if b is not None else torch.zeros(n, device=self.device, dtype=self.dtype)
+                          for b, n in zip(biases, rows, strict=True)])

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 
 from server.app_state import state_of
-from server.generation import Generation, ModelService, collect_choices, prepend
+from server.generation import Generation, ModelService, collect_choices
 from server.logprobs import chat_logprobs
 from server.protocol import (
     ChatChoice,
@@ -23,7 +23,7 @@ from server.protocol import (
     now,
 )
 from server.routes.deps import ready_service, until_disconnected
-from server.streaming import sse_response
+from server.streaming import prepend, sse_response
 from server.tools import StreamedReply, ToolPlan, plain_messages
 from server.usage import UsageTracker
 

@@ -9,11 +9,11 @@ from fastapi import APIRouter, Request
 
 from server.app_state import state_of
 from server.errors import APIError
-from server.generation import ChoiceEvent, Generation, ModelService, collect_choices, prepend
+from server.generation import ChoiceEvent, Generation, ModelService, collect_choices
 from server.logprobs import completion_logprobs
 from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, new_id, now
 from server.routes.deps import ready_service, until_disconnected
-from server.streaming import sse_response
+from server.streaming import prepend, sse_response
 from server.usage import UsageTracker
 
 router = APIRouter()
