@@ -175,14 +175,16 @@ class LLMEngine:
         if not batch:
             return []
         logits = self.runner.run(batch)
-        rows = [SampleRequest(s.params, s.prompt_ids, s.output_ids, s.stop_ids, s.generator) for s in batch]
+        rows = [SampleRequest(s.params, s.prompt_ids, s.output_ids, s.stop_ids, s.generator, s.matcher)
+                for s in batch]
         result = self.sampler(logits, rows)
         outputs = []
         for seq, token, logprobs in zip(batch, result.token_ids, result.logprobs, strict=True):
             seq.num_computed = len(seq)
             seq.output_ids.append(token)
             reason = None
-            if token in seq.stop_ids:
+            # A token its grammar refuses can only come from a row with nothing allowed left: that ends it too.
+            if token in seq.stop_ids or (seq.matcher is not None and not seq.matcher.accept_token(token)):
                 reason = "stop"
             elif len(seq.output_ids) >= seq.max_tokens or len(seq) >= self.max_model_len:
                 reason = "length"

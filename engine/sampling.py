@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.grammar import Grammar
+
+_BITS = torch.arange(32, dtype=torch.int32)
 
 
 @dataclass(frozen=True)
@@ -15,7 +21,8 @@ class SamplingParams:
     ``temperature=0`` is greedy; ``top_k`` <= 0 and ``top_p`` = 1 and ``min_p`` = 0 disable truncation;
     ``repetition_penalty`` follows HF (prompt and output tokens); presence/frequency penalties follow OpenAI
     (output tokens); ``logit_bias`` adds to raw logits (-100 effectively bans a token); ``logprobs=k`` returns the
-    chosen token's log-probability and the top-k alternatives from the model's raw distribution.
+    chosen token's log-probability and the top-k alternatives from the model's raw distribution; ``grammar``
+    (``engine.grammar``) allows only tokens that keep the output inside it, and ends it once complete.
     """
 
     temperature: float = 1.0
@@ -32,6 +39,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -57,6 +65,14 @@ class SamplingParams:
         return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
 
 
+class TokenMatcher(Protocol):
+    """One sequence's parse under a grammar (an ``xgrammar.GrammarMatcher``)."""
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> object: ...
+
+    def accept_token(self, token_id: int) -> bool: ...
+
+
 @dataclass
 class SampleRequest:
     """What the sampler needs to know about one row."""
@@ -66,6 +82,7 @@ class SampleRequest:
     output_ids: Seq[int]
     stop_ids: frozenset[int]
     generator: torch.Generator | None
+    matcher: TokenMatcher | None = None
 
 
 @dataclass
@@ -94,6 +111,20 @@ def apply_penalties_and_bias(logits: torch.Tensor, rows: Seq[SampleRequest]) -> 
     return logits
 
 
+def mask_logits(logits: torch.Tensor, rows: Seq[SampleRequest]) -> None:
+    """Set to -inf, in place, every token the matcher of a constrained row does not allow next."""
+    constrained = [(row, r.matcher) for row, r in enumerate(rows) if r.matcher is not None]
+    if not constrained:
+        return
+    vocab = logits.shape[-1]
+    bitmask = torch.empty(len(constrained), (vocab + 31) // 32, dtype=torch.int32)
+    for index, (_, matcher) in enumerate(constrained):
+        matcher.fill_next_token_bitmask(bitmask, index)
+    allowed = ((bitmask[:, :, None] >> _BITS) & 1).bool().view(len(constrained), -1)[:, :vocab]
+    index = torch.tensor([row for row, _ in constrained], dtype=torch.long, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
 def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Top-k, then top-p (nucleus), then min-p, per row on temperature-scaled logits: dropped tokens get -inf."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -120,6 +151,7 @@ class Sampler:
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
         logits = apply_penalties_and_bias(logits, rows)
+        mask_logits(logits, rows)
         chosen = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.sampling import SamplingParams
+from engine.sampling import SamplingParams, TokenMatcher
 
 
 class Status(enum.Enum):
@@ -36,10 +36,13 @@ class Sequence:
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None
+    matcher: TokenMatcher | None = None
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+        if self.params.grammar is not None:
+            self.matcher = self.params.grammar.matcher(self.stop_ids)
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

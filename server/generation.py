@@ -7,9 +7,13 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
+import xgrammar as xgr
+
 from engine import AsyncEngine, EngineDeadError, InvalidRequestError, QueueFullError, SamplingParams
+from engine.grammar import Grammar, GrammarCompiler, GrammarError
 from server.errors import APIError
 from server.protocol import SamplingFields
 from tokenizer import ChatMessage, IncrementalDetokenizer, StopStringMatcher, Tokenizer, build_prompt
@@ -76,6 +80,7 @@ class ModelService:
         self.max_model_len = llm.max_model_len
         self.generation_config: dict[str, Any] = llm.loaded.generation_config
         self.vocab_size = llm.vocab_size
+        self.logits_width = llm.model_config.vocab_size
         self.chat_stop_ids = chat_stop_token_ids(self.tokenizer) | self._configured_stop_ids()
 
     def _configured_stop_ids(self) -> frozenset[int]:
@@ -101,10 +106,26 @@ class ModelService:
             raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
         return list(prompt)
 
+    # -- grammars --------------------------------------------------------------------------------------------
+
+    @cached_property
+    def grammar_compiler(self) -> GrammarCompiler:
+        return GrammarCompiler(self.tokenizer, self.logits_width)
+
+    async def compile_grammar(self, grammar: xgr.Grammar | None) -> Grammar | None:
+        """Compile for this vocabulary off the event loop (the compiler caches by grammar)."""
+        if grammar is None:
+            return None
+        try:
+            return await asyncio.to_thread(lambda: self.grammar_compiler.compile(grammar))
+        except GrammarError as exc:
+            raise APIError(400, f"cannot constrain output to this grammar: {exc}",
+                           param="response_format") from exc
+
     # -- sampling --------------------------------------------------------------------------------------------
 
-    def sampling_params(self, request: SamplingFields, prompt_len: int, *, chat: bool,
-                        logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, request: SamplingFields, prompt_len: int, *, chat: bool, logprobs: int | None,
+                        grammar: Grammar | None = None) -> SamplingParams:
         """Request values, else the model's generation_config, else neutral; validated against the context."""
         room = self.max_model_len - prompt_len
         if room <= 0:
@@ -139,6 +160,7 @@ class ModelService:
             frequency_penalty=request.frequency_penalty or 0.0,
             logit_bias=bias,
             logprobs=logprobs,
+            grammar=grammar,
         )
 
     # -- generation ------------------------------------------------------------------------------------------

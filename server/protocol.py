@@ -91,6 +91,31 @@ class ChatMessageIn(Request):
         return "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(Request):
+    """``response_format.json_schema``: the schema a reply must follow (``strict`` is always honoured)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema")
+        return self
+
+    @property
+    def structured(self) -> bool:
+        return self.type != "text"
+
+
 class StreamOptions(Request):
     include_usage: bool = False
 
@@ -150,6 +175,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: list[FunctionSpec] | None = None
     function_call: Literal["none", "auto"] | NamedFunction | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -165,7 +191,15 @@ class ChatCompletionRequest(SamplingFields):
         forced = self.forced_function
         if forced is not None and forced not in names:
             raise ValueError(f"the chosen function {forced!r} is not among the given ones")
+        if self.response_format and self.response_format.structured and self.calls_allowed and not self.call_required:
+            raise ValueError("a JSON response_format cannot be combined with tool_choice 'auto': use 'none', "
+                             "'required' or a named function")
         return self
+
+    @property
+    def effective_choice(self) -> Any:
+        """``tool_choice`` for tools, ``function_call`` for legacy functions."""
+        return self.tool_choice if self.tools else self.function_call
 
     @property
     def function_specs(self) -> list[FunctionSpec]:
@@ -177,13 +211,18 @@ class ChatCompletionRequest(SamplingFields):
 
     @property
     def calls_allowed(self) -> bool:
-        choice = self.tool_choice if self.tools else self.function_call
-        return bool(self.function_specs) and choice != "none"
+        return bool(self.function_specs) and self.effective_choice != "none"
+
+    @property
+    def call_required(self) -> bool:
+        """The reply must be a call: tool_choice "required" or a named function."""
+        choice = self.effective_choice
+        return self.calls_allowed and (choice == "required" or isinstance(choice, NamedToolChoice | NamedFunction))
 
     @property
     def forced_function(self) -> str | None:
         """The function the reply must call: a named choice, or the only tool under "required"."""
-        choice = self.tool_choice if self.tools else self.function_call
+        choice = self.effective_choice
         if isinstance(choice, NamedToolChoice):
             return choice.function.name
         if isinstance(choice, NamedFunction):

@@ -39,16 +39,18 @@ def plain_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
 
 @dataclass
 class ToolPlan:
-    """How one request uses functions: those in the prompt, the one it must call, and the answer's shape."""
+    """How one request uses functions: those in the prompt, whether it must call one (and which), and the
+    answer's shape."""
 
     tools: list[Tool]
+    required: bool
     forced: str | None
     legacy: bool
     stop_strings: tuple[str, ...] = STOP_STRINGS
 
     @property
     def prefix(self) -> str:
-        return forced_call_prefix(self.forced) if self.forced else ""
+        return forced_call_prefix(self.forced) if self.required else ""
 
     @staticmethod
     def of(request: ChatCompletionRequest) -> ToolPlan | None:
@@ -62,7 +64,7 @@ class ToolPlan:
                 tools = [Tool.from_function(spec.model_dump()) for spec in request.function_specs]
             except ReactError as exc:
                 raise APIError(400, str(exc), param="tools") from exc
-        return ToolPlan(tools, request.forced_function, request.legacy_functions)
+        return ToolPlan(tools, request.call_required, request.forced_function, request.legacy_functions)
 
     def messages(self, messages: list[ChatMessageIn]) -> tuple[list[ChatMessage], bool]:
         """The conversation as ReAct turns, and whether the last assistant turn is left open."""
@@ -76,7 +78,7 @@ class ToolPlan:
             turns, open_last = react_messages(inputs, self.tools)
         except ReactError as exc:
             raise APIError(400, str(exc), param="messages") from exc
-        if self.forced:
+        if self.required:
             if open_last:
                 last = turns[-1].content.removesuffix("Thought:").rstrip("\n")
                 turns[-1] = ChatMessage("assistant", f"{last}\n{self.prefix}")

@@ -194,9 +194,13 @@ class ReplyDelta:
     arguments: str = ""
 
 
-def forced_call_prefix(name: str) -> str:
-    """The start of a reply that calls ``name``: put in the prompt, it leaves the model only the arguments."""
-    return f"Thought: \nAction: {name}\nAction Input:"
+CALL_PREFIX = "Thought: \nAction:"
+
+
+def forced_call_prefix(name: str | None) -> str:
+    """The start of a reply that calls ``name`` (None: some function). Put in the prompt, it leaves the model only
+    the arguments (and the name)."""
+    return f"{CALL_PREFIX} {name}\nAction Input:" if name else CALL_PREFIX
 
 
 class ReplyStreamParser:

@@ -24,6 +24,7 @@ from server.protocol import (
 )
 from server.routes.deps import ready_service, until_disconnected
 from server.streaming import prepend, sse_response
+from server.structured import check_tool_schemas, reply_grammar
 from server.tools import StreamedReply, ToolPlan, plain_messages
 from server.usage import UsageTracker
 
@@ -34,6 +35,9 @@ router = APIRouter()
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = ready_service(request, body.model)
     plan = ToolPlan.of(body)
+    if plan is not None:
+        check_tool_schemas(plan)
+    grammar = await service.compile_grammar(reply_grammar(body, plan))
     if plan is None:
         prompt_ids = service.chat_prompt_ids(plain_messages(body.messages),
                                              add_generation_prompt=body.add_generation_prompt)
@@ -44,7 +48,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                              continue_final_message=open_last)
         stops = [*body.stop, *plan.stop_strings]
     top = (body.top_logprobs or 0) if body.logprobs else None
-    params = service.sampling_params(body, len(prompt_ids), chat=True, logprobs=top)
+    params = service.sampling_params(body, len(prompt_ids), chat=True, logprobs=top, grammar=grammar)
     generation = Generation(request.state.request_id, prompt_ids, params, stops, body.n)
     tracker = UsageTracker(state_of(request).metrics, len(prompt_ids), body.n)
     if body.stream:
