@@ -28,8 +28,10 @@ class Grammar:
     compiled: xgr.CompiledGrammar
 
     def matcher(self, stop_ids: Iterable[int]) -> xgr.GrammarMatcher:
-        """A parse that ends only on one of ``stop_ids`` once the grammar is complete."""
-        return xgr.GrammarMatcher(self.compiled, override_stop_tokens=sorted(stop_ids))
+        """A parse that ends on one of ``stop_ids`` once the grammar is complete (with none: ends there)."""
+        stops = sorted(stop_ids)
+        return xgr.GrammarMatcher(self.compiled, override_stop_tokens=stops or None,
+                                  terminate_without_stop_token=not stops)
 
 
 class GrammarCompiler:

@@ -128,3 +128,11 @@ def test_length_bounded_strings_refuse_raw_control_characters(compiler):
     assert not grammar.matcher([2]).accept_string('{"q": "abcdef')
     matcher = grammar.matcher([2])
     assert matcher.accept_string('{"q": "abcé"}') and matcher.is_completed()
+
+
+def test_without_stop_tokens_a_complete_grammar_ends_the_sequence(compiler, smollm2):  # noqa: F811
+    grammar = compiler.compile(literal_grammar("yes"))
+    engine = engine_over(smollm2)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, grammar=grammar)
+    ((tokens, reason),) = generate(engine, [prompt(smollm2, "Say yes.")], [params])
+    assert smollm2.tokenizer.decode(tokens) == "yes" and reason == "stop"
