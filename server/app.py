@@ -155,3 +155,5 @@ def _load_in_background(state: AppState) -> None:
     except BaseException as exc:
         state.load_error = exc
         log.exception("loading the model failed")
+        if state.on_load_failure is not None:
+            state.on_load_failure()

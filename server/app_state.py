@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import Request
 
 from engine import AsyncEngine
@@ -18,6 +20,7 @@ class AppState:
         self.service: ModelService | None = None
         self.metrics: Metrics | None = None
         self.load_error: BaseException | None = None
+        self.on_load_failure: Callable[[], None] | None = None
         self.draining = False
 
     def attach(self, engine: AsyncEngine) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -20,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qwen-serve", description="OpenAI-compatible inference server for Qwen-family chat models. Every flag "
         "is also a QWEN_SERVE_<FLAG> environment variable and a key of the --config YAML file.")
     parser.add_argument("--version", action="version", version=f"qwen-serve {__version__}")
-    parser.add_argument("--config", help="YAML file with settings (flags and environment win over it)")
+    parser.add_argument("--config", default=os.environ.get("QWEN_SERVE_CONFIG"),
+                        help="YAML file with settings (flags and environment win over it); env QWEN_SERVE_CONFIG")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = field.description or ""
@@ -41,7 +43,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 
 
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT: refuse new work with 503 at once, let running requests finish, then exit 0."""
+    """On SIGTERM/SIGINT: refuse new work with 503 at once, let running requests finish, then exit 0. A model that
+    fails to load stops it too, and the process exits non-zero (a container restarts rather than idles)."""
 
     def handle_exit(self, sig: int, frame) -> None:
         self.config.app.state.qwen.draining = True
@@ -63,7 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     # signal after its graceful shutdown: a drained SIGTERM is a clean exit for us.
     AppStatus.disable_automatic_graceful_drain()
     signal.signal(signal.SIGTERM, lambda *_: None)
-    DrainingServer(config).run()
+    server = DrainingServer(config)
+    state = app.state.qwen
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.load_error is not None:
+        sys.exit(f"qwen-serve: the model failed to load: {state.load_error}")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,13 @@ def resolve_model_path(model: str | None) -> Path:
     if model.count("/") != 1 or model.startswith((".", "/")):
         raise FileNotFoundError(f"model {model!r} is neither a local file or folder nor a hub id")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    return Path(snapshot_download(repo_id=model, allow_patterns=HUB_PATTERNS))
+    try:
+        return Path(snapshot_download(repo_id=model, allow_patterns=HUB_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError) as exc:
+        raise FileNotFoundError(f"model {model!r} is not a local path, not in the hub cache, and could not be "
+                                f"downloaded: {exc}") from exc
 
 
 def load_model(model: str | None, *, dtype: torch.dtype, device: torch.device, use_int4: bool = False,
@@ -69,7 +74,13 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, 
 
 
 def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.device, progress) -> LoadedModel:
-    config = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    raw_config = json.loads((folder / "config.json").read_text())
+    quantization = raw_config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown")
+        raise ValueError(f"{name}: {method} checkpoints are not supported yet; use the full-precision model or a "
+                         f"GGUF file")
+    config = ModelConfig.from_hf(raw_config)
     names = QWEN1_NAMES if config.arch == "qwen" else HF_NAMES
     model = ModelBuilder(config, SafetensorsSource(folder), names, dtype, device).build(progress)
     generation_path = folder / "generation_config.json"
