@@ -82,6 +82,8 @@ class ModelService:
         self.vocab_size = llm.vocab_size
         self.logits_width = llm.model_config.vocab_size
         self.chat_stop_ids = chat_stop_token_ids(self.tokenizer) | self._configured_stop_ids()
+        template = self.tokenizer.chat_template or ""
+        self.native_tools = "tools" in template and "tool_call" in template  # the template renders tools
 
     def _configured_stop_ids(self) -> frozenset[int]:
         words = self.generation_config.get("stop_words_ids") or []
@@ -90,11 +92,13 @@ class ModelService:
     # -- prompts ---------------------------------------------------------------------------------------------
 
     def chat_prompt_ids(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
-                        continue_final_message: bool = False) -> list[int]:
+                        continue_final_message: bool = False,
+                        template_kwargs: dict[str, Any] | None = None) -> list[int]:
         try:
             prompt = build_prompt(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
                                   continue_final_message=continue_final_message,
-                                  max_window_size=self.generation_config.get("max_window_size"))
+                                  max_window_size=self.generation_config.get("max_window_size"),
+                                  template_kwargs=template_kwargs)
         except ChatTemplateError as exc:
             raise APIError(400, f"the chat template refused the conversation: {exc}", param="messages") from exc
         return prompt.token_ids

@@ -2,7 +2,7 @@
 
 A JSON response format constrains the whole reply. A required call has its start pre-filled in the prompt
 (``ToolPlan.prefix``); the grammar then covers the rest: the function's name when the choice is open, and
-arguments valid under that function's parameter schema.
+arguments valid under that function's parameter schema (in the ReAct or the native ``<tool_call>`` format).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from server.errors import APIError
 from server.protocol import ChatCompletionRequest
 from server.tools import ToolPlan
 from tokenizer.react import Tool
+from tokenizer.tool_calls import CLOSE
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 UNSUPPORTED_KEYWORDS = frozenset({"not", "if", "then", "else", "dependentRequired", "dependentSchemas",
@@ -45,10 +46,15 @@ def check_tool_schemas(plan: ToolPlan) -> None:
 
 
 def _call_grammar(plan: ToolPlan) -> xgr.Grammar:
-    if plan.forced is not None:
-        return xgr.Grammar.concat(literal_grammar(" "), _arguments(_tool(plan, plan.forced)))
+    tools = [_tool(plan, plan.forced)] if plan.forced is not None else plan.tools
+    if plan.native:  # after the pre-filled "<tool_call>\n": one call object, then the block closes
+        return xgr.Grammar.union(*[xgr.Grammar.concat(
+            literal_grammar(f'{{"name": {json.dumps(tool.name, ensure_ascii=False)}, "arguments": '),
+            _arguments(tool), literal_grammar(f"}}\n{CLOSE}")) for tool in tools])
+    if plan.forced is not None:  # after "Action: name\nAction Input:"
+        return xgr.Grammar.concat(literal_grammar(" "), _arguments(tools[0]))
     return xgr.Grammar.union(*[
-        xgr.Grammar.concat(literal_grammar(f" {tool.name}\nAction Input: "), _arguments(tool)) for tool in plan.tools
+        xgr.Grammar.concat(literal_grammar(f" {tool.name}\nAction Input: "), _arguments(tool)) for tool in tools
     ])
 
 

@@ -34,9 +34,10 @@ router = APIRouter()
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = ready_service(request, body.model)
-    plan = ToolPlan.of(body)
+    plan = ToolPlan.of(body, native=service.native_tools)
     if plan is not None:
         check_tool_schemas(plan)
+        plan.check_no_control_tokens(service.tokenizer, body.messages)
     grammar = await service.compile_grammar(reply_grammar(body, plan))
     if plan is None:
         prompt_ids = service.chat_prompt_ids(plain_messages(body.messages),
@@ -45,7 +46,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     else:
         turns, open_last = plan.messages(body.messages)
         prompt_ids = service.chat_prompt_ids(turns, add_generation_prompt=not open_last,
-                                             continue_final_message=open_last)
+                                             continue_final_message=open_last, template_kwargs=plan.template_kwargs)
         stops = [*body.stop, *plan.stop_strings]
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = service.sampling_params(body, len(prompt_ids), chat=True, logprobs=top, grammar=grammar)

@@ -1,0 +1,127 @@
+"""Native tool calls: the ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks that chat templates
+of the Qwen2 family teach their models, read from a reply whole or as it streams (several calls per reply).
+
+The content is the text outside the blocks, white space at either end trimmed. A block cut off by the length
+limit still counts as a call when its name is legible (its arguments are then the partial text).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from tokenizer.react import FunctionCall
+
+OPEN = "<tool_call>"
+CLOSE = "</tool_call>"
+_PARTIAL_NAME = re.compile(r'^\s*\{\s*"name"\s*:\s*"([^"]+)"\s*,\s*"arguments"\s*:\s*(.*)$', re.DOTALL)
+
+
+@dataclass(frozen=True)
+class NativeReply:
+    content: str
+    calls: tuple[FunctionCall, ...]
+
+
+@dataclass(frozen=True)
+class CallDelta:
+    """A piece of a streamed reply: content text, or one whole call (``index`` counts calls from 0)."""
+
+    content: str = ""
+    call: FunctionCall | None = None
+    index: int = 0
+
+
+def parse_tool_calls(text: str) -> NativeReply:
+    """Content and calls of a whole reply."""
+    parser = ToolCallStreamParser()
+    pieces = [*parser.feed(text), *parser.finish()]
+    return NativeReply("".join(p.content for p in pieces), tuple(p.call for p in pieces if p.call is not None))
+
+
+def read_block(body: str, complete: bool) -> FunctionCall | None:
+    """The call in one block's text, or None when it is not one (``complete``: the block was closed)."""
+    if complete:
+        try:
+            value = json.loads(body)
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get("name"), str) and value["name"]:
+            arguments = value.get("arguments", {})
+            text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+            return FunctionCall(value["name"], text)
+        return None
+    match = _PARTIAL_NAME.match(body)
+    return FunctionCall(match.group(1), match.group(2).strip()) if match else None
+
+
+class ToolCallStreamParser:
+    """Reads a reply as it streams; the pieces reassemble to ``parse_tool_calls`` of the whole text.
+
+    Content streams as it comes, except text that may be the start of ``<tool_call>`` and trailing white space,
+    held until what follows shows what they are. A block is emitted as one call once it closes. ``prefix``:
+    reply text already in the prompt (a forced call's opening).
+    """
+
+    def __init__(self, prefix: str = "") -> None:
+        self._buffer = prefix
+        self._in_call = False
+        self._started = False
+        self._held_space = ""
+        self._calls = 0
+
+    def feed(self, delta: str) -> list[CallDelta]:
+        self._buffer += delta
+        out: list[CallDelta] = []
+        while True:
+            if self._in_call:
+                end = self._buffer.find(CLOSE)
+                if end < 0:
+                    return out
+                out += self._block(self._buffer[:end], complete=True)
+                self._buffer = self._buffer[end + len(CLOSE) :]
+                self._in_call = False
+                continue
+            start = self._buffer.find(OPEN)
+            if start < 0:
+                keep = _partial_suffix(self._buffer, OPEN)
+                out += self._content(self._buffer[: len(self._buffer) - keep])
+                self._buffer = self._buffer[len(self._buffer) - keep :]
+                return out
+            out += self._content(self._buffer[:start])
+            self._buffer = self._buffer[start + len(OPEN) :]
+            self._in_call = True
+
+    def finish(self) -> list[CallDelta]:
+        text, self._buffer = self._buffer, ""
+        if self._in_call:
+            return self._block(text, complete=False)
+        return self._content(text)
+
+    def _block(self, body: str, complete: bool) -> list[CallDelta]:
+        call = read_block(body, complete)
+        if call is None:  # not a call after all: its text stays content
+            return self._content(OPEN + body + (CLOSE if complete else ""))
+        self._calls += 1
+        return [CallDelta(call=call, index=self._calls - 1)]
+
+    def _content(self, text: str) -> list[CallDelta]:
+        if not self._started:
+            text = text.lstrip()
+            self._started = bool(text)
+        stripped = text.rstrip()
+        if not stripped:
+            self._held_space += text
+            return []
+        piece = self._held_space + stripped
+        self._held_space = text[len(stripped) :]
+        return [CallDelta(content=piece)]
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest end of ``text`` that is a proper start of ``marker``."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:size]):
+            return size
+    return 0
