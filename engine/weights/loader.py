@@ -11,10 +11,18 @@ import torch
 
 from engine.config import ModelConfig
 from engine.model import DecoderModel
+from engine.quant import QuantizedSource, QuantScheme
 from engine.weights.builder import ModelBuilder
 from engine.weights.embedded import SMOLLM2_GGUF, asset_path
 from engine.weights.gguf_tensors import GGUFTensors
-from engine.weights.sources import GGUF_NAMES, HF_NAMES, QWEN1_NAMES, GGUFSource, SafetensorsSource
+from engine.weights.sources import (
+    GGUF_NAMES,
+    HF_NAMES,
+    QWEN1_NAMES,
+    GGUFSource,
+    SafetensorsSource,
+    WeightSource,
+)
 from tokenizer import HFTokenizer, QwenTokenizer, Tokenizer
 from tokenizer.gguf_metadata import gguf_metadata
 
@@ -75,14 +83,18 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, 
 
 def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.device, progress) -> LoadedModel:
     raw_config = json.loads((folder / "config.json").read_text())
-    quantization = raw_config.get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method", "unknown")
-        raise ValueError(f"{name}: {method} checkpoints are not supported yet; use the full-precision model or a "
-                         f"GGUF file")
     config = ModelConfig.from_hf(raw_config)
     names = QWEN1_NAMES if config.arch == "qwen" else HF_NAMES
-    model = ModelBuilder(config, SafetensorsSource(folder), names, dtype, device).build(progress)
+    scheme = None
+    if raw_config.get("quantization_config"):
+        try:
+            scheme = QuantScheme.from_config(raw_config["quantization_config"])
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from exc
+    source: WeightSource = SafetensorsSource(folder)
+    if scheme is not None:
+        source = QuantizedSource(source, scheme)
+    model = ModelBuilder(config, source, names, dtype, device).build(progress)
     generation_path = folder / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
     return LoadedModel(name, folder, config, model, load_folder_tokenizer(folder), generation)

@@ -5,17 +5,14 @@ model is a clear error and a non-zero exit."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from engine.weights.loader import load_model
 from server.cli import build_parser, parse_settings
 from server.settings import Settings, load_settings
 from tests.integration.conftest import free_port
@@ -56,12 +53,3 @@ def test_gpu_configs_start_up_to_model_resolution(config, tmp_path):
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("qwen-serve: the model failed to load:") and repr(model) in message
     assert "hub cache" in message or "neither a local file or folder" in message
-
-
-def test_quantized_checkpoints_are_refused_clearly(tmp_path):
-    folder = tmp_path / "Qwen-7B-Chat-Int4"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "qwen", "quantization_config": {
-        "quant_method": "gptq", "bits": 4, "group_size": 128}}))
-    with pytest.raises(ValueError, match="gptq checkpoints are not supported yet"):
-        load_model(str(folder), dtype=torch.float16, device=torch.device("cpu"))
