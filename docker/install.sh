@@ -10,7 +10,8 @@ src=$2
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --upgrade "pip==26.3"
 if [ -n "${TORCH_INDEX_URL:-}" ]; then
-    "$venv/bin/pip" install --quiet --index-url "$TORCH_INDEX_URL" "torch==2.13.0"
+    # torch alone from there; its dependencies come with the project from the default index
+    "$venv/bin/pip" install --quiet --no-deps --index-url "$TORCH_INDEX_URL" "torch==2.13.0"
 fi
 "$venv/bin/pip" install --quiet --constraint "$src/docker/requirements.lock" "$src"
 if [ "${WITH_FLASH_ATTN:-0}" = 1 ]; then
