@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.quant.scheme import QuantScheme
+from engine.weights.int4 import Int4Weight
 
 # AutoAWQ packs output column 8c + ORDER[k] into nibble k of word c; column 8c + j sits in nibble REVERSE[j].
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
@@ -20,30 +21,41 @@ def unpack(words: torch.Tensor, bits: int, along: int) -> torch.Tensor:
     return fields.reshape(rows, cols * per_word)
 
 
-def dequantize_gptq(parts: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
-    """``W[o, i] = scales[g, o] * (q[i, o] - zero[g, o])`` with ``g = g_idx[i]`` (act-order: as stored)."""
-    codes = unpack(parts["qweight"], scheme.bits, along=0)  # [in, out]
-    zeros = unpack(parts["qzeros"], scheme.bits, along=1)[:, : codes.shape[1]] + scheme.zero_offset  # [groups, out]
-    groups = parts.get("g_idx")
-    if groups is None:
-        groups = torch.arange(codes.shape[0]) // scheme.group_size
-    groups = groups.long()
-    scales = parts["scales"].float()
-    return (scales[groups] * (codes - zeros[groups]).float()).T.contiguous()
+def codes_zeros_groups(parts: dict[str, torch.Tensor], scheme: QuantScheme
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [in, out], zero points [groups, out] and the group of every input row, of either format."""
+    if scheme.method == "gptq":
+        codes = unpack(parts["qweight"], scheme.bits, along=0)
+        zeros = unpack(parts["qzeros"], scheme.bits, along=1)[:, : codes.shape[1]] + scheme.zero_offset
+        groups = parts.get("g_idx")
+        if groups is None:
+            groups = torch.arange(codes.shape[0]) // scheme.group_size
+        return codes, zeros, groups.long()
+    codes, zeros = _awq_columns(parts["qweight"]), _awq_columns(parts["qzeros"])
+    return codes, zeros, torch.arange(codes.shape[0]) // scheme.group_size
 
 
-def dequantize_awq(parts: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
-    """``W[o, i] = (q[i, o] - zero[i // group, o]) * scales[i // group, o]``, columns de-interleaved."""
-
-    def columns(words: torch.Tensor) -> torch.Tensor:
-        fields = unpack(words, 4, along=1)
-        rows = fields.shape[0]
-        return fields.view(rows, -1, 8)[:, :, AWQ_REVERSE_ORDER].reshape(rows, -1)
-
-    codes, zeros = columns(parts["qweight"]), columns(parts["qzeros"])
-    groups = torch.arange(codes.shape[0]) // scheme.group_size
-    return ((codes - zeros[groups]).float() * parts["scales"].float()[groups]).T.contiguous()
+def _awq_columns(words: torch.Tensor) -> torch.Tensor:
+    fields = unpack(words, 4, along=1)
+    rows = fields.shape[0]
+    return fields.view(rows, -1, 8)[:, :, AWQ_REVERSE_ORDER].reshape(rows, -1)
 
 
 def dequantize(parts: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
-    return dequantize_gptq(parts, scheme) if scheme.method == "gptq" else dequantize_awq(parts, scheme)
+    """``W[o, i] = scales[g, o] * (q[i, o] - zero[g, o])`` with ``g`` the group of input row ``i`` (GPTQ
+    act-order: ``g_idx`` as stored; AWQ: columns de-interleaved)."""
+    codes, zeros, groups = codes_zeros_groups(parts, scheme)
+    return (parts["scales"].float()[groups] * (codes - zeros[groups]).float()).T.contiguous()
+
+
+def as_int4(parts: dict[str, torch.Tensor], scheme: QuantScheme) -> Int4Weight | None:
+    """The same weight as ``Int4Weight`` (w = q * scale + zero per contiguous group of inputs), or None when it
+    is not 4-bit or its groups are not contiguous (GPTQ act-order)."""
+    if scheme.bits != 4:
+        return None
+    codes, zeros, groups = codes_zeros_groups(parts, scheme)
+    if not torch.equal(groups, torch.arange(codes.shape[0]) // scheme.group_size):
+        return None
+    scales = parts["scales"].float()
+    return Int4Weight(codes.T.to(torch.uint8).contiguous(), scales.T.contiguous(),
+                      (-zeros.float() * scales).T.contiguous(), scheme.group_size)

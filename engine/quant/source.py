@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.quant.dequant import dequantize
+from engine.quant.dequant import as_int4, dequantize
 from engine.quant.scheme import QuantScheme
 from engine.weights.int4 import Int4Weight
 from engine.weights.sources import SafetensorsSource
@@ -14,7 +14,8 @@ PACKED = ("qweight", "qzeros", "scales", "g_idx")
 
 class QuantizedSource:
     """``X.weight`` of a quantized linear is dequantized from ``X.qweight``/``qzeros``/``scales``/``g_idx`` when
-    asked for (one layer at a time, so no second full copy exists); every other tensor is read as stored."""
+    asked for (one layer at a time, so no second full copy exists), or handed over still 4-bit (``int4``) for the
+    packed CPU kernel; every other tensor is read as stored."""
 
     def __init__(self, inner: SafetensorsSource, scheme: QuantScheme) -> None:
         self.inner, self.scheme = inner, scheme
@@ -26,12 +27,14 @@ class QuantizedSource:
     def __contains__(self, name: str) -> bool:
         return name in self.inner or self._packed_prefix(name) is not None
 
+    def _parts(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {part: self.inner.dense(f"{prefix}.{part}") for part in PACKED if f"{prefix}.{part}" in self.inner}
+
     def dense(self, name: str) -> torch.Tensor:
         prefix = self._packed_prefix(name)
-        if prefix is None:
-            return self.inner.dense(name)
-        parts = {part: self.inner.dense(f"{prefix}.{part}") for part in PACKED if f"{prefix}.{part}" in self.inner}
-        return dequantize(parts, self.scheme)
+        return self.inner.dense(name) if prefix is None else dequantize(self._parts(prefix), self.scheme)
 
     def int4(self, name: str) -> Int4Weight | None:
-        return None
+        """4-bit weights with contiguous groups, for the packed int4 CPU kernel."""
+        prefix = self._packed_prefix(name)
+        return None if prefix is None else as_int4(self._parts(prefix), self.scheme)

@@ -67,7 +67,7 @@ def load_model(model: str | None, *, dtype: torch.dtype, device: torch.device, u
     name = model or SMOLLM2_GGUF.filename.removesuffix(".gguf")
     if path.suffix == ".gguf":
         return _load_gguf(name, path, dtype, device, use_int4, progress)
-    return _load_folder(name, path, dtype, device, progress)
+    return _load_folder(name, path, dtype, device, use_int4, progress)
 
 
 def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, use_int4: bool,
@@ -81,7 +81,8 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, 
     return LoadedModel(name, path, config, builder.build(progress), tokenizer)
 
 
-def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.device, progress) -> LoadedModel:
+def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.device, use_int4: bool,
+                 progress) -> LoadedModel:
     raw_config = json.loads((folder / "config.json").read_text())
     config = ModelConfig.from_hf(raw_config)
     names = QWEN1_NAMES if config.arch == "qwen" else HF_NAMES
@@ -94,7 +95,7 @@ def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.devi
     source: WeightSource = SafetensorsSource(folder)
     if scheme is not None:
         source = QuantizedSource(source, scheme)
-    model = ModelBuilder(config, source, names, dtype, device).build(progress)
+    model = ModelBuilder(config, source, names, dtype, device, use_int4=use_int4).build(progress)
     generation_path = folder / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
     return LoadedModel(name, folder, config, model, load_folder_tokenizer(folder), generation)

@@ -78,3 +78,22 @@ def test_unsupported_schemes_are_refused_clearly(tmp_path, config, fragment):
     (folder / "config.json").write_text(json.dumps({**base, "quantization_config": config}))
     with pytest.raises(ValueError, match=fragment):
         load_model(str(folder), dtype=torch.float32, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name,packed,down_packed", [
+    ("gptq-4bit-g128", True, True), ("awq-4bit-g128-gemm", True, True),
+    ("gptq-4bit-g128-actorder", True, False),  # down_proj's 3 groups are permuted; one-group layers are not
+    ("gptq-8bit-g128", False, False)])
+def test_bf16_cpu_keeps_contiguous_4bit_weights_packed(name, packed, down_packed):
+    """4-bit weights with contiguous groups stay 4-bit on the int4 CPU kernel (permuted groups and 8-bit: dense);
+    the logits stay within bf16 tolerance of the fp32 reference (the source README's 0.25, with margin)."""
+    from engine.layers import Int4Linear
+
+    loaded = load_model(str(QUANT / name), dtype=torch.bfloat16, device=torch.device("cpu"), use_int4=True)
+    assert any(isinstance(m, Int4Linear) for m in loaded.model.modules()) == packed
+    assert all(isinstance(layer.mlp.down, Int4Linear) == down_packed for layer in loaded.model.layers)
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=8 << 20))
+    ref = reference(name)
+    for k in range(3):
+        logits = engine.prompt_logits(ref[f"prompt.{k}"].tolist())
+        assert (logits - ref[f"logits.{k}"]).abs().max() < 0.3
