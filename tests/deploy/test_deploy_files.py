@@ -134,3 +134,14 @@ def test_install_script_is_valid_sh():
     shell = shutil.which("sh")
     result = subprocess.run([shell, "-n", str(ROOT / "docker" / "install.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_grafana_is_provisioned_with_the_dashboard():
+    spec = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    mounts = spec["services"]["grafana"]["volumes"]
+    for mount in mounts:
+        assert (ROOT / "docker" / mount.split(":")[0]).is_dir(), mount
+    source = yaml.safe_load((ROOT / "docker/grafana/provisioning/datasources/prometheus.yaml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((ROOT / "docker/grafana/provisioning/dashboards/qwen-serve.yaml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"

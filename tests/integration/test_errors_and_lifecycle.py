@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -183,3 +186,16 @@ def test_tokenize_detokenize_version_docs(smol_server):
     assert_error(httpx.post(url + "/tokenize", json={"prompt": "a", "messages": HELLO}), 400)
     assert httpx.get(url + "/version").json()["version"]
     assert httpx.get(url + "/docs").status_code == 200
+
+
+def test_every_metric_on_the_grafana_dashboard_is_exported(smol_server):
+    """The dashboard's queries name series the server really exports (checked after some traffic)."""
+    httpx.post(f"{smol_server.base}/chat/completions", timeout=60, json={
+        "model": SMOL_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+    exported = {line.split("{")[0].split(" ")[0] for line in httpx.get(f"{smol_server.url}/metrics").text.splitlines()
+                if line and not line.startswith("#")}
+    dashboard = json.loads((Path(__file__).parents[2] / "docker/grafana/dashboards/qwen-serve.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"vllm:[a-z0-9_]+", target["expr"])}
+    assert len(queried) >= 8
+    assert queried <= exported, queried - exported
