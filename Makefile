@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 assets: install
-	$(PY) -m engine.weights.embedded
+	$(VENV)/bin/qwen-serve-assets
 
 test: install assets
 	$(PY) -m pytest -q

