@@ -3,7 +3,12 @@
 Prints tokens/s for: HF ``generate`` one request at a time (the seed's way), HF left-padded batch of 16, our
 engine with one request at a time, our engine with 16 concurrent requests; then the ratios.
 
+``--shape qwen-7b`` (with ``--device cuda``) instead builds random weights with Qwen-7B-Chat's shapes on the
+device and reports batch-1 decode tok/s against the memory-bandwidth bound (weight bytes per token over the
+device's measured copy bandwidth) and the aggregate tok/s of 64 concurrent requests.
+
 Usage: python bench/engine_speed.py [--new-tokens 64] [--dtype auto|float32|bfloat16]
+       python bench/engine_speed.py --device cuda --shape qwen-7b [--concurrency 64] [--layers N]
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine import EngineConfig, LLMEngine, SamplingParams
+from engine import EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from engine.weights.embedded import SMOLLM2_GGUF, asset_path
 from tokenizer import ChatMessage, build_prompt
 
@@ -46,14 +51,67 @@ def our_rate(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, concu
     return len(prompts) * new_tokens / (time.perf_counter() - start)
 
 
+def copy_bandwidth(device: torch.device, size: int = 1 << 30) -> float:
+    """Bytes per second the device moves in a large copy (read + write)."""
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * 10 * size / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def shape_report(args: argparse.Namespace) -> None:
+    """Qwen-7B-Chat shapes with random weights: batch-1 decode against the bandwidth bound, and concurrency."""
+    from random_model import random_qwen_7b
+
+    from engine.device import select_device, select_dtype
+
+    device = select_device(args.device)
+    dtype = select_dtype(None if args.dtype == "auto" else args.dtype, device)
+    loaded = random_qwen_7b(device, dtype, args.layers)
+    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    engine = LLMEngine(loaded, EngineConfig(max_model_len=2048,
+                                            scheduler=SchedulerConfig(max_num_seqs=max(args.concurrency, 1))))
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 150000, (128,), generator=generator).tolist() for _ in range(args.concurrency)]
+    n = args.new_tokens
+    our_rate(engine, prompts[:1], 4, concurrent=True)  # warm-up
+    prefill_and_one = our_rate(engine, prompts[:1], 1, concurrent=True)
+    single = our_rate(engine, prompts[:1], n, concurrent=True)
+    decode_rate = (n - 1) / (n / single - 1 / prefill_and_one)  # tokens after the first, per second
+    bound = copy_bandwidth(device) / weight_bytes
+    aggregate = our_rate(engine, prompts, n, concurrent=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"Qwen-7B-Chat shapes ({loaded.config.num_layers} layers, random weights), {dtype}, {name}; "
+          f"{weight_bytes / 1e9:.1f} GB of weights, {n} new tokens per request")
+    print(f"batch-1 decode: {decode_rate:7.1f} tok/s; bandwidth bound {bound:7.1f} tok/s "
+          f"({decode_rate / bound:.0%} of it)")
+    print(f"{args.concurrency} concurrent requests: {aggregate:7.1f} tok/s aggregate")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--sequential-requests", type=int, default=3)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shape", choices=["smollm2", "qwen-7b"], default="smollm2")
+    parser.add_argument("--concurrency", type=int, default=64, help="requests at once (--shape qwen-7b)")
+    parser.add_argument("--layers", type=int, help="fewer layers, for a quick run (--shape qwen-7b)")
     args = parser.parse_args()
+    if args.shape == "qwen-7b":
+        return shape_report(args)
     path = asset_path(SMOLLM2_GGUF)
-    engine = LLMEngine.from_model(str(path), dtype=args.dtype, device="cpu",
+    engine = LLMEngine.from_model(str(path), dtype=args.dtype, device=args.device,
                                   config=EngineConfig(max_model_len=1024, kv_cache_memory=256 << 20))
     prompts = [build_prompt(engine.tokenizer, [ChatMessage("user", f"Write a long story about {t}.")]).token_ids
                for t in TOPICS]
