@@ -1,0 +1,58 @@
+"""The reference checks on CUDA (skipped without a GPU). Tolerances: fp32 with TF32 off, logits within 1e-3 of the
+CPU-recorded oracles (different summation orders); bf16, logits within 0.3 (an 8-bit mantissa on logits of
+magnitude ~10) and greedy tokens compared only where fp32 is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from engine.weights.loader import load_model
+from tests.conftest import load_fixture
+from tests.unit.engine.conftest import QWEN1_MODEL
+from tests.unit.engine.test_quantized import CHECKPOINTS, QUANT, reference
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+CASES = load_fixture("qwen1/cases.json")["cases"]
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def llm(request) -> LLM:
+    return LLM(str(QWEN1_MODEL), dtype=request.param, device="cuda")
+
+
+def test_qwen1_logits_on_cuda(llm, qwen1_logits):
+    atol = 1e-3 if llm.engine.dtype == torch.float32 else 0.3
+    for case in CASES:
+        logits = llm.engine.prompt_logits(case["prompt_ids"]).cpu()
+        torch.testing.assert_close(logits, qwen1_logits[case["prompt_logits_key"]], atol=atol, rtol=1e-3)
+
+
+def test_qwen1_greedy_and_batch_rows_on_cuda(llm):
+    if llm.engine.dtype != torch.float32:
+        pytest.skip("greedy tokens are compared in fp32")
+    prompts = [c["prompt_ids"] for c in CASES]
+    together = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    assert together == [c["new_ids"] for c in CASES]
+    assert together == [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_quantized_checkpoints_on_cuda(name):
+    loaded = load_model(str(QUANT / name), dtype=torch.float32, device=torch.device("cuda"))
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=64 << 20))
+    ref = reference(name)
+    for k in range(3):
+        logits = engine.prompt_logits(ref[f"prompt.{k}"].tolist()).cpu()
+        torch.testing.assert_close(logits, ref[f"logits.{k}"], atol=1e-3, rtol=1e-3)
