@@ -176,6 +176,7 @@ class ChatCompletionRequest(SamplingFields):
     functions: list[FunctionSpec] | None = None
     function_call: Literal["none", "auto"] | NamedFunction | None = None
     response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:

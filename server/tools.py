@@ -53,6 +53,7 @@ class ToolPlan:
     forced: str | None
     legacy: bool
     native: bool = False
+    single_call: bool = False
 
     @property
     def prefix(self) -> str:
@@ -86,7 +87,8 @@ class ToolPlan:
                 tools = [Tool.from_function(spec.model_dump()) for spec in request.function_specs]
             except ReactError as exc:
                 raise APIError(400, str(exc), param="tools") from exc
-        return ToolPlan(tools, request.call_required, request.forced_function, request.legacy_functions, native)
+        return ToolPlan(tools, request.call_required, request.forced_function, request.legacy_functions, native,
+                        single_call=request.legacy_functions or not request.parallel_tool_calls)
 
     def check_no_control_tokens(self, tokenizer: Tokenizer, messages: list[ChatMessageIn]) -> None:
         """A chat template renders tools and calls as its own text, where a special token's surface form would
@@ -138,7 +140,7 @@ class ToolPlan:
             content, calls = reply.content, [reply.call] if reply.call else []
         if not calls:
             return ChatMessageOut(content=content), finish_reason
-        outs = [FunctionCallOut(name=c.name, arguments=c.arguments) for c in calls]
+        outs = [FunctionCallOut(name=c.name, arguments=c.arguments) for c in calls[: 1 if self.single_call else None]]
         if self.legacy:
             out = ChatMessageOut(content=content or None, function_call=outs[0])
         else:
@@ -208,7 +210,7 @@ class StreamedReply:
             if isinstance(piece, CallDelta):
                 if piece.call is None:
                     out.append(ChatDelta(content=piece.content))
-                elif not (self.plan.legacy and self.called):  # a legacy reply carries one call
+                elif not (self.plan.single_call and self.called):  # legacy, or parallel_tool_calls false
                     out.append(self._header(piece.call.name, piece.index))
                     out.append(self._arguments(piece.call.arguments, piece.index))
             else:

@@ -119,6 +119,18 @@ def test_several_calls_in_one_reply_whole_and_streamed(qwen2_server):
     assert "".join(d.content or "" for d in deltas + closing) == "Checking both."
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call(qwen2_server):
+    plan = ToolPlan.of(request(messages=ask("hi"), tools=[WEATHER], parallel_tool_calls=False), native=True)
+    text = ('<tool_call>\n{"name": "answer_weather", "arguments": {"location": "Oslo"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "answer_weather", "arguments": {"location": "Rome"}}\n</tool_call>')
+    message, _ = plan.message(text, "stop")
+    assert [json.loads(c.function.arguments) for c in message.tool_calls] == [{"location": "Oslo"}]
+    streamed = StreamedReply(plan)
+    deltas = streamed.feed(text) + streamed.finish("stop")[0]
+    assert {piece.index for d in deltas for piece in d.tool_calls or []} == {0}
+    assert "Rome" not in "".join(p.function.arguments or "" for d in deltas for p in d.tool_calls or [])
+
+
 @pytest.mark.parametrize("choice", ["required", "named"])
 def test_required_and_named_calls_validate_streamed_or_not(qwen2_server, choice):
     requests = []
