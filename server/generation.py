@@ -128,8 +128,8 @@ class ModelService:
 
     # -- sampling --------------------------------------------------------------------------------------------
 
-    def sampling_params(self, request: SamplingFields, prompt_len: int, *, chat: bool, logprobs: int | None,
-                        grammar: Grammar | None = None) -> SamplingParams:
+    def sampling_params(self, request: SamplingFields, prompt_len: int, *, chat: bool,
+                        logprobs: int | None) -> SamplingParams:
         """Request values, else the model's generation_config, else neutral; validated against the context."""
         room = self.max_model_len - prompt_len
         if room <= 0:
@@ -164,7 +164,6 @@ class ModelService:
             frequency_penalty=request.frequency_penalty or 0.0,
             logit_bias=bias,
             logprobs=logprobs,
-            grammar=grammar,
         )
 
     # -- generation ------------------------------------------------------------------------------------------

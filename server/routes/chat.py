@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -35,21 +36,22 @@ router = APIRouter()
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = ready_service(request, body.model)
     plan = ToolPlan.of(body, native=service.native_tools)
-    if plan is not None:
-        check_tool_schemas(plan)
-        plan.check_no_control_tokens(service.tokenizer, body.messages)
-    grammar = await service.compile_grammar(reply_grammar(body, plan))
     if plan is None:
         prompt_ids = service.chat_prompt_ids(plain_messages(body.messages),
                                              add_generation_prompt=body.add_generation_prompt)
         stops = body.stop
     else:
+        check_tool_schemas(plan)
+        plan.check_no_control_tokens(service.tokenizer, body.messages)
         turns, open_last = plan.messages(body.messages)
         prompt_ids = service.chat_prompt_ids(turns, add_generation_prompt=not open_last,
                                              continue_final_message=open_last, template_kwargs=plan.template_kwargs)
         stops = [*body.stop, *plan.stop_strings]
     top = (body.top_logprobs or 0) if body.logprobs else None
-    params = service.sampling_params(body, len(prompt_ids), chat=True, logprobs=top, grammar=grammar)
+    params = service.sampling_params(body, len(prompt_ids), chat=True, logprobs=top)
+    grammar = await service.compile_grammar(reply_grammar(body, plan))  # after every cheaper check
+    if grammar is not None:
+        params = dataclasses.replace(params, grammar=grammar)
     generation = Generation(request.state.request_id, prompt_ids, params, stops, body.n)
     tracker = UsageTracker(state_of(request).metrics, len(prompt_ids), body.n)
     if body.stream:
