@@ -48,14 +48,14 @@ def dequantize(parts: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Ten
     return (parts["scales"].float()[groups] * (codes - zeros[groups]).float()).T.contiguous()
 
 
-def as_int4(parts: dict[str, torch.Tensor], scheme: QuantScheme) -> Int4Weight | None:
-    """The same weight as ``Int4Weight`` (w = q * scale + zero per contiguous group of inputs), or None when it
-    is not 4-bit or its groups are not contiguous (GPTQ act-order)."""
-    if scheme.bits != 4:
-        return None
-    codes, zeros, groups = codes_zeros_groups(parts, scheme)
-    if not torch.equal(groups, torch.arange(codes.shape[0]) // scheme.group_size):
-        return None
+def groups_are_contiguous(g_idx: torch.Tensor | None, group_size: int) -> bool:
+    """Whether input row i lies in group i // group_size (always so without ``g_idx``; not under act-order)."""
+    return g_idx is None or torch.equal(g_idx.long(), torch.arange(len(g_idx)) // group_size)
+
+
+def as_int4(parts: dict[str, torch.Tensor], scheme: QuantScheme) -> Int4Weight:
+    """A 4-bit weight with contiguous groups as ``Int4Weight``: w = q * scale + zero per group of inputs."""
+    codes, zeros, _ = codes_zeros_groups(parts, scheme)
     scales = parts["scales"].float()
     return Int4Weight(codes.T.to(torch.uint8).contiguous(), scales.T.contiguous(),
                       (-zeros.float() * scales).T.contiguous(), scheme.group_size)
