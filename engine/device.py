@@ -18,7 +18,7 @@ def select_device(device: str | torch.device | None) -> torch.device:
 
 
 @cache
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as handle:
             return handle.read()
@@ -28,7 +28,7 @@ def _cpu_flags() -> str:
 
 def cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls (and torch's int4 weight-only kernel) run natively."""
-    return "avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags()
+    return "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
 
 
 def head_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -36,7 +36,7 @@ def head_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     fp32 costs no more time at batch 1; with AVX512-FP16, fp16 is faster at larger batches and 8x finer."""
     if device.type != "cpu" or dtype == torch.float32:
         return dtype
-    return torch.float16 if "avx512_fp16" in _cpu_flags() else torch.float32
+    return torch.float16 if "avx512_fp16" in cpu_flags() else torch.float32
 
 
 def select_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

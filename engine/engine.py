@@ -16,7 +16,7 @@ from engine.runner import ModelRunner
 from engine.sampling import Sampler, SampleRequest, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
-from engine.weights.loader import LoadedModel, load_model
+from engine.weights.loader import LoadedModel, int4_kernel_for, load_model
 from tokenizer import Tokenizer
 
 DEFAULT_CPU_KV_BYTES = 2 << 30
@@ -84,12 +84,14 @@ class LLMEngine:
     @classmethod
     def from_model(cls, model: str | None = None, *, dtype: str | torch.dtype | None = None,
                    device: str | torch.device | None = None, config: EngineConfig | None = None,
-                   progress=None) -> LLMEngine:
-        """Load ``model`` (hub id, folder, ``.gguf``; None = the embedded default) and build an engine."""
+                   cpu_kernels: str = "native", progress=None) -> LLMEngine:
+        """Load ``model`` (hub id, folder, ``.gguf``; None = the embedded default) and build an engine.
+        ``cpu_kernels``: "native" runs 4-bit weights on the int4 x int8 kernel where the CPU has it, "torch" on
+        torch's weight-only kernel (bf16 activations; slower, closer to fp32)."""
         torch_device = select_device(device)
         torch_dtype = select_dtype(dtype, torch_device)
-        use_int4 = torch_device.type == "cpu" and torch_dtype == torch.bfloat16
-        loaded = load_model(model, dtype=torch_dtype, device=torch_device, use_int4=use_int4, progress=progress)
+        kernel = int4_kernel_for(torch_device, torch_dtype, cpu_kernels)
+        loaded = load_model(model, dtype=torch_dtype, device=torch_device, int4_kernel=kernel, progress=progress)
         return cls(loaded, config)
 
     def _num_blocks(self) -> int:
@@ -211,8 +213,9 @@ class LLM:
     """Offline batch generation: ``LLM(model).generate(prompts, params)``, shaped like vLLM's."""
 
     def __init__(self, model: str | None = None, *, dtype: str | torch.dtype | None = None,
-                 device: str | torch.device | None = None, config: EngineConfig | None = None) -> None:
-        self.engine = LLMEngine.from_model(model, dtype=dtype, device=device, config=config)
+                 device: str | torch.device | None = None, config: EngineConfig | None = None,
+                 cpu_kernels: str = "native") -> None:
+        self.engine = LLMEngine.from_model(model, dtype=dtype, device=device, config=config, cpu_kernels=cpu_kernels)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

@@ -85,7 +85,8 @@ class ModelRunner:
             scale = (position_t + 1).double().log() / math.log(seq_length)
             logn = torch.where(position_t + 1 > seq_length, scale, 1.0).float().to(self.dtype)[:, None, None]
         inputs = StepInputs(
-            cos=cos, sin=sin, logn=logn, write_slots=write_slots, kv_slots=kv_slots, mask=mask[:, None],
+            cos=cos, sin=sin, logn=logn, write_slots=write_slots, kv_slots=kv_slots, kv_lens=kv_len_t,
+            mask=mask[:, None],
             query_index=query_index, query_valid=query_valid if tq > 1 else None,
             last_index=starts + q_len_t - 1,
         )

@@ -34,7 +34,7 @@ def build_engine(settings: Settings, progress=None) -> AsyncEngine:
                                   max_waiting=settings.max_waiting),
     )
     llm = LLMEngine.from_model(settings.model, dtype=settings.dtype, device=settings.device, config=config,
-                               progress=progress)
+                               cpu_kernels=settings.cpu_kernels, progress=progress)
     return AsyncEngine(llm)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_waiting: int = Field(default=256, ge=0)
     dtype: str = "auto"
     device: str = "auto"
+    cpu_kernels: Literal["native", "torch"] = Field(
+        default="native", description="4-bit weights on a bf16 CPU: native (int4 x int8 kernel, fast) or torch "
+        "(weight-only kernel, bf16 activations)")
     kv_cache_memory: int | None = Field(default=None, description="bytes for the KV cache, e.g. 2GiB")
     max_request_bytes: int = Field(default=8 << 20, description="larger bodies get 413")
     drain_timeout: float = Field(default=30.0, ge=0, description="seconds to finish requests on SIGTERM")

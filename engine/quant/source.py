@@ -34,6 +34,9 @@ class QuantizedSource:
         prefix = self._packed_prefix(name)
         return self.inner.dense(name) if prefix is None else dequantize(self._parts(prefix), self.scheme)
 
+    def int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
     def int4(self, name: str) -> Int4Weight | None:
         """4-bit weights with contiguous groups, for the packed int4 CPU kernel."""
         prefix = self._packed_prefix(name)

@@ -7,7 +7,10 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.device import head_dtype
-from engine.layers import DenseLinear, Int4Linear
+from engine.kernels import attention as attention_kernel
+from engine.kernels import q4q8, q8head
+from engine.kernels.attention import PagedDecodeAttention
+from engine.layers import DenseLinear, Int4Linear, Q4Q8Linear, Q8Linear, RMSNorm
 from engine.model import MLP, Attention, DecoderLayer, DecoderModel
 from engine.weights.int4 import Int4Weight
 from engine.weights.sources import WeightSource
@@ -16,16 +19,18 @@ from engine.weights.sources import WeightSource
 class ModelBuilder:
     """Turns canonical parts (``names``) of a checkpoint into modules.
 
-    ``use_int4``: keep 4-bit matrices packed on torch's int4 CPU kernel (else dequantize them).
+    ``int4_kernel``: keep 4-bit matrices packed, on torch's weight-only int4 CPU kernel (``"torch"``) or on the
+    native kernels (``"native"``: int4 x int8 linears with their RMSNorm fused in, the Q8_0 head as stored, decode
+    attention read from the paged cache; each where the shapes fit); None dequantizes them.
     ``rope_permuted``: the checkpoint stores q/k rows in llama.cpp's interleaved order (GGUF llama).
     """
 
     def __init__(self, config: ModelConfig, source: WeightSource, names: dict[str, str], dtype: torch.dtype,
-                 device: torch.device, *, use_int4: bool = False, rope_permuted: bool = False) -> None:
+                 device: torch.device, *, int4_kernel: str | None = None, rope_permuted: bool = False) -> None:
         self.config, self.source, self.names = config, source, names
         self.dtype, self.device = dtype, device
         self.head_dtype = head_dtype(dtype, device)
-        self.use_int4, self.rope_permuted = use_int4, rope_permuted
+        self.int4_kernel, self.rope_permuted = int4_kernel, rope_permuted
 
     def build(self, progress=None) -> DecoderModel:
         layers = []
@@ -34,12 +39,21 @@ class ModelBuilder:
             if progress is not None:
                 progress(i + 1, self.config.num_layers)
         embed = self._tensor("embed", dtype=self.head_dtype)
-        lm_head = None
-        if not self.config.tie_word_embeddings:
+        head_part = "embed" if self.config.tie_word_embeddings else "lm_head"
+        lm_head = self._q8_head(head_part)
+        if lm_head is None and not self.config.tie_word_embeddings:
             lm_head = DenseLinear(self._tensor("lm_head", dtype=self.head_dtype), None)
         model = DecoderModel(self.config, self.dtype, embed, layers, lm_head)
         model.final_norm.weight.data = self._tensor("final_norm", dtype=self.head_dtype)
+        if isinstance(lm_head, Q8Linear):
+            model.final_norm = self._fused_norm(model.final_norm, lm_head)
         return model.eval()
+
+    def _q8_head(self, part: str) -> Q8Linear | None:
+        """With the native kernels, an 8-bit stored head (GGUF Q8_0) runs as stored instead of at fp16."""
+        if self.int4_kernel != "native" or (stored := self.source.int8(self._name(part))) is None:
+            return None
+        return Q8Linear(*stored) if q8head.fits(stored[0]) else None
 
     def _name(self, part: str, layer: int | None = None) -> str:
         return self.names[part].format(i=layer)
@@ -59,11 +73,24 @@ class ModelBuilder:
             biases = [self._optional(f"{p}_bias", i) for p in "qkv"]
             qkv = self._linear(["q", "k", "v"], i, biases)
         attention = Attention(self.config, qkv, self._linear(["o"], i, [None]))
+        if self.int4_kernel == "native" and attention_kernel.fits(self.config.head_dim):
+            attention.decode_attention = PagedDecodeAttention(self.config.num_heads, self.config.num_kv_heads,
+                                                              self.config.head_dim)
         mlp = MLP(self._linear(["gate", "up"], i, [None, None]), self._linear(["down"], i, [None]))
         layer = DecoderLayer(self.config, self.dtype, attention, mlp)
         layer.attn_norm.weight.data = self._tensor("attn_norm", i)
         layer.mlp_norm.weight.data = self._tensor("mlp_norm", i)
+        if isinstance(attention.qkv, Q4Q8Linear):
+            layer.attn_norm = self._fused_norm(layer.attn_norm, attention.qkv)
+        if isinstance(mlp.gate_up, Q4Q8Linear):
+            layer.mlp_norm = self._fused_norm(layer.mlp_norm, mlp.gate_up)
         return layer
+
+    @staticmethod
+    def _fused_norm(norm: RMSNorm, linear: Q4Q8Linear | Q8Linear) -> nn.Module:
+        """The native kernels normalize their own input rows: one call instead of a norm's ~8 small ops."""
+        linear.fuse_norm(norm)
+        return nn.Identity()
 
     def _row_order(self, part: str) -> torch.Tensor | None:
         """Undo llama.cpp's q/k row permutation so that rotate-half RoPE applies."""
@@ -75,13 +102,15 @@ class ModelBuilder:
 
     def _linear(self, parts: list[str], i: int, biases: list[torch.Tensor | None]) -> nn.Module:
         names = [self._name(p, i) for p in parts]
-        quantized = [self.source.int4(n) for n in names] if self.use_int4 else []
+        quantized = [self.source.int4(n) for n in names] if self.int4_kernel else []
         if quantized and all(q is not None for q in quantized):
             weights = [q if (order := self._row_order(p)) is None else q.rows(order)
                        for p, q in zip(parts, quantized, strict=True)]
             fused = Int4Weight.cat(weights)
-            packed, scales_and_zeros = fused.pack_for_cpu(self.dtype)
             bias = self._fused_bias(biases, [w.out_features for w in weights])
+            if self.int4_kernel == "native" and q4q8.fits(fused):
+                return Q4Q8Linear(q4q8.pack(fused), bias)
+            packed, scales_and_zeros = fused.pack_for_cpu(self.dtype)
             return Int4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
         dense = []
         for part, name in zip(parts, names, strict=True):

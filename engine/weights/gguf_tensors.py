@@ -1,4 +1,5 @@
-"""Tensors of a GGUF file: dense ones dequantized with the ``gguf`` library, Q4_0/Q4_1 kept as 4-bit."""
+"""Tensors of a GGUF file: dense ones dequantized with the ``gguf`` library, Q4_0/Q4_1 kept as 4-bit, Q8_0 as
+8-bit."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from gguf.quants import dequantize
 
 from engine.weights.int4 import Int4Weight
 
-_Q4_BLOCK = 32
+_Q4_BLOCK = 32  # inputs per block, for Q8_0 too
 _Q4_BYTES = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}
 
 
@@ -34,6 +35,18 @@ class GGUFTensors:
         shape = tuple(int(d) for d in reversed(tensor.shape))
         values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
         return torch.from_numpy(np.array(values, dtype=np.float32))
+
+    def int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A Q8_0 matrix without dequantizing: int8 values [out, in] and fp32 scales [out, in / 32]; None for
+        other types."""
+        tensor = self._tensors[name]
+        if tensor.tensor_type != GGMLQuantizationType.Q8_0:
+            return None
+        out_features, in_features = (int(d) for d in reversed(tensor.shape))
+        blocks = np.asarray(tensor.data).reshape(out_features, in_features // _Q4_BLOCK, -1)
+        scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        q = blocks[..., 2:].copy().view(np.int8).reshape(out_features, in_features)
+        return torch.from_numpy(q), torch.from_numpy(scale)
 
     def int4(self, name: str) -> Int4Weight:
         """A Q4_0/Q4_1 matrix without dequantizing: the same numbers ``dense`` would give, kept packed."""

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from engine.config import ModelConfig
+from engine.kernels import native
 from engine.model import DecoderModel
 from engine.quant import QuantizedSource, QuantScheme
 from engine.weights.builder import ModelBuilder
@@ -61,27 +62,37 @@ def resolve_model_path(model: str | None) -> Path:
                                 f"downloaded: {exc}") from exc
 
 
-def load_model(model: str | None, *, dtype: torch.dtype, device: torch.device, use_int4: bool = False,
+def int4_kernel_for(device: torch.device, dtype: torch.dtype, cpu_kernels: str = "native") -> str | None:
+    """Which kernel keeps 4-bit weights packed: bf16 on CPU runs them packed (``cpu_kernels``: "native" when this
+    CPU can, else torch's); elsewhere they are dequantized as they load."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return None
+    if cpu_kernels not in ("native", "torch"):
+        raise ValueError(f"unknown cpu_kernels {cpu_kernels!r}; use native or torch")
+    return "native" if cpu_kernels == "native" and native.available() else "torch"
+
+
+def load_model(model: str | None, *, dtype: torch.dtype, device: torch.device, int4_kernel: str | None = None,
                progress=None) -> LoadedModel:
     path = resolve_model_path(model)
     name = model or SMOLLM2_GGUF.filename.removesuffix(".gguf")
     if path.suffix == ".gguf":
-        return _load_gguf(name, path, dtype, device, use_int4, progress)
-    return _load_folder(name, path, dtype, device, use_int4, progress)
+        return _load_gguf(name, path, dtype, device, int4_kernel, progress)
+    return _load_folder(name, path, dtype, device, int4_kernel, progress)
 
 
-def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, use_int4: bool,
+def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, int4_kernel: str | None,
                progress) -> LoadedModel:
     tensors = GGUFTensors(path)
     metadata = gguf_metadata(tensors.reader)
     config = ModelConfig.from_gguf(metadata, has_output_weight="output.weight" in tensors)
-    builder = ModelBuilder(config, GGUFSource(tensors), GGUF_NAMES, dtype, device, use_int4=use_int4,
+    builder = ModelBuilder(config, GGUFSource(tensors), GGUF_NAMES, dtype, device, int4_kernel=int4_kernel,
                            rope_permuted=config.arch == "llama")
     tokenizer = HFTokenizer.from_gguf_metadata(metadata)
     return LoadedModel(name, path, config, builder.build(progress), tokenizer)
 
 
-def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.device, use_int4: bool,
+def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.device, int4_kernel: str | None,
                  progress) -> LoadedModel:
     raw_config = json.loads((folder / "config.json").read_text())
     config = ModelConfig.from_hf(raw_config)
@@ -95,7 +106,7 @@ def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.devi
     source: WeightSource = SafetensorsSource(folder)
     if scheme is not None:
         source = QuantizedSource(source, scheme)
-    model = ModelBuilder(config, source, names, dtype, device, use_int4=use_int4).build(progress)
+    model = ModelBuilder(config, source, names, dtype, device, int4_kernel=int4_kernel).build(progress)
     generation_path = folder / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
     return LoadedModel(name, folder, config, model, load_folder_tokenizer(folder), generation)

@@ -21,6 +21,9 @@ class WeightSource(Protocol):
     def int4(self, name: str) -> Int4Weight | None:
         """The tensor kept 4-bit when the checkpoint stores it so, else None."""
 
+    def int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The tensor kept 8-bit (values, scale per block of 32) when the checkpoint stores it so, else None."""
+
 
 class SafetensorsSource:
     """A folder with ``model.safetensors`` or ``*.safetensors`` shards (with or without an index)."""
@@ -49,6 +52,9 @@ class SafetensorsSource:
     def int4(self, name: str) -> Int4Weight | None:
         return None
 
+    def int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
 
 class GGUFSource:
     """A ``.gguf`` file: Q4_0/Q4_1 matrices can stay 4-bit, everything else is dequantized."""
@@ -64,6 +70,9 @@ class GGUFSource:
 
     def int4(self, name: str) -> Int4Weight | None:
         return self._tensors.int4(name) if self._tensors.is_int4(name) else None
+
+    def int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._tensors.int8(name)
 
 
 # Canonical parts of a decoder and their names in each checkpoint layout ({i}: layer index).

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import yaml
 
+from engine.device import cpu_flags
 from tests.deploy.dockerfile import env_of, final_stage, instructions
 from tests.integration.conftest import free_port, wait_healthy
 
@@ -33,7 +34,8 @@ def image(tmp_path_factory) -> dict[str, Path]:
     steps = instructions(DOCKERFILE.read_text())
     build_stage = steps[: len(steps) - len(final_stage(steps))]
     build_env = {**os.environ, **mapped(env_of(build_stage), paths), "TORCH_INDEX_URL": ""}
-    (run,) = [arg for op, arg in build_stage if op == "RUN"]
+    # the project step; the one before it installs g++ with apt (root only, and this machine has a compiler)
+    (run,) = [arg for op, arg in build_stage if op == "RUN" and "install.sh" in arg]
     for command in run.split("&&"):
         argv = [mapped_value(word, paths) for word in shlex.split(command)]
         argv = [str(ROOT) if word == "/src" else word for word in argv]
@@ -49,6 +51,15 @@ def mapped_value(value: str, paths: dict[str, Path]) -> str:
 
 def mapped(env: dict[str, str], paths: dict[str, Path]) -> dict[str, str]:
     return {key: mapped_value(value, paths) for key, value in env.items()}
+
+
+def test_build_stage_ships_the_native_kernel_built(image):
+    """The final image has no compiler: the kernel must be built into the asset folder it copies."""
+    from engine.kernels import native
+
+    if not set(native.REQUIRED_FLAGS) <= set(cpu_flags().split()):
+        pytest.skip("this CPU lacks AVX512-VNNI/BF16")
+    assert list((image["/opt/qwen-serve"] / "assets" / "kernels").glob("quant_matmul-*.so"))
 
 
 def test_entrypoint_serves_the_compose_config_and_drains_on_sigterm(image):

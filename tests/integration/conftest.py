@@ -18,7 +18,7 @@ import uvicorn
 from safetensors.torch import save_file
 
 from engine import AsyncEngine, EngineConfig, LLMEngine, SchedulerConfig
-from engine.weights.loader import LoadedModel, load_model
+from engine.weights.loader import LoadedModel, int4_kernel_for, load_model
 from server.app import create_app
 from server.settings import Settings
 
@@ -86,8 +86,8 @@ def engine_for(loaded: LoadedModel, **scheduler) -> AsyncEngine:
 def smol_loaded(smollm2_gguf) -> LoadedModel:
     from engine.device import select_dtype
 
-    return load_model(str(smollm2_gguf), dtype=select_dtype(None, torch.device("cpu")), device=torch.device("cpu"),
-                      use_int4=True)
+    cpu, dtype = torch.device("cpu"), select_dtype(None, torch.device("cpu"))
+    return load_model(str(smollm2_gguf), dtype=dtype, device=cpu, int4_kernel=int4_kernel_for(cpu, dtype))
 
 
 @pytest.fixture(scope="session")

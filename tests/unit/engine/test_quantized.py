@@ -89,7 +89,7 @@ def test_bf16_cpu_keeps_contiguous_4bit_weights_packed(name, packed, down_packed
     the logits stay within bf16 tolerance of the fp32 reference (the source README's 0.25, with margin)."""
     from engine.layers import Int4Linear
 
-    loaded = load_model(str(QUANT / name), dtype=torch.bfloat16, device=torch.device("cpu"), use_int4=True)
+    loaded = load_model(str(QUANT / name), dtype=torch.bfloat16, device=torch.device("cpu"), int4_kernel="torch")
     assert any(isinstance(m, Int4Linear) for m in loaded.model.modules()) == packed
     assert all(isinstance(layer.mlp.down, Int4Linear) == down_packed for layer in loaded.model.layers)
     engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=8 << 20))

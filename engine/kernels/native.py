@@ -1,0 +1,83 @@
+"""The native CPU kernels (``quant_matmul.cpp``): built once for this machine's instruction sets, loaded with ctypes.
+
+The C++ source is compiled with the system's C++ compiler (``$CXX``, else ``g++``) and cached next to the
+fetched assets under a name that covers the source and the flags (``qwen-serve-assets`` builds it ahead, as the
+image build does; a server without a compiler then still finds it). Without AVX512-VNNI/BF16 or a compiler,
+``available()`` is False and callers keep torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from engine.device import cpu_flags
+from engine.weights.embedded import cache_dir
+
+SOURCE = Path(__file__).with_name("quant_matmul.cpp")
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+# the instruction sets the kernels need, not -march=native: a build (e.g. in an image) runs on any CPU that has them
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma", "-fopenmp",
+         "-shared", "-fPIC", "-std=c++17"]
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they cannot run."""
+    if not set(REQUIRED_FLAGS) <= set(cpu_flags().split()):
+        return None
+    target = build()
+    if target is None:
+        return None
+    lib = ctypes.CDLL(str(target))
+    pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    eps = ctypes.c_float
+    lib.q4q8_linear.argtypes = [pointer, pointer, pointer, pointer, size, size, size, pointer, size, pointer, eps,
+                                pointer, threads]
+    lib.q4q8_linear.restype = None
+    lib.q8_head.argtypes = [pointer, pointer, size, size, pointer, size, pointer, eps, pointer, threads]
+    lib.q8_head.restype = None
+    lib.paged_decode_attention.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, size, size, size,
+                                           eps, pointer, threads]
+    lib.paged_decode_attention.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether this CPU and toolchain run the native kernels."""
+    return library() is not None
+
+
+def build() -> Path | None:
+    """The compiled kernels for these flags (built now when missing), or None when they cannot be built here."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"quant_matmul-{key}.so"
+    if target.exists():
+        return target
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        log.warning("no C++ compiler: quantized weights run on torch's kernels")
+        return None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True,
+                                    text=True)
+            if result.returncode != 0:
+                log.warning("native kernels not built, using torch's: %s", result.stderr.strip()[-2000:])
+                return None
+            os.replace(built, target)
+    except OSError as exc:
+        log.warning("native kernels not built (%s), using torch's", exc)
+        return None
+    return target

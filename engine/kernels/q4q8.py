@@ -1,0 +1,71 @@
+"""4-bit weights times 8-bit activations (``q4q8_linear`` in ``quant_matmul.cpp``): packing and calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.kernels import native
+from engine.weights.int4 import Int4Weight
+
+BLOCK, TILE = 32, 16
+
+
+def fits(weight: Int4Weight) -> bool:
+    """The kernel takes whole tiles of 16 outputs and groups that are whole blocks of 32 inputs."""
+    out_features, in_features = weight.q.shape
+    return (out_features % TILE == 0 and in_features % BLOCK == 0 and weight.group_size % BLOCK == 0
+            and in_features % weight.group_size == 0)
+
+
+@dataclass
+class PackedQ4:
+    """A weight in the kernel's layout: per tile of 16 outputs, per block of 32 inputs, 8 steps of 4 inputs
+    (32 bytes, two nibbles each); per tile and group of inputs, 16 scales and 16 offsets (w = q * scale + offset)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    out_features: int
+    in_features: int
+    group_size: int
+
+
+def pack(weight: Int4Weight) -> PackedQ4:
+    n, k = weight.q.shape
+    tiles, blocks = n // TILE, k // BLOCK
+    # element e of a 64-byte step is output e // 4, input e % 4; byte i holds elements i and i + 32
+    steps = weight.q.view(tiles, TILE, blocks, BLOCK // 4, 4).permute(0, 2, 3, 1, 4).reshape(tiles, blocks, 8, 64)
+    packed = (steps[..., :32] | (steps[..., 32:] << 4)).contiguous()
+
+    def per_group(values: torch.Tensor) -> torch.Tensor:
+        return values.float().view(tiles, TILE, -1).transpose(1, 2).contiguous()
+
+    return PackedQ4(packed, per_group(weight.scale), per_group(weight.zero), n, k, weight.group_size)
+
+
+class Q4Q8Matmul:
+    """``y = norm?(x) @ W^T (+ bias)`` for bf16 rows ``x`` [M, in] -> bf16 [M, out]. ``fuse_norm`` makes the kernel
+    apply an RMSNorm to each row first (in fp32, before quantizing). The weight's pointers are taken once, so a
+    call costs little more than the kernel (batch-1 decode makes ~120 calls a step)."""
+
+    def __init__(self, weight: PackedQ4, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, None if bias is None else bias.float().contiguous()
+        self.norm: torch.Tensor | None = None
+        self._kernel = native.library().q4q8_linear
+        self._weight_args = (weight.q.data_ptr(), weight.scale.data_ptr(), weight.offset.data_ptr(),
+                             None if self.bias is None else self.bias.data_ptr(), weight.out_features,
+                             weight.in_features, weight.group_size // BLOCK)
+        self._norm_args: tuple[int | None, float] = (None, 0.0)
+        self._threads = torch.get_num_threads()
+
+    def fuse_norm(self, weight: torch.Tensor, eps: float) -> None:
+        self.norm = weight.float().contiguous()
+        self._norm_args = (self.norm.data_ptr(), eps)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        out = x.new_empty((x.shape[0], self.weight.out_features))
+        self._kernel(*self._weight_args, x.data_ptr(), x.shape[0], *self._norm_args, out.data_ptr(), self._threads)
+        return out

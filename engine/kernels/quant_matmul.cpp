@@ -1,0 +1,299 @@
+// Quantized matmuls on AVX512-VNNI for the CPU fast path, packed by engine/kernels/q4q8.py and q8head.py.
+//
+// q4q8_linear: 4-bit weights times 8-bit activations, the product llama.cpp's Q4_1 x Q8_1 dot computes. Weights: w = q * d + m with q in 0..15 and (d, m) per block of 32 inputs, packed by
+// engine/kernels/q4q8.py in tiles of 16 outputs. Activations: each row's blocks of 32 are quantized to int8
+// with their own scale (amax / 127), so one outlier only coarsens its own block. For an output n:
+//   y = sum_b (d_w[n,b] * d_x[b] * sum_k q_w q_x  +  m_w[n,b] * sum_k x)
+// The integer dot of a block is exact (vpdpbusd: unsigned weight bytes times signed activation bytes); the
+// block sum of x is taken from the bf16 activations themselves. A row's result never depends on the other
+// rows of the call: blocks are accumulated in the same order whatever the batch.
+//
+// q8_head: Q8_0 weights (int8 q times a scale per block of 32) times activations quantized to int16 per block
+// of 32 (vpdpwssd), fp32 out: the LM head from GGUF's 8-bit embedding table, without rounding it to fp16 and
+// with finer inputs than fp16 (15 bits against each block's largest value).
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int kBlock = 32;      // inputs per weight block
+constexpr int kHalf = 16;       // inputs per activation block
+constexpr int kTile = 16;       // outputs per tile (one zmm of int32 / fp32 lanes)
+constexpr int kQuadBytes = 32;  // packed bytes of one 4-input step of a tile: 16 outputs x 4 nibbles
+constexpr int kMaxRows = 8;     // rows that share one unpacked weight step
+
+inline __m512 load_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// 64 weight bytes of one step: byte i holds element i (low nibble) and element i + 32 (high nibble); element
+// e is output e / 4, input e % 4, the order vpdpbusd sums in.
+inline __m512i unpack_step(const uint8_t* p) {
+    const __m256i packed = _mm256_loadu_si256((const __m256i*)p);
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(packed, low);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+// 1 / sqrt(mean(x^2) + eps) of one row, the RMSNorm factor a fused norm applies before quantizing.
+template <typename Load>
+float inverse_rms(Load load, int64_t k, float eps) {
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+        const __m512 v = load(i);
+        squares = _mm512_fmadd_ps(v, v, squares);
+    }
+    return 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / (float)k + eps);
+}
+
+struct Activations {
+    std::vector<int8_t> q;  // [rows, K]
+    std::vector<float> d;   // [rows, K / 32] block scales
+    std::vector<float> s;   // [rows, K / 32] block sums of x
+};
+
+// Rows of bf16 x, optionally RMS-normalized first (norm: fp32 weight [k], or null), into int8 blocks of 16.
+void quantize_rows(const uint16_t* x, int64_t rows, int64_t k, const float* norm, float eps, Activations& out) {
+    const int64_t blocks = k / kBlock, halves = k / kHalf;
+    out.q.resize(rows * k);
+    out.d.resize(rows * halves);
+    out.s.resize(rows * blocks);
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* row = x + r * k;
+        const float inverse_norm = norm ? inverse_rms([row](int64_t i) { return load_bf16(row + i); }, k, eps) : 1.0f;
+        for (int64_t b = 0; b < blocks; ++b) {
+            __m512 v[2];
+            for (int h = 0; h < 2; ++h) {
+                const int64_t at = b * kBlock + h * kHalf;
+                v[h] = load_bf16(row + at);
+                if (norm) v[h] = _mm512_mul_ps(_mm512_mul_ps(v[h], _mm512_set1_ps(inverse_norm)), _mm512_loadu_ps(norm + at));
+                const float amax = _mm512_reduce_max_ps(_mm512_abs_ps(v[h]));
+                const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+                const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v[h], _mm512_set1_ps(inverse)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                _mm_storeu_si128((__m128i*)(out.q.data() + r * k + at), _mm512_cvtsepi32_epi8(q));
+                out.d[r * halves + b * 2 + h] = amax / 127.0f;
+            }
+            out.s[r * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        }
+    }
+}
+
+template <int ROWS>
+void tile_rows(const uint8_t* wq, const float* wd, const float* wm, const float* bias, int64_t blocks,
+               int64_t group_blocks, int64_t k, const int8_t* xq, const float* xd, const float* xs, uint16_t* y,
+               int64_t n) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+        __m512i dots[2][ROWS];
+        for (int r = 0; r < ROWS; ++r) dots[0][r] = dots[1][r] = _mm512_setzero_si512();
+        const uint8_t* steps = wq + b * (kBlock / 4) * kQuadBytes;
+        for (int step = 0; step < kBlock / 4; ++step) {
+            const __m512i w = unpack_step(steps + step * kQuadBytes);
+            for (int r = 0; r < ROWS; ++r) {
+                const int32_t four = *(const int32_t*)(xq + r * k + b * kBlock + step * 4);
+                dots[step / 4][r] = _mm512_dpbusd_epi32(dots[step / 4][r], w, _mm512_set1_epi32(four));
+            }
+        }
+        const int64_t group = b / group_blocks;
+        const __m512 dw = _mm512_loadu_ps(wd + group * kTile), mw = _mm512_loadu_ps(wm + group * kTile);
+        for (int r = 0; r < ROWS; ++r) {
+            const float* d = xd + r * 2 * blocks + 2 * b;
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[0][r]), _mm512_mul_ps(dw, _mm512_set1_ps(d[0])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[1][r]), _mm512_mul_ps(dw, _mm512_set1_ps(d[1])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[r * blocks + b]), acc[r]);
+        }
+    }
+    const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    for (int r = 0; r < ROWS; ++r) {
+        const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[r], b));
+        _mm256_storeu_si256((__m256i*)(y + r * n), (__m256i)out);
+    }
+}
+
+using TileFn = decltype(&tile_rows<1>);
+constexpr TileFn kTileFns[kMaxRows] = {tile_rows<1>, tile_rows<2>, tile_rows<3>, tile_rows<4>,
+                                       tile_rows<5>, tile_rows<6>, tile_rows<7>, tile_rows<8>};
+
+struct Activations16 {
+    std::vector<int16_t> q;  // [rows, K]
+    std::vector<float> d;    // [rows, K / 32]
+};
+
+void quantize_rows_16bit(const float* x, int64_t rows, int64_t k, const float* norm, float eps, Activations16& out) {
+    const int64_t blocks = k / kBlock;
+    out.q.resize(rows * k);
+    out.d.resize(rows * blocks);
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* row = x + r * k;
+        const float inverse_norm = norm ? inverse_rms([row](int64_t i) { return _mm512_loadu_ps(row + i); }, k, eps) : 1.0f;
+        for (int64_t b = 0; b < blocks; ++b) {
+            const int64_t at = b * kBlock;
+            __m512 v0 = _mm512_loadu_ps(row + at), v1 = _mm512_loadu_ps(row + at + 16);
+            if (norm) {
+                v0 = _mm512_mul_ps(_mm512_mul_ps(v0, _mm512_set1_ps(inverse_norm)), _mm512_loadu_ps(norm + at));
+                v1 = _mm512_mul_ps(_mm512_mul_ps(v1, _mm512_set1_ps(inverse_norm)), _mm512_loadu_ps(norm + at + 16));
+            }
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            const __m512 scale = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+            const __m512i q0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512i q1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm256_storeu_si256((__m256i*)(out.q.data() + r * k + at), _mm512_cvtsepi32_epi16(q0));
+            _mm256_storeu_si256((__m256i*)(out.q.data() + r * k + at + 16), _mm512_cvtsepi32_epi16(q1));
+            out.d[r * blocks + b] = amax / 32767.0f;
+        }
+    }
+}
+
+// One tile of 16 outputs: per block of 32 inputs, 16 steps of 2 inputs (32 int8 weights each; element e is
+// output e / 2, input e % 2, the pairs vpdpwssd sums).
+template <int ROWS>
+void head_rows(const int8_t* wq, const float* wd, int64_t blocks, int64_t k, const int16_t* xq, const float* xd,
+               float* y, int64_t n) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+        __m512i dots[ROWS];
+        for (int r = 0; r < ROWS; ++r) dots[r] = _mm512_setzero_si512();
+        const int8_t* steps = wq + b * kBlock * kTile;
+        for (int step = 0; step < kBlock / 2; ++step) {
+            const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(steps + step * 32)));
+            for (int r = 0; r < ROWS; ++r) {
+                const int32_t pair = *(const int32_t*)(xq + r * k + b * kBlock + step * 2);
+                dots[r] = _mm512_dpwssd_epi32(dots[r], w, _mm512_set1_epi32(pair));
+            }
+        }
+        const __m512 dw = _mm512_loadu_ps(wd + b * kTile);
+        for (int r = 0; r < ROWS; ++r)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), _mm512_mul_ps(dw, _mm512_set1_ps(xd[r * blocks + b])), acc[r]);
+    }
+    for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(y + r * n, acc[r]);
+}
+
+using HeadFn = decltype(&head_rows<1>);
+constexpr HeadFn kHeadFns[kMaxRows] = {head_rows<1>, head_rows<2>, head_rows<3>, head_rows<4>,
+                                       head_rows<5>, head_rows<6>, head_rows<7>, head_rows<8>};
+
+// e^x for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into an integer power and a degree-6
+// polynomial on [-0.5, 0.5]; relative error below 2e-7, and exactly 0 far below.
+inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));  // in [-0.35, 0.35]
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Decode attention straight from the paged cache: for each sequence b (one new query per head) the keys are the
+// cache rows kv_slots[b, tk - kv_lens[b] .. tk) (left-padded table). q [batch, heads, dim] bf16; caches [slots,
+// kv_heads, dim] bf16; out [batch, heads, dim] bf16. Scores, softmax and the weighted sum run in fp32; each
+// (sequence, head) is computed alone, so nothing depends on the rest of the batch. dim is a multiple of 16.
+void paged_decode_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                            const int64_t* kv_slots, const int64_t* kv_lens, int64_t batch, int64_t tk, int64_t heads,
+                            int64_t kv_heads, int64_t dim, float scale, uint16_t* out, int threads) {
+    const int64_t group = heads / kv_heads, chunks = dim / 16, row = kv_heads * dim;
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
+    for (int64_t job = 0; job < batch * heads; ++job) {
+        thread_local std::vector<float> scores;
+        const int64_t b = job / heads, h = job % heads, kvh = h / group, len = kv_lens[b];
+        const int64_t* slots = kv_slots + b * tk + (tk - len);
+        scores.resize(len + 16);
+        __m512 query[8];  // dim <= 128
+        for (int64_t c = 0; c < chunks; ++c)
+            query[c] = _mm512_mul_ps(load_bf16(q + (b * heads + h) * dim + c * 16), _mm512_set1_ps(scale));
+        float best = -INFINITY;
+        for (int64_t t = 0; t < len; ++t) {
+            const uint16_t* key = k_cache + slots[t] * row + kvh * dim;
+            __m512 dot = _mm512_mul_ps(query[0], load_bf16(key));
+            for (int64_t c = 1; c < chunks; ++c) dot = _mm512_fmadd_ps(query[c], load_bf16(key + c * 16), dot);
+            scores[t] = _mm512_reduce_add_ps(dot);
+            best = std::max(best, scores[t]);
+        }
+        __m512 total = _mm512_setzero_ps();
+        int64_t t = 0;
+        for (; t + 16 <= len; t += 16) {
+            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + t), _mm512_set1_ps(best)));
+            _mm512_storeu_ps(scores.data() + t, e);
+            total = _mm512_add_ps(total, e);
+        }
+        if (t < len) {
+            const __mmask16 tail = (__mmask16)((1u << (len - t)) - 1);
+            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores.data() + t), _mm512_set1_ps(best)));
+            _mm512_mask_storeu_ps(scores.data() + t, tail, e);
+            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, e));
+        }
+        const float inverse = 1.0f / _mm512_reduce_add_ps(total);
+        __m512 acc[8];
+        for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+        for (int64_t u = 0; u < len; ++u) {
+            const uint16_t* value = v_cache + slots[u] * row + kvh * dim;
+            const __m512 p = _mm512_set1_ps(scores[u]);
+            for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, load_bf16(value + c * 16), acc[c]);
+        }
+        for (int64_t c = 0; c < chunks; ++c) {
+            const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
+            _mm256_storeu_si256((__m256i*)(out + (b * heads + h) * dim + c * 16), (__m256i)o);
+        }
+    }
+}
+
+// y[rows, n] (fp32) = rmsnorm?(x[rows, k] (fp32)) @ W^T, W a Q8_0 matrix packed in tiles by q8head.py.
+void q8_head(const int8_t* wq, const float* wd, int64_t n, int64_t k, const float* x, int64_t rows,
+             const float* norm, float eps, float* y, int threads) {
+    thread_local Activations16 act;
+    quantize_rows_16bit(x, rows, k, norm, eps, act);
+    const int64_t blocks = k / kBlock, tiles = n / kTile;
+    const int16_t* xq = act.q.data();
+    const float* xd = act.d.data();
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+        for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+            const int count = (int)std::min<int64_t>(kMaxRows, rows - r0);
+            kHeadFns[count - 1](wq + t * blocks * kBlock * kTile, wd + t * blocks * kTile, blocks, k, xq + r0 * k,
+                                xd + r0 * blocks, y + r0 * n + t * kTile, n);
+        }
+    }
+}
+
+// y[rows, n] (bf16) = rmsnorm?(x[rows, k] (bf16)) @ W^T (+ bias, fp32), W packed in tiles by q4q8.py with one
+// scale and offset per group of group_blocks blocks of 32 inputs; with norm (fp32 weight [k]) each row is first
+// scaled by 1 / sqrt(mean(x^2) + eps) and the weight, in fp32.
+void q4q8_linear(const uint8_t* wq, const float* wd, const float* wm, const float* bias, int64_t n, int64_t k,
+                 int64_t group_blocks, const uint16_t* x, int64_t rows, const float* norm, float eps, uint16_t* y,
+                 int threads) {
+    thread_local Activations act;
+    quantize_rows(x, rows, k, norm, eps, act);
+    const int64_t blocks = k / kBlock, tiles = n / kTile;
+    const int64_t tile_bytes = blocks * (kBlock / 4) * kQuadBytes, tile_scales = blocks / group_blocks * kTile;
+    const int8_t* xq = act.q.data();
+    const float *xd = act.d.data(), *xs = act.s.data();
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+        for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+            const int count = (int)std::min<int64_t>(kMaxRows, rows - r0);
+            kTileFns[count - 1](wq + t * tile_bytes, wd + t * tile_scales, wm + t * tile_scales,
+                                bias ? bias + t * kTile : nullptr, blocks, group_blocks, k, xq + r0 * k,
+                                xd + r0 * 2 * blocks,
+                                xs + r0 * blocks, y + r0 * n + t * kTile, n);
+        }
+    }
+}
+
+}

@@ -1,0 +1,171 @@
+"""The native int4 x int8 kernel against the math it claims: activations quantized to int8 per block of 16
+(scale amax / 127, round half to even), exact integer dots, weight scales and offsets per block of 32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import native, q4q8, q8head
+from engine.weights.int4 import Int4Weight
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no AVX512-VNNI/BF16 CPU or no C++ compiler")
+
+
+def random_weight(out_features: int, in_features: int, group_size: int = 32, seed: int = 0) -> Int4Weight:
+    generator = torch.Generator().manual_seed(seed)
+    groups = in_features // group_size
+    return Int4Weight(torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=generator),
+                      torch.rand(out_features, groups, generator=generator) * 0.02,
+                      torch.randn(out_features, groups, generator=generator) * 0.05, group_size)
+
+
+def reference(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 result of the kernel's arithmetic, before its final rounding to bf16."""
+    rows, k = x.shape
+    halves = x.float().view(rows, -1, 16)
+    amax = halves.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)  # not 127.0 / amax: reciprocal * 127
+    q = (halves * inverse).round()
+    x_hat = (q * (amax / 127.0)).view(rows, k).double()  # what the integer dots see
+    w = weight.q.double()
+    scale = weight.scale.double().repeat_interleave(weight.group_size, dim=1)
+    offset = weight.zero.double().repeat_interleave(weight.group_size, dim=1)
+    y = x_hat @ (w * scale).T + x.double() @ offset.T  # offsets meet the exact block sums of x
+    return y if bias is None else y + bias.double()
+
+
+def bf16_half_ulp(values: torch.Tensor) -> torch.Tensor:
+    return values.abs().clamp(min=1e-30) * 2.0**-8
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 33])
+@pytest.mark.parametrize("shape,group_size", [((64, 96), 32), ((960, 576), 32), ((48, 256), 128)])
+def test_kernel_computes_its_quantized_product(rows, shape, group_size):
+    weight = random_weight(*shape, group_size=group_size, seed=rows)
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    y = q4q8.Q4Q8Matmul(q4q8.pack(weight), None)(x)
+    expected = reference(x, weight)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, shape[0])
+    # one rounding to bf16, plus float32 accumulation over the blocks
+    assert ((y.double() - expected).abs() <= bf16_half_ulp(expected) + 1e-4).all()
+
+
+def test_an_outlier_coarsens_only_its_own_block():
+    weight = random_weight(256, 512)
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x[:, 7] = 40.0
+    exact = x.double() @ weight.dequantize().double().T
+    y = q4q8.Q4Q8Matmul(q4q8.pack(weight), None)(x).double()
+    row_scale = x.float().abs().amax(-1, keepdim=True) / 127.0  # what one scale per row would do
+    per_row = ((x.float() / row_scale).round() * row_scale).double() @ weight.dequantize().double().T
+    blocks_error = (y - exact).norm() / exact.norm()
+    assert blocks_error < 0.01
+    assert blocks_error < (per_row - exact).norm() / exact.norm() / 3
+
+
+def test_rows_do_not_depend_on_the_rest_of_the_batch():
+    weight = q4q8.pack(random_weight(576, 1536))
+    matmul = q4q8.Q4Q8Matmul(weight, None)
+    x = torch.randn(16, 1536).to(torch.bfloat16)
+    together = matmul(x)
+    assert torch.equal(torch.cat([matmul(x[i : i + 1]) for i in range(16)]), together)
+    assert torch.equal(matmul(x[5:11]), together[5:11])
+
+
+def test_bias_is_added_in_float32():
+    weight = random_weight(32, 64)
+    bias = torch.randn(32)
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    y = q4q8.Q4Q8Matmul(q4q8.pack(weight), bias)(x)
+    expected = reference(x, weight, bias)
+    assert ((y.double() - expected).abs() <= bf16_half_ulp(expected) + 1e-4).all()
+
+
+def test_shapes_the_kernel_does_not_take_are_refused():
+    assert q4q8.fits(random_weight(32, 64))
+    assert not q4q8.fits(random_weight(24, 64))  # not whole tiles of 16 outputs
+    assert not q4q8.fits(Int4Weight(torch.zeros(16, 64, dtype=torch.uint8), torch.ones(16, 4), torch.zeros(16, 4), 16))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16])
+def test_q8_head_matches_the_dequantized_head(rows):
+    """Q8_0 weights times 16-bit block-quantized activations: within 1e-4 of fp64 on the stored weights."""
+    generator = torch.Generator().manual_seed(rows)
+    q = torch.randint(-127, 128, (320, 576), dtype=torch.int8, generator=generator)
+    scale = torch.rand(320, 18, generator=generator) * 0.01
+    x = torch.randn(rows, 576, generator=generator) * 3
+    weight = (q.double().view(320, 18, 32) * scale.double()[..., None]).view(320, 576)
+    expected = x.double() @ weight.T
+    y = q8head.Q8Matmul(q, scale)(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+    assert torch.equal(torch.cat([q8head.Q8Matmul(q, scale)(x[i : i + 1]) for i in range(rows)]), y)
+
+
+def test_gguf_q8_head_is_kept_as_stored(smollm2_gguf):
+    from engine.weights.gguf_tensors import GGUFTensors
+
+    tensors = GGUFTensors(smollm2_gguf)
+    q, scale = tensors.int8("token_embd.weight")
+    dense = tensors.dense("token_embd.weight")
+    stored = (q.float().view(q.shape[0], -1, 32) * scale[..., None]).view(q.shape)
+    torch.testing.assert_close(stored, dense, atol=0, rtol=0)
+    assert tensors.int8("blk.0.attn_q.weight") is None  # Q4_1
+
+
+def rms_normalized(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def test_a_fused_rms_norm_normalizes_each_row_before_quantizing():
+    weight = random_weight(64, 256)
+    x = (torch.randn(5, 256) * torch.linspace(0.1, 30, 5)[:, None]).to(torch.bfloat16)  # rows of any scale
+    norm = torch.rand(256) + 0.5
+    matmul = q4q8.Q4Q8Matmul(q4q8.pack(weight), None)
+    matmul.fuse_norm(norm, 1e-5)
+    y = matmul(x).double()
+    normalized = rms_normalized(x, norm, 1e-5)
+    expected = reference(normalized.float(), weight)
+    # fp32 normalization may land a value on the other side of a rounding boundary: a few int8 steps at most
+    assert (y - expected).abs().max() < 0.02 * expected.abs().max()
+    exact = normalized @ weight.dequantize().double().T
+    assert (y - exact).norm() / exact.norm() < 0.01
+
+
+def test_q8_head_fused_norm():
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (64, 96), dtype=torch.int8, generator=generator)
+    scale = torch.rand(64, 3, generator=generator) * 0.01
+    x, norm = torch.randn(3, 96, generator=generator) * 50, torch.rand(96, generator=generator)
+    matmul = q8head.Q8Matmul(q, scale)
+    matmul.fuse_norm(norm, 1e-6)
+    weight = (q.double().view(64, 3, 32) * scale.double()[..., None]).view(64, 96)
+    expected = rms_normalized(x, norm, 1e-6) @ weight.T
+    torch.testing.assert_close(matmul(x).double(), expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (8, 2, 16)])
+def test_paged_decode_attention_matches_sdpa_on_the_gathered_keys(heads, kv_heads, head_dim):
+    from engine.kernels.attention import PagedDecodeAttention
+
+    generator = torch.Generator().manual_seed(heads)
+    slots = 512
+    k_cache = torch.randn(slots, kv_heads, head_dim, generator=generator).to(torch.bfloat16)
+    v_cache = torch.randn(slots, kv_heads, head_dim, generator=generator).to(torch.bfloat16)
+    lens = torch.tensor([1, 17, 100, 5, 64])
+    width = int(lens.max())
+    kv_slots = torch.zeros(len(lens), width, dtype=torch.long)
+    for b, n in enumerate(lens.tolist()):  # left-padded, scattered over the pool like a block table's slots
+        kv_slots[b, width - n :] = torch.randperm(slots, generator=generator)[:n]
+    q = (torch.randn(len(lens), heads, head_dim, generator=generator) * 2).to(torch.bfloat16)
+    out = PagedDecodeAttention(heads, kv_heads, head_dim)(q, k_cache, v_cache, kv_slots, lens)
+    for b, n in enumerate(lens.tolist()):
+        keys = k_cache[kv_slots[b, width - n :]].double().transpose(0, 1)  # [kv_heads, n, D]
+        values = v_cache[kv_slots[b, width - n :]].double().transpose(0, 1)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[b].double()[:, None], keys.repeat_interleave(heads // kv_heads, 0),
+            values.repeat_interleave(heads // kv_heads, 0))[:, 0]
+        got = out[b].view(heads, head_dim).double()
+        assert ((got - expected).abs() <= expected.abs() * 2.0**-8 + 1e-5).all()
