@@ -61,6 +61,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: StepInputs, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv(x)
+        if step.query_index is None and self.decode_attention is not None:
+            return self.o_proj(self.decode_attention(qkv, step.cos, step.sin, step.logn, step.write_slots, k_cache,
+                                                     v_cache, step.kv_slots, step.kv_lens))
         q_size, kv_size, _ = self.split
         qk = apply_rotary(qkv[:, : q_size + kv_size].view(n, -1, self.head_dim), step.cos, step.sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
@@ -69,8 +72,6 @@ class Attention(nn.Module):
             q = q * step.logn
         k_cache.index_copy_(0, step.write_slots, k)
         v_cache.index_copy_(0, step.write_slots, v.view(n, self.num_kv_heads, self.head_dim))
-        if step.query_index is None and self.decode_attention is not None:
-            return self.o_proj(self.decode_attention(q, k_cache, v_cache, step.kv_slots, step.kv_lens))
         # index_select copies whole cache rows (several times faster than advanced indexing on CPU)
         padded = (*step.kv_slots.shape, self.num_kv_heads, self.head_dim)
         keys = k_cache.index_select(0, step.kv_slots.view(-1)).view(padded).transpose(1, 2)

@@ -1,4 +1,5 @@
-"""Decode attention read straight from the paged KV cache (``paged_decode_attention`` in ``quant_matmul.cpp``)."""
+"""A decode step's attention read straight from the paged KV cache (``paged_decode_attention`` in
+``quant_matmul.cpp``): RoPE, the cache write and attention in one call per layer."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from engine.kernels import native
 
 
 def fits(head_dim: int) -> bool:
-    return head_dim % 16 == 0 and head_dim <= 128
+    return head_dim % 32 == 0 and head_dim <= 128
 
 
 class PagedDecodeAttention:
-    """One new query per sequence against its cached keys: replaces gathering the keys and values into a padded
-    batch and a masked SDPA (bf16 caches; fp32 scores, softmax and sums)."""
+    """One new token per sequence: replaces rotating q and k, writing k and v, gathering the cached keys and
+    values into a padded batch and a masked SDPA (bf16 cache; fp32 RoPE, scores, softmax and sums)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -21,14 +22,17 @@ class PagedDecodeAttention:
         self._kernel = native.library().paged_decode_attention
         self._threads = torch.get_num_threads()
 
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor,
+    def __call__(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None,
+                 write_slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor,
                  kv_lens: torch.Tensor) -> torch.Tensor:
-        """``q`` [B, heads, D]; caches [slots, kv_heads, D]; ``kv_slots`` [B, Tk] left-padded; ``kv_lens`` [B].
-        Returns [B, heads * D]."""
-        q = q.contiguous()
-        out = q.new_empty((q.shape[0], self.num_heads * self.head_dim))
+        """``qkv`` [B, (heads + 2 kv_heads) * D]; ``cos``/``sin`` [B, 1, D] (sin's first half negated); ``logn``
+        [B, 1, 1] or None; ``write_slots`` [B]; caches [slots, kv_heads, D]; ``kv_slots`` [B, Tk] left-padded,
+        ``kv_lens`` [B]. Writes the new keys and values; returns [B, heads * D]."""
+        qkv = qkv.contiguous()
+        out = qkv.new_empty((qkv.shape[0], self.num_heads * self.head_dim))
         batch, width = kv_slots.shape
-        self._kernel(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kv_slots.data_ptr(), kv_lens.data_ptr(),
-                     batch, width, self.num_heads, self.num_kv_heads, self.head_dim, self.scale, out.data_ptr(),
-                     self._threads)
+        self._kernel(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), None if logn is None else logn.data_ptr(),
+                     write_slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kv_slots.data_ptr(),
+                     kv_lens.data_ptr(), batch, width, self.num_heads, self.num_kv_heads, self.head_dim, self.scale,
+                     out.data_ptr(), self._threads)
         return out

@@ -15,8 +15,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+
+import torch
 
 from engine.device import cpu_flags
 from engine.weights.embedded import cache_dir
@@ -46,8 +49,7 @@ def library() -> ctypes.CDLL | None:
     lib.q4q8_linear.restype = None
     lib.q8_head.argtypes = [pointer, pointer, size, size, pointer, size, pointer, eps, pointer, threads]
     lib.q8_head.restype = None
-    lib.paged_decode_attention.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, size, size, size,
-                                           eps, pointer, threads]
+    lib.paged_decode_attention.argtypes = [pointer] * 9 + [size] * 5 + [eps, pointer, threads]
     lib.paged_decode_attention.restype = None
     return lib
 
@@ -81,3 +83,27 @@ def build() -> Path | None:
         log.warning("native kernels not built (%s), using torch's", exc)
         return None
     return target
+
+
+class RowKernel:
+    """A native matmul over rows ``x`` [M, in] with its weight's arguments bound once (batch-1 decode makes ~120
+    calls a step, so a call should cost little more than the kernel) and, after ``fuse_norm``, an RMSNorm applied
+    to each row inside the kernel (fp32, before quantizing)."""
+
+    def __init__(self, kernel: Callable[..., None], weight_args: tuple, out_features: int, in_dtype: torch.dtype,
+                 out_dtype: torch.dtype) -> None:
+        self._kernel, self._weight_args = kernel, weight_args
+        self.out_features, self.in_dtype, self.out_dtype = out_features, in_dtype, out_dtype
+        self.norm: torch.Tensor | None = None
+        self._norm_args: tuple[int | None, float] = (None, 0.0)
+        self._threads = torch.get_num_threads()
+
+    def fuse_norm(self, weight: torch.Tensor, eps: float) -> None:
+        self.norm = weight.float().contiguous()
+        self._norm_args = (self.norm.data_ptr(), eps)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.in_dtype).contiguous()
+        out = torch.empty((x.shape[0], self.out_features), dtype=self.out_dtype)
+        self._kernel(*self._weight_args, x.data_ptr(), x.shape[0], *self._norm_args, out.data_ptr(), self._threads)
+        return out

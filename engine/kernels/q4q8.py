@@ -45,27 +45,13 @@ def pack(weight: Int4Weight) -> PackedQ4:
     return PackedQ4(packed, per_group(weight.scale), per_group(weight.zero), n, k, weight.group_size)
 
 
-class Q4Q8Matmul:
-    """``y = norm?(x) @ W^T (+ bias)`` for bf16 rows ``x`` [M, in] -> bf16 [M, out]. ``fuse_norm`` makes the kernel
-    apply an RMSNorm to each row first (in fp32, before quantizing). The weight's pointers are taken once, so a
-    call costs little more than the kernel (batch-1 decode makes ~120 calls a step)."""
+class Q4Q8Matmul(native.RowKernel):
+    """``y = norm?(x) @ W^T (+ bias)`` for bf16 rows ``x`` [M, in] -> bf16 [M, out]."""
 
     def __init__(self, weight: PackedQ4, bias: torch.Tensor | None) -> None:
         self.weight, self.bias = weight, None if bias is None else bias.float().contiguous()
-        self.norm: torch.Tensor | None = None
-        self._kernel = native.library().q4q8_linear
-        self._weight_args = (weight.q.data_ptr(), weight.scale.data_ptr(), weight.offset.data_ptr(),
-                             None if self.bias is None else self.bias.data_ptr(), weight.out_features,
-                             weight.in_features, weight.group_size // BLOCK)
-        self._norm_args: tuple[int | None, float] = (None, 0.0)
-        self._threads = torch.get_num_threads()
-
-    def fuse_norm(self, weight: torch.Tensor, eps: float) -> None:
-        self.norm = weight.float().contiguous()
-        self._norm_args = (self.norm.data_ptr(), eps)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        out = x.new_empty((x.shape[0], self.weight.out_features))
-        self._kernel(*self._weight_args, x.data_ptr(), x.shape[0], *self._norm_args, out.data_ptr(), self._threads)
-        return out
+        super().__init__(native.library().q4q8_linear,
+                         (weight.q.data_ptr(), weight.scale.data_ptr(), weight.offset.data_ptr(),
+                          None if self.bias is None else self.bias.data_ptr(), weight.out_features,
+                          weight.in_features, weight.group_size // BLOCK),
+                         weight.out_features, torch.bfloat16, torch.bfloat16)

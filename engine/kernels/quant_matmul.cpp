@@ -201,23 +201,61 @@ inline __m512 exp_nonpositive(__m512 x) {
 
 extern "C" {
 
-// Decode attention straight from the paged cache: for each sequence b (one new query per head) the keys are the
-// cache rows kv_slots[b, tk - kv_lens[b] .. tk) (left-padded table). q [batch, heads, dim] bf16; caches [slots,
-// kv_heads, dim] bf16; out [batch, heads, dim] bf16. Scores, softmax and the weighted sum run in fp32; each
-// (sequence, head) is computed alone, so nothing depends on the rest of the batch. dim is a multiple of 16.
-void paged_decode_attention(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
-                            const int64_t* kv_slots, const int64_t* kv_lens, int64_t batch, int64_t tk, int64_t heads,
-                            int64_t kv_heads, int64_t dim, float scale, uint16_t* out, int threads) {
+// Rotate-half RoPE of one head in fp32: out[i] = x[i] cos[i] + x[i +- dim/2] sin[i], where sin's first half
+// comes negated (the runner's layout). dim is a multiple of 32.
+inline void rotate(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t dim, __m512* out) {
+    const int64_t chunks = dim / 16, half = chunks / 2;
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t partner = c < half ? c + half : c - half;
+        out[c] = _mm512_fmadd_ps(load_bf16(x + c * 16), load_bf16(cos + c * 16),
+                                 _mm512_mul_ps(load_bf16(x + partner * 16), load_bf16(sin + c * 16)));
+    }
+}
+
+inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+// A decode step's attention for sequences with one new token each, from the fused qkv projection [batch,
+// (heads + 2 kv_heads) * dim] (bf16): RoPE on q and k (cos/sin [batch, dim]), Qwen-1's logN factor on q (logn
+// [batch] or null), the new k and v written to their cache slots, then each query against its sequence's keys
+// kv_slots[b, tk - kv_lens[b] .. tk) (left-padded table) straight from the paged cache [slots, kv_heads, dim].
+// Scores, softmax and sums run in fp32; out [batch, heads * dim] bf16. Each (sequence, head) is computed alone,
+// so nothing depends on the rest of the batch.
+void paged_decode_attention(const uint16_t* qkv, const uint16_t* cos, const uint16_t* sin, const uint16_t* logn,
+                            const int64_t* write_slots, uint16_t* k_cache, uint16_t* v_cache, const int64_t* kv_slots,
+                            const int64_t* kv_lens, int64_t batch, int64_t tk, int64_t heads, int64_t kv_heads,
+                            int64_t dim, float scale, uint16_t* out, int threads) {
     const int64_t group = heads / kv_heads, chunks = dim / 16, row = kv_heads * dim;
-#pragma omp parallel for num_threads(threads) schedule(dynamic)
+    const int64_t stride = (heads + 2 * kv_heads) * dim;
+    for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+            __m512 key[8];  // dim <= 128
+            rotate(qkv + b * stride + (heads + kvh) * dim, cos + b * dim, sin + b * dim, dim, key);
+            uint16_t* k_row = k_cache + write_slots[b] * row + kvh * dim;
+            const uint16_t* v_new = qkv + b * stride + (heads + kv_heads + kvh) * dim;
+            uint16_t* v_row = v_cache + write_slots[b] * row + kvh * dim;
+            for (int64_t c = 0; c < chunks; ++c) {
+                store_bf16(k_row + c * 16, key[c]);
+                _mm256_storeu_si256((__m256i*)(v_row + c * 16), _mm256_loadu_si256((const __m256i*)(v_new + c * 16)));
+            }
+        }
+    }
+    // a few thousand keys in all are not worth waking a second thread (it may be busy serving HTTP)
+#pragma omp parallel for num_threads(threads) schedule(dynamic) if (batch * heads * tk >= 8192)
     for (int64_t job = 0; job < batch * heads; ++job) {
         thread_local std::vector<float> scores;
         const int64_t b = job / heads, h = job % heads, kvh = h / group, len = kv_lens[b];
         const int64_t* slots = kv_slots + b * tk + (tk - len);
         scores.resize(len + 16);
-        __m512 query[8];  // dim <= 128
-        for (int64_t c = 0; c < chunks; ++c)
-            query[c] = _mm512_mul_ps(load_bf16(q + (b * heads + h) * dim + c * 16), _mm512_set1_ps(scale));
+        __m512 query[8];
+        rotate(qkv + b * stride + h * dim, cos + b * dim, sin + b * dim, dim, query);
+        float factor = scale;
+        if (logn) {
+            const uint32_t bits = (uint32_t)logn[b] << 16;
+            float value;
+            __builtin_memcpy(&value, &bits, 4);
+            factor *= value;
+        }
+        for (int64_t c = 0; c < chunks; ++c) query[c] = _mm512_mul_ps(query[c], _mm512_set1_ps(factor));
         float best = -INFINITY;
         for (int64_t t = 0; t < len; ++t) {
             const uint16_t* key = k_cache + slots[t] * row + kvh * dim;
@@ -247,10 +285,8 @@ void paged_decode_attention(const uint16_t* q, const uint16_t* k_cache, const ui
             const __m512 p = _mm512_set1_ps(scores[u]);
             for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, load_bf16(value + c * 16), acc[c]);
         }
-        for (int64_t c = 0; c < chunks; ++c) {
-            const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
-            _mm256_storeu_si256((__m256i*)(out + (b * heads + h) * dim + c * 16), (__m256i)o);
-        }
+        for (int64_t c = 0; c < chunks; ++c)
+            store_bf16(out + (b * heads + h) * dim + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
     }
 }
 
