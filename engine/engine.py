@@ -86,8 +86,8 @@ class LLMEngine:
                    device: str | torch.device | None = None, config: EngineConfig | None = None,
                    cpu_kernels: str = "native", progress=None) -> LLMEngine:
         """Load ``model`` (hub id, folder, ``.gguf``; None = the embedded default) and build an engine.
-        ``cpu_kernels``: "native" runs 4-bit weights on the int4 x int8 kernel where the CPU has it, "torch" on
-        torch's weight-only kernel (bf16 activations; slower, closer to fp32)."""
+        ``cpu_kernels`` (bf16 on CPU): "native" runs the native kernels where the CPU has them (int4 x int8 linears,
+        the Q8_0 head, decode attention), "torch" torch's weight-only int4 kernel (slower, closer to fp32)."""
         torch_device = select_device(device)
         torch_dtype = select_dtype(dtype, torch_device)
         kernel = int4_kernel_for(torch_device, torch_dtype, cpu_kernels)

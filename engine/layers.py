@@ -58,8 +58,8 @@ class Int4Linear(nn.Module):
 
 
 class Q4Q8Linear(nn.Module):
-    """int4 weights times int8 activations quantized per block of 32 (llama.cpp's Q4_1 x Q8_1 product) on the
-    native AVX512-VNNI kernel: several times faster than the weight-only kernel once a step has a few rows."""
+    """int4 weights times int8 activations quantized per block of 16 (llama.cpp's Q4_1 x Q8_1 product, with finer
+    blocks) on the native AVX512-VNNI kernel: 2-2.7x faster than torch's weight-only kernel from 16 rows."""
 
     def __init__(self, weight: PackedQ4, bias: torch.Tensor | None) -> None:
         super().__init__()

@@ -9,7 +9,6 @@ from engine.config import ModelConfig
 from engine.device import head_dtype
 from engine.kernels import attention as attention_kernel
 from engine.kernels import q4q8, q8head
-from engine.kernels.attention import PagedDecodeAttention
 from engine.layers import DenseLinear, Int4Linear, Q4Q8Linear, Q8Linear, RMSNorm
 from engine.model import MLP, Attention, DecoderLayer, DecoderModel
 from engine.weights.int4 import Int4Weight
@@ -73,9 +72,9 @@ class ModelBuilder:
             biases = [self._optional(f"{p}_bias", i) for p in "qkv"]
             qkv = self._linear(["q", "k", "v"], i, biases)
         attention = Attention(self.config, qkv, self._linear(["o"], i, [None]))
-        if self.int4_kernel == "native" and attention_kernel.fits(self.config.head_dim):
-            attention.decode_attention = PagedDecodeAttention(self.config.num_heads, self.config.num_kv_heads,
-                                                              self.config.head_dim)
+        c = self.config
+        if self.int4_kernel == "native" and attention_kernel.fits(c.head_dim):
+            attention.decode_attention = attention_kernel.PagedDecodeAttention(c.num_heads, c.num_kv_heads, c.head_dim)
         mlp = MLP(self._linear(["gate", "up"], i, [None, None]), self._linear(["down"], i, [None]))
         layer = DecoderLayer(self.config, self.dtype, attention, mlp)
         layer.attn_norm.weight.data = self._tensor("attn_norm", i)
