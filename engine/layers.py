@@ -67,16 +67,14 @@ class Q4Q8Linear(nn.Module):
         self.register_buffer("scale", weight.scale)
         self.register_buffer("offset", weight.offset)
         self.matmul = Q4Q8Matmul(weight, bias)
-        self.out_features = weight.out_features
 
     def fuse_norm(self, norm: RMSNorm) -> None:
         """Apply ``norm`` inside the kernel (the caller then drops its own)."""
         self.matmul.fuse_norm(norm.weight, norm.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            return self.matmul(x)
-        return self.matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+        """``x``: [tokens, in] (the model's packed rows)."""
+        return self.matmul(x)
 
 
 class Q8Linear(nn.Module):
