@@ -1,9 +1,10 @@
 """One decoder-only transformer parameterised by ``ModelConfig`` (Qwen-1, Qwen2, Llama).
 
 The model runs on *packed* tokens: the new tokens of every sequence in the step, one after another. Only
-attention sees a batch shape: queries are gathered into a left-padded [B, Tq] layout, keys and values are
-gathered from the paged cache into a left-padded [B, Tk] layout, and an explicit mask says what each query may
-see. Linear layers never pay for padding.
+attention sees the sequences apart, in one of two layouts the runner builds: ``PaddedLayout`` (the portable
+path: queries gathered into a left-padded [B, Tq] layout, keys and values from the paged cache into a left-padded
+[B, Tk] layout, an explicit mask, torch SDPA) or ``VarlenLayout`` (keys packed sequence after sequence with
+offsets, for flash-attn's varlen kernel on CUDA). Linear layers never pay for padding.
 """
 
 from __future__ import annotations
@@ -16,7 +17,41 @@ from torch.nn import functional as F
 
 from engine.config import ModelConfig
 from engine.kernels.attention import PagedDecodeAttention
+from engine.kernels.flash import VarlenAttention, VarlenKernel
 from engine.layers import RMSNorm, apply_rotary
+
+
+@dataclass
+class PaddedLayout:
+    """Attention over keys gathered into a left-padded batch (torch SDPA, and the native decode kernel).
+
+    ``kv_slots``: [B, Tk] left-padded cache slots of every key a sequence attends to; ``kv_lens``: [B] how many of
+    them are real; ``mask``: [B, 1, Tq, Tk] True where attention is allowed; ``query_index``: [B, Tq] packed index
+    of each padded query (None when every sequence has exactly one new token); ``query_valid``: [B, Tq] which
+    padded queries are real.
+    """
+
+    kv_slots: torch.Tensor
+    kv_lens: torch.Tensor
+    mask: torch.Tensor
+    query_index: torch.Tensor | None
+    query_valid: torch.Tensor | None
+
+
+@dataclass
+class VarlenLayout:
+    """Attention over keys packed sequence after sequence (flash-attn's ``flash_attn_varlen_func``).
+
+    ``kv_slots``: [K] cache slot of every key, each sequence's keys in order; ``cu_seqlens_q``/``cu_seqlens_k``:
+    [B + 1] int32 offsets of each sequence's queries (the packed new tokens) and keys; ``max_q``/``max_k``: the
+    longest of each. A sequence's queries are its last keys (causal masking aligned to the bottom right).
+    """
+
+    kv_slots: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_q: int
+    max_k: int
 
 
 @dataclass
@@ -24,33 +59,28 @@ class StepInputs:
     """Everything one forward pass needs besides the token ids (built by the runner).
 
     ``cos``/``sin``: [N, 1, D/2] rotary factors of every new token; ``logn``: [N, 1, 1] Qwen-1 query scales or
-    None; ``write_slots``: [N] cache slot of every new token; ``kv_slots``: [B, Tk] left-padded cache slots of
-    every key a sequence attends to; ``kv_lens``: [B] how many of them are real (the rest is left padding);
-    ``mask``: [B, 1, Tq, Tk] True where attention is allowed; ``query_index``:
-    [B, Tq] packed index of each padded query (None when every sequence has exactly one new token);
-    ``query_valid``: [B, Tq] which padded queries are real; ``last_index``: [B] packed index of each
-    sequence's last token (the one whose logits are sampled).
+    None; ``write_slots``: [N] cache slot of every new token; ``layout``: how attention sees the sequences;
+    ``last_index``: [B] packed index of each sequence's last token (the one whose logits are sampled).
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
     logn: torch.Tensor | None
     write_slots: torch.Tensor
-    kv_slots: torch.Tensor
-    kv_lens: torch.Tensor
-    mask: torch.Tensor
-    query_index: torch.Tensor | None
-    query_valid: torch.Tensor | None
+    layout: PaddedLayout | VarlenLayout
     last_index: torch.Tensor
 
 
 class Attention(nn.Module):
-    """``decode_attention``: a kernel that reads the paged cache directly, used for steps where every sequence has
-    one new token (set by the builder where the native kernels run); otherwise gather + masked SDPA."""
+    """Attention over the paged cache. ``decode_attention``: a kernel that reads the paged cache directly, used
+    for padded-layout steps where every sequence has one new token (set by the builder where the native kernels
+    run); ``varlen_attention``: flash-attn's varlen kernel, for every step of a ``VarlenLayout``; otherwise gather
+    + masked SDPA."""
 
     def __init__(self, config: ModelConfig, qkv: nn.Module, o_proj: nn.Module) -> None:
         super().__init__()
         self.decode_attention: PagedDecodeAttention | None = None
+        self.varlen_attention: VarlenAttention | None = None
         self.qkv = qkv
         self.o_proj = o_proj
         self.num_heads = config.num_heads
@@ -59,11 +89,11 @@ class Attention(nn.Module):
         self.split = (config.q_size, config.kv_size, config.kv_size)
 
     def forward(self, x: torch.Tensor, step: StepInputs, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
+        n, layout = x.shape[0], step.layout
         qkv = self.qkv(x)
-        if step.query_index is None and self.decode_attention is not None:
+        if isinstance(layout, PaddedLayout) and layout.query_index is None and self.decode_attention is not None:
             return self.o_proj(self.decode_attention(qkv, step.cos, step.sin, step.logn, step.write_slots, k_cache,
-                                                     v_cache, step.kv_slots, step.kv_lens))
+                                                     v_cache, layout.kv_slots, layout.kv_lens))
         q_size, kv_size, _ = self.split
         qk = apply_rotary(qkv[:, : q_size + kv_size].view(n, -1, self.head_dim), step.cos, step.sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
@@ -72,16 +102,25 @@ class Attention(nn.Module):
             q = q * step.logn
         k_cache.index_copy_(0, step.write_slots, k)
         v_cache.index_copy_(0, step.write_slots, v.view(n, self.num_kv_heads, self.head_dim))
+        if isinstance(layout, VarlenLayout):
+            if self.varlen_attention is None:
+                raise RuntimeError("a varlen layout needs varlen_attention")
+            return self.o_proj(self.varlen_attention(q, k_cache, v_cache, layout))
+        return self.o_proj(self.padded_attention(q, k_cache, v_cache, layout))
+
+    def padded_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         layout: PaddedLayout) -> torch.Tensor:
+        """Masked SDPA over left-padded queries and keys; [N, heads * D] in packed order."""
+        n = q.shape[0]
         # index_select copies whole cache rows (several times faster than advanced indexing on CPU)
-        padded = (*step.kv_slots.shape, self.num_kv_heads, self.head_dim)
-        keys = k_cache.index_select(0, step.kv_slots.view(-1)).view(padded).transpose(1, 2)
-        values = v_cache.index_select(0, step.kv_slots.view(-1)).view(padded).transpose(1, 2)
-        queries = q.unsqueeze(2) if step.query_index is None else q[step.query_index].transpose(1, 2)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=step.mask,
+        padded = (*layout.kv_slots.shape, self.num_kv_heads, self.head_dim)
+        keys = k_cache.index_select(0, layout.kv_slots.view(-1)).view(padded).transpose(1, 2)
+        values = v_cache.index_select(0, layout.kv_slots.view(-1)).view(padded).transpose(1, 2)
+        queries = q.unsqueeze(2) if layout.query_index is None else q[layout.query_index].transpose(1, 2)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=layout.mask,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
         out = out.transpose(1, 2)
-        out = out.reshape(n, -1) if step.query_valid is None else out[step.query_valid].reshape(n, -1)
-        return self.o_proj(out)
+        return out.reshape(n, -1) if layout.query_valid is None else out[layout.query_valid].reshape(n, -1)
 
 
 class MLP(nn.Module):
@@ -128,6 +167,16 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = lm_head
+
+    @property
+    def uses_varlen(self) -> bool:
+        """Whether attention runs on a varlen kernel (the runner then builds a ``VarlenLayout``)."""
+        return self.layers[0].attn.varlen_attention is not None
+
+    def use_varlen_attention(self, kernel: VarlenKernel | None) -> None:
+        """Run attention on ``kernel`` (``flash_attn_varlen_func``'s signature), or on the padded path (None)."""
+        for layer in self.layers:
+            layer.attn.varlen_attention = None if kernel is None else VarlenAttention(kernel, self.config.head_dim)
 
     def forward(self, token_ids: torch.Tensor, step: StepInputs, kv_cache: torch.Tensor,
                 all_logits: bool = False) -> torch.Tensor:

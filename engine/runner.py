@@ -1,14 +1,15 @@
-"""Turns a scheduled batch into model inputs (packed tokens, slots, left-padded attention layout) and runs it."""
+"""Turns a scheduled batch into model inputs (packed tokens, slots, the attention layout) and runs it."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from torch.nn import functional as F
 
 from engine.config import ModelConfig
 from engine.layers import inverse_frequencies
-from engine.model import DecoderModel, StepInputs
+from engine.model import DecoderModel, PaddedLayout, StepInputs, VarlenLayout
 from engine.sequence import Sequence
 
 
@@ -47,28 +48,19 @@ class ModelRunner:
             else:
                 tokens += seq.token_ids[seq.num_computed :]
             positions += range(seq.num_computed, len(seq))
-        b, tq, tk = len(batch), max(q_lens), max(kv_lens)
         as_tensor = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
 
         q_len_t, kv_len_t = as_tensor(q_lens), as_tensor(kv_lens)
-        row_of_token = torch.repeat_interleave(torch.arange(b, device=device), q_len_t)
+        row_of_token = torch.repeat_interleave(torch.arange(len(batch), device=device), q_len_t)
         position_t = as_tensor(positions)
         width = max(len(s.block_table) for s in batch)
         tables = as_tensor([s.block_table + [0] * (width - len(s.block_table)) for s in batch])
-        slots = (tables[:, :, None] * block_size + torch.arange(block_size, device=device)).view(b, -1)
-        write_slots = slots[row_of_token, position_t]
-        key_offset = torch.arange(tk, device=device)[None, :] - (tk - kv_len_t)[:, None]
-        kv_slots = slots.gather(1, key_offset.clamp(min=0))
-
-        key_valid = key_offset >= 0
-        query_offset = torch.arange(tq, device=device)[None, :] - (tq - q_len_t)[:, None]
-        query_valid = query_offset >= 0
-        causal = (torch.arange(tk, device=device)[None, :] - tk) <= (torch.arange(tq, device=device)[:, None] - tq)
-        mask = (causal[None] & key_valid[:, None, :]) | ~query_valid[:, :, None]
+        slots = (tables[:, :, None] * block_size + torch.arange(block_size, device=device)).view(len(batch), -1)
         starts = torch.cumsum(q_len_t, 0) - q_len_t
-        query_index = None
-        if tq > 1:
-            query_index = (starts[:, None] + query_offset).clamp(min=0)
+        if self.model.uses_varlen:
+            layout: PaddedLayout | VarlenLayout = varlen_layout(slots, q_len_t, kv_len_t, max(q_lens), max(kv_lens))
+        else:
+            layout = padded_layout(slots, q_len_t, kv_len_t, starts, max(q_lens), max(kv_lens))
 
         alphas = [s.ntk_alpha for s in batch]
         if len(set(alphas)) == 1:
@@ -84,10 +76,35 @@ class ModelRunner:
             seq_length = self.config.seq_length
             scale = (position_t + 1).double().log() / math.log(seq_length)
             logn = torch.where(position_t + 1 > seq_length, scale, 1.0).float().to(self.dtype)[:, None, None]
-        inputs = StepInputs(
-            cos=cos, sin=sin, logn=logn, write_slots=write_slots, kv_slots=kv_slots, kv_lens=kv_len_t,
-            mask=mask[:, None],
-            query_index=query_index, query_valid=query_valid if tq > 1 else None,
-            last_index=starts + q_len_t - 1,
-        )
+        inputs = StepInputs(cos=cos, sin=sin, logn=logn, write_slots=slots[row_of_token, position_t],
+                            layout=layout, last_index=starts + q_len_t - 1)
         return as_tensor(tokens), inputs
+
+
+def padded_layout(slots: torch.Tensor, q_lens: torch.Tensor, kv_lens: torch.Tensor, starts: torch.Tensor,
+                  tq: int, tk: int) -> PaddedLayout:
+    """Left-padded [B, Tq] queries over left-padded [B, Tk] keys, each sequence's queries being its last keys.
+    ``slots``: [B, blocks * block_size] cache slot of each position; ``starts``: packed index of each first query."""
+    device = slots.device
+    key_offset = torch.arange(tk, device=device)[None, :] - (tk - kv_lens)[:, None]
+    query_offset = torch.arange(tq, device=device)[None, :] - (tq - q_lens)[:, None]
+    query_valid = query_offset >= 0
+    causal = (torch.arange(tk, device=device)[None, :] - tk) <= (torch.arange(tq, device=device)[:, None] - tq)
+    mask = (causal[None] & (key_offset >= 0)[:, None, :]) | ~query_valid[:, :, None]
+    multi = tq > 1
+    return PaddedLayout(
+        kv_slots=slots.gather(1, key_offset.clamp(min=0)), kv_lens=kv_lens, mask=mask[:, None],
+        query_index=(starts[:, None] + query_offset).clamp(min=0) if multi else None,
+        query_valid=query_valid if multi else None,
+    )
+
+
+def varlen_layout(slots: torch.Tensor, q_lens: torch.Tensor, kv_lens: torch.Tensor, tq: int, tk: int) -> VarlenLayout:
+    """Every sequence's keys packed one after another, with int32 offsets of queries and keys."""
+    device = slots.device
+    cu_q = F.pad(torch.cumsum(q_lens, 0), (1, 0))
+    cu_k = F.pad(torch.cumsum(kv_lens, 0), (1, 0))
+    row_of_key = torch.repeat_interleave(torch.arange(len(kv_lens), device=device), kv_lens)
+    position_of_key = torch.arange(row_of_key.shape[0], device=device) - cu_k[row_of_key]
+    return VarlenLayout(kv_slots=slots[row_of_key, position_of_key], cu_seqlens_q=cu_q.int(),
+                        cu_seqlens_k=cu_k.int(), max_q=tq, max_k=tk)

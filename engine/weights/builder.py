@@ -8,7 +8,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.device import head_dtype
 from engine.kernels import attention as attention_kernel
-from engine.kernels import q4q8, q8head
+from engine.kernels import flash, q4q8, q8head
 from engine.layers import DenseLinear, Int4Linear, Q4Q8Linear, Q8Linear, RMSNorm
 from engine.model import MLP, Attention, DecoderLayer, DecoderModel
 from engine.weights.int4 import Int4Weight
@@ -20,7 +20,8 @@ class ModelBuilder:
 
     ``int4_kernel``: keep 4-bit matrices packed, on torch's weight-only int4 CPU kernel (``"torch"``) or on the
     native kernels (``"native"``: int4 x int8 linears with their RMSNorm fused in, the Q8_0 head as stored, decode
-    attention read from the paged cache; each where the shapes fit); None dequantizes them.
+    attention read from the paged cache; each where the shapes fit); None dequantizes them. On CUDA in fp16/bf16,
+    attention runs on flash-attn's varlen kernel when the package is installed.
     ``rope_permuted``: the checkpoint stores q/k rows in llama.cpp's interleaved order (GGUF llama).
     """
 
@@ -46,6 +47,8 @@ class ModelBuilder:
         model.final_norm.weight.data = self._tensor("final_norm", dtype=self.head_dtype)
         if isinstance(lm_head, Q8Linear):
             model.final_norm = self._fused_norm(model.final_norm, lm_head)
+        if flash.fits(self.device, self.dtype, self.config.head_dim):
+            model.use_varlen_attention(flash.flash_kernel())
         return model.eval()
 
     def _q8_head(self, part: str) -> Q8Linear | None:

@@ -1,6 +1,7 @@
 """The reference checks on CUDA (skipped without a GPU). Tolerances: fp32 with TF32 off, logits within 1e-3 of the
 CPU-recorded oracles (different summation orders); bf16, logits within 0.3 (an 8-bit mantissa on logits of
-magnitude ~10) and greedy tokens compared only where fp32 is exact."""
+magnitude ~10) and greedy tokens compared only where fp32 is exact. With flash-attn installed, bf16 runs on its
+varlen kernel, and that path must give the tokens of the padded SDPA path."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from engine.kernels.flash import flash_kernel
 from engine.weights.loader import load_model
 from tests.conftest import load_fixture
 from tests.unit.engine.conftest import QWEN1_MODEL
@@ -56,3 +58,17 @@ def test_quantized_checkpoints_on_cuda(name):
     for k in range(3):
         logits = engine.prompt_logits(ref[f"prompt.{k}"].tolist()).cpu()
         torch.testing.assert_close(logits, ref[f"logits.{k}"], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(flash_kernel() is None, reason="needs flash-attn")
+def test_flash_varlen_path_gives_the_tokens_of_the_sdpa_path():
+    flash = LLM(str(QWEN1_MODEL), dtype="bfloat16", device="cuda")
+    sdpa = LLM(str(QWEN1_MODEL), dtype="bfloat16", device="cuda")
+    sdpa.engine.runner.model.use_varlen_attention(None)
+    assert flash.engine.runner.model.uses_varlen and not sdpa.engine.runner.model.uses_varlen
+    prompts = [c["prompt_ids"] for c in CASES]
+    for prompt in prompts:
+        torch.testing.assert_close(flash.engine.prompt_logits(prompt), sdpa.engine.prompt_logits(prompt),
+                                   atol=0.1, rtol=1e-2)
+    assert ([o.token_ids for o in flash.generate(prompts, GREEDY)]
+            == [o.token_ids for o in sdpa.generate(prompts, GREEDY)])
