@@ -142,6 +142,7 @@ class LLMEngine:
             stop_ids=frozenset(stop_ids),
             max_tokens=min(params.max_tokens or room, room),
             ntk_alpha=qwen_ntk_alpha(len(prompt), c.seq_length) if c.use_dynamic_ntk else 1.0,
+            generator=None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed),
         )
         self.scheduler.add(seq)
         self._sequences[request_id] = seq

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -93,20 +94,21 @@ class SampleResult:
 
 def apply_penalties_and_bias(logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
     """Logit bias, min_tokens bans, HF repetition penalty and OpenAI presence/frequency penalties, in place."""
+    device = logits.device
     for row, request in enumerate(rows):
         params = request.params
         if params.logit_bias:
-            ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
-            logits[row, ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+            ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
+            logits[row, ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=device)
         if len(request.output_ids) < params.min_tokens and request.stop_ids:
             logits[row, list(request.stop_ids)] = float("-inf")
         if params.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted({*request.prompt_ids, *request.output_ids}), dtype=torch.long)
+            seen = torch.tensor(sorted({*request.prompt_ids, *request.output_ids}), dtype=torch.long, device=device)
             scores = logits[row, seen]
             logits[row, seen] = torch.where(scores < 0, scores * params.repetition_penalty,
                                             scores / params.repetition_penalty)
         if (params.presence_penalty or params.frequency_penalty) and request.output_ids:
-            ids, counts = torch.tensor(request.output_ids, dtype=torch.long).unique(return_counts=True)
+            ids, counts = torch.tensor(request.output_ids, dtype=torch.long, device=device).unique(return_counts=True)
             logits[row, ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
     return logits
 
@@ -172,14 +174,14 @@ class Sampler:
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
-        temperature = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype)
-        logits = logits / temperature[:, None]
+        per_row = partial(torch.tensor, dtype=logits.dtype, device=logits.device)
+        logits = logits / per_row([r.params.temperature for r in rows])[:, None]
         if any(r.params.truncates for r in rows):
             logits = truncate(
                 logits,
-                torch.tensor([r.params.top_k for r in rows]),
-                torch.tensor([r.params.top_p for r in rows], dtype=logits.dtype),
-                torch.tensor([r.params.min_p for r in rows], dtype=logits.dtype),
+                per_row([r.params.top_k for r in rows], dtype=torch.long),
+                per_row([r.params.top_p for r in rows]),
+                per_row([r.params.min_p for r in rows]),
             )
         probs = logits.softmax(dim=-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p; each seeded row draws its own noise.

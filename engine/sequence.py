@@ -19,7 +19,8 @@ class Status(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """Prompt, generated tokens, cache blocks and sampling state of one request."""
+    """Prompt, generated tokens, cache blocks and sampling state of one request (``generator``: the seeded
+    request's own random stream, on the device that samples)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -39,8 +40,6 @@ class Sequence:
     matcher: TokenMatcher | None = None
 
     def __post_init__(self) -> None:
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
         if self.params.grammar is not None:
             self.matcher = self.params.grammar.matcher(self.stop_ids)
 

@@ -72,3 +72,17 @@ def test_flash_varlen_path_gives_the_tokens_of_the_sdpa_path():
                                    atol=0.1, rtol=1e-2)
     assert ([o.token_ids for o in flash.generate(prompts, GREEDY)]
             == [o.token_ids for o in sdpa.generate(prompts, GREEDY)])
+
+
+def test_seeded_sampling_with_penalties_on_cuda(llm):
+    if llm.engine.dtype != torch.float32:
+        pytest.skip("batch compositions are compared in fp32")
+    params = SamplingParams(temperature=0.8, top_p=0.8, top_k=20, min_p=0.02, repetition_penalty=1.1,
+                            presence_penalty=0.3, frequency_penalty=0.2, logit_bias={5: 2.0}, seed=7, logprobs=2,
+                            max_tokens=16)
+    prompts = [c["prompt_ids"] for c in CASES]
+    alone = llm.generate([prompts[0]], params)[0]
+    crowd = llm.generate(prompts, [params] + [SamplingParams(temperature=1.0, max_tokens=16)] * (len(prompts) - 1))
+    assert crowd[0].token_ids == alone.token_ids and len(alone.token_ids) == 16
+    assert all(token in entry and len(entry) >= 2 for token, entry in zip(alone.token_ids, alone.logprobs,
+                                                                          strict=True))

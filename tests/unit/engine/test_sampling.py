@@ -1,8 +1,10 @@
-"""The vectorised sampler against straightforward one-row references on fixed logits."""
+"""The vectorised sampler against straightforward one-row references on fixed logits (on CPU, and on CUDA where
+present: every tensor the sampler makes must follow the logits' device)."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -10,10 +12,12 @@ import torch
 from engine.sampling import Sampler, SampleRequest, SamplingParams, apply_penalties_and_bias, truncate
 
 V = 50
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
 
-def logits_rows(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 3
+def logits_rows(n: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    return (torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 3).to(device)
 
 
 def request(params: SamplingParams, prompt=(), output=(), stops=frozenset(), generator=None) -> SampleRequest:
@@ -49,20 +53,23 @@ def test_truncation_matches_reference(top_k, top_p, min_p):
         assert kept == reference_keep(logits[row].tolist(), top_k, top_p, min_p)
 
 
-def test_mixed_rows_truncate_independently():
-    logits = logits_rows(3)
-    out = truncate(logits, torch.tensor([0, 4, 0]), torch.tensor([1.0, 1.0, 0.6]), torch.tensor([0.0, 0.0, 0.0]))
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_rows_truncate_independently(device):
+    logits = logits_rows(3, device=device)
+    per_row = partial(torch.tensor, device=device)
+    out = truncate(logits, per_row([0, 4, 0]), per_row([1.0, 1.0, 0.6]), per_row([0.0, 0.0, 0.0])).cpu()
     assert (out[0] > float("-inf")).sum() == V
     assert (out[1] > float("-inf")).sum() == 4
     assert {i for i in range(V) if out[2, i] > float("-inf")} == reference_keep(logits[2].tolist(), 0, 0.6, 0.0)
 
 
-def test_penalties_and_bias_match_reference():
-    logits = logits_rows(1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalties_and_bias_match_reference(device):
+    logits = logits_rows(1, device=device)
     prompt, output = [1, 2, 3, 3], [3, 4, 4, 4, 7]
     params = SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25,
                             logit_bias={9: 5.0, 10: -100.0})
-    actual = apply_penalties_and_bias(logits.clone(), [request(params, prompt, output)])[0]
+    actual = apply_penalties_and_bias(logits.clone(), [request(params, prompt, output)])[0].cpu()
     expected = logits[0].tolist()
     for token in (9, 10):
         expected[token] += params.logit_bias[token]
@@ -74,8 +81,9 @@ def test_penalties_and_bias_match_reference():
     torch.testing.assert_close(actual, torch.tensor(expected))
 
 
-def test_min_tokens_bans_stop_ids_until_reached():
-    logits = torch.zeros(1, V)
+@pytest.mark.parametrize("device", DEVICES)
+def test_min_tokens_bans_stop_ids_until_reached(device):
+    logits = torch.zeros(1, V, device=device)
     logits[0, 7] = 10.0
     params = SamplingParams(temperature=0, min_tokens=3)
     sampler = Sampler()
@@ -90,8 +98,9 @@ def test_vocab_limit_hides_padding_rows_and_greedy_is_argmax():
     assert result.token_ids == logits[:, :45].argmax(-1).tolist()
 
 
-def test_logprobs_are_raw_distribution_with_top_alternatives():
-    logits = logits_rows(1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_logprobs_are_raw_distribution_with_top_alternatives(device):
+    logits = logits_rows(1, device=device)
     params = SamplingParams(temperature=0, logprobs=3, logit_bias={0: 50.0})
     result = Sampler()(logits.clone(), [request(params)])
     raw = logits[0].log_softmax(-1)
@@ -102,12 +111,13 @@ def test_logprobs_are_raw_distribution_with_top_alternatives():
         assert entry[token] == pytest.approx(raw[token].item())
 
 
-def test_seeded_rows_reproduce_whatever_else_is_in_the_batch():
-    logits = logits_rows(4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_rows_reproduce_whatever_else_is_in_the_batch(device):
+    logits = logits_rows(4, device=device)
     params = SamplingParams(temperature=1.0, seed=1234)
 
     def seeded() -> SampleRequest:
-        return request(params, generator=torch.Generator().manual_seed(1234))
+        return request(params, generator=torch.Generator(device).manual_seed(1234))
 
     alone = [Sampler()(logits[1:2].clone(), [seeded()]).token_ids[0] for _ in range(3)]
     crowd = Sampler()(logits.clone(), [request(SamplingParams()), seeded(), request(SamplingParams(top_k=3)),
