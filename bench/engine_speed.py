@@ -91,8 +91,9 @@ def shape_report(args: argparse.Namespace) -> None:
     bound = copy_bandwidth(device) / weight_bytes
     aggregate = our_rate(engine, prompts, n, concurrent=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"Qwen-7B-Chat shapes ({loaded.config.num_layers} layers, random weights), {dtype}, {name}; "
-          f"{weight_bytes / 1e9:.1f} GB of weights, {n} new tokens per request")
+    attention = "flash-attn varlen" if loaded.model.uses_varlen else "SDPA"
+    print(f"Qwen-7B-Chat shapes ({loaded.config.num_layers} layers, random weights), {dtype}, {name}, "
+          f"{attention} attention; {weight_bytes / 1e9:.1f} GB of weights, {n} new tokens per request")
     print(f"batch-1 decode: {decode_rate:7.1f} tok/s; bandwidth bound {bound:7.1f} tok/s "
           f"({decode_rate / bound:.0%} of it)")
     print(f"{args.concurrency} concurrent requests: {aggregate:7.1f} tok/s aggregate")
