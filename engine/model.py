@@ -103,8 +103,7 @@ class Attention(nn.Module):
         k_cache.index_copy_(0, step.write_slots, k)
         v_cache.index_copy_(0, step.write_slots, v.view(n, self.num_kv_heads, self.head_dim))
         if isinstance(layout, VarlenLayout):
-            if self.varlen_attention is None:
-                raise RuntimeError("a varlen layout needs varlen_attention")
+            assert self.varlen_attention is not None, "the runner builds varlen layouts for varlen models only"
             return self.o_proj(self.varlen_attention(q, k_cache, v_cache, layout))
         return self.o_proj(self.padded_attention(q, k_cache, v_cache, layout))
 
