@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.kernels.native import RowKernel
 from engine.kernels.q4q8 import PackedQ4, Q4Q8Matmul
 from engine.kernels.q8head import Q8Matmul
 
@@ -57,16 +58,10 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-class Q4Q8Linear(nn.Module):
-    """int4 weights times int8 activations quantized per block of 16 (llama.cpp's Q4_1 x Q8_1 product, with finer
-    blocks) on the native AVX512-VNNI kernel: 2-2.7x faster than torch's weight-only kernel from 16 rows."""
+class NativeLinear(nn.Module):
+    """A linear on a native CPU kernel (``matmul``), which can apply the preceding RMSNorm itself."""
 
-    def __init__(self, weight: PackedQ4, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.register_buffer("q", weight.q)
-        self.register_buffer("scale", weight.scale)
-        self.register_buffer("offset", weight.offset)
-        self.matmul = Q4Q8Matmul(weight, bias)
+    matmul: RowKernel
 
     def fuse_norm(self, norm: RMSNorm) -> None:
         """Apply ``norm`` inside the kernel (the caller then drops its own)."""
@@ -77,7 +72,19 @@ class Q4Q8Linear(nn.Module):
         return self.matmul(x)
 
 
-class Q8Linear(nn.Module):
+class Q4Q8Linear(NativeLinear):
+    """int4 weights times int8 activations quantized per block of 16 (llama.cpp's Q4_1 x Q8_1 product, with finer
+    blocks) on the native AVX512-VNNI kernel: 2-2.7x faster than torch's weight-only kernel from 16 rows."""
+
+    def __init__(self, weight: PackedQ4, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("q", weight.q)
+        self.register_buffer("scale", weight.scale)
+        self.register_buffer("offset", weight.offset)
+        self.matmul = Q4Q8Matmul(weight, bias)
+
+
+class Q8Linear(NativeLinear):
     """An LM head on Q8_0 weights (GGUF's 8-bit embedding table) with 16-bit activations, fp32 out, on the native
     kernel: half the bytes of an fp16 head and the stored values exactly."""
 
@@ -86,13 +93,6 @@ class Q8Linear(nn.Module):
         self.matmul = Q8Matmul(q, scale)
         self.register_buffer("q", self.matmul.q)
         self.register_buffer("scale", self.matmul.scale)
-
-    def fuse_norm(self, norm: RMSNorm) -> None:
-        """Apply ``norm`` inside the kernel (the caller then drops its own)."""
-        self.matmul.fuse_norm(norm.weight, norm.eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x)
 
 
 def qwen_ntk_alpha(prompt_len: int, seq_length: int) -> float:

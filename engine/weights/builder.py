@@ -9,7 +9,7 @@ from engine.config import ModelConfig
 from engine.device import head_dtype
 from engine.kernels import attention as attention_kernel
 from engine.kernels import flash, q4q8, q8head
-from engine.layers import DenseLinear, Int4Linear, Q4Q8Linear, Q8Linear, RMSNorm
+from engine.layers import DenseLinear, Int4Linear, NativeLinear, Q4Q8Linear, Q8Linear, RMSNorm
 from engine.model import MLP, Attention, DecoderLayer, DecoderModel
 from engine.weights.int4 import Int4Weight
 from engine.weights.sources import WeightSource
@@ -89,7 +89,7 @@ class ModelBuilder:
         return layer
 
     @staticmethod
-    def _fused_norm(norm: RMSNorm, linear: Q4Q8Linear | Q8Linear) -> nn.Module:
+    def _fused_norm(norm: RMSNorm, linear: NativeLinear) -> nn.Module:
         """The native kernels normalize their own input rows: one call instead of a norm's ~8 small ops."""
         linear.fuse_norm(norm)
         return nn.Identity()

@@ -12,7 +12,7 @@ from gguf.quants import dequantize
 
 from engine.weights.int4 import Int4Weight
 
-_Q4_BLOCK = 32  # inputs per block, for Q8_0 too
+_BLOCK = 32  # inputs per block of Q4_0, Q4_1 and Q8_0
 _Q4_BYTES = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}
 
 
@@ -43,7 +43,7 @@ class GGUFTensors:
         if tensor.tensor_type != GGMLQuantizationType.Q8_0:
             return None
         out_features, in_features = (int(d) for d in reversed(tensor.shape))
-        blocks = np.asarray(tensor.data).reshape(out_features, in_features // _Q4_BLOCK, -1)
+        blocks = np.asarray(tensor.data).reshape(out_features, in_features // _BLOCK, -1)
         scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
         q = blocks[..., 2:].copy().view(np.int8).reshape(out_features, in_features)
         return torch.from_numpy(q), torch.from_numpy(scale)
@@ -52,7 +52,7 @@ class GGUFTensors:
         """A Q4_0/Q4_1 matrix without dequantizing: the same numbers ``dense`` would give, kept packed."""
         tensor = self._tensors[name]
         out_features, in_features = (int(d) for d in reversed(tensor.shape))
-        blocks = np.asarray(tensor.data).reshape(out_features, in_features // _Q4_BLOCK, -1)
+        blocks = np.asarray(tensor.data).reshape(out_features, in_features // _BLOCK, -1)
         scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
         if tensor.tensor_type == GGMLQuantizationType.Q4_1:
             zero = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
@@ -61,4 +61,4 @@ class GGUFTensors:
             zero = -8.0 * scale
             packed = blocks[..., 2:]
         q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(out_features, in_features)
-        return Int4Weight(torch.from_numpy(q.copy()), torch.from_numpy(scale), torch.from_numpy(zero), _Q4_BLOCK)
+        return Int4Weight(torch.from_numpy(q.copy()), torch.from_numpy(scale), torch.from_numpy(zero), _BLOCK)

@@ -65,10 +65,10 @@ def resolve_model_path(model: str | None) -> Path:
 def int4_kernel_for(device: torch.device, dtype: torch.dtype, cpu_kernels: str = "native") -> str | None:
     """Which kernel keeps 4-bit weights packed: bf16 on CPU runs them packed (``cpu_kernels``: "native" when this
     CPU can, else torch's); elsewhere they are dequantized as they load."""
-    if device.type != "cpu" or dtype != torch.bfloat16:
-        return None
     if cpu_kernels not in ("native", "torch"):
         raise ValueError(f"unknown cpu_kernels {cpu_kernels!r}; use native or torch")
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return None
     return "native" if cpu_kernels == "native" and native.available() else "torch"
 
 
