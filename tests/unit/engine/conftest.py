@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine import EngineConfig, LLMEngine
-from engine.sampling import Sampler
+from engine.sampling import Sampler, SamplingParams
 from tests.conftest import FIXTURES
 
 QWEN1_MODEL = FIXTURES / "qwen1" / "model"
@@ -23,6 +23,21 @@ class RecordingSampler(Sampler):
     def __call__(self, logits, rows):
         self.steps.append(logits.clone())
         return super().__call__(logits, rows)
+
+
+def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, *,
+                 staggered: bool = False) -> list[list[int]]:
+    """Every prompt's new tokens, stepping the engine until all finish. The requests arrive together, or one per
+    step when ``staggered`` (so prefills and decodes share steps)."""
+    pending = list(enumerate(prompts))
+    outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while pending or engine.has_unfinished():
+        for index, ids in pending[: 1 if staggered else None]:
+            engine.add_request(str(index), ids, params)
+        pending = pending[1:] if staggered else []
+        for out in engine.step():
+            outputs[out.request_id].extend(out.new_token_ids)
+    return list(outputs.values())
 
 
 def qwen1_engine(**config) -> LLMEngine:

@@ -11,6 +11,7 @@ import torch
 from engine import AsyncEngine, EngineConfig, EngineDeadError, LLMEngine, QueueFullError, SamplingParams
 from engine.scheduler import SchedulerConfig
 from engine.weights.loader import load_model
+from tests.unit.engine.conftest import run_requests
 from tokenizer import ChatMessage, build_prompt
 
 TOPICS = ["the sea", "a robot", "winter", "coffee", "the moon", "a library", "trains", "music", "a garden",
@@ -97,14 +98,9 @@ def test_preemption_keeps_tokens(smollm2):
     expected = [run_solo(roomy, ids, params) for ids in prompts]
     per_token = 30 * 2 * 3 * 64 * 4
     tight = engine_over(smollm2, max_model_len=256, kv=per_token * 16 * 17)  # 272 slots for ~6 x 75 tokens
-    for i, ids in enumerate(prompts):
-        tight.add_request(str(i), ids, params)
-    outputs: dict[str, list[int]] = {}
-    while tight.has_unfinished():
-        for out in tight.step():
-            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    outputs = run_requests(tight, prompts, params)
     assert tight.scheduler.num_preemptions > 0
-    assert [outputs[str(i)] for i in range(len(prompts))] == expected
+    assert outputs == expected
     assert tight.blocks.num_free == tight.blocks.num_blocks
 
 

@@ -14,6 +14,7 @@ from engine.quant import QuantizedSource, QuantScheme
 from engine.weights.loader import load_model
 from engine.weights.sources import SafetensorsSource
 from tests.conftest import FIXTURES
+from tests.unit.engine.conftest import run_requests
 
 QUANT = FIXTURES / "quant"
 CHECKPOINTS = ["gptq-4bit-g128", "gptq-8bit-g128", "gptq-4bit-g128-actorder", "awq-4bit-g128-gemm"]
@@ -55,15 +56,10 @@ def test_logits_match_the_reference_at_every_position(quantized):
 def test_greedy_continuations_match(quantized):
     name, engine = quantized
     ref = reference(name)
+    tokens = run_requests(engine, [ref[f"prompt.{k}"].tolist() for k in range(3)],
+                          SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     for k in range(3):
-        engine.add_request(f"{name}-{k}", ref[f"prompt.{k}"].tolist(),
-                           SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    tokens: dict[str, list[int]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-    for k in range(3):
-        assert tokens[f"{name}-{k}"] == ref[f"greedy.{k}"].tolist()
+        assert tokens[k] == ref[f"greedy.{k}"].tolist()
 
 
 @pytest.mark.parametrize("config,fragment", [

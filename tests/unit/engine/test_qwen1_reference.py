@@ -7,7 +7,7 @@ import torch
 
 from engine import LLM, SamplingParams, SchedulerConfig
 from tests.conftest import load_fixture
-from tests.unit.engine.conftest import QWEN1_MODEL, RecordingSampler, qwen1_engine
+from tests.unit.engine.conftest import QWEN1_MODEL, RecordingSampler, qwen1_engine, run_requests
 
 CASES = load_fixture("qwen1/cases.json")
 BATCH = load_fixture("qwen1/batch.json")
@@ -83,16 +83,11 @@ def test_ntk_alpha_survives_preemption_and_prefix_hits():
     tiny = qwen1_engine(kv_cache_memory=2 * 2 * 4 * 16 * 4 * 16 * 16,
                         scheduler=SchedulerConfig(max_num_seqs=4))
     tiny.config.max_model_len = 120
-    outputs = {}
-    for index, prompt in enumerate(prompts):
-        tiny.add_request(str(index), prompt, GREEDY)
-    while tiny.has_unfinished():
-        for out in tiny.step():
-            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    outputs = run_requests(tiny, prompts, GREEDY)
     assert tiny.scheduler.num_preemptions > 0
     assert tiny.blocks.prefix_hits > 0
     for index, case in enumerate(long_cases * 2):
-        assert outputs[str(index)] == case["new_ids"]
+        assert outputs[index] == case["new_ids"]
 
 
 def test_prefix_cache_hit_keeps_tokens(llm):

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from engine.runner import varlen_layout
 from tests.conftest import load_fixture
-from tests.unit.engine.conftest import QWEN1_MODEL, qwen1_engine
+from tests.unit.engine.conftest import QWEN1_MODEL, qwen1_engine, run_requests
 from tests.unit.engine.test_models_vs_transformers import CONFIGS, write_checkpoint
 
 CASES = load_fixture("qwen1/cases.json")["cases"]
@@ -80,27 +80,9 @@ def test_varlen_with_prefix_hits_and_preemption():
     engine = on_varlen(qwen1_engine(kv_cache_memory=2 * 2 * 4 * 16 * 4 * 16 * 16,
                                     scheduler=SchedulerConfig(max_num_seqs=4)))
     engine.config.max_model_len = 120
-    outputs: dict[str, list[int]] = {}
-    for index, case in enumerate(long_cases * 2):
-        engine.add_request(str(index), case["prompt_ids"], GREEDY)
-    while engine.has_unfinished():
-        for out in engine.step():
-            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    outputs = run_requests(engine, [c["prompt_ids"] for c in long_cases * 2], GREEDY)
     assert engine.scheduler.num_preemptions > 0 and engine.blocks.prefix_hits > 0
-    assert [outputs[str(i)] for i in range(len(long_cases) * 2)] == [c["new_ids"] for c in long_cases * 2]
-
-
-def staggered_tokens(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    """Adds one prompt per step, so prefills and decodes share steps."""
-    outputs: dict[str, list[int]] = {}
-    pending = list(enumerate(prompts))
-    while pending or engine.has_unfinished():
-        if pending:
-            index, prompt = pending.pop(0)
-            engine.add_request(str(index), prompt, params)
-        for out in engine.step():
-            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
-    return [outputs[str(i)] for i in range(len(prompts))]
+    assert outputs == [c["new_ids"] for c in long_cases * 2]
 
 
 def test_varlen_grouped_query_attention_equals_the_padded_path(tmp_path):
@@ -117,5 +99,6 @@ def test_varlen_grouped_query_attention_equals_the_padded_path(tmp_path):
     padded, varlen = engine(), on_varlen(engine())
     torch.testing.assert_close(varlen.prompt_logits(prompts[2]), padded.prompt_logits(prompts[2]),
                                atol=1e-5, rtol=1e-5)
-    assert staggered_tokens(varlen, prompts, params) == staggered_tokens(padded, prompts, params)
+    assert (run_requests(varlen, prompts, params, staggered=True)
+            == run_requests(padded, prompts, params, staggered=True))
     assert varlen.blocks.prefix_hits > 0
