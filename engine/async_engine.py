@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from engine.engine import LLMEngine, StepOutput
+from engine.engine import EngineStats, InvalidRequestError, LLMEngine, ModelInfo, StepOutput
 from engine.sampling import SamplingParams
 from engine.scheduler import QueueFullError
 
@@ -19,6 +19,10 @@ log = logging.getLogger("qwen_serve.engine")
 
 class EngineDeadError(RuntimeError):
     """The engine thread failed; no request can run any more."""
+
+
+class RequestFailedError(RuntimeError):
+    """This request failed inside the engine (its sampling or grammar); the others run on."""
 
 
 @dataclass
@@ -41,18 +45,25 @@ class _Call:
 
 
 class AsyncEngine:
-    """Wraps ``LLMEngine`` in a background thread.
+    """Wraps ``LLMEngine`` in a background thread; the only way other threads reach the engine.
 
     ``generate`` is an async iterator of ``StepOutput`` deltas. Leaving it early (a client that went away,
-    a cancelled task) aborts the request, which frees its blocks before the next step. An exception in the
-    engine thread is delivered to every waiting request and marks the engine dead.
+    a cancelled task) aborts the request, which frees its blocks before the next step. Callers read only
+    ``info`` (fixed at load) and ``stats`` (a snapshot the engine thread publishes after every step). A failure
+    of one request's sampling ends that request with ``RequestFailedError``; any other exception in the engine
+    thread is logged, delivered to every waiting request as ``EngineDeadError``, marks the engine dead and calls
+    the ``on_failure`` callbacks.
     """
 
     def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+        self._engine = engine
+        self.info: ModelInfo = engine.info
+        self.stats: EngineStats = engine.stats()
+        self.on_failure: list[Callable[[BaseException], None]] = []
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._deliver: dict[str, Callable[[StepOutput | BaseException], bool]] = {}
-        self._pending_adds = 0
+        self._admitted = 0
+        self._capacity = self.info.max_num_seqs + self.info.max_waiting
         self._lock = threading.Lock()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="qwen-serve-engine", daemon=True)
@@ -62,20 +73,30 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self.error is None and self._thread.is_alive()
 
-    @property
-    def num_running(self) -> int:
-        return len(self.engine.scheduler.running)
+    def _admit(self) -> None:
+        """Count one request in, or raise ``QueueFullError`` when running seats and the queue are all taken."""
+        with self._lock:
+            if self._admitted >= self._capacity:
+                raise QueueFullError("the request queue is full")
+            self._admitted += 1
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting) + self._pending_adds
+    def _release(self) -> None:
+        with self._lock:
+            self._admitted -= 1
 
     async def generate(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams
                        ) -> AsyncIterator[StepOutput]:
         if self.error is not None:
             raise EngineDeadError(str(self.error)) from self.error
-        if not self.engine.scheduler.has_room(incoming=self._pending_adds):
-            raise QueueFullError("the request queue is full")
+        self._admit()
+        try:
+            async for output in self._outputs(request_id, prompt_ids, params):
+                yield output
+        finally:
+            self._release()
+
+    async def _outputs(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams
+                       ) -> AsyncIterator[StepOutput]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
 
@@ -87,8 +108,6 @@ class AsyncEngine:
                 return False
             return True
 
-        with self._lock:
-            self._pending_adds += 1
         self._inbox.put(_Add(request_id, list(prompt_ids), params, deliver))
         finished = False
         try:
@@ -131,32 +150,50 @@ class AsyncEngine:
         self._inbox.put(_Call(fn, deliver))
         return await future
 
+    async def prompt_logprobs(self, prompt_ids: Seq[int], top: int) -> list[dict[int, float] | None]:
+        """Each prompt token's log-probability given those before it (and the ``top`` alternatives), computed on
+        the engine thread between steps; raises ``InvalidRequestError`` for a prompt it cannot run."""
+        ids = list(prompt_ids)
+        return await self.call(lambda llm: llm.prompt_logprobs(ids, top))  # type: ignore[return-value]
+
     def shutdown(self) -> None:
+        """Stop the engine thread after the step in progress."""
         self._inbox.put(None)
         self._thread.join(timeout=30)
 
     # -- engine thread ---------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        engine = self._engine
         try:
             while True:
-                block = not self.engine.has_unfinished()
+                block = not engine.has_unfinished()
                 if not self._drain_inbox(block):
                     return
-                for output in self.engine.step():
-                    deliver = self._deliver.get(output.request_id)
-                    if output.finished:
-                        self._deliver.pop(output.request_id, None)
-                    if deliver is not None and not deliver(output) and not output.finished:
-                        self._deliver.pop(output.request_id, None)
-                        self.engine.abort(output.request_id)
+                for output in engine.step():
+                    self._hand_out(output)
+                self.stats = engine.stats()
         except BaseException as exc:
+            log.critical("the engine failed; every request now fails and the engine stays down", exc_info=exc)
             self.error = exc
             dead = EngineDeadError(f"engine failed: {exc!r}")
             for deliver in self._deliver.values():
                 deliver(dead)
             self._deliver.clear()
             self._fail_inbox(dead)
+            for callback in self.on_failure:
+                callback(exc)
+
+    def _hand_out(self, output: StepOutput) -> None:
+        deliver = self._deliver.get(output.request_id)
+        if output.finished:
+            self._deliver.pop(output.request_id, None)
+        if deliver is None:
+            return
+        item: StepOutput | BaseException = output if output.error is None else RequestFailedError(output.error)
+        if not deliver(item) and not output.finished:
+            self._deliver.pop(output.request_id, None)
+            self._engine.abort(output.request_id)
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued adds and aborts; False on shutdown."""
@@ -170,21 +207,19 @@ class AsyncEngine:
                 return False
             if isinstance(message, _Abort):
                 self._deliver.pop(message.request_id, None)
-                self.engine.abort(message.request_id)
+                self._engine.abort(message.request_id)
                 continue
             if isinstance(message, _Call):
                 try:
-                    result: object = message.fn(self.engine)
+                    result: object = message.fn(self._engine)
                 except Exception as exc:
                     result = exc
                 message.deliver(result)
                 continue
-            with self._lock:
-                self._pending_adds -= 1
             try:
-                self.engine.add_request(message.request_id, message.prompt_ids, message.params)
+                self._engine.add_request(message.request_id, message.prompt_ids, message.params)
             except (ValueError, QueueFullError) as exc:
-                message.deliver(exc)
+                message.deliver(exc if isinstance(exc, QueueFullError) else InvalidRequestError(str(exc)))
                 continue
             self._deliver[message.request_id] = message.deliver
 

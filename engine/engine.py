@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Hashable
+import logging
+from collections.abc import Hashable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 import torch
 
@@ -13,13 +17,16 @@ from engine.device import select_device, select_dtype
 from engine.kv_cache import BlockManager
 from engine.layers import qwen_ntk_alpha
 from engine.runner import ModelRunner
-from engine.sampling import Sampler, SampleRequest, SamplingParams
+from engine.sampling import PenaltyState, Sampler, SampleRequest, SampleResult, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.weights.loader import LoadedModel, int4_kernel_for, load_model
 from tokenizer import Tokenizer
 
 DEFAULT_CPU_KV_BYTES = 2 << 30
+PROMPT_LOGPROB_ROWS = 128  # prompt positions turned into fp32 logits at once (never a whole [T, vocab] copy)
+
+log = logging.getLogger("qwen_serve.engine")
 
 
 @dataclass
@@ -42,6 +49,32 @@ class StepOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What code outside the engine thread may know of the loaded model: fixed at load, safe to read anywhere."""
+
+    tokenizer: Tokenizer | None
+    max_model_len: int
+    vocab_size: int
+    logits_width: int
+    generation_config: Mapping[str, Any]
+    max_num_seqs: int
+    max_waiting: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, taken on the engine thread."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    preemptions: int = 0
 
 
 @dataclass
@@ -80,6 +113,15 @@ class LLMEngine:
         self.sampler = Sampler(vocab_limit)
         self.vocab_size = min(vocab_limit or loaded.config.vocab_size, loaded.config.vocab_size)
         self._sequences: dict[str, Sequence] = {}
+        scheduler = self.config.scheduler
+        self.info = ModelInfo(self.tokenizer, self.max_model_len, self.vocab_size, loaded.config.vocab_size,
+                              MappingProxyType(dict(loaded.generation_config)), scheduler.max_num_seqs,
+                              scheduler.max_waiting)
+
+    def stats(self) -> EngineStats:
+        """The engine's load now (call on the thread that steps it)."""
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.usage,
+                           self.blocks.prefix_queries, self.blocks.prefix_hits, self.scheduler.num_preemptions)
 
     @classmethod
     def from_model(cls, model: str | None = None, *, dtype: str | torch.dtype | None = None,
@@ -129,6 +171,10 @@ class LLMEngine:
                                       f"{self.max_model_len} tokens")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        try:
+            params.check_vocabulary(self.vocab_size)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from exc
         stop_ids = set(params.stop_token_ids)
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         if eos is not None and not params.ignore_eos:
@@ -143,6 +189,7 @@ class LLMEngine:
             max_tokens=min(params.max_tokens or room, room),
             ntk_alpha=qwen_ntk_alpha(len(prompt), c.seq_length) if c.use_dynamic_ntk else 1.0,
             generator=None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed),
+            penalties=PenaltyState(params, prompt, (), c.vocab_size, self.device),
         )
         self.scheduler.add(seq)
         self._sequences[request_id] = seq
@@ -160,13 +207,44 @@ class LLMEngine:
 
     def prompt_logits(self, prompt_ids: Seq[int]) -> torch.Tensor:
         """fp32 logits at every position of ``prompt_ids`` from one forward pass (nothing cached is reused)."""
+        with self._prompt_pass(prompt_ids) as hidden:
+            return self.runner.model.head(hidden)
+
+    def prompt_logprobs(self, prompt_ids: Seq[int], top: int) -> list[dict[int, float] | None]:
+        """Log-probability of each prompt token given the ones before it, with the ``top`` most likely (the first
+        token has none). Logits are made ``PROMPT_LOGPROB_ROWS`` positions at a time."""
+        ids = list(prompt_ids)
+        entries: list[dict[int, float] | None] = [None]
+        if len(ids) < 2:
+            return entries
+        with self._prompt_pass(ids[:-1]) as hidden:
+            for start in range(0, len(ids) - 1, PROMPT_LOGPROB_ROWS):
+                rows = self.runner.model.head(hidden[start : start + PROMPT_LOGPROB_ROWS])
+                logprobs = rows[:, : self.vocab_size].log_softmax(-1)
+                targets = torch.tensor(ids[start + 1 : start + 1 + rows.shape[0]], device=rows.device)
+                chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+                top_values, top_ids = logprobs.topk(top) if top else (None, None)
+                for row, token in enumerate(targets.tolist()):
+                    entry = {token: chosen[row]}
+                    if top_ids is not None:
+                        entry.update(zip(top_ids[row].tolist(), top_values[row].tolist(), strict=True))
+                    entries.append(entry)
+        return entries
+
+    @contextlib.contextmanager
+    def _prompt_pass(self, prompt_ids: Seq[int]):
+        """The last layer's output at every position of ``prompt_ids``, in cache blocks held for the pass."""
+        prompt = list(prompt_ids)
+        if not prompt or len(prompt) > self.max_model_len or min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise InvalidRequestError(f"the prompt must have 1 to {self.max_model_len} ids in [0, {self.vocab_size})")
         c = self.model_config
-        seq = Sequence("prompt-logits", list(prompt_ids), SamplingParams(), frozenset(), 1,
-                       ntk_alpha=qwen_ntk_alpha(len(prompt_ids), c.seq_length) if c.use_dynamic_ntk else 1.0)
+        seq = Sequence("prompt-logits", prompt, SamplingParams(), frozenset(), 1,
+                       ntk_alpha=qwen_ntk_alpha(len(prompt), c.seq_length) if c.use_dynamic_ntk else 1.0)
         if not self.blocks.allocate(seq, share=False):
             raise InvalidRequestError("not enough free KV-cache blocks for this prompt")
         try:
-            return self.runner.run([seq], all_logits=True)
+            with torch.inference_mode():
+                yield self.runner.hidden([seq])
         finally:
             self.blocks.free(seq)
 
@@ -174,40 +252,74 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """One batched forward pass and a token for every scheduled sequence. A failure in one row's sampling or
+        grammar ends that request (``finish_reason`` "error") and no other; a failure of the forward pass itself
+        is not any one request's and propagates."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
         logits = self.runner.run(batch)
-        rows = [SampleRequest(s.params, s.prompt_ids, s.output_ids, s.stop_ids, s.generator, s.matcher)
+        rows = [SampleRequest(s.params, s.prompt_ids, s.output_ids, s.stop_ids, s.generator, s.matcher, s.penalties)
                 for s in batch]
-        result = self.sampler(logits, rows)
-        outputs = []
-        for seq, token, logprobs in zip(batch, result.token_ids, result.logprobs, strict=True):
+        try:
+            picks: list[tuple[int, dict[int, float] | None] | str] = list(self._picks(self.sampler(logits, rows)))
+        except Exception:
+            log.warning("sampling a batch of %d failed; sampling its rows one by one", len(batch), exc_info=True)
+            picks = self._sample_rows_alone(batch, rows)
+        return [self._advance(seq, pick) for seq, pick in zip(batch, picks, strict=True)]
+
+    @staticmethod
+    def _picks(result: SampleResult) -> zip:
+        return zip(result.token_ids, result.logprobs, strict=True)
+
+    def _sample_rows_alone(self, batch: list[Sequence], rows: list[SampleRequest]
+                           ) -> list[tuple[int, dict[int, float] | None] | str]:
+        """The failure path: the forward pass again (it rewrites the same cache slots with the same values), then
+        each row sampled on its own, so the rows that fail are known."""
+        logits = self.runner.run(batch)
+        picks: list[tuple[int, dict[int, float] | None] | str] = []
+        for index, row in enumerate(rows):
+            try:
+                picks.extend(self._picks(self.sampler(logits[index : index + 1].clone(), [row])))
+            except Exception as exc:
+                picks.append(f"sampling failed for this request: {exc!r}")
+        return picks
+
+    def _advance(self, seq: Sequence, pick: tuple[int, dict[int, float] | None] | str) -> StepOutput:
+        """Append the sampled token to ``seq`` (or end it with the error in ``pick``) and say what changed."""
+        error = pick if isinstance(pick, str) else None
+        token, logprobs = (-1, None) if error is not None else pick
+        reason = "error" if error is not None else None
+        if error is None:
             seq.num_computed = len(seq)
             seq.output_ids.append(token)
-            reason = None
-            # A token its grammar refuses can only come from a row with nothing allowed left: that ends it too.
-            if token in seq.stop_ids or (seq.matcher is not None and not seq.matcher.accept_token(token)):
+            seq.penalties.record(token)
+            try:
+                # A token its grammar refuses can only come from a row with nothing allowed left: that ends it too.
+                refused = seq.matcher is not None and not seq.matcher.accept_token(token)
+            except Exception as exc:
+                refused, reason, error = False, "error", f"the grammar failed for this request: {exc!r}"
+            if reason is None and (token in seq.stop_ids or refused):
                 reason = "stop"
-            elif len(seq.output_ids) >= seq.max_tokens or len(seq) >= self.max_model_len:
+            elif reason is None and (len(seq.output_ids) >= seq.max_tokens or len(seq) >= self.max_model_len):
                 reason = "length"
-            visible = [] if reason == "stop" else [token]
-            if logprobs is not None and visible:
-                seq.logprobs.append(logprobs)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                del self._sequences[seq.request_id]
-            outputs.append(StepOutput(
-                request_id=seq.request_id,
-                new_token_ids=visible,
-                new_logprobs=[logprobs] if logprobs is not None and visible else [],
-                finished=reason is not None,
-                finish_reason=reason,
-                num_prompt_tokens=len(seq.prompt_ids),
-                num_output_tokens=len(seq.output_ids),
-                num_cached_tokens=seq.num_cached_prompt_tokens,
-            ))
-        return outputs
+        visible = [token] if reason in (None, "length") else []
+        if logprobs is not None and visible:
+            seq.logprobs.append(logprobs)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._sequences[seq.request_id]
+        return StepOutput(
+            request_id=seq.request_id,
+            new_token_ids=visible,
+            new_logprobs=[logprobs] if logprobs is not None and visible else [],
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_output_tokens=len(seq.output_ids),
+            num_cached_tokens=seq.num_cached_prompt_tokens,
+            error=error,
+        )
 
 
 class LLM:
@@ -260,4 +372,5 @@ class LLM:
         return list(prompt)
 
 
-__all__ = ["LLM", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams", "StepOutput"]
+__all__ = ["LLM", "EngineConfig", "EngineStats", "LLMEngine", "ModelInfo", "RequestOutput", "SamplingParams",
+           "StepOutput"]

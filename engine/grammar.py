@@ -1,8 +1,10 @@
 """Grammar-constrained decoding with xgrammar: grammars compiled for one vocabulary, one matcher per sequence,
-built from JSON schemas or EBNF.
+built from JSON schemas or literals.
 
-A request carries a compiled ``Grammar`` in its ``SamplingParams``; every sequence made from it gets its own
-matcher, fed each token it samples; the sampler masks that row's logits (``engine.sampling.mask_logits``).
+A grammar is first described by a ``GrammarSpec`` (plain data, so it can cross to a worker process: see
+``engine.grammar_worker``), then built and compiled. A request carries a compiled ``Grammar`` in its
+``SamplingParams``; every sequence made from it gets its own matcher, fed each token it samples; the sampler masks
+that row's logits (``engine.sampling.mask_logits``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import xgrammar as xgr
 
@@ -34,33 +36,95 @@ class Grammar:
                                   terminate_without_stop_token=not stops)
 
 
-class GrammarCompiler:
-    """Compiles grammars against a tokenizer's vocabulary, for logits ``logits_width`` wide (cached per grammar)."""
+class GrammarSpec(Protocol):
+    """A grammar described as data (picklable), built into xgrammar's form with ``build``."""
 
-    def __init__(self, tokenizer: Tokenizer, logits_width: int, max_threads: int = 2) -> None:
-        vocab = [b"" if i in tokenizer.special_ids else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
-        stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
-        info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=logits_width, stop_token_ids=stop)
-        self._compiler = xgr.GrammarCompiler(info, max_threads=max_threads)
+    def build(self) -> xgr.Grammar: ...
 
-    def compile(self, grammar: xgr.Grammar) -> Grammar:
+
+@dataclass(frozen=True)
+class SchemaGrammar:
+    """Compact JSON (no free white space, so a weak model cannot stall in it) valid under a JSON schema."""
+
+    schema: str
+
+    def build(self) -> xgr.Grammar:
+        parsed = json.loads(self.schema)
         try:
-            return Grammar(self._compiler.compile_grammar(grammar))
+            return xgr.Grammar.from_json_schema(json.dumps(_bounded_strings_as_patterns(parsed)),
+                                                any_whitespace=False, strict_mode=True)
         except RuntimeError as exc:
-            raise GrammarError(str(exc)) from exc
+            raise GrammarError(_short(exc)) from exc
 
 
-def json_schema_grammar(schema: str) -> xgr.Grammar:
-    """Compact JSON (no free white space, so a weak model cannot stall in it) valid under ``schema``."""
+@dataclass(frozen=True)
+class LiteralGrammar:
+    """Exactly ``text``."""
+
+    text: str
+
+    def build(self) -> xgr.Grammar:
+        escaped = self.text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+        return xgr.Grammar.from_ebnf(f'root ::= "{escaped}"')
+
+
+@dataclass(frozen=True)
+class Concat:
+    """Its parts one after another."""
+
+    parts: tuple[GrammarSpec, ...]
+
+    def build(self) -> xgr.Grammar:
+        return xgr.Grammar.concat(*[part.build() for part in self.parts])
+
+
+@dataclass(frozen=True)
+class Union:
+    """Any one of its options."""
+
+    options: tuple[GrammarSpec, ...]
+
+    def build(self) -> xgr.Grammar:
+        return xgr.Grammar.union(*[option.build() for option in self.options])
+
+
+def json_schema_grammar(schema: str) -> SchemaGrammar:
+    """The grammar of compact JSON valid under ``schema`` (``GrammarError`` at once when it is not JSON)."""
     try:
-        parsed = json.loads(schema)
+        json.loads(schema)
     except json.JSONDecodeError as exc:
         raise GrammarError(f"the schema is not JSON: {exc}") from exc
+    return SchemaGrammar(schema)
+
+
+def literal_grammar(text: str) -> LiteralGrammar:
+    return LiteralGrammar(text)
+
+
+def tokenizer_info(tokenizer: Tokenizer, logits_width: int) -> xgr.TokenizerInfo:
+    """xgrammar's view of a vocabulary: special tokens never match text; logits are ``logits_width`` wide."""
+    vocab = [b"" if i in tokenizer.special_ids else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
+    return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=logits_width, stop_token_ids=stop)
+
+
+def compile_spec(compiler: xgr.GrammarCompiler, spec: GrammarSpec) -> xgr.CompiledGrammar:
+    """Build ``spec`` and compile it; xgrammar's failures become ``GrammarError``."""
     try:
-        return xgr.Grammar.from_json_schema(json.dumps(_bounded_strings_as_patterns(parsed)), any_whitespace=False,
-                                            strict_mode=True)
+        return compiler.compile_grammar(spec.build())
     except RuntimeError as exc:
         raise GrammarError(_short(exc)) from exc
+
+
+class GrammarCompiler:
+    """Compiles grammars in this process against a tokenizer's vocabulary, for logits ``logits_width`` wide
+    (cached per grammar). Grammars from untrusted input go to ``engine.grammar_worker`` instead."""
+
+    def __init__(self, tokenizer: Tokenizer, logits_width: int, max_threads: int = 2) -> None:
+        self._compiler = xgr.GrammarCompiler(tokenizer_info(tokenizer, logits_width), max_threads=max_threads)
+
+    def compile(self, spec: GrammarSpec) -> Grammar:
+        return Grammar(compile_spec(self._compiler, spec))
 
 
 def _bounded_strings_as_patterns(schema: Any) -> Any:
@@ -77,12 +141,6 @@ def _bounded_strings_as_patterns(schema: Any) -> Any:
         low, high = node.pop("minLength", 0), node.pop("maxLength", "")
         node["pattern"] = f"^[^\"\\\\\\x00-\\x1f]{{{low},{high}}}$"
     return node
-
-
-def literal_grammar(text: str) -> xgr.Grammar:
-    """Exactly ``text``."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-    return xgr.Grammar.from_ebnf(f'root ::= "{escaped}"')
 
 
 def _short(exc: Exception) -> str:

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
 from collections import OrderedDict
 from collections.abc import Hashable
+from collections.abc import Sequence as Seq
 
 from engine.sequence import Sequence
+
+_HASH_KEY = os.urandom(32)  # per process: block digests cannot be predicted, so collisions cannot be crafted
+
+
+def block_digest(previous: bytes, tokens: Seq[int], extra: Hashable) -> bytes:
+    """Keyed BLAKE2b of a block's tokens chained to the digest of the blocks before it."""
+    digest = hashlib.blake2b(previous, key=_HASH_KEY, digest_size=16)
+    digest.update(array("q", tokens).tobytes())
+    digest.update(repr(extra).encode())
+    return digest.digest()
 
 
 class BlockManager:
     """Hands out cache blocks of ``block_size`` token slots.
 
-    A full block is registered under the hash of (previous block's hash, its tokens, ``extra``), where
+    A full block is registered under a keyed digest of (previous block's digest, its tokens, ``extra``), where
     ``extra`` covers anything else that changes the cached keys (Qwen-1's NTK alpha). A new sequence reuses
-    every leading block whose chain matches. Freed blocks keep their hash until they are handed out again, so
-    a later request can still hit them (least recently freed go first).
+    every leading block whose chain matches and whose stored tokens are its own (a digest alone is never
+    trusted). A sequence keeps the digests of its full blocks, so each block is hashed once. Freed blocks keep
+    their digest until they are handed out again, so a later request can still hit them (least recently freed go
+    first).
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
@@ -22,8 +38,9 @@ class BlockManager:
         self.block_size = block_size
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._refs = [0] * num_blocks
-        self._hash_of: dict[int, int] = {}
-        self._block_of: dict[int, int] = {}
+        self._hash_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
+        self._tokens_of: dict[int, tuple[int, ...]] = {}
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -38,23 +55,24 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _chain(self, seq: Sequence, extra: Hashable) -> list[int]:
-        """Hashes of every full block of ``seq``'s tokens."""
-        hashes, previous = [], 0
-        tokens = seq.token_ids
-        for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
-            previous = hash((previous, tuple(tokens[start : start + self.block_size]), extra))
-            hashes.append(previous)
+    def _chain(self, seq: Sequence, extra: Hashable) -> list[bytes]:
+        """Digests of every full block of ``seq``'s tokens (those not yet in ``seq.block_hashes`` are added)."""
+        hashes, size = seq.block_hashes, self.block_size
+        for start in range(len(hashes) * size, len(seq) - size + 1, size):
+            hashes.append(block_digest(hashes[-1] if hashes else b"", self._block_tokens(seq, start), extra))
         return hashes
+
+    def _block_tokens(self, seq: Sequence, start: int) -> tuple[int, ...]:
+        return tuple(seq.token_at(position) for position in range(start, start + self.block_size))
 
     def allocate(self, seq: Sequence, extra: Hashable = None, *, share: bool = True) -> bool:
         """Give ``seq`` blocks for all its tokens, reusing cached prefix blocks (unless not ``share``). False
         (nothing taken) when there are not enough free blocks."""
         hashes = self._chain(seq, extra) if share else []
         hits: list[int] = []
-        for block_hash in hashes:
+        for index, block_hash in enumerate(hashes):
             block = self._block_of.get(block_hash)
-            if block is None:
+            if block is None or self._tokens_of[block] != self._block_tokens(seq, index * self.block_size):
                 break
             hits.append(block)
         # Always compute at least the last token, so its logits exist.
@@ -70,7 +88,7 @@ class BlockManager:
         for _ in range(fresh_needed):
             table.append(self._take_fresh())
         for index in range(len(hits), len(hashes)):
-            self._register(table[index], hashes[index])
+            self._register(table[index], hashes[index], self._block_tokens(seq, index * self.block_size))
         seq.block_table = table
         seq.num_computed = len(hits) * self.block_size
         self.prefix_queries += len(seq)
@@ -87,7 +105,8 @@ class BlockManager:
             seq.block_table.append(self._take_fresh())
         if len(seq) % self.block_size == 0:
             chain = self._chain(seq, extra)
-            self._register(seq.block_table[len(chain) - 1], chain[-1])
+            start = (len(chain) - 1) * self.block_size
+            self._register(seq.block_table[len(chain) - 1], chain[-1], self._block_tokens(seq, start))
 
     def free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):
@@ -105,11 +124,13 @@ class BlockManager:
     def _take_fresh(self) -> int:
         block, _ = self._free.popitem(last=False)
         old = self._hash_of.pop(block, None)
+        self._tokens_of.pop(block, None)
         if old is not None and self._block_of.get(old) == block:
             del self._block_of[old]
         self._refs[block] = 1
         return block
 
-    def _register(self, block: int, block_hash: int) -> None:
+    def _register(self, block: int, block_hash: bytes, tokens: tuple[int, ...]) -> None:
         self._hash_of[block] = block_hash
+        self._tokens_of[block] = tokens
         self._block_of.setdefault(block_hash, block)

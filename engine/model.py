@@ -181,11 +181,18 @@ class DecoderModel(nn.Module):
                 all_logits: bool = False) -> torch.Tensor:
         """``kv_cache``: [layers, 2, slots, kv_heads, D]. Logits of each sequence's last token, or of every
         token when ``all_logits``."""
+        x = self.hidden(token_ids, step, kv_cache)
+        return self.head(x if all_logits else x[step.last_index])
+
+    def hidden(self, token_ids: torch.Tensor, step: StepInputs, kv_cache: torch.Tensor) -> torch.Tensor:
+        """The last layer's output for every packed token (before the final norm)."""
         x = F.embedding(token_ids, self.embed).to(self.dtype)
         for index, layer in enumerate(self.layers):
             x = layer(x, step, kv_cache[index, 0], kv_cache[index, 1])
-        if not all_logits:
-            x = x[step.last_index]
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of hidden states ``x`` (final norm, then the LM head)."""
         x = self.final_norm(x.to(self.head_dtype))
         if self.lm_head is None:
             return F.linear(x, self.embed).float()

@@ -36,6 +36,12 @@ class ModelRunner:
         token_ids, inputs = self.prepare(batch)
         return self.model(token_ids, inputs, self.kv_cache, all_logits=all_logits)
 
+    @torch.inference_mode()
+    def hidden(self, batch: list[Sequence]) -> torch.Tensor:
+        """The last layer's output for every new token of ``batch`` (packed); ``model.head`` turns rows into logits."""
+        token_ids, inputs = self.prepare(batch)
+        return self.model.hidden(token_ids, inputs, self.kv_cache)
+
     def prepare(self, batch: list[Sequence]) -> tuple[torch.Tensor, StepInputs]:
         device, block_size = self.device, self.block_size
         q_lens = [len(s) - s.num_computed for s in batch]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from functools import partial
@@ -13,14 +14,16 @@ if TYPE_CHECKING:
     from engine.grammar import Grammar
 
 _BITS = torch.arange(32, dtype=torch.int32)
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (1/T would overflow fp32 logits)
+SEED_RANGE = 1 << 64  # seeds are unsigned 64-bit integers
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request. Defaults are neutral: plain sampling, no truncation, no penalties.
 
-    ``temperature=0`` is greedy; ``top_k`` <= 0 and ``top_p`` = 1 and ``min_p`` = 0 disable truncation;
-    ``repetition_penalty`` follows HF (prompt and output tokens); presence/frequency penalties follow OpenAI
+    ``temperature`` below ``GREEDY_BELOW`` is greedy; ``top_k`` <= 0 and ``top_p`` = 1 and ``min_p`` = 0 disable
+    truncation; ``repetition_penalty`` follows HF (prompt and output tokens); presence/frequency penalties follow OpenAI
     (output tokens); ``logit_bias`` adds to raw logits (-100 effectively bans a token); ``logprobs=k`` returns the
     chosen token's log-probability and the top-k alternatives from the model's raw distribution; ``grammar``
     (``engine.grammar``) allows only tokens that keep the output inside it, and ends it once complete.
@@ -43,14 +46,19 @@ class SamplingParams:
     grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError("temperature must be a finite number >= 0")
+        if self.seed is not None and not 0 <= self.seed < SEED_RANGE:
+            raise ValueError("seed must be in [0, 2**64)")
+        if not all(math.isfinite(v) for v in (self.presence_penalty, self.frequency_penalty,
+                                               *self.logit_bias.values())):
+            raise ValueError("penalties and logit_bias values must be finite")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ValueError("repetition_penalty must be a finite number > 0")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         if self.logprobs is not None and self.logprobs < 0:
@@ -59,7 +67,15 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raise ``ValueError`` for a token id or ``top_k`` the vocabulary cannot hold."""
+        if self.top_k > vocab_size:
+            raise ValueError(f"top_k must be at most the vocabulary size {vocab_size} (or -1/0 for all)")
+        ids = (*self.logit_bias, *self.stop_token_ids)
+        if ids and not (min(ids) >= 0 and max(ids) < vocab_size):
+            raise ValueError(f"token ids in logit_bias and stop_token_ids must be in [0, {vocab_size})")
 
     @property
     def truncates(self) -> bool:
@@ -74,9 +90,37 @@ class TokenMatcher(Protocol):
     def accept_token(self, token_id: int) -> bool: ...
 
 
+class PenaltyState:
+    """One row's penalty and bias inputs as tensors on the logits' device, kept up to date token by token, so a step
+    costs the same whatever the length of the prompt, the output or the ``logit_bias`` map."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Seq[int], output_ids: Seq[int], width: int,
+                 device: torch.device) -> None:
+        self.bias_ids = self.bias_values = None
+        if params.logit_bias:
+            self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
+            self.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
+        self.seen = self.counts = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(width, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(width, dtype=torch.float32, device=device)
+        for token in output_ids:
+            self.record(token)
+
+    def record(self, token: int) -> None:
+        """Count one generated token."""
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+
+
 @dataclass
 class SampleRequest:
-    """What the sampler needs to know about one row."""
+    """What the sampler needs to know about one row (``state``: its kept penalty tensors; built from the ids when
+    None)."""
 
     params: SamplingParams
     prompt_ids: Seq[int]
@@ -84,6 +128,7 @@ class SampleRequest:
     stop_ids: frozenset[int]
     generator: torch.Generator | None
     matcher: TokenMatcher | None = None
+    state: PenaltyState | None = None
 
 
 @dataclass
@@ -94,22 +139,22 @@ class SampleResult:
 
 def apply_penalties_and_bias(logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
     """Logit bias, min_tokens bans, HF repetition penalty and OpenAI presence/frequency penalties, in place."""
-    device = logits.device
     for row, request in enumerate(rows):
         params = request.params
-        if params.logit_bias:
-            ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
-            logits[row, ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=device)
+        state = request.state
+        if state is None:
+            state = PenaltyState(params, request.prompt_ids, request.output_ids, logits.shape[-1], logits.device)
+        if state.bias_ids is not None:
+            logits[row, state.bias_ids] += state.bias_values.to(logits.dtype)
         if len(request.output_ids) < params.min_tokens and request.stop_ids:
             logits[row, list(request.stop_ids)] = float("-inf")
-        if params.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted({*request.prompt_ids, *request.output_ids}), dtype=torch.long, device=device)
-            scores = logits[row, seen]
-            logits[row, seen] = torch.where(scores < 0, scores * params.repetition_penalty,
-                                            scores / params.repetition_penalty)
-        if (params.presence_penalty or params.frequency_penalty) and request.output_ids:
-            ids, counts = torch.tensor(request.output_ids, dtype=torch.long, device=device).unique(return_counts=True)
-            logits[row, ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
+        if state.seen is not None:
+            scores = logits[row]
+            penalised = torch.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
+            logits[row] = torch.where(state.seen, penalised, scores)
+        if state.counts is not None:
+            logits[row] -= (params.presence_penalty * (state.counts > 0) + params.frequency_penalty * state.counts
+                            ).to(logits.dtype)
     return logits
 
 

@@ -16,7 +16,7 @@ class QueueFullError(RuntimeError):
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 64
+    max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     max_waiting: int = 256
 

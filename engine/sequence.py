@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.sampling import SamplingParams, TokenMatcher
+from engine.sampling import PenaltyState, SamplingParams, TokenMatcher
 
 
 class Status(enum.Enum):
@@ -38,6 +38,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None
     matcher: TokenMatcher | None = None
+    penalties: PenaltyState | None = None
+    block_hashes: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.params.grammar is not None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import re
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -17,11 +18,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine import AsyncEngine, EngineConfig, LLMEngine, SchedulerConfig
 from server import __version__
 from server.app_state import AppState
-from server.errors import APIError, error_response, install_error_handlers
+from server.errors import error_response, install_error_handlers
 from server.routes import chat, completions, models, system, tokenize
 from server.settings import Settings
 
 log = logging.getLogger("qwen_serve")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def build_engine(settings: Settings, progress=None) -> AsyncEngine:
@@ -39,7 +41,8 @@ def build_engine(settings: Settings, progress=None) -> AsyncEngine:
 
 
 class BodyLimit:
-    """413 for request bodies over ``limit`` bytes, declared or streamed."""
+    """413 for request bodies over ``limit`` bytes, declared or streamed (chunked): the body is read whole, up to
+    the limit, before the application sees it."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -48,23 +51,31 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await self._too_large(scope, receive, send)
+        chunks: list[bytes] = []
         received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise APIError(413, f"request body larger than {self.limit} bytes")
-            return message
+            if message["type"] != "http.request":  # the client left before sending it all
+                return None
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.limit:
+                return await self._too_large(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except APIError:
-            await self._too_large(scope, receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         await error_response(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
@@ -83,6 +94,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
             threading.Thread(target=_load_in_background, args=(state,), daemon=True).start()
         yield
         state.draining = True
+        state.close()
         if owned and state.service is not None:
             await asyncio.to_thread(state.service.engine.shutdown)
 
@@ -110,7 +122,9 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = headers.get("x-request-id", "")
+        if not REQUEST_ID.fullmatch(request_id):  # echoed and logged only: anything else is replaced
+            request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode("latin-1"))
 
@@ -153,7 +167,5 @@ def _load_in_background(state: AppState) -> None:
         settings = state.settings
         log.info("ready: model %s on http://%s:%s/v1", settings.model_name, settings.host, settings.port)
     except BaseException as exc:
-        state.load_error = exc
         log.exception("loading the model failed")
-        if state.on_load_failure is not None:
-            state.on_load_failure()
+        state.load_failed(exc)

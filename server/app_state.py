@@ -2,30 +2,77 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from fastapi import Request
 
 from engine import AsyncEngine
+from engine.grammar import tokenizer_info
+from engine.grammar_worker import IsolatedGrammarCompiler
 from server.generation import ModelService
+from server.limits import Limits
 from server.metrics import Metrics
+from server.preparation import Preparer
 from server.settings import Settings
+
+log = logging.getLogger("qwen_serve")
 
 
 class AppState:
-    """What the routes share: the served model (None while loading), metrics, and the drain flag."""
+    """What the routes share: the served model (None while loading), request limits, the preparation pool,
+    metrics, and the server's condition (draining, or failed for good: ``fatal_error``)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.limits = Limits.of(settings)
+        self.preparer = Preparer(settings.prep_workers, settings.prep_timeout,
+                                 max_pending=settings.max_waiting + settings.max_num_seqs)
         self.service: ModelService | None = None
         self.metrics: Metrics | None = None
         self.load_error: BaseException | None = None
-        self.on_load_failure: Callable[[], None] | None = None
+        self.engine_error: BaseException | None = None
+        self.on_fatal: Callable[[], None] | None = None
         self.draining = False
 
     def attach(self, engine: AsyncEngine) -> None:
-        self.metrics = Metrics(engine, self.settings.model_name)
-        self.service = ModelService(engine, self.settings.model_name)
+        """Serve ``engine``: a failure of it later drains the server and asks the process to exit (``on_fatal``)."""
+        info = engine.info
+        assert info.tokenizer is not None, "the server needs a tokenizer"
+        settings = self.settings
+        grammars = IsolatedGrammarCompiler(tokenizer_info(info.tokenizer, info.logits_width),
+                                           workers=settings.grammar_workers, timeout=settings.grammar_timeout,
+                                           cache_limit_bytes=settings.grammar_cache_bytes)
+        self.metrics = Metrics(engine, settings.model_name)
+        self.service = ModelService(engine, settings.model_name, grammars)
+        engine.on_failure.append(self._engine_failed)
+
+    def load_failed(self, error: BaseException) -> None:
+        self.load_error = error
+        self._fatal()
+
+    def _engine_failed(self, error: BaseException) -> None:
+        self.engine_error = error
+        self._fatal()
+
+    def _fatal(self) -> None:
+        self.draining = True
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    @property
+    def failure(self) -> str | None:
+        """Why this server can serve nothing any more, or None."""
+        if self.load_error is not None:
+            return f"the model failed to load: {self.load_error}"
+        if self.engine_error is not None:
+            return "the engine has failed; the server is restarting"
+        return None
+
+    def close(self) -> None:
+        self.preparer.shutdown()
+        if self.service is not None:
+            self.service.grammars.close()
 
 
 def state_of(request: Request) -> AppState:

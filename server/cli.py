@@ -44,7 +44,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 
 class DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT: refuse new work with 503 at once, let running requests finish, then exit 0. A model that
-    fails to load stops it too, and the process exits non-zero (a container restarts rather than idles)."""
+    fails to load, or an engine that fails, stops it too, and the process exits non-zero (a container restarts
+    rather than idles)."""
 
     def handle_exit(self, sig: int, frame) -> None:
         self.config.app.state.qwen.draining = True
@@ -68,10 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: None)
     server = DrainingServer(config)
     state = app.state.qwen
-    state.on_load_failure = lambda: setattr(server, "should_exit", True)
+    state.on_fatal = lambda: setattr(server, "should_exit", True)
     server.run()
-    if state.load_error is not None:
-        sys.exit(f"qwen-serve: the model failed to load: {state.load_error}")
+    if state.failure is not None:
+        sys.exit(f"qwen-serve: {state.failure}")
 
 
 if __name__ == "__main__":

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 log = logging.getLogger("qwen_serve")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+          405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -24,8 +26,13 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
+    """The envelope; text from the request (a field name, a key) may hold what UTF-8 cannot, so it is made safe."""
+    return {"error": {"message": _safe(message), "type": _TYPES.get(status, "server_error"),
+                      "param": None if param is None else _safe(param), "code": code}}
+
+
+def _safe(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
@@ -41,15 +48,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        location = [str(part)[:80] for part in first.get("loc", ()) if part != "body"]
         param = ".".join(location) or None
-        message = first.get("msg", "invalid request")
+        message = str(first.get("msg", "invalid request"))[:500]
         if param:
             message = f"{param}: {message}"
         return error_response(400, message, param=param, code=first.get("type"))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's and FastAPI's own (a body that is not JSON or not UTF-8, an unknown path or method)."""
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)

@@ -7,15 +7,14 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
-import xgrammar as xgr
-
 from engine import AsyncEngine, EngineDeadError, InvalidRequestError, QueueFullError, SamplingParams
-from engine.grammar import Grammar, GrammarCompiler, GrammarError
+from engine.async_engine import RequestFailedError
+from engine.grammar import Grammar, GrammarError, GrammarSpec
+from engine.grammar_worker import IsolatedGrammarCompiler
 from server.errors import APIError
-from server.protocol import SamplingFields
+from server.protocol import SEED_LIMIT, SamplingFields
 from tokenizer import ChatMessage, IncrementalDetokenizer, StopStringMatcher, Tokenizer, build_prompt
 from tokenizer.chat import ChatTemplateError, chat_stop_token_ids
 
@@ -31,6 +30,7 @@ class ChoiceEvent:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -68,19 +68,20 @@ class Generation:
 
 
 class ModelService:
-    """The served model: its engine, tokenizer, name and generation defaults."""
+    """The served model: its engine, tokenizer, name and generation defaults. It knows the engine only through
+    ``AsyncEngine``'s narrow surface (``info``, ``stats``, ``generate``, ``prompt_logprobs``)."""
 
-    def __init__(self, engine: AsyncEngine, name: str) -> None:
-        llm = engine.engine
-        if llm.tokenizer is None:
+    def __init__(self, engine: AsyncEngine, name: str, grammars: IsolatedGrammarCompiler) -> None:
+        info = engine.info
+        if info.tokenizer is None:
             raise ValueError("the model has no tokenizer; the server needs one")
         self.engine = engine
         self.name = name
-        self.tokenizer: Tokenizer = llm.tokenizer
-        self.max_model_len = llm.max_model_len
-        self.generation_config: dict[str, Any] = llm.loaded.generation_config
-        self.vocab_size = llm.vocab_size
-        self.logits_width = llm.model_config.vocab_size
+        self.grammars = grammars
+        self.tokenizer: Tokenizer = info.tokenizer
+        self.max_model_len = info.max_model_len
+        self.generation_config = info.generation_config
+        self.vocab_size = info.vocab_size
         self.chat_stop_ids = chat_stop_token_ids(self.tokenizer) | self._configured_stop_ids()
         template = self.tokenizer.chat_template or ""
         self.native_tools = "tools" in template and "tool_call" in template  # the template renders tools
@@ -112,16 +113,12 @@ class ModelService:
 
     # -- grammars --------------------------------------------------------------------------------------------
 
-    @cached_property
-    def grammar_compiler(self) -> GrammarCompiler:
-        return GrammarCompiler(self.tokenizer, self.logits_width)
-
-    async def compile_grammar(self, grammar: xgr.Grammar | None) -> Grammar | None:
-        """Compile for this vocabulary off the event loop (the compiler caches by grammar)."""
-        if grammar is None:
+    def compile_grammar(self, spec: GrammarSpec | None) -> Grammar | None:
+        """Compile for this vocabulary in a grammar process (blocks: call it on a preparation thread)."""
+        if spec is None:
             return None
         try:
-            return await asyncio.to_thread(lambda: self.grammar_compiler.compile(grammar))
+            return self.grammars.compile(spec)
         except GrammarError as exc:
             raise APIError(400, f"cannot constrain output to this grammar: {exc}",
                            param="response_format") from exc
@@ -146,9 +143,6 @@ class ModelService:
         temperature = request.temperature
         if temperature is None:
             temperature = defaults.get("temperature", 1.0) if defaults.get("do_sample", True) else 0.0
-        bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
-        if any(not 0 <= t < self.vocab_size for t in bias):
-            raise APIError(400, f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias")
         top_k = request.top_k if request.top_k is not None else defaults.get("top_k", 0)
         return SamplingParams(
             temperature=temperature,
@@ -162,7 +156,7 @@ class ModelService:
                                 else defaults.get("repetition_penalty", 1.0)),
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
-            logit_bias=bias,
+            logit_bias=request.token_bias,
             logprobs=logprobs,
         )
 
@@ -205,7 +199,7 @@ class ModelService:
     async def _choice(self, index: int, generation: Generation) -> AsyncIterator[ChoiceEvent]:
         params = generation.params
         if generation.n > 1 and params.seed is not None:
-            params = dataclasses.replace(params, seed=params.seed + index)
+            params = dataclasses.replace(params, seed=(params.seed + index) % SEED_LIMIT)
         detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
         matcher = StopStringMatcher(generation.stop_strings)
         request_id = f"{generation.request_id}-{index}"
@@ -221,7 +215,7 @@ class ModelService:
                     if matcher.stopped:
                         finish = "stop"
                     yield ChoiceEvent(index, text, out.new_token_ids, out.new_logprobs, finish,
-                                      out.num_prompt_tokens, out.num_output_tokens)
+                                      out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens)
                     if matcher.stopped:
                         return
             except QueueFullError as exc:
@@ -232,17 +226,18 @@ class ModelService:
                                code="engine_dead") from exc
             except InvalidRequestError as exc:
                 raise APIError(400, str(exc)) from exc
+            except RequestFailedError as exc:
+                raise APIError(400, str(exc), code="request_failed") from exc
 
     async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[dict[int, float] | None]:
-        """Log-probabilities of each prompt token given the ones before it (the first has none)."""
-        logits = await self.engine.call(lambda llm: llm.prompt_logits(prompt_ids))
-        logprobs = logits.log_softmax(-1)  # type: ignore[attr-defined]
-        entries: list[dict[int, float] | None] = [None]
-        for position in range(1, len(prompt_ids)):
-            row = logprobs[position - 1]
-            entry = {prompt_ids[position]: row[prompt_ids[position]].item()}
-            if top:
-                values, ids = row.topk(top)
-                entry.update(zip(ids.tolist(), values.tolist(), strict=True))
-            entries.append(entry)
-        return entries
+        """Log-probabilities of each prompt token given the ones before it (the first has none), from the engine
+        thread."""
+        try:
+            return await self.engine.prompt_logprobs(prompt_ids, top)
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc), param="prompt") from exc
+        except EngineDeadError as exc:
+            raise APIError(503, "the engine has failed; the server must be restarted", code="engine_dead") from exc
+        except Exception as exc:  # e.g. out of memory for a long prompt: this request's, and the engine runs on
+            raise APIError(503, f"prompt logprobs could not be computed: {type(exc).__name__}",
+                           code="prompt_logprobs_failed", headers={"Retry-After": "1"}) from exc

@@ -13,27 +13,27 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
 
 
 class EngineStateCollector(Collector):
-    """Read at scrape time from the engine: requests running/waiting, KV-cache usage, prefix-cache counters."""
+    """Read at scrape time from the engine's last published stats: requests running/waiting, KV-cache usage,
+    prefix-cache counters (never from the engine's own fields)."""
 
     def __init__(self, engine: AsyncEngine, model_name: str) -> None:
         self.engine = engine
         self.labels = {"model_name": model_name}
 
     def collect(self):
-        blocks = self.engine.engine.blocks
+        stats = self.engine.stats
         for name, doc, value in (
-            ("vllm:num_requests_running", "Requests in the running batch.", self.engine.num_running),
-            ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", self.engine.num_waiting),
-            ("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", blocks.usage),
+            ("vllm:num_requests_running", "Requests in the running batch.", stats.running),
+            ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", stats.waiting),
+            ("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", stats.kv_cache_usage),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=list(self.labels))
             gauge.add_metric(list(self.labels.values()), value)
             yield gauge
         for name, doc, value in (
-            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", blocks.prefix_queries),
-            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", blocks.prefix_hits),
-            ("vllm:num_preemptions", "Sequences preempted for lack of KV-cache blocks.",
-             self.engine.engine.scheduler.num_preemptions),
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_queries),
+            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_hits),
+            ("vllm:num_preemptions", "Sequences preempted for lack of KV-cache blocks.", stats.preemptions),
         ):
             counter = CounterMetricFamily(name, doc, labels=list(self.labels))
             counter.add_metric(list(self.labels.values()), value)

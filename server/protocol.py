@@ -2,33 +2,57 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
-MAX_STOP_STRINGS = 16
+MAX_INT = 2**31 - 1  # counts and token ids fit an int32
+SEED_LIMIT = 2**64  # seeds are unsigned 64-bit integers
+TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,10}")
+
+
+def encodable(text: str) -> str:
+    """Text that UTF-8 can hold: a lone surrogate (JSON's ``"\ud800"``) cannot be tokenized or echoed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text must be valid Unicode (a lone surrogate at character {exc.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
+Identifier = Annotated[str, Field(max_length=256), AfterValidator(encodable)]
 
 
 class Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class FunctionCallIn(Request):
-    name: str
-    arguments: str = ""
+    name: Identifier
+    arguments: Text = ""
 
 
 class ToolCallIn(Request):
-    id: str | None = None
+    id: Identifier | None = None
     type: Literal["function"] = "function"
     function: FunctionCallIn
 
@@ -36,9 +60,9 @@ class ToolCallIn(Request):
 class FunctionSpec(Request):
     """An OpenAI function, or Qwen's own form (``name_for_model``, ``name_for_human``, ``description_for_model``)."""
 
-    model_config = ConfigDict(extra="allow")
-    name: str | None = None
-    description: str = ""
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    name: Identifier | None = None
+    description: Text = ""
     parameters: dict[str, Any] | list[Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
     @model_validator(mode="after")
@@ -67,7 +91,7 @@ class ToolSpec(Request):
 
 
 class NamedFunction(Request):
-    name: str
+    name: Identifier
 
 
 class NamedToolChoice(Request):
@@ -77,10 +101,10 @@ class NamedToolChoice(Request):
 
 class ChatMessageIn(Request):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Identifier | None = None
     tool_calls: list[ToolCallIn] | None = None
-    tool_call_id: str | None = None
+    tool_call_id: Identifier | None = None
     function_call: FunctionCallIn | None = None
 
     def text(self) -> str:
@@ -95,8 +119,8 @@ class JsonSchemaFormat(Request):
     """``response_format.json_schema``: the schema a reply must follow (``strict`` is always honoured)."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    name: str = "response"
-    description: str | None = None
+    name: Identifier = "response"
+    description: Text | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
@@ -127,38 +151,41 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 class SamplingFields(Request):
     """Fields shared by chat and text completions."""
 
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: Identifier
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: Probability | None = None
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_INT)
     min_p: float | None = Field(default=None, ge=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    stop: list[Text] = Field(default_factory=list)
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Identifier | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        return [s for s in stops if s]
+    def _stop_list(cls, value: Any) -> Any:
+        stops = [value] if isinstance(value, str) else value
+        return [s for s in stops if s] if isinstance(stops, list) else stops
 
     @field_validator("logit_bias")
     @classmethod
     def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not TOKEN_ID_KEY.fullmatch(key):
+                raise ValueError("logit_bias keys must be token ids (decimal integers)")
         return value
+
+    @property
+    def token_bias(self) -> dict[int, float]:
+        """``logit_bias`` keyed by token id."""
+        return {int(key): value for key, value in (self.logit_bias or {}).items()}
 
     @property
     def include_usage(self) -> bool:
@@ -167,7 +194,7 @@ class SamplingFields(Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
@@ -238,7 +265,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=0)
+    prompt: Text | list[Text] | list[Annotated[int, Field(ge=0, le=MAX_INT)]] | list[
+        list[Annotated[int, Field(ge=0, le=MAX_INT)]]] = Field(min_length=0)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -263,8 +291,8 @@ class CompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(Request):
-    model: str | None = None
-    prompt: str | None = None
+    model: Identifier | None = None
+    prompt: Text | None = None
     messages: list[ChatMessageIn] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -277,8 +305,8 @@ class TokenizeRequest(Request):
 
 
 class DetokenizeRequest(Request):
-    model: str | None = None
-    tokens: list[int]
+    model: Identifier | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=MAX_INT)]]
 
 
 # --- responses ---------------------------------------------------------------------------------------------
@@ -292,10 +320,15 @@ def now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):

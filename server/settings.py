@@ -14,6 +14,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from engine import SchedulerConfig
+
+_SCHEDULER = SchedulerConfig()  # the engine's defaults are the one source of these
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -43,20 +46,37 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted Bearer keys")
-    open_paths: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["/health", "/metrics"],
-                                                       description="paths served without a key")
+    open_paths: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["/health"],
+        description="paths served without a key (add /metrics to let a scraper in without one)")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_model_len: int | None = Field(default=None, ge=16)
-    max_num_seqs: int = Field(default=32, ge=1)
-    max_num_batched_tokens: int = Field(default=2048, ge=16)
-    max_waiting: int = Field(default=256, ge=0)
+    max_num_seqs: int = Field(default=_SCHEDULER.max_num_seqs, ge=1)
+    max_num_batched_tokens: int = Field(default=_SCHEDULER.max_num_batched_tokens, ge=16)
+    max_waiting: int = Field(default=_SCHEDULER.max_waiting, ge=0)
     dtype: str = "auto"
     device: str = "auto"
     cpu_kernels: Literal["native", "torch"] = Field(
         default="native", description="4-bit weights on a bf16 CPU: native (int4 x int8 kernel, fast) or torch "
         "(weight-only kernel, bf16 activations)")
     kv_cache_memory: int | None = Field(default=None, description="bytes for the KV cache, e.g. 2GiB")
-    max_request_bytes: int = Field(default=8 << 20, description="larger bodies get 413")
+    max_request_bytes: int = Field(default=8 << 20, ge=1024, description="larger bodies get 413")
+    max_messages: int = Field(default=1024, ge=1, description="messages in one chat request")
+    max_tools: int = Field(default=128, ge=0, description="tools or functions in one chat request")
+    max_prompt_choices: int = Field(default=64, ge=1, description="completions: prompts times n in one request")
+    max_logit_bias: int = Field(default=1024, ge=0, description="logit_bias entries in one request")
+    max_stop: int = Field(default=16, ge=0, description="stop strings in one request")
+    max_stop_chars: int = Field(default=256, ge=1, description="characters in one stop string")
+    max_schema_bytes: int = Field(default=32 << 10, ge=64, description="one JSON schema, serialized")
+    max_schema_depth: int = Field(default=32, ge=2, description="nesting of objects and arrays in one JSON schema")
+    max_schema_refs: int = Field(default=128, ge=0, description="$ref keywords in one JSON schema")
+    max_schema_repeat: int = Field(default=512, ge=1, description="bounds in a JSON schema: minLength, maxLength, "
+                                   "minItems, maxItems, minProperties, maxProperties")
+    prep_workers: int = Field(default=2, ge=1, description="threads that validate, render and tokenize requests")
+    prep_timeout: float = Field(default=30.0, gt=0, description="seconds a request may take to prepare (else 408)")
+    grammar_workers: int = Field(default=1, ge=1, description="processes that compile grammars")
+    grammar_timeout: float = Field(default=10.0, gt=0, description="seconds to compile one grammar (else 400)")
+    grammar_cache_bytes: int = Field(default=256 << 20, ge=0, description="xgrammar's cache in each grammar process")
     drain_timeout: float = Field(default=30.0, ge=0, description="seconds to finish requests on SIGTERM")
     log_level: str = "info"
 
@@ -65,7 +85,7 @@ class Settings(BaseSettings):
     def _lists(cls, value: Any) -> Any:
         return _comma_list(value)
 
-    @field_validator("kv_cache_memory", "max_request_bytes", mode="before")
+    @field_validator("kv_cache_memory", "max_request_bytes", "max_schema_bytes", "grammar_cache_bytes", mode="before")
     @classmethod
     def _bytes(cls, value: Any) -> Any:
         return parse_bytes(value)

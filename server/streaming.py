@@ -1,5 +1,6 @@
 """Server-sent events: JSON chunks, then ``[DONE]``; the first event is awaited before the response starts,
-so that errors found up front (queue full, bad request) still get their HTTP status."""
+so that errors found up front (queue full, bad request) still get their HTTP status. An error after that ends
+the stream with an event in OpenAI's error envelope (then ``[DONE]``), never a cut connection."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
+
+from server.errors import APIError, error_body
 
 T = TypeVar("T")
 
@@ -31,8 +34,10 @@ async def sse_response(chunks: AsyncIterator[BaseModel | dict]) -> EventSourceRe
             async for chunk in prepend(first, iterator):
                 data = chunk.model_dump_json(exclude_none=False) if isinstance(chunk, BaseModel) else json.dumps(chunk)
                 yield {"data": data}
-            yield {"data": "[DONE]"}
+        except APIError as exc:
+            yield {"data": json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}
         finally:
             await iterator.aclose()  # type: ignore[attr-defined]
+        yield {"data": "[DONE]"}
 
     return EventSourceResponse(events(), ping=15)

@@ -11,10 +11,10 @@ import json
 from typing import Any
 
 import jsonschema
-import xgrammar as xgr
 
-from engine.grammar import GrammarError, json_schema_grammar, literal_grammar
+from engine.grammar import Concat, GrammarError, GrammarSpec, Union, json_schema_grammar, literal_grammar
 from server.errors import APIError
+from server.limits import Limits
 from server.protocol import ChatCompletionRequest
 from server.tools import ToolPlan
 from tokenizer.react import Tool
@@ -26,59 +26,65 @@ UNSUPPORTED_KEYWORDS = frozenset({"not", "if", "then", "else", "dependentRequire
 NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
 
 
-def reply_grammar(request: ChatCompletionRequest, plan: ToolPlan | None) -> xgr.Grammar | None:
+def reply_grammar(request: ChatCompletionRequest, plan: ToolPlan | None, limits: Limits) -> GrammarSpec | None:
     """The grammar the reply must follow, or None when it is free; raises a 400 ``APIError`` for a bad schema."""
     if plan is not None and plan.required:
-        return _call_grammar(plan)
+        return _call_grammar(plan, limits)
     fmt = request.response_format
     if fmt is None or not fmt.structured:
         return None
     if fmt.json_schema is None:
-        return _grammar(ANY_OBJECT, "response_format")
-    return _grammar(fmt.json_schema.schema_, "response_format.json_schema.schema")
+        return _grammar(ANY_OBJECT, "response_format", limits)
+    return _grammar(fmt.json_schema.schema_, "response_format.json_schema.schema", limits)
 
 
-def check_tool_schemas(plan: ToolPlan) -> None:
-    """Every OpenAI-style parameter schema must be a valid JSON schema (Qwen's list form is free text)."""
+def check_tool_schemas(plan: ToolPlan, limits: Limits) -> None:
+    """Every OpenAI-style parameter schema must be a valid JSON schema within the limits (Qwen's list form is
+    free text)."""
     for tool in plan.tools:
         if isinstance(tool.parameters, dict):
-            _checked(tool.parameters, f"tools[{tool.name}].parameters")
+            _checked(tool.parameters, f"tools[{tool.name}].parameters", limits)
 
 
-def _call_grammar(plan: ToolPlan) -> xgr.Grammar:
+def _call_grammar(plan: ToolPlan, limits: Limits) -> GrammarSpec:
     tools = [_tool(plan, plan.forced)] if plan.forced is not None else plan.tools
     if plan.native:  # after the pre-filled "<tool_call>\n": one call object, then the block closes
-        return xgr.Grammar.union(*[xgr.Grammar.concat(
+        return Union(tuple(Concat((
             literal_grammar(f'{{"name": {json.dumps(tool.name, ensure_ascii=False)}, "arguments": '),
-            _arguments(tool), literal_grammar(f"}}\n{CLOSE}")) for tool in tools])
+            _arguments(tool, limits), literal_grammar(f"}}\n{CLOSE}"))) for tool in tools))
     if plan.forced is not None:  # after "Action: name\nAction Input:"
-        return xgr.Grammar.concat(literal_grammar(" "), _arguments(tools[0]))
-    return xgr.Grammar.union(*[
-        xgr.Grammar.concat(literal_grammar(f" {tool.name}\nAction Input: "), _arguments(tool)) for tool in tools
-    ])
+        return Concat((literal_grammar(" "), _arguments(tools[0], limits)))
+    return Union(tuple(
+        Concat((literal_grammar(f" {tool.name}\nAction Input: "), _arguments(tool, limits))) for tool in tools
+    ))
 
 
 def _tool(plan: ToolPlan, name: str) -> Tool:
     return next(tool for tool in plan.tools if tool.name == name)
 
 
-def _arguments(tool: Tool) -> xgr.Grammar:
+def _arguments(tool: Tool, limits: Limits) -> GrammarSpec:
     schema = tool.parameters if isinstance(tool.parameters, dict) else ANY_OBJECT
-    return _grammar(schema, f"tools[{tool.name}].parameters")
+    return _grammar(schema, f"tools[{tool.name}].parameters", limits)
 
 
-def _grammar(schema: dict[str, Any], param: str) -> xgr.Grammar:
+def _grammar(schema: dict[str, Any], param: str, limits: Limits) -> GrammarSpec:
     try:
-        return json_schema_grammar(json.dumps(_checked(schema, param)))
+        return json_schema_grammar(json.dumps(_checked(schema, param, limits)))
     except GrammarError as exc:
         raise APIError(400, f"cannot constrain output to this schema: {exc}", param=param) from exc
 
 
-def _checked(schema: dict[str, Any], param: str) -> dict[str, Any]:
+def _checked(schema: dict[str, Any], param: str, limits: Limits) -> dict[str, Any]:
+    limits.check_schema(schema, param)
+    if not isinstance(schema.get("$schema", ""), str):
+        raise APIError(400, "invalid JSON schema: $schema must be a string (a metaschema URI)", param=param)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise APIError(400, f"invalid JSON schema: {exc.message}", param=param) from exc
+    except (RecursionError, ValueError, TypeError, LookupError) as exc:  # a metaschema that cannot be resolved
+        raise APIError(400, f"invalid JSON schema: {type(exc).__name__}", param=param) from exc
     unsupported = sorted(_keywords(schema) & UNSUPPORTED_KEYWORDS)
     if unsupported:
         raise APIError(400, f"unsupported JSON schema keywords: {', '.join(unsupported)}", param=param)

@@ -8,16 +8,20 @@ from collections.abc import AsyncIterator
 
 from server.generation import ChoiceEvent
 from server.metrics import Metrics
-from server.protocol import Usage
+from server.protocol import PromptTokensDetails, Usage
 
 
 class UsageTracker:
-    """Wraps a request's event stream: counts tokens per choice, records TTFT, inter-token and e2e latency."""
+    """Wraps a request's event stream: counts tokens per choice, records TTFT, inter-token and e2e latency.
+    ``shared_prompt``: every choice continues the one prompt counted in ``prompt_tokens`` (chat), rather than each
+    its own (completions count each choice's prompt)."""
 
-    def __init__(self, metrics: Metrics | None, prompt_tokens: int, choices: int) -> None:
+    def __init__(self, metrics: Metrics | None, prompt_tokens: int, choices: int, *, shared_prompt: bool) -> None:
         self.metrics = metrics
         self.prompt_tokens = prompt_tokens
+        self.shared_prompt = shared_prompt
         self.completion = [0] * choices
+        self.cached = [0] * choices
         self.reasons: list[str | None] = [None] * choices
         self.started = time.monotonic()
         self._last_token: float | None = None
@@ -35,6 +39,7 @@ class UsageTracker:
 
     def _observe(self, event: ChoiceEvent) -> None:
         self.completion[event.index] = event.completion_tokens
+        self.cached[event.index] = event.cached_tokens
         if event.finish_reason is not None:
             self.reasons[event.index] = event.finish_reason
         if not event.token_ids or self.metrics is None:
@@ -49,5 +54,7 @@ class UsageTracker:
 
     def usage(self) -> Usage:
         completion = sum(self.completion)
+        cached = max(self.cached) if self.shared_prompt else sum(self.cached)
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                     total_tokens=self.prompt_tokens + completion)
+                     total_tokens=self.prompt_tokens + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))

@@ -104,26 +104,30 @@ def react_messages(messages: Sequence[ReactInput], tools: Sequence[Tool]) -> tup
     if not any(m.role == "user" for m in messages):
         raise ReactError("expecting at least one user message")
     rest = list(messages)
-    turns: list[ChatMessage] = []
+    roles: list[str] = []
+    parts: list[list[str]] = []  # each turn's text in pieces, joined once at the end (no quadratic re-copying)
     if rest and rest[0].role == "system":  # without one, the prompt builder adds the model's default
-        turns.append(ChatMessage("system", rest.pop(0).content))
+        roles.append("system")
+        parts.append([rest.pop(0).content])
     for index, message in enumerate(rest):
         content = _clean(message.content)
         if message.role in ("function", "tool"):
-            if not turns or turns[-1].role != "assistant":
+            if not roles or roles[-1] != "assistant":
                 raise ReactError(f"a {message.role} result must follow an assistant message that called it")
-            observation = f"{turns[-1].content}\n{OBSERVATION} {content}"
+            parts[-1].append(f"\n{OBSERVATION} {content}")
             if index == len(rest) - 1:
-                observation += "\nThought:"
-            turns[-1] = ChatMessage("assistant", observation)
+                parts[-1].append("\nThought:")
         elif message.role == "assistant":
             text = _assistant_text(content, message.calls, bool(tools))
-            if turns and turns[-1].role == "assistant":
-                turns[-1] = ChatMessage("assistant", f"{turns[-1].content}\n{text}")
+            if roles and roles[-1] == "assistant":
+                parts[-1].append(f"\n{text}")
             else:
-                turns.append(ChatMessage("assistant", _clean(text)))
+                roles.append("assistant")
+                parts.append([_clean(text)])
         else:
-            turns.append(ChatMessage(message.role, content))
+            roles.append(message.role)
+            parts.append([content])
+    turns = [ChatMessage(role, "".join(pieces)) for role, pieces in zip(roles, parts, strict=True)]
     if tools:
         _prefix_instruction(turns, instruction(tools))
     return turns, turns[-1].role == "assistant"
@@ -212,11 +216,14 @@ class ReplyStreamParser:
     ``prefix``: reply text that sits in the prompt already (``forced_call_prefix``).
     """
 
+    MARKERS = ("\nAction:", "\nAction Input:", "\nFinal Answer: ")
+
     def __init__(self, prefix: str = "") -> None:
         self._text = prefix
         self._mode = "undecided"
-        self._start = 0
-        self._sent = 0
+        self._found: dict[str, int] = {}  # first place of each marker seen so far
+        self._searched = 0  # the text before this has been searched for every marker
+        self._started = False  # arguments: leading white space is skipped until the first other character
 
     def feed(self, delta: str) -> list[ReplyDelta]:
         self._text += delta
@@ -230,20 +237,29 @@ class ReplyStreamParser:
             return [ReplyDelta(content=reply.content)] if reply.content else []
         return [*self._opening(reply.content, reply.call.name), ReplyDelta(arguments=reply.call.arguments)]
 
+    def _first(self, marker: str) -> int:
+        return self._found.get(marker, -1)
+
     def _decide(self) -> list[ReplyDelta]:
         text = self._text
-        action, action_input = text.find("\nAction:"), text.find("\nAction Input:")
-        final = text.find("\nFinal Answer: ")
+        for marker in self.MARKERS:  # search only what is new (and a marker's width back)
+            if marker not in self._found:
+                place = text.find(marker, max(0, self._searched - len(marker) + 1))
+                if place >= 0:
+                    self._found[marker] = place
+        self._searched = len(text)
+        action, action_input, final = (self._first(marker) for marker in self.MARKERS)
         name = text[action + len("\nAction:") : action_input].strip() if 0 <= action < action_input else ""
         if name and not 0 <= final < action:
             thought = text[:action]
             start = thought.find("Thought: ")
             if start >= 0:
                 thought = thought[start + len("Thought: ") :]
-            self._mode, self._start = "arguments", action_input + len("\nAction Input:")
+            self._mode = "arguments"
+            self._text = text[action_input + len("\nAction Input:") :]
             return [*self._opening(thought.strip(), name), *self._advance()]
         if final >= 0 and not 0 <= action < final:
-            self._mode, self._start = "answer", final + len("\nFinal Answer: ")
+            self._mode, self._text = "answer", text[final + len("\nFinal Answer: ") :]
             return self._advance()
         return []
 
@@ -252,10 +268,14 @@ class ReplyStreamParser:
         return [*([ReplyDelta(content=content)] if content else []), ReplyDelta(call_name=name)]
 
     def _advance(self) -> list[ReplyDelta]:
-        body = self._text[self._start :]
-        if self._mode == "arguments":
-            body = body.strip()  # grows only at its end as text comes, so its new tail is what to send
-        fresh, self._sent = body[self._sent :], len(body)
-        if not fresh:
-            return []
-        return [ReplyDelta(arguments=fresh)] if self._mode == "arguments" else [ReplyDelta(content=fresh)]
+        """Send what is new; ``_text`` keeps only what is not sent yet (arguments: white space at either end held
+        back, as ``parse_reply`` strips it)."""
+        if self._mode == "answer":
+            fresh, self._text = self._text, ""
+            return [ReplyDelta(content=fresh)] if fresh else []
+        if not self._started:
+            self._text = self._text.lstrip()
+            self._started = bool(self._text)
+        fresh = self._text.rstrip()
+        self._text = self._text[len(fresh) :]
+        return [ReplyDelta(arguments=fresh)] if fresh else []

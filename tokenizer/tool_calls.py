@@ -70,18 +70,20 @@ class ToolCallStreamParser:
         self._started = False
         self._held_space = ""
         self._calls = 0
+        self._searched = 0  # in a call: the buffer before this holds no closing tag
 
     def feed(self, delta: str) -> list[CallDelta]:
         self._buffer += delta
         out: list[CallDelta] = []
         while True:
             if self._in_call:
-                end = self._buffer.find(CLOSE)
+                end = self._buffer.find(CLOSE, max(0, self._searched - len(CLOSE) + 1))
                 if end < 0:
+                    self._searched = len(self._buffer)
                     return out
                 out += self._block(self._buffer[:end], complete=True)
                 self._buffer = self._buffer[end + len(CLOSE) :]
-                self._in_call = False
+                self._in_call, self._searched = False, 0
                 continue
             start = self._buffer.find(OPEN)
             if start < 0:

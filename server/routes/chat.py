@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
 from server.app_state import state_of
+from server.chat_plan import plan_chat
 from server.generation import Generation, ModelService, collect_choices
 from server.logprobs import chat_logprobs
 from server.protocol import (
@@ -25,8 +25,7 @@ from server.protocol import (
 )
 from server.routes.deps import ready_service, until_disconnected
 from server.streaming import prepend, sse_response
-from server.structured import check_tool_schemas, reply_grammar
-from server.tools import StreamedReply, ToolPlan, plain_messages
+from server.tools import StreamedReply, ToolPlan
 from server.usage import UsageTracker
 
 router = APIRouter()
@@ -34,26 +33,13 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = state_of(request)
     service = ready_service(request, body.model)
-    plan = ToolPlan.of(body, native=service.native_tools)
-    if plan is None:
-        prompt_ids = service.chat_prompt_ids(plain_messages(body.messages),
-                                             add_generation_prompt=body.add_generation_prompt)
-        stops = body.stop
-    else:
-        check_tool_schemas(plan)
-        plan.check_no_control_tokens(service.tokenizer, body.messages)
-        turns, open_last = plan.messages(body.messages)
-        prompt_ids = service.chat_prompt_ids(turns, add_generation_prompt=not open_last,
-                                             continue_final_message=open_last, template_kwargs=plan.template_kwargs)
-        stops = [*body.stop, *plan.stop_strings]
-    top = (body.top_logprobs or 0) if body.logprobs else None
-    params = service.sampling_params(body, len(prompt_ids), chat=True, logprobs=top)
-    grammar = await service.compile_grammar(reply_grammar(body, plan))  # after every cheaper check
-    if grammar is not None:
-        params = dataclasses.replace(params, grammar=grammar)
-    generation = Generation(request.state.request_id, prompt_ids, params, stops, body.n)
-    tracker = UsageTracker(state_of(request).metrics, len(prompt_ids), body.n)
+    state.limits.check_chat(body, service.vocab_size)
+    planned = await until_disconnected(request, state.preparer.run(lambda: plan_chat(service, body, state.limits)))
+    plan = planned.tools
+    generation = Generation(new_id("chatcmpl"), planned.prompt_ids, planned.params, planned.stop_strings, body.n)
+    tracker = UsageTracker(state.metrics, len(planned.prompt_ids), body.n, shared_prompt=True)
     if body.stream:
         return await sse_response(_chunks(service, generation, body, plan, tracker))
     return await until_disconnected(request, _complete(service, generation, body, plan, tracker))
@@ -71,13 +57,13 @@ async def _complete(service: ModelService, generation: Generation, body: ChatCom
             message, reason = plan.message(result.text, result.finish_reason)
         logprobs = chat_logprobs(service.tokenizer, result.token_ids, result.logprobs, top) if body.logprobs else None
         choices.append(ChatChoice(index=index, message=message, finish_reason=reason, logprobs=logprobs))
-    return ChatCompletionResponse(id=new_id("chatcmpl"), created=now(), model=service.name, choices=choices,
+    return ChatCompletionResponse(id=generation.request_id, created=now(), model=service.name, choices=choices,
                                   usage=tracker.usage())
 
 
 async def _chunks(service: ModelService, generation: Generation, body: ChatCompletionRequest,
                   plan: ToolPlan | None, tracker: UsageTracker) -> AsyncIterator[ChatCompletionChunk]:
-    chunk_id, created = new_id("chatcmpl"), now()
+    chunk_id, created = generation.request_id, now()
     top = body.top_logprobs or 0
     replies = [StreamedReply(plan) if plan else None for _ in range(body.n)]
 

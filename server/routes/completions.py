@@ -11,7 +11,14 @@ from server.app_state import state_of
 from server.errors import APIError
 from server.generation import ChoiceEvent, Generation, ModelService, collect_choices
 from server.logprobs import completion_logprobs
-from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, new_id, now
+from server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    new_id,
+    now,
+)
 from server.routes.deps import ready_service, until_disconnected
 from server.streaming import prepend, sse_response
 from server.usage import UsageTracker
@@ -21,21 +28,28 @@ router = APIRouter()
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request):
+    state = state_of(request)
     service = ready_service(request, body.model)
+    state.limits.check_completion(body, service.vocab_size)
+    completion_id = new_id("cmpl")
+    generations = await until_disconnected(request, state.preparer.run(lambda: _plan(service, body, completion_id)))
+    tracker = UsageTracker(state.metrics, sum(len(g.prompt_ids) for g in generations) * body.n,
+                           len(generations) * body.n, shared_prompt=False)
+    events = tracker.track(_merged(service, generations, body.n))
+    job = _Job(completion_id, service, generations, body)
+    if body.stream:
+        return await sse_response(_chunks(job, events, tracker))
+    return await until_disconnected(request, _complete(job, events, tracker))
+
+
+def _plan(service: ModelService, body: CompletionRequest, request_id: str) -> list[Generation]:
+    """One engine request per prompt (tokenized here, on a preparation thread)."""
     prompts = [service.text_prompt_ids(p) for p in body.prompts()]
     if any(not ids for ids in prompts):
         raise APIError(400, "prompt must not be empty", param="prompt")
-    generations = [
-        Generation(f"{request.state.request_id}-p{i}", ids,
-                   service.sampling_params(body, len(ids), chat=False, logprobs=body.logprobs), body.stop, body.n)
-        for i, ids in enumerate(prompts)
-    ]
-    tracker = UsageTracker(state_of(request).metrics, sum(len(g.prompt_ids) for g in generations) * body.n,
-                           len(generations) * body.n)
-    events = tracker.track(_merged(service, generations, body.n))
-    if body.stream:
-        return await sse_response(_chunks(service, generations, body, events, tracker))
-    return await until_disconnected(request, _complete(service, generations, body, events, tracker))
+    return [Generation(f"{request_id}-p{i}", ids,
+                       service.sampling_params(body, len(ids), chat=False, logprobs=body.logprobs), body.stop, body.n)
+            for i, ids in enumerate(prompts)]
 
 
 async def _merged(service: ModelService, generations: list[Generation], n: int) -> AsyncIterator[ChoiceEvent]:
@@ -47,17 +61,30 @@ async def _merged(service: ModelService, generations: list[Generation], n: int) 
                 yield event
 
 
-async def _echo(service: ModelService, generation: Generation, body: CompletionRequest):
-    """Prompt text, and its logprobs when asked, for ``echo``."""
-    text = service.tokenizer.decode(generation.prompt_ids)
-    if body.logprobs is None:
-        return text, None
-    entries = await service.prompt_logprobs(generation.prompt_ids, body.logprobs)
-    return text, completion_logprobs(service.tokenizer, generation.prompt_ids, entries, body.logprobs)
+class _Job:
+    """One completions request under way: its id, model, engine requests and body, and the echoes of its
+    prompts."""
+
+    def __init__(self, completion_id: str, service: ModelService, generations: list[Generation],
+                 body: CompletionRequest) -> None:
+        self.id, self.service, self.generations, self.body = completion_id, service, generations, body
+        self._done: dict[int, tuple[str, CompletionLogprobs | None]] = {}
+
+    async def echo(self, index: int) -> tuple[str, CompletionLogprobs | None]:
+        """Choice ``index``'s prompt text, and its logprobs when asked: computed once per prompt, whatever ``n``."""
+        prompt = index // self.body.n
+        if prompt not in self._done:
+            ids, tokenizer, top = self.generations[prompt].prompt_ids, self.service.tokenizer, self.body.logprobs
+            logprobs = None
+            if top is not None:
+                entries = await self.service.prompt_logprobs(ids, top)
+                logprobs = completion_logprobs(tokenizer, ids, entries, top)
+            self._done[prompt] = (tokenizer.decode(ids), logprobs)
+        return self._done[prompt]
 
 
-async def _complete(service: ModelService, generations: list[Generation], body: CompletionRequest,
-                    events: AsyncIterator[ChoiceEvent], tracker: UsageTracker) -> CompletionResponse:
+async def _complete(job: _Job, events: AsyncIterator[ChoiceEvent], tracker: UsageTracker) -> CompletionResponse:
+    service, generations, body = job.service, job.generations, job.body
     results = await collect_choices(events, len(generations) * body.n)
     choices = []
     for index, result in enumerate(results):
@@ -65,7 +92,7 @@ async def _complete(service: ModelService, generations: list[Generation], body: 
         if body.logprobs is not None:
             logprobs = completion_logprobs(service.tokenizer, result.token_ids, result.logprobs, body.logprobs)
         if body.echo:
-            prompt_text, prompt_logprobs = await _echo(service, generations[index // body.n], body)
+            prompt_text, prompt_logprobs = await job.echo(index)
             text = prompt_text + text
             if logprobs is not None and prompt_logprobs is not None:
                 shift = len(prompt_text)
@@ -75,13 +102,14 @@ async def _complete(service: ModelService, generations: list[Generation], body: 
                 logprobs.text_offset[:] = prompt_logprobs.text_offset + [o + shift for o in logprobs.text_offset]
         choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
                                         finish_reason=result.finish_reason))
-    return CompletionResponse(id=new_id("cmpl"), created=now(), model=service.name, choices=choices,
+    return CompletionResponse(id=job.id, created=now(), model=service.name, choices=choices,
                               usage=tracker.usage())
 
 
-async def _chunks(service: ModelService, generations: list[Generation], body: CompletionRequest,
-                  events: AsyncIterator[ChoiceEvent], tracker: UsageTracker) -> AsyncIterator[CompletionResponse]:
-    chunk_id, created = new_id("cmpl"), now()
+async def _chunks(job: _Job, events: AsyncIterator[ChoiceEvent], tracker: UsageTracker
+                  ) -> AsyncIterator[CompletionResponse]:
+    service, generations, body = job.service, job.generations, job.body
+    chunk_id, created = job.id, now()
 
     def chunk(choices: list[CompletionChoice], usage=None) -> CompletionResponse:
         return CompletionResponse(id=chunk_id, created=created, model=service.name, choices=choices, usage=usage)
@@ -90,7 +118,7 @@ async def _chunks(service: ModelService, generations: list[Generation], body: Co
         first = await anext(events, None)
         if body.echo:
             for index in range(len(generations) * body.n):
-                text, logprobs = await _echo(service, generations[index // body.n], body)
+                text, logprobs = await job.echo(index)
                 yield chunk([CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=None)])
         async for event in prepend(first, events):
             logprobs = None

@@ -18,8 +18,7 @@ T = TypeVar("T")
 def ready_service(request: Request, model: str | None = None) -> ModelService:
     state = state_of(request)
     if state.service is None:
-        detail = "the model failed to load" if state.load_error else "the model is still loading"
-        raise APIError(503, detail, code="not_ready")
+        raise APIError(503, state.failure or "the model is still loading", code="not_ready")
     if model is not None and model != state.service.name:
         raise APIError(404, f"the model '{model}' does not exist; this server serves '{state.service.name}'",
                        param="model", code="model_not_found")

@@ -16,8 +16,8 @@ router = APIRouter()
 async def health(request: Request) -> Response:
     """200 when ready; 503 while loading, draining, or after a load or engine failure."""
     state = state_of(request)
-    if state.load_error is not None:
-        return error_response(503, f"the model failed to load: {state.load_error}", code="load_failed")
+    if state.failure is not None:
+        return error_response(503, state.failure, code="failed")
     if state.service is None:
         return error_response(503, "the model is still loading", code="loading")
     if state.draining:

@@ -90,7 +90,15 @@ def test_api_keys(keyed_server):
     assert_error(httpx.get(url + "/v1/models", headers={"Authorization": "Basic k1"}), 401)
     assert httpx.post(url + CHAT, json=body, headers={"Authorization": "Bearer second-key"}).status_code == 200
     assert httpx.get(url + "/health").status_code == 200
-    assert httpx.get(url + "/metrics").status_code == 200
+    assert_error(httpx.get(url + "/metrics"), 401)  # with keys set, metrics need one too
+    assert httpx.get(url + "/metrics", headers={"Authorization": "Bearer k1"}).status_code == 200
+
+
+def test_metrics_made_public_by_open_paths(smol_server):
+    settings = Settings(served_model_name=SMOL_NAME, api_key=["k1"], open_paths=["/health", "/metrics"])
+    for server in serve(settings, smol_server.engine):
+        assert "vllm:num_requests_running" in httpx.get(server.url + "/metrics").text
+        assert_error(httpx.get(server.url + "/v1/models"), 401)
 
 
 def test_body_too_large_gets_413(smol_server):
@@ -110,7 +118,7 @@ def test_full_queue_gets_429_with_retry_after(smol_loaded):
                 assert first.status_code == 200
                 lines = first.iter_lines()
                 assert next(line for line in lines if '"content":"' in line and '"role"' not in line)
-                assert engine.num_running == 1
+                assert engine.stats.running == 1
                 response = httpx.post(server.url + CHAT, json={"model": SMOL_NAME, "messages": HELLO, "max_tokens": 2},
                                       timeout=60)
                 assert_error(response, 429)
@@ -142,7 +150,7 @@ def test_model_that_fails_to_load_reports_503(tmp_path):
 def wait_for_idle(server, seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if server.metric("vllm:num_requests_running") == 0 and server.engine.engine.blocks.usage == 0:
+        if server.metric("vllm:num_requests_running") == 0 and server.engine.stats.kv_cache_usage == 0:
             return True
         time.sleep(0.05)
     return False

@@ -64,7 +64,7 @@ def test_staggered_batch_equals_solo(smollm2):
         tasks = [asyncio.create_task(collect(async_engine, f"r{i}", ids, GREEDY, delay=0.03 * i))
                  for i, ids in enumerate(prompts)]
         while not all(t.done() for t in tasks):
-            peak = max(peak, async_engine.num_running)
+            peak = max(peak, async_engine.stats.running)
             await asyncio.sleep(0.01)
         return [t.result() for t in tasks]
 
@@ -134,7 +134,7 @@ def test_abort_frees_blocks_at_once(smollm2):
                 break
         await stream.aclose()
         for _ in range(200):
-            if engine.blocks.num_free == engine.blocks.num_blocks and async_engine.num_running == 0:
+            if engine.blocks.num_free == engine.blocks.num_blocks and async_engine.stats.running == 0:
                 return True
             await asyncio.sleep(0.01)
         return False
@@ -155,10 +155,10 @@ def test_queue_bound_is_reported(smollm2):
         first = asyncio.create_task(collect(async_engine, "a", ids, long))
         second = asyncio.create_task(collect(async_engine, "b", ids, long))
         for _ in range(1000):
-            if async_engine.num_waiting == 1 and async_engine.num_running == 1:
+            if async_engine.stats.waiting == 1 and async_engine.stats.running == 1:
                 break
             await asyncio.sleep(0.01)
-        assert async_engine.num_waiting == 1 and async_engine.num_running == 1
+        assert async_engine.stats.waiting == 1 and async_engine.stats.running == 1
         with pytest.raises(QueueFullError):
             await collect(async_engine, "c", ids, long)
         first.cancel()

@@ -115,9 +115,9 @@ def test_grammar_state_survives_preemption(compiler, smollm2):  # noqa: F811
 
 
 @pytest.mark.parametrize("schema", ['{"type": "foo"}', '{"$ref": "#/$defs/missing"}', "not json"])
-def test_bad_schemas_raise_grammar_error(schema):
+def test_bad_schemas_raise_grammar_error(schema, compiler):
     with pytest.raises(GrammarError):
-        json_schema_grammar(schema)
+        compiler.compile(json_schema_grammar(schema))
 
 
 def test_length_bounded_strings_refuse_raw_control_characters(compiler):
