@@ -92,8 +92,8 @@ def json_schema_grammar(schema: str) -> SchemaGrammar:
     """The grammar of compact JSON valid under ``schema`` (``GrammarError`` at once when it is not JSON)."""
     try:
         json.loads(schema)
-    except json.JSONDecodeError as exc:
-        raise GrammarError(f"the schema is not JSON: {exc}") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise GrammarError(f"the schema is not JSON that can be read: {exc}") from exc
     return SchemaGrammar(schema)
 
 

@@ -202,3 +202,94 @@ def test_invalid_requests_are_refused(smollm2):
         engine.add_request("b", [1] * 64, GREEDY)
     with pytest.raises(InvalidRequestError, match="token ids"):
         engine.add_request("c", [49152], GREEDY)
+
+
+def test_invalid_sampling_values_are_refused_at_add(smollm2):
+    engine = engine_over(smollm2)
+    from engine import InvalidRequestError
+
+    ids = prompt(smollm2, "Hi")
+    with pytest.raises(InvalidRequestError, match="top_k"):
+        engine.add_request("k", ids, SamplingParams(top_k=2**63))
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        engine.add_request("b", ids, SamplingParams(logit_bias={49152: 1.0}))
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64)
+    assert SamplingParams(temperature=1e-300).greedy
+
+
+class _FailingGrammar:
+    """A grammar whose matcher breaks when asked for its mask: a fault in one row's sampling."""
+
+    def matcher(self, stop_ids):
+        class Broken:
+            def fill_next_token_bitmask(self, bitmask, index):
+                raise RuntimeError("matcher fault")
+
+            def accept_token(self, token_id):
+                return True
+
+        return Broken()
+
+
+def test_a_row_that_fails_in_sampling_ends_alone(smollm2):
+    prompts = [prompt(smollm2, f"Write one sentence about {topic}.") for topic in TOPICS[:3]]
+    solo = [run_solo(engine_over(smollm2), ids, GREEDY) for ids in prompts]
+    engine = engine_over(smollm2)
+    engine.add_request("a", prompts[0], GREEDY)
+    engine.add_request("bad", prompts[1], SamplingParams(temperature=0, max_tokens=20, grammar=_FailingGrammar()))
+    engine.add_request("c", prompts[2], GREEDY)
+    tokens: dict[str, list[int]] = {"a": [], "bad": [], "c": []}
+    finished: dict[str, tuple[str | None, str | None]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+            if out.finished:
+                finished[out.request_id] = (out.finish_reason, out.error)
+    assert finished["bad"][0] == "error" and "matcher fault" in finished["bad"][1] and tokens["bad"] == []
+    assert [tokens["a"], tokens["c"]] == [solo[0], solo[2]]
+    assert finished["a"] == finished["c"] == ("length", None)
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_failed_request_reaches_its_caller_and_the_engine_runs_on(smollm2):
+    from engine.async_engine import RequestFailedError
+
+    async_engine = AsyncEngine(engine_over(smollm2))
+    ids = prompt(smollm2, "Hi")
+
+    async def main():
+        bad = SamplingParams(temperature=0, max_tokens=5, grammar=_FailingGrammar())
+        results = await asyncio.gather(collect(async_engine, "bad", ids, bad), collect(async_engine, "ok", ids, GREEDY),
+                                       return_exceptions=True)
+        assert isinstance(results[0], RequestFailedError) and len(results[1]) == GREEDY.max_tokens
+        assert len(await collect(async_engine, "later", ids, GREEDY)) == GREEDY.max_tokens
+
+    try:
+        asyncio.run(main())
+        assert async_engine.is_alive
+    finally:
+        async_engine.shutdown()
+
+
+def test_prompt_logprobs_in_chunks_equal_the_full_logits(smollm2):
+    import engine.engine as engine_module
+
+    engine = engine_over(smollm2)
+    ids = prompt(smollm2, "Count: one two three four five six seven eight nine ten.")
+    full = engine.prompt_logits(ids[:-1]).log_softmax(-1)  # the same forward pass: positions 0 .. T-2
+    chunk = engine_module.PROMPT_LOGPROB_ROWS
+    engine_module.PROMPT_LOGPROB_ROWS = 7  # several chunks, the last one partial
+    try:
+        entries = engine.prompt_logprobs(ids, 3)
+    finally:
+        engine_module.PROMPT_LOGPROB_ROWS = chunk
+    assert entries[0] is None and len(entries) == len(ids)
+    for position in range(1, len(ids)):
+        row = full[position - 1]
+        expected = {ids[position]: row[ids[position]].item()}
+        values, top = row.topk(3)
+        expected.update(zip(top.tolist(), values.tolist(), strict=True))
+        # fp32: the head's matmul over 7 rows sums in another order than one over all rows, and the
+        # normaliser of 49K fp32 terms moves by ~2e-5
+        assert entries[position] == pytest.approx(expected, rel=0, abs=3e-5)
