@@ -72,6 +72,7 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
+    kv_blocks_in_use: int = 0
     prefix_queries: int = 0
     prefix_hits: int = 0
     preemptions: int = 0
@@ -120,8 +121,10 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         """The engine's load now (call on the thread that steps it)."""
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.usage,
-                           self.blocks.prefix_queries, self.blocks.prefix_hits, self.scheduler.num_preemptions)
+        blocks = self.blocks
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), blocks.usage,
+                           blocks.num_blocks - blocks.num_free, blocks.prefix_queries, blocks.prefix_hits,
+                           self.scheduler.num_preemptions)
 
     @classmethod
     def from_model(cls, model: str | None = None, *, dtype: str | torch.dtype | None = None,

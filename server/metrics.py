@@ -26,6 +26,7 @@ class EngineStateCollector(Collector):
             ("vllm:num_requests_running", "Requests in the running batch.", stats.running),
             ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", stats.waiting),
             ("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", stats.kv_cache_usage),
+            ("qwen_serve:kv_cache_blocks_in_use", "KV-cache blocks held by requests.", stats.kv_blocks_in_use),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=list(self.labels))
             gauge.add_metric(list(self.labels.values()), value)
