@@ -35,12 +35,16 @@ class ChoiceEvent:
 
 @dataclass
 class ChoiceResult:
-    """A whole choice, gathered from its events."""
+    """A whole choice, gathered from its events (text in pieces, joined once)."""
 
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 async def collect_choices(events: AsyncIterator[ChoiceEvent], n: int) -> list[ChoiceResult]:
@@ -48,7 +52,7 @@ async def collect_choices(events: AsyncIterator[ChoiceEvent], n: int) -> list[Ch
     async with contextlib.aclosing(events):
         async for event in events:
             result = results[event.index]
-            result.text += event.text
+            result.pieces.append(event.text)
             result.token_ids += event.token_ids
             result.logprobs += event.logprobs
             result.finish_reason = event.finish_reason or result.finish_reason

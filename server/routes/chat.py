@@ -23,7 +23,7 @@ from server.protocol import (
     new_id,
     now,
 )
-from server.routes.deps import ready_service, until_disconnected
+from server.routes.deps import log_start, ready_service, until_disconnected
 from server.streaming import prepend, sse_response
 from server.tools import StreamedReply, ToolPlan
 from server.usage import UsageTracker
@@ -39,6 +39,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     planned = await until_disconnected(request, state.preparer.run(lambda: plan_chat(service, body, state.limits)))
     plan = planned.tools
     generation = Generation(new_id("chatcmpl"), planned.prompt_ids, planned.params, planned.stop_strings, body.n)
+    log_start(request, generation.request_id, len(planned.prompt_ids))
     tracker = UsageTracker(state.metrics, len(planned.prompt_ids), body.n, shared_prompt=True)
     if body.stream:
         return await sse_response(_chunks(service, generation, body, plan, tracker))

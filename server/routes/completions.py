@@ -19,7 +19,7 @@ from server.protocol import (
     new_id,
     now,
 )
-from server.routes.deps import ready_service, until_disconnected
+from server.routes.deps import log_start, ready_service, until_disconnected
 from server.streaming import prepend, sse_response
 from server.usage import UsageTracker
 
@@ -33,6 +33,7 @@ async def completions(body: CompletionRequest, request: Request):
     state.limits.check_completion(body, service.vocab_size)
     completion_id = new_id("cmpl")
     generations = await until_disconnected(request, state.preparer.run(lambda: _plan(service, body, completion_id)))
+    log_start(request, completion_id, sum(len(g.prompt_ids) for g in generations))
     tracker = UsageTracker(state.metrics, sum(len(g.prompt_ids) for g in generations) * body.n,
                            len(generations) * body.n, shared_prompt=False)
     events = tracker.track(_merged(service, generations, body.n))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -13,6 +14,12 @@ from server.errors import APIError
 from server.generation import ModelService
 
 T = TypeVar("T")
+log = logging.getLogger("qwen_serve")
+
+
+def log_start(request: Request, request_id: str, prompt_tokens: int) -> None:
+    """One line per request: the server's own id (the engine's key) beside the client's ``X-Request-Id``."""
+    log.info("request %s (X-Request-Id %s): %d prompt tokens", request_id, request.state.request_id, prompt_tokens)
 
 
 def ready_service(request: Request, model: str | None = None) -> ModelService:
