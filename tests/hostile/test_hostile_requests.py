@@ -177,7 +177,14 @@ def test_declared_body_over_the_limit_gets_413_before_it_is_sent(hostile_server)
     with socket.create_connection((address.hostname, address.port), timeout=30) as conn:
         conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 1000000000000\r\n\r\n")
-        head, _, body = conn.recv(65536).partition(b"\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += conn.recv(65536)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(
+            b"content-length:"))
+        while len(body) < length:
+            body += conn.recv(65536)
     assert head.startswith(b"HTTP/1.1 413")
     assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
     assert_still_serving(hostile_server)
