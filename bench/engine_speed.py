@@ -7,7 +7,7 @@ engine with one request at a time, our engine with 16 concurrent requests; then 
 device and reports batch-1 decode tok/s against the memory-bandwidth bound (weight bytes per token over the
 device's measured copy bandwidth) and the aggregate tok/s of 64 concurrent requests.
 
-Usage: python bench/engine_speed.py [--new-tokens 64] [--dtype auto|float32|bfloat16] [--cpu-kernels native|torch]
+Usage: python bench/engine_speed.py [--new-tokens 64] [--dtype auto|float32|bfloat16] [--cpu-isa auto|avx512|avx2|torch]
        python bench/engine_speed.py --device cuda --shape qwen-7b [--concurrency 64] [--layers N]
 """
 
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--sequential-requests", type=int, default=3)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cpu-kernels", choices=["native", "torch"], default="native",
+    parser.add_argument("--cpu-isa", choices=["auto", "avx512", "avx2", "torch"], default="auto",
                         help="4-bit weights on a bf16 CPU: the int4 x int8 kernel or torch's weight-only one")
     parser.add_argument("--shape", choices=["smollm2", "qwen-7b"], default="smollm2")
     parser.add_argument("--concurrency", type=int, default=64, help="requests at once (--shape qwen-7b)")
@@ -114,7 +114,7 @@ def main() -> None:
     if args.shape == "qwen-7b":
         return shape_report(args)
     path = asset_path(SMOLLM2_GGUF)
-    engine = LLMEngine.from_model(str(path), dtype=args.dtype, device=args.device, cpu_kernels=args.cpu_kernels,
+    engine = LLMEngine.from_model(str(path), dtype=args.dtype, device=args.device, cpu_isa=args.cpu_isa,
                                   config=EngineConfig(max_model_len=1024, kv_cache_memory=256 << 20))
     prompts = [build_prompt(engine.tokenizer, [ChatMessage("user", f"Write a long story about {t}.")]).token_ids
                for t in TOPICS]

@@ -129,13 +129,14 @@ class LLMEngine:
     @classmethod
     def from_model(cls, model: str | None = None, *, dtype: str | torch.dtype | None = None,
                    device: str | torch.device | None = None, config: EngineConfig | None = None,
-                   cpu_kernels: str = "native", progress=None) -> LLMEngine:
+                   cpu_isa: str = "auto", progress=None) -> LLMEngine:
         """Load ``model`` (hub id, folder, ``.gguf``; None = the embedded default) and build an engine.
-        ``cpu_kernels`` (bf16 on CPU): "native" runs the native kernels where the CPU has them (int4 x int8 linears,
-        the Q8_0 head, decode attention), "torch" torch's weight-only int4 kernel (slower, closer to fp32)."""
+        ``cpu_isa`` (bf16 on CPU): "avx512" or "avx2" runs that build of the native kernels (int4 x int8 linears, the
+        Q8_0 head, decode attention), "auto" the fastest build the CPU runs, "torch" torch's weight-only int4 kernel
+        (slower, closer to fp32)."""
         torch_device = select_device(device)
         torch_dtype = select_dtype(dtype, torch_device)
-        kernel = int4_kernel_for(torch_device, torch_dtype, cpu_kernels)
+        kernel = int4_kernel_for(torch_device, torch_dtype, cpu_isa)
         loaded = load_model(model, dtype=torch_dtype, device=torch_device, int4_kernel=kernel, progress=progress)
         return cls(loaded, config)
 
@@ -330,8 +331,8 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, config: EngineConfig | None = None,
-                 cpu_kernels: str = "native") -> None:
-        self.engine = LLMEngine.from_model(model, dtype=dtype, device=device, config=config, cpu_kernels=cpu_kernels)
+                 cpu_isa: str = "auto") -> None:
+        self.engine = LLMEngine.from_model(model, dtype=dtype, device=device, config=config, cpu_isa=cpu_isa)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

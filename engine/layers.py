@@ -74,23 +74,24 @@ class NativeLinear(nn.Module):
 
 class Q4Q8Linear(NativeLinear):
     """int4 weights times int8 activations quantized per block of 16 (llama.cpp's Q4_1 x Q8_1 product, with finer
-    blocks) on the native AVX512-VNNI kernel: 2-2.7x faster than torch's weight-only kernel from 16 rows."""
+    blocks) on the native kernel built for ``isa``: on AVX512-VNNI 2-2.7x faster than torch's weight-only kernel from
+    16 rows."""
 
-    def __init__(self, weight: PackedQ4, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: PackedQ4, bias: torch.Tensor | None, *, isa: str) -> None:
         super().__init__()
         self.register_buffer("q", weight.q)
         self.register_buffer("scale", weight.scale)
         self.register_buffer("offset", weight.offset)
-        self.matmul = Q4Q8Matmul(weight, bias)
+        self.matmul = Q4Q8Matmul(weight, bias, isa)
 
 
 class Q8Linear(NativeLinear):
     """An LM head on Q8_0 weights (GGUF's 8-bit embedding table) with 16-bit activations, fp32 out, on the native
     kernel: half the bytes of an fp16 head and the stored values exactly."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, *, isa: str) -> None:
         super().__init__()
-        self.matmul = Q8Matmul(q, scale)
+        self.matmul = Q8Matmul(q, scale, isa)
         self.register_buffer("q", self.matmul.q)
         self.register_buffer("scale", self.matmul.scale)
 

@@ -36,7 +36,7 @@ def build_engine(settings: Settings, progress=None) -> AsyncEngine:
                                   max_waiting=settings.max_waiting),
     )
     llm = LLMEngine.from_model(settings.model, dtype=settings.dtype, device=settings.device, config=config,
-                               cpu_kernels=settings.cpu_kernels, progress=progress)
+                               cpu_isa=settings.cpu_isa, progress=progress)
     return AsyncEngine(llm)
 
 

@@ -56,9 +56,9 @@ class Settings(BaseSettings):
     max_waiting: int = Field(default=_SCHEDULER.max_waiting, ge=0)
     dtype: str = "auto"
     device: str = "auto"
-    cpu_kernels: Literal["native", "torch"] = Field(
-        default="native", description="4-bit weights on a bf16 CPU: native (int4 x int8 kernel, fast) or torch "
-        "(weight-only kernel, bf16 activations)")
+    cpu_isa: Literal["auto", "avx512", "avx2", "torch"] = Field(
+        default="auto", description="4-bit weights on a bf16 CPU: the native int4 x int8 kernels built for avx512 or "
+        "avx2 (auto: the fastest this CPU runs), or torch's weight-only kernel (bf16 activations)")
     kv_cache_memory: int | None = Field(default=None, description="bytes for the KV cache, e.g. 2GiB")
     max_request_bytes: int = Field(default=8 << 20, ge=1024, description="larger bodies get 413")
     max_messages: int = Field(default=1024, ge=1, description="messages in one chat request")

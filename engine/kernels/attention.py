@@ -14,12 +14,13 @@ def fits(head_dim: int) -> bool:
 
 class PagedDecodeAttention:
     """One new token per sequence: replaces rotating q and k, writing k and v, gathering the cached keys and
-    values into a padded batch and a masked SDPA (bf16 cache; fp32 RoPE, scores, softmax and sums)."""
+    values into a padded batch and a masked SDPA (bf16 cache; fp32 RoPE, scores, softmax and sums); on the build
+    for ``isa``."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, *, isa: str) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
-        self._kernel = native.library().paged_decode_attention
+        self._kernel = native.library(isa).paged_decode_attention
         self._threads = torch.get_num_threads()
 
     def __call__(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None,

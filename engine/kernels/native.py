@@ -1,9 +1,10 @@
-"""The native CPU kernels (``quant_matmul.cpp``): built once for this machine's instruction sets, loaded with ctypes.
+"""The native CPU kernels (``quant_matmul.cpp`` over ``simd.h``): built once per instruction set, loaded with ctypes.
 
-The C++ source is compiled with the system's C++ compiler (``$CXX``, else ``g++``) and cached next to the
-fetched assets under a name that covers the source and the flags (``qwen-serve-assets`` builds it ahead, as the
-image build does; a server without a compiler then still finds it). Without AVX512-VNNI/BF16 or a compiler,
-``available()`` is False and callers keep torch's kernels.
+One source, two builds: ``avx512`` (AVX512 F/BW/VL with VNNI and BF16) and ``avx2`` (AVX2 with FMA), which compute
+the same bits. Each is compiled with the system's C++ compiler (``$CXX``, else ``g++``) and cached next to the
+fetched assets under a name that covers the sources and the flags (``qwen-serve-assets`` builds them ahead, as the
+image build does; a server without a compiler then still finds them). ``isas()`` lists the builds this CPU can run,
+fastest first; without any (or without a compiler) callers keep torch's kernels.
 """
 
 from __future__ import annotations
@@ -25,20 +26,36 @@ from engine.device import cpu_flags
 from engine.weights.embedded import cache_dir
 
 SOURCE = Path(__file__).with_name("quant_matmul.cpp")
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
-# the instruction sets the kernels need, not -march=native: a build (e.g. in an image) runs on any CPU that has them
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma", "-fopenmp",
-         "-shared", "-fPIC", "-std=c++17"]
+HEADER = Path(__file__).with_name("simd.h")
+# per build: the CPU flags it needs, and the compiler flags for exactly those (not -march=native: a build, e.g. in
+# an image, runs on any CPU that has them)
+ISAS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"),
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma"]),
+    "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
+}
+COMMON_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 log = logging.getLogger(__name__)
 
 
+def runs_here(isa: str) -> bool:
+    """Whether this CPU has the instruction sets of build ``isa``."""
+    return set(ISAS[isa][0]) <= set(cpu_flags().split())
+
+
 @cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None where they cannot run."""
-    if not set(REQUIRED_FLAGS) <= set(cpu_flags().split()):
+def isas() -> tuple[str, ...]:
+    """The builds this CPU runs and this machine could build or find, fastest first."""
+    return tuple(isa for isa in ISAS if library(isa) is not None)
+
+
+@cache
+def library(isa: str) -> ctypes.CDLL | None:
+    """The kernels built for ``isa``, loaded, or None where they cannot run."""
+    if not runs_here(isa):
         return None
-    target = build()
+    target = build(isa)
     if target is None:
         return None
     lib = ctypes.CDLL(str(target))
@@ -55,14 +72,15 @@ def library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether this CPU and toolchain run the native kernels."""
-    return library() is not None
+    """Whether this CPU and toolchain run some build of the native kernels."""
+    return bool(isas())
 
 
-def build() -> Path | None:
-    """The compiled kernels for these flags (built now when missing), or None when they cannot be built here."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"quant_matmul-{key}.so"
+def build(isa: str) -> Path | None:
+    """The kernels compiled for ``isa`` (built now when missing), or None when they cannot be built here."""
+    flags = [*COMMON_FLAGS, *ISAS[isa][1]]
+    key = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"quant_matmul-{isa}-{key}.so"
     if target.exists():
         return target
     compiler = shutil.which(os.environ.get("CXX", "g++"))
@@ -73,7 +91,7 @@ def build() -> Path | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True,
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True,
                                     text=True)
             if result.returncode != 0:
                 log.warning("native kernels not built, using torch's: %s", result.stderr.strip()[-2000:])

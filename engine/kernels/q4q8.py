@@ -46,11 +46,11 @@ def pack(weight: Int4Weight) -> PackedQ4:
 
 
 class Q4Q8Matmul(native.RowKernel):
-    """``y = norm?(x) @ W^T (+ bias)`` for bf16 rows ``x`` [M, in] -> bf16 [M, out]."""
+    """``y = norm?(x) @ W^T (+ bias)`` for bf16 rows ``x`` [M, in] -> bf16 [M, out], on the build for ``isa``."""
 
-    def __init__(self, weight: PackedQ4, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: PackedQ4, bias: torch.Tensor | None, isa: str) -> None:
         self.weight, self.bias = weight, None if bias is None else bias.float().contiguous()
-        super().__init__(native.library().q4q8_linear,
+        super().__init__(native.library(isa).q4q8_linear,
                          (weight.q.data_ptr(), weight.scale.data_ptr(), weight.offset.data_ptr(),
                           None if self.bias is None else self.bias.data_ptr(), weight.out_features,
                           weight.in_features, weight.group_size // BLOCK),

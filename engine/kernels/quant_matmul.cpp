@@ -1,17 +1,19 @@
-// Quantized matmuls on AVX512-VNNI for the CPU fast path, packed by engine/kernels/q4q8.py and q8head.py.
+// Quantized matmuls and decode attention for the CPU fast path, packed by engine/kernels/q4q8.py and q8head.py.
+// Written once over simd.h's 16-lane vectors; built for AVX512 (VNNI, BF16) and for AVX2 (FMA), which give the
+// same bits.
 //
 // q4q8_linear: 4-bit weights times 8-bit activations, the product llama.cpp's Q4_1 x Q8_1 dot computes. Weights: w = q * d + m with q in 0..15 and (d, m) per block of 32 inputs, packed by
 // engine/kernels/q4q8.py in tiles of 16 outputs. Activations: each row's blocks of 32 are quantized to int8
 // with their own scale (amax / 127), so one outlier only coarsens its own block. For an output n:
 //   y = sum_b (d_w[n,b] * d_x[b] * sum_k q_w q_x  +  m_w[n,b] * sum_k x)
-// The integer dot of a block is exact (vpdpbusd: unsigned weight bytes times signed activation bytes); the
+// The integer dot of a block is exact (vpdpbusd, or vpmaddubsw + vpmaddwd on AVX2: unsigned weight bytes times
+// signed activation bytes); the
 // block sum of x is taken from the bf16 activations themselves. A row's result never depends on the other
 // rows of the call: blocks are accumulated in the same order whatever the batch.
 //
 // q8_head: Q8_0 weights (int8 q times a scale per block of 32) times activations quantized to int16 per block
-// of 32 (vpdpwssd), fp32 out: the LM head from GGUF's 8-bit embedding table, without rounding it to fp16 and
+// of 32 (vpdpwssd, or vpmaddwd on AVX2), fp32 out: the LM head from GGUF's 8-bit embedding table, without rounding it to fp16 and
 // with finer inputs than fp16 (15 bits against each block's largest value).
-#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -19,37 +21,28 @@
 #include <cstdint>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
+
+using simd::F16;
+using simd::I16;
 
 constexpr int kBlock = 32;      // inputs per weight block
 constexpr int kHalf = 16;       // inputs per activation block
-constexpr int kTile = 16;       // outputs per tile (one zmm of int32 / fp32 lanes)
+constexpr int kTile = 16;       // outputs per tile (16 int32 / fp32 lanes)
 constexpr int kQuadBytes = 32;  // packed bytes of one 4-input step of a tile: 16 outputs x 4 nibbles
 constexpr int kMaxRows = 8;     // rows that share one unpacked weight step
-
-inline __m512 load_bf16(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-// 64 weight bytes of one step: byte i holds element i (low nibble) and element i + 32 (high nibble); element
-// e is output e / 4, input e % 4, the order vpdpbusd sums in.
-inline __m512i unpack_step(const uint8_t* p) {
-    const __m256i packed = _mm256_loadu_si256((const __m256i*)p);
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_and_si256(packed, low);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-}
 
 // 1 / sqrt(mean(x^2) + eps) of one row, the RMSNorm factor a fused norm applies before quantizing.
 template <typename Load>
 float inverse_rms(Load load, int64_t k, float eps) {
-    __m512 squares = _mm512_setzero_ps();
+    F16 squares = simd::zero();
     for (int64_t i = 0; i < k; i += 16) {
-        const __m512 v = load(i);
-        squares = _mm512_fmadd_ps(v, v, squares);
+        const F16 v = load(i);
+        squares = simd::fmadd(v, v, squares);
     }
-    return 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / (float)k + eps);
+    return 1.0f / std::sqrt(simd::reduce_add(squares) / (float)k + eps);
 }
 
 struct Activations {
@@ -66,20 +59,19 @@ void quantize_rows(const uint16_t* x, int64_t rows, int64_t k, const float* norm
     out.s.resize(rows * blocks);
     for (int64_t r = 0; r < rows; ++r) {
         const uint16_t* row = x + r * k;
-        const float inverse_norm = norm ? inverse_rms([row](int64_t i) { return load_bf16(row + i); }, k, eps) : 1.0f;
+        const float inverse_norm = norm ? inverse_rms([row](int64_t i) { return simd::load_bf16(row + i); }, k, eps) : 1.0f;
         for (int64_t b = 0; b < blocks; ++b) {
-            __m512 v[2];
+            F16 v[2];
             for (int h = 0; h < 2; ++h) {
                 const int64_t at = b * kBlock + h * kHalf;
-                v[h] = load_bf16(row + at);
-                if (norm) v[h] = _mm512_mul_ps(_mm512_mul_ps(v[h], _mm512_set1_ps(inverse_norm)), _mm512_loadu_ps(norm + at));
-                const float amax = _mm512_reduce_max_ps(_mm512_abs_ps(v[h]));
+                v[h] = simd::load_bf16(row + at);
+                if (norm) v[h] = simd::mul(simd::mul(v[h], simd::set1(inverse_norm)), simd::load(norm + at));
+                const float amax = simd::reduce_max(simd::abs(v[h]));
                 const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-                const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v[h], _mm512_set1_ps(inverse)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                _mm_storeu_si128((__m128i*)(out.q.data() + r * k + at), _mm512_cvtsepi32_epi8(q));
+                simd::store_int8(out.q.data() + r * k + at, simd::round_to_int(simd::mul(v[h], simd::set1(inverse))));
                 out.d[r * halves + b * 2 + h] = amax / 127.0f;
             }
-            out.s[r * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+            out.s[r * blocks + b] = simd::reduce_add(simd::add(v[0], v[1]));
         }
     }
 }
@@ -88,33 +80,30 @@ template <int ROWS>
 void tile_rows(const uint8_t* wq, const float* wd, const float* wm, const float* bias, int64_t blocks,
                int64_t group_blocks, int64_t k, const int8_t* xq, const float* xd, const float* xs, uint16_t* y,
                int64_t n) {
-    __m512 acc[ROWS];
-    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+    F16 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = simd::zero();
     for (int64_t b = 0; b < blocks; ++b) {
-        __m512i dots[2][ROWS];
-        for (int r = 0; r < ROWS; ++r) dots[0][r] = dots[1][r] = _mm512_setzero_si512();
+        I16 dots[2][ROWS];
+        for (int r = 0; r < ROWS; ++r) dots[0][r] = dots[1][r] = simd::izero();
         const uint8_t* steps = wq + b * (kBlock / 4) * kQuadBytes;
         for (int step = 0; step < kBlock / 4; ++step) {
-            const __m512i w = unpack_step(steps + step * kQuadBytes);
+            const simd::Nibbles w = simd::unpack_nibbles(steps + step * kQuadBytes);
             for (int r = 0; r < ROWS; ++r) {
                 const int32_t four = *(const int32_t*)(xq + r * k + b * kBlock + step * 4);
-                dots[step / 4][r] = _mm512_dpbusd_epi32(dots[step / 4][r], w, _mm512_set1_epi32(four));
+                dots[step / 4][r] = simd::dot4(dots[step / 4][r], w, four);
             }
         }
         const int64_t group = b / group_blocks;
-        const __m512 dw = _mm512_loadu_ps(wd + group * kTile), mw = _mm512_loadu_ps(wm + group * kTile);
+        const F16 dw = simd::load(wd + group * kTile), mw = simd::load(wm + group * kTile);
         for (int r = 0; r < ROWS; ++r) {
             const float* d = xd + r * 2 * blocks + 2 * b;
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[0][r]), _mm512_mul_ps(dw, _mm512_set1_ps(d[0])), acc[r]);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[1][r]), _mm512_mul_ps(dw, _mm512_set1_ps(d[1])), acc[r]);
-            acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[r * blocks + b]), acc[r]);
+            acc[r] = simd::fmadd(simd::to_float(dots[0][r]), simd::mul(dw, simd::set1(d[0])), acc[r]);
+            acc[r] = simd::fmadd(simd::to_float(dots[1][r]), simd::mul(dw, simd::set1(d[1])), acc[r]);
+            acc[r] = simd::fmadd(mw, simd::set1(xs[r * blocks + b]), acc[r]);
         }
     }
-    const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-    for (int r = 0; r < ROWS; ++r) {
-        const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[r], b));
-        _mm256_storeu_si256((__m256i*)(y + r * n), (__m256i)out);
-    }
+    const F16 b = bias ? simd::load(bias) : simd::zero();
+    for (int r = 0; r < ROWS; ++r) simd::store_bf16(y + r * n, simd::add(acc[r], b));
 }
 
 using TileFn = decltype(&tile_rows<1>);
@@ -132,20 +121,18 @@ void quantize_rows_16bit(const float* x, int64_t rows, int64_t k, const float* n
     out.d.resize(rows * blocks);
     for (int64_t r = 0; r < rows; ++r) {
         const float* row = x + r * k;
-        const float inverse_norm = norm ? inverse_rms([row](int64_t i) { return _mm512_loadu_ps(row + i); }, k, eps) : 1.0f;
+        const float inverse_norm = norm ? inverse_rms([row](int64_t i) { return simd::load(row + i); }, k, eps) : 1.0f;
         for (int64_t b = 0; b < blocks; ++b) {
             const int64_t at = b * kBlock;
-            __m512 v0 = _mm512_loadu_ps(row + at), v1 = _mm512_loadu_ps(row + at + 16);
+            F16 v0 = simd::load(row + at), v1 = simd::load(row + at + 16);
             if (norm) {
-                v0 = _mm512_mul_ps(_mm512_mul_ps(v0, _mm512_set1_ps(inverse_norm)), _mm512_loadu_ps(norm + at));
-                v1 = _mm512_mul_ps(_mm512_mul_ps(v1, _mm512_set1_ps(inverse_norm)), _mm512_loadu_ps(norm + at + 16));
+                v0 = simd::mul(simd::mul(v0, simd::set1(inverse_norm)), simd::load(norm + at));
+                v1 = simd::mul(simd::mul(v1, simd::set1(inverse_norm)), simd::load(norm + at + 16));
             }
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-            const __m512 scale = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
-            const __m512i q0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            const __m512i q1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            _mm256_storeu_si256((__m256i*)(out.q.data() + r * k + at), _mm512_cvtsepi32_epi16(q0));
-            _mm256_storeu_si256((__m256i*)(out.q.data() + r * k + at + 16), _mm512_cvtsepi32_epi16(q1));
+            const float amax = simd::reduce_max(simd::max(simd::abs(v0), simd::abs(v1)));
+            const F16 scale = simd::set1(amax > 0.0f ? 32767.0f / amax : 0.0f);
+            simd::store_int16(out.q.data() + r * k + at, simd::round_to_int(simd::mul(v0, scale)));
+            simd::store_int16(out.q.data() + r * k + at + 16, simd::round_to_int(simd::mul(v1, scale)));
             out.d[r * blocks + b] = amax / 32767.0f;
         }
     }
@@ -156,24 +143,24 @@ void quantize_rows_16bit(const float* x, int64_t rows, int64_t k, const float* n
 template <int ROWS>
 void head_rows(const int8_t* wq, const float* wd, int64_t blocks, int64_t k, const int16_t* xq, const float* xd,
                float* y, int64_t n) {
-    __m512 acc[ROWS];
-    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+    F16 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = simd::zero();
     for (int64_t b = 0; b < blocks; ++b) {
-        __m512i dots[ROWS];
-        for (int r = 0; r < ROWS; ++r) dots[r] = _mm512_setzero_si512();
+        I16 dots[ROWS];
+        for (int r = 0; r < ROWS; ++r) dots[r] = simd::izero();
         const int8_t* steps = wq + b * kBlock * kTile;
         for (int step = 0; step < kBlock / 2; ++step) {
-            const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(steps + step * 32)));
+            const simd::Pairs w = simd::load_pairs(steps + step * 32);
             for (int r = 0; r < ROWS; ++r) {
                 const int32_t pair = *(const int32_t*)(xq + r * k + b * kBlock + step * 2);
-                dots[r] = _mm512_dpwssd_epi32(dots[r], w, _mm512_set1_epi32(pair));
+                dots[r] = simd::dot2(dots[r], w, pair);
             }
         }
-        const __m512 dw = _mm512_loadu_ps(wd + b * kTile);
+        const F16 dw = simd::load(wd + b * kTile);
         for (int r = 0; r < ROWS; ++r)
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), _mm512_mul_ps(dw, _mm512_set1_ps(xd[r * blocks + b])), acc[r]);
+            acc[r] = simd::fmadd(simd::to_float(dots[r]), simd::mul(dw, simd::set1(xd[r * blocks + b])), acc[r]);
     }
-    for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(y + r * n, acc[r]);
+    for (int r = 0; r < ROWS; ++r) simd::store(y + r * n, acc[r]);
 }
 
 using HeadFn = decltype(&head_rows<1>);
@@ -182,37 +169,35 @@ constexpr HeadFn kHeadFns[kMaxRows] = {head_rows<1>, head_rows<2>, head_rows<3>,
 
 // e^x for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into an integer power and a degree-6
 // polynomial on [-0.5, 0.5]; relative error below 2e-7, and exactly 0 far below.
-inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));  // in [-0.35, 0.35]
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+inline F16 exp_nonpositive(F16 x) {
+    x = simd::max(x, simd::set1(-87.0f));
+    const F16 t = simd::mul(x, simd::set1(1.44269504088896341f));
+    const F16 n = simd::round(t);
+    const F16 f = simd::mul(simd::sub(t, n), simd::set1(0.693147180559945309f));  // in [-0.35, 0.35]
+    F16 p = simd::set1(1.0f / 720);
+    p = simd::fmadd(p, f, simd::set1(1.0f / 120));
+    p = simd::fmadd(p, f, simd::set1(1.0f / 24));
+    p = simd::fmadd(p, f, simd::set1(1.0f / 6));
+    p = simd::fmadd(p, f, simd::set1(0.5f));
+    p = simd::fmadd(p, f, simd::set1(1.0f));
+    p = simd::fmadd(p, f, simd::set1(1.0f));
+    return simd::scale_by_power_of_two(p, n);
+}
+
+// Rotate-half RoPE of one head in fp32: out[i] = x[i] cos[i] + x[i +- dim/2] sin[i], where sin's first half
+// comes negated (the runner's layout). dim is a multiple of 32.
+inline void rotate(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t dim, F16* out) {
+    const int64_t chunks = dim / 16, half = chunks / 2;
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t partner = c < half ? c + half : c - half;
+        out[c] = simd::fmadd(simd::load_bf16(x + c * 16), simd::load_bf16(cos + c * 16),
+                             simd::mul(simd::load_bf16(x + partner * 16), simd::load_bf16(sin + c * 16)));
+    }
 }
 
 }  // namespace
 
 extern "C" {
-
-// Rotate-half RoPE of one head in fp32: out[i] = x[i] cos[i] + x[i +- dim/2] sin[i], where sin's first half
-// comes negated (the runner's layout). dim is a multiple of 32.
-inline void rotate(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t dim, __m512* out) {
-    const int64_t chunks = dim / 16, half = chunks / 2;
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t partner = c < half ? c + half : c - half;
-        out[c] = _mm512_fmadd_ps(load_bf16(x + c * 16), load_bf16(cos + c * 16),
-                                 _mm512_mul_ps(load_bf16(x + partner * 16), load_bf16(sin + c * 16)));
-    }
-}
-
-inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
 
 // A decode step's attention for sequences with one new token each, from the fused qkv projection [batch,
 // (heads + 2 kv_heads) * dim] (bf16): RoPE on q and k (cos/sin [batch, dim]), Qwen-1's logN factor on q (logn
@@ -228,15 +213,13 @@ void paged_decode_attention(const uint16_t* qkv, const uint16_t* cos, const uint
     const int64_t stride = (heads + 2 * kv_heads) * dim;
     for (int64_t b = 0; b < batch; ++b) {
         for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-            __m512 key[8];  // dim <= 128
+            F16 key[8];  // dim <= 128
             rotate(qkv + b * stride + (heads + kvh) * dim, cos + b * dim, sin + b * dim, dim, key);
             uint16_t* k_row = k_cache + write_slots[b] * row + kvh * dim;
             const uint16_t* v_new = qkv + b * stride + (heads + kv_heads + kvh) * dim;
             uint16_t* v_row = v_cache + write_slots[b] * row + kvh * dim;
-            for (int64_t c = 0; c < chunks; ++c) {
-                store_bf16(k_row + c * 16, key[c]);
-                _mm256_storeu_si256((__m256i*)(v_row + c * 16), _mm256_loadu_si256((const __m256i*)(v_new + c * 16)));
-            }
+            for (int64_t c = 0; c < chunks; ++c) simd::store_bf16(k_row + c * 16, key[c]);
+            std::copy(v_new, v_new + dim, v_row);
         }
     }
     // a few thousand keys in all are not worth waking a second thread (it may be busy serving HTTP)
@@ -246,7 +229,7 @@ void paged_decode_attention(const uint16_t* qkv, const uint16_t* cos, const uint
         const int64_t b = job / heads, h = job % heads, kvh = h / group, len = kv_lens[b];
         const int64_t* slots = kv_slots + b * tk + (tk - len);
         scores.resize(len + 16);
-        __m512 query[8];
+        F16 query[8];
         rotate(qkv + b * stride + h * dim, cos + b * dim, sin + b * dim, dim, query);
         float factor = scale;
         if (logn) {
@@ -255,38 +238,37 @@ void paged_decode_attention(const uint16_t* qkv, const uint16_t* cos, const uint
             __builtin_memcpy(&value, &bits, 4);
             factor *= value;
         }
-        for (int64_t c = 0; c < chunks; ++c) query[c] = _mm512_mul_ps(query[c], _mm512_set1_ps(factor));
+        for (int64_t c = 0; c < chunks; ++c) query[c] = simd::mul(query[c], simd::set1(factor));
         float best = -INFINITY;
         for (int64_t t = 0; t < len; ++t) {
             const uint16_t* key = k_cache + slots[t] * row + kvh * dim;
-            __m512 dot = _mm512_mul_ps(query[0], load_bf16(key));
-            for (int64_t c = 1; c < chunks; ++c) dot = _mm512_fmadd_ps(query[c], load_bf16(key + c * 16), dot);
-            scores[t] = _mm512_reduce_add_ps(dot);
+            F16 dot = simd::mul(query[0], simd::load_bf16(key));
+            for (int64_t c = 1; c < chunks; ++c) dot = simd::fmadd(query[c], simd::load_bf16(key + c * 16), dot);
+            scores[t] = simd::reduce_add(dot);
             best = std::max(best, scores[t]);
         }
-        __m512 total = _mm512_setzero_ps();
+        F16 total = simd::zero();
         int64_t t = 0;
         for (; t + 16 <= len; t += 16) {
-            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + t), _mm512_set1_ps(best)));
-            _mm512_storeu_ps(scores.data() + t, e);
-            total = _mm512_add_ps(total, e);
+            const F16 e = exp_nonpositive(simd::sub(simd::load(scores.data() + t), simd::set1(best)));
+            simd::store(scores.data() + t, e);
+            total = simd::add(total, e);
         }
         if (t < len) {
-            const __mmask16 tail = (__mmask16)((1u << (len - t)) - 1);
-            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores.data() + t), _mm512_set1_ps(best)));
-            _mm512_mask_storeu_ps(scores.data() + t, tail, e);
-            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, e));
+            const F16 e = exp_nonpositive(simd::sub(simd::load_first(scores.data() + t, len - t), simd::set1(best)));
+            simd::store_first(scores.data() + t, e, len - t);
+            total = simd::add(total, simd::first_lanes(e, len - t));
         }
-        const float inverse = 1.0f / _mm512_reduce_add_ps(total);
-        __m512 acc[8];
-        for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+        const float inverse = 1.0f / simd::reduce_add(total);
+        F16 acc[8];
+        for (int64_t c = 0; c < chunks; ++c) acc[c] = simd::zero();
         for (int64_t u = 0; u < len; ++u) {
             const uint16_t* value = v_cache + slots[u] * row + kvh * dim;
-            const __m512 p = _mm512_set1_ps(scores[u]);
-            for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, load_bf16(value + c * 16), acc[c]);
+            const F16 p = simd::set1(scores[u]);
+            for (int64_t c = 0; c < chunks; ++c) acc[c] = simd::fmadd(p, simd::load_bf16(value + c * 16), acc[c]);
         }
         for (int64_t c = 0; c < chunks; ++c)
-            store_bf16(out + (b * heads + h) * dim + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
+            simd::store_bf16(out + (b * heads + h) * dim + c * 16, simd::mul(acc[c], simd::set1(inverse)));
     }
 }
 

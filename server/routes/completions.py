@@ -9,8 +9,9 @@ from fastapi import APIRouter, Request
 
 from server.app_state import state_of
 from server.errors import APIError
-from server.generation import ChoiceEvent, Generation, ModelService, collect_choices
+from server.generation import ChoiceEvent, ChoiceResult, Generation, ModelService, collect_choices
 from server.logprobs import completion_logprobs
+from server.preparation import Preparer
 from server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -37,7 +38,7 @@ async def completions(body: CompletionRequest, request: Request):
     tracker = UsageTracker(state.metrics, sum(len(g.prompt_ids) for g in generations) * body.n,
                            len(generations) * body.n, shared_prompt=False)
     events = tracker.track(_merged(service, generations, body.n))
-    job = _Job(completion_id, service, generations, body)
+    job = _Job(completion_id, service, generations, body, state.preparer)
     if body.stream:
         return await sse_response(_chunks(job, events, tracker))
     return await until_disconnected(request, _complete(job, events, tracker))
@@ -67,8 +68,9 @@ class _Job:
     prompts."""
 
     def __init__(self, completion_id: str, service: ModelService, generations: list[Generation],
-                 body: CompletionRequest) -> None:
+                 body: CompletionRequest, preparer: Preparer) -> None:
         self.id, self.service, self.generations, self.body = completion_id, service, generations, body
+        self.preparer = preparer  # spelling out text and logprobs grows with them: off the loop
         self._done: dict[int, tuple[str, CompletionLogprobs | None]] = {}
 
     async def echo(self, index: int) -> tuple[str, CompletionLogprobs | None]:
@@ -76,24 +78,30 @@ class _Job:
         prompt = index // self.body.n
         if prompt not in self._done:
             ids, tokenizer, top = self.generations[prompt].prompt_ids, self.service.tokenizer, self.body.logprobs
-            logprobs = None
-            if top is not None:
-                entries = await self.service.prompt_logprobs(ids, top)
-                logprobs = completion_logprobs(tokenizer, ids, entries, top)
-            self._done[prompt] = (tokenizer.decode(ids), logprobs)
+            entries = None if top is None else await self.service.prompt_logprobs(ids, top)
+            self._done[prompt] = await self.preparer.run(lambda: (
+                tokenizer.decode(ids), None if entries is None else completion_logprobs(tokenizer, ids, entries, top)))
         return self._done[prompt]
 
 
 async def _complete(job: _Job, events: AsyncIterator[ChoiceEvent], tracker: UsageTracker) -> CompletionResponse:
     service, generations, body = job.service, job.generations, job.body
     results = await collect_choices(events, len(generations) * body.n)
+    echoes = [await job.echo(index) for index in range(len(results))] if body.echo else []
+    choices = await job.preparer.run(lambda: _choices(service, body, results, echoes))
+    return CompletionResponse(id=job.id, created=now(), model=service.name, choices=choices,
+                              usage=tracker.usage())
+
+
+def _choices(service: ModelService, body: CompletionRequest, results: list[ChoiceResult],
+             echoes: list[tuple[str, CompletionLogprobs | None]]) -> list[CompletionChoice]:
     choices = []
     for index, result in enumerate(results):
         text, logprobs = result.text, None
         if body.logprobs is not None:
             logprobs = completion_logprobs(service.tokenizer, result.token_ids, result.logprobs, body.logprobs)
-        if body.echo:
-            prompt_text, prompt_logprobs = await job.echo(index)
+        if echoes:
+            prompt_text, prompt_logprobs = echoes[index]
             text = prompt_text + text
             if logprobs is not None and prompt_logprobs is not None:
                 shift = len(prompt_text)
@@ -103,8 +111,7 @@ async def _complete(job: _Job, events: AsyncIterator[ChoiceEvent], tracker: Usag
                 logprobs.text_offset[:] = prompt_logprobs.text_offset + [o + shift for o in logprobs.text_offset]
         choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
                                         finish_reason=result.finish_reason))
-    return CompletionResponse(id=job.id, created=now(), model=service.name, choices=choices,
-                              usage=tracker.usage())
+    return choices
 
 
 async def _chunks(job: _Job, events: AsyncIterator[ChoiceEvent], tracker: UsageTracker

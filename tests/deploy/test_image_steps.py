@@ -17,7 +17,6 @@ import httpx
 import pytest
 import yaml
 
-from engine.device import cpu_flags
 from tests.deploy.dockerfile import env_of, final_stage, instructions
 from tests.integration.conftest import free_port, wait_healthy
 
@@ -57,9 +56,8 @@ def test_build_stage_ships_the_native_kernel_built(image):
     """The final image has no compiler: the kernel must be built into the asset folder it copies."""
     from engine.kernels import native
 
-    if not set(native.REQUIRED_FLAGS) <= set(cpu_flags().split()):
-        pytest.skip("this CPU lacks AVX512-VNNI/BF16")
-    assert list((image["/opt/qwen-serve"] / "assets" / "kernels").glob("quant_matmul-*.so"))
+    built = {path.name.split("-")[1] for path in (image["/opt/qwen-serve"] / "assets" / "kernels").glob("*.so")}
+    assert built == set(native.ISAS)  # every build, whatever CPU the image will run on
 
 
 def test_entrypoint_serves_the_compose_config_and_drains_on_sigterm(image):

@@ -53,16 +53,17 @@ def test_smollm2_knows_the_capital_of_france(smollm2_fp32):
 
 
 # layer module, LM head module (None: the tied fp16 embedding), max mean KL to fp32
-CPU_KERNELS = {"torch": ("Int4Linear", "NoneType", 0.01), "native": ("Q4Q8Linear", "Q8Linear", 0.05)}
+CPU_KERNELS = {"torch": ("Int4Linear", "NoneType", 0.01), "avx512": ("Q4Q8Linear", "Q8Linear", 0.05),
+               "avx2": ("Q4Q8Linear", "Q8Linear", 0.05)}
 
 
 @pytest.fixture(scope="module", params=list(CPU_KERNELS))
 def smollm2_int4(request, smollm2_gguf) -> LLM:
     from engine.kernels import native
 
-    if request.param == "native" and not native.available():
-        pytest.skip("this CPU or toolchain has no native int4 x int8 kernel")
-    llm = LLM(str(smollm2_gguf), dtype="bfloat16", device="cpu", cpu_kernels=request.param)
+    if request.param != "torch" and request.param not in native.isas():
+        pytest.skip(f"this CPU or toolchain has no {request.param} build of the native kernels")
+    llm = LLM(str(smollm2_gguf), dtype="bfloat16", device="cpu", cpu_isa=request.param)
     llm.kernel = request.param
     return llm
 

@@ -1,5 +1,6 @@
-"""The native int4 x int8 kernel against the math it claims: activations quantized to int8 per block of 16
-(scale amax / 127, round half to even), exact integer dots, weight scales and offsets per block of 32."""
+"""The native kernels against the math they claim (int4 x int8: activations quantized to int8 per block of 16,
+scale amax / 127, round half to even, exact integer dots, weight scales and offsets per block of 32), for every
+build this CPU runs (``isa``: avx512, avx2), and the builds against each other bit for bit."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import torch
 from engine.kernels import native, q4q8, q8head
 from engine.weights.int4 import Int4Weight
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no AVX512-VNNI/BF16 CPU or no C++ compiler")
+pytestmark = pytest.mark.skipif(not native.available(), reason="no AVX2/AVX512 CPU or no C++ compiler")
+
+
+@pytest.fixture(params=list(native.ISAS))
+def isa(request) -> str:
+    if request.param not in native.isas():
+        pytest.skip(f"this CPU does not run the {request.param} build")
+    return request.param
 
 
 def random_weight(out_features: int, in_features: int, group_size: int = 32, seed: int = 0) -> Int4Weight:
@@ -41,22 +49,22 @@ def bf16_half_ulp(values: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 33])
 @pytest.mark.parametrize("shape,group_size", [((64, 96), 32), ((960, 576), 32), ((48, 256), 128)])
-def test_kernel_computes_its_quantized_product(rows, shape, group_size):
+def test_kernel_computes_its_quantized_product(rows, shape, group_size, isa):
     weight = random_weight(*shape, group_size=group_size, seed=rows)
     x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    y = q4q8.Q4Q8Matmul(q4q8.pack(weight), None)(x)
+    y = q4q8.Q4Q8Matmul(q4q8.pack(weight), None, isa)(x)
     expected = reference(x, weight)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, shape[0])
     # one rounding to bf16, plus float32 accumulation over the blocks
     assert ((y.double() - expected).abs() <= bf16_half_ulp(expected) + 1e-4).all()
 
 
-def test_an_outlier_coarsens_only_its_own_block():
+def test_an_outlier_coarsens_only_its_own_block(isa):
     weight = random_weight(256, 512)
     x = torch.randn(4, 512, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     x[:, 7] = 40.0
     exact = x.double() @ weight.dequantize().double().T
-    y = q4q8.Q4Q8Matmul(q4q8.pack(weight), None)(x).double()
+    y = q4q8.Q4Q8Matmul(q4q8.pack(weight), None, isa)(x).double()
     row_scale = x.float().abs().amax(-1, keepdim=True) / 127.0  # what one scale per row would do
     per_row = ((x.float() / row_scale).round() * row_scale).double() @ weight.dequantize().double().T
     blocks_error = (y - exact).norm() / exact.norm()
@@ -64,20 +72,20 @@ def test_an_outlier_coarsens_only_its_own_block():
     assert blocks_error < (per_row - exact).norm() / exact.norm() / 3
 
 
-def test_rows_do_not_depend_on_the_rest_of_the_batch():
+def test_rows_do_not_depend_on_the_rest_of_the_batch(isa):
     weight = q4q8.pack(random_weight(576, 1536))
-    matmul = q4q8.Q4Q8Matmul(weight, None)
+    matmul = q4q8.Q4Q8Matmul(weight, None, isa)
     x = torch.randn(16, 1536).to(torch.bfloat16)
     together = matmul(x)
     assert torch.equal(torch.cat([matmul(x[i : i + 1]) for i in range(16)]), together)
     assert torch.equal(matmul(x[5:11]), together[5:11])
 
 
-def test_bias_is_added_in_float32():
+def test_bias_is_added_in_float32(isa):
     weight = random_weight(32, 64)
     bias = torch.randn(32)
     x = torch.randn(2, 64).to(torch.bfloat16)
-    y = q4q8.Q4Q8Matmul(q4q8.pack(weight), bias)(x)
+    y = q4q8.Q4Q8Matmul(q4q8.pack(weight), bias, isa)(x)
     expected = reference(x, weight, bias)
     assert ((y.double() - expected).abs() <= bf16_half_ulp(expected) + 1e-4).all()
 
@@ -89,7 +97,7 @@ def test_shapes_the_kernel_does_not_take_are_refused():
 
 
 @pytest.mark.parametrize("rows", [1, 7, 16])
-def test_q8_head_matches_the_dequantized_head(rows):
+def test_q8_head_matches_the_dequantized_head(rows, isa):
     """Q8_0 weights times 16-bit block-quantized activations: within 1e-4 of fp64 on the stored weights."""
     generator = torch.Generator().manual_seed(rows)
     q = torch.randint(-127, 128, (320, 576), dtype=torch.int8, generator=generator)
@@ -97,10 +105,10 @@ def test_q8_head_matches_the_dequantized_head(rows):
     x = torch.randn(rows, 576, generator=generator) * 3
     weight = (q.double().view(320, 18, 32) * scale.double()[..., None]).view(320, 576)
     expected = x.double() @ weight.T
-    y = q8head.Q8Matmul(q, scale)(x)
+    y = q8head.Q8Matmul(q, scale, isa)(x)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y.double(), expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
-    assert torch.equal(torch.cat([q8head.Q8Matmul(q, scale)(x[i : i + 1]) for i in range(rows)]), y)
+    assert torch.equal(torch.cat([q8head.Q8Matmul(q, scale, isa)(x[i : i + 1]) for i in range(rows)]), y)
 
 
 def test_gguf_q8_head_is_kept_as_stored(smollm2_gguf):
@@ -119,11 +127,11 @@ def rms_normalized(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
 
 
-def test_a_fused_rms_norm_normalizes_each_row_before_quantizing():
+def test_a_fused_rms_norm_normalizes_each_row_before_quantizing(isa):
     weight = random_weight(64, 256)
     x = (torch.randn(5, 256) * torch.linspace(0.1, 30, 5)[:, None]).to(torch.bfloat16)  # rows of any scale
     norm = torch.rand(256) + 0.5
-    matmul = q4q8.Q4Q8Matmul(q4q8.pack(weight), None)
+    matmul = q4q8.Q4Q8Matmul(q4q8.pack(weight), None, isa)
     matmul.fuse_norm(norm, 1e-5)
     y = matmul(x).double()
     normalized = rms_normalized(x, norm, 1e-5)
@@ -134,12 +142,12 @@ def test_a_fused_rms_norm_normalizes_each_row_before_quantizing():
     assert (y - exact).norm() / exact.norm() < 0.01
 
 
-def test_q8_head_fused_norm():
+def test_q8_head_fused_norm(isa):
     generator = torch.Generator().manual_seed(3)
     q = torch.randint(-127, 128, (64, 96), dtype=torch.int8, generator=generator)
     scale = torch.rand(64, 3, generator=generator) * 0.01
     x, norm = torch.randn(3, 96, generator=generator) * 50, torch.rand(96, generator=generator)
-    matmul = q8head.Q8Matmul(q, scale)
+    matmul = q8head.Q8Matmul(q, scale, isa)
     matmul.fuse_norm(norm, 1e-6)
     weight = (q.double().view(64, 3, 32) * scale.double()[..., None]).view(64, 96)
     expected = rms_normalized(x, norm, 1e-6) @ weight.T
@@ -152,7 +160,7 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,with_logn", [(9, 3, 64, False), (4, 4, 128, True), (8, 2, 32, False)])
-def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head_dim, with_logn):
+def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head_dim, with_logn, isa):
     """RoPE, the cache write and attention over each sequence's scattered slots, against fp64 SDPA."""
     from engine.kernels.attention import PagedDecodeAttention
 
@@ -171,7 +179,7 @@ def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head
     sin = torch.cat((-angles.sin(), angles.sin()), dim=-1)[:, None].to(torch.bfloat16)
     logn = (1 + torch.rand(batch, 1, 1, generator=generator)).to(torch.bfloat16) if with_logn else None
 
-    out = PagedDecodeAttention(heads, kv_heads, head_dim)(qkv, cos, sin, logn, write_slots, k_cache, v_cache,
+    out = PagedDecodeAttention(heads, kv_heads, head_dim, isa=isa)(qkv, cos, sin, logn, write_slots, k_cache, v_cache,
                                                           kv_slots, lens)
 
     parts = qkv.double().view(batch, heads + 2 * kv_heads, head_dim)
@@ -187,3 +195,43 @@ def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head
         expected = torch.nn.functional.scaled_dot_product_attention(q[b][:, None], keys, values)[:, 0]
         got = out[b].view(heads, head_dim).double()
         assert ((got - expected).abs() <= expected.abs() * 2.0**-8 + 1e-4).all()
+
+
+@pytest.fixture
+def both_builds() -> tuple[str, str]:
+    if set(native.isas()) != set(native.ISAS):
+        pytest.skip("this CPU runs only some of the builds")
+    return tuple(native.ISAS)  # type: ignore[return-value]
+
+
+def test_the_builds_compute_the_same_bits(both_builds):
+    """AVX2 emulates each AVX512 operation exactly (integer dots, FMA, rounding, reduction order)."""
+    from engine.kernels.attention import PagedDecodeAttention
+
+    generator = torch.Generator().manual_seed(11)
+    weight = q4q8.pack(random_weight(320, 576, group_size=64))
+    x = torch.randn(11, 576, generator=generator).to(torch.bfloat16)
+    norm = torch.rand(576, generator=generator) + 0.5
+    q = torch.randint(-127, 128, (96, 576), dtype=torch.int8, generator=generator)
+    scale = torch.rand(96, 18, generator=generator) * 0.01
+    results = []
+    for isa in both_builds:
+        linear = q4q8.Q4Q8Matmul(weight, torch.randn(320, generator=torch.Generator()), isa)
+        linear.fuse_norm(norm, 1e-5)
+        head = q8head.Q8Matmul(q, scale, isa)
+        head.fuse_norm(norm, 1e-6)
+        k_cache = torch.randn(256, 2, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        v_cache = torch.randn(256, 2, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+        qkv = torch.randn(3, 8 * 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+        angles = torch.rand(3, 32, generator=torch.Generator().manual_seed(4))
+        cos = angles.cos().repeat(1, 2)[:, None].to(torch.bfloat16)
+        sin = torch.cat((-angles.sin(), angles.sin()), dim=-1)[:, None].to(torch.bfloat16)
+        lens = torch.tensor([1, 37, 200])  # a tail of 5 and 8 keys after whole groups of 16
+        kv_slots = torch.zeros(3, 200, dtype=torch.long)
+        for b, n in enumerate(lens.tolist()):
+            kv_slots[b, 200 - n :] = torch.randperm(256, generator=torch.Generator().manual_seed(b))[:n]
+        attention = PagedDecodeAttention(4, 2, 64, isa=isa)(qkv, cos, sin, None, kv_slots[:, -1].clone(), k_cache,
+                                                           v_cache, kv_slots, lens)
+        results.append((linear(x), head(x.float() * 7), attention, k_cache))
+    for first, second in zip(*results, strict=True):
+        assert torch.equal(first, second)

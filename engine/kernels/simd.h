@@ -1,0 +1,177 @@
+// 16-lane vectors for quant_matmul.cpp, on AVX512 (one zmm) or AVX2 (two ymm), chosen by the compiler flags.
+//
+// Every operation gives the same bits on both: lane-wise arithmetic is the same IEEE operation (FMA on both),
+// integer dots are exact, rounding is to nearest even, and reductions add in the same tree order
+// (256-bit halves, then 128-bit halves, then pairs), so the AVX2 build reproduces the AVX512 build exactly.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace simd {
+
+#if defined(__AVX512F__)
+
+struct F16 { __m512 v; };   // 16 fp32 lanes
+struct I16 { __m512i v; };  // 16 int32 lanes
+
+inline F16 zero() { return {_mm512_setzero_ps()}; }
+inline F16 set1(float x) { return {_mm512_set1_ps(x)}; }
+inline F16 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline void store(float* p, F16 a) { _mm512_storeu_ps(p, a.v); }
+inline F16 add(F16 a, F16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline F16 sub(F16 a, F16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline F16 mul(F16 a, F16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline F16 fmadd(F16 a, F16 b, F16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline F16 max(F16 a, F16 b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline F16 abs(F16 a) { return {_mm512_abs_ps(a.v)}; }
+inline F16 to_float(I16 a) { return {_mm512_cvtepi32_ps(a.v)}; }
+inline I16 round_to_int(F16 a) { return {_mm512_cvt_roundps_epi32(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline F16 round(F16 a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline F16 scale_by_power_of_two(F16 a, F16 n) { return {_mm512_scalef_ps(a.v, n.v)}; }  // a * 2^n, n >= -126
+inline float reduce_add(F16 a) { return _mm512_reduce_add_ps(a.v); }
+inline float reduce_max(F16 a) { return _mm512_reduce_max_ps(a.v); }
+inline F16 first_lanes(F16 a, int64_t count) { return {_mm512_maskz_mov_ps((__mmask16)((1u << count) - 1), a.v)}; }
+inline F16 load_first(const float* p, int64_t count) { return {_mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), p)}; }
+inline void store_first(float* p, F16 a, int64_t count) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << count) - 1), a.v); }
+
+inline F16 load_bf16(const uint16_t* p) {
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16))};
+}
+inline void store_bf16(uint16_t* p, F16 a) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(a.v)); }
+inline void store_int8(int8_t* p, I16 a) { _mm_storeu_si128((__m128i*)p, _mm512_cvtsepi32_epi8(a.v)); }
+inline void store_int16(int16_t* p, I16 a) { _mm256_storeu_si256((__m256i*)p, _mm512_cvtsepi32_epi16(a.v)); }
+
+inline I16 izero() { return {_mm512_setzero_si512()}; }
+
+// Weights of one 4-input step of a tile: 32 bytes, byte i holding element i (low nibble) and element i + 32
+// (high nibble); element e is output e / 4, input e % 4.
+struct Nibbles { __m512i v; };
+inline Nibbles unpack_nibbles(const uint8_t* p) {
+    const __m256i packed = _mm256_loadu_si256((const __m256i*)p);
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(packed, low);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+    return {_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)};
+}
+// acc[o] += sum over the 4 inputs of unsigned weight bytes times the signed bytes of x4 (vpdpbusd).
+inline I16 dot4(I16 acc, Nibbles w, int32_t x4) { return {_mm512_dpbusd_epi32(acc.v, w.v, _mm512_set1_epi32(x4))}; }
+
+// Weights of one 2-input step of a tile: 32 signed bytes, element e is output e / 2, input e % 2.
+struct Pairs { __m512i v; };
+inline Pairs load_pairs(const int8_t* p) { return {_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p))}; }
+// acc[o] += w[o, 0] * x[0] + w[o, 1] * x[1] over 16-bit x (vpdpwssd).
+inline I16 dot2(I16 acc, Pairs w, int32_t x2) { return {_mm512_dpwssd_epi32(acc.v, w.v, _mm512_set1_epi32(x2))}; }
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+struct F16 { __m256 lo, hi; };
+struct I16 { __m256i lo, hi; };
+
+inline F16 zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline F16 set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+inline F16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void store(float* p, F16 a) { _mm256_storeu_ps(p, a.lo); _mm256_storeu_ps(p + 8, a.hi); }
+inline F16 add(F16 a, F16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline F16 sub(F16 a, F16 b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+inline F16 mul(F16 a, F16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline F16 fmadd(F16 a, F16 b, F16 c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+inline F16 max(F16 a, F16 b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+inline F16 abs(F16 a) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    return {_mm256_andnot_ps(sign, a.lo), _mm256_andnot_ps(sign, a.hi)};
+}
+inline F16 to_float(I16 a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
+inline I16 round_to_int(F16 a) { return {_mm256_cvtps_epi32(a.lo), _mm256_cvtps_epi32(a.hi)}; }  // MXCSR: nearest even
+inline F16 round(F16 a) {
+    constexpr int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    return {_mm256_round_ps(a.lo, mode), _mm256_round_ps(a.hi, mode)};
+}
+inline __m256 power_of_two(__m256 n) {  // 2^n for whole n >= -126
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline F16 scale_by_power_of_two(F16 a, F16 n) {
+    return {_mm256_mul_ps(a.lo, power_of_two(n.lo)), _mm256_mul_ps(a.hi, power_of_two(n.hi))};
+}
+inline float reduce_add(F16 a) {  // the order of _mm512_reduce_add_ps: halves of 256, 128, then pairs
+    const __m256 eight = _mm256_add_ps(a.lo, a.hi);
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+inline float reduce_max(F16 a) {
+    const __m256 eight = _mm256_max_ps(a.lo, a.hi);
+    const __m128 four = _mm_max_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+    const __m128 two = _mm_max_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_max_ss(two, _mm_movehdup_ps(two)));
+}
+inline __m256i lanes_below(int64_t count, int first) {
+    const __m256i index = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(first));
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)count), index);
+}
+inline F16 first_lanes(F16 a, int64_t count) {
+    return {_mm256_and_ps(a.lo, _mm256_castsi256_ps(lanes_below(count, 0))),
+            _mm256_and_ps(a.hi, _mm256_castsi256_ps(lanes_below(count, 8)))};
+}
+inline F16 load_first(const float* p, int64_t count) {
+    return {_mm256_maskload_ps(p, lanes_below(count, 0)), _mm256_maskload_ps(p + 8, lanes_below(count, 8))};
+}
+inline void store_first(float* p, F16 a, int64_t count) {
+    _mm256_maskstore_ps(p, lanes_below(count, 0), a.lo);
+    _mm256_maskstore_ps(p + 8, lanes_below(count, 8), a.hi);
+}
+
+inline __m256 bf16_to_float(__m128i eight) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(eight), 16)); }
+inline F16 load_bf16(const uint16_t* p) {
+    return {bf16_to_float(_mm_loadu_si128((const __m128i*)p)), bf16_to_float(_mm_loadu_si128((const __m128i*)(p + 8)))};
+}
+inline __m128i float_to_bf16(__m256 v) {  // round to nearest even, as vcvtneps2bf16 does for numbers
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+inline void store_bf16(uint16_t* p, F16 a) {
+    _mm_storeu_si128((__m128i*)p, float_to_bf16(a.lo));
+    _mm_storeu_si128((__m128i*)(p + 8), float_to_bf16(a.hi));
+}
+inline __m128i saturate_to_int16(__m256i v) { return _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)); }
+inline void store_int8(int8_t* p, I16 a) {
+    _mm_storeu_si128((__m128i*)p, _mm_packs_epi16(saturate_to_int16(a.lo), saturate_to_int16(a.hi)));
+}
+inline void store_int16(int16_t* p, I16 a) {
+    _mm_storeu_si128((__m128i*)p, saturate_to_int16(a.lo));
+    _mm_storeu_si128((__m128i*)(p + 8), saturate_to_int16(a.hi));
+}
+
+inline I16 izero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+
+struct Nibbles { __m256i lo, hi; };  // outputs 0..7 and 8..15
+inline Nibbles unpack_nibbles(const uint8_t* p) {
+    const __m256i packed = _mm256_loadu_si256((const __m256i*)p);
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    return {_mm256_and_si256(packed, low), _mm256_and_si256(_mm256_srli_epi16(packed, 4), low)};
+}
+// vpmaddubsw cannot saturate here (2 x 15 x 128 < 32768); vpmaddwd then adds the pairs: the exact vpdpbusd sums.
+inline __m256i dot4_half(__m256i acc, __m256i w, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+inline I16 dot4(I16 acc, Nibbles w, int32_t x4) {
+    const __m256i x = _mm256_set1_epi32(x4);
+    return {dot4_half(acc.lo, w.lo, x), dot4_half(acc.hi, w.hi, x)};
+}
+
+struct Pairs { __m256i lo, hi; };
+inline Pairs load_pairs(const int8_t* p) {
+    return {_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(p + 16)))};
+}
+inline I16 dot2(I16 acc, Pairs w, int32_t x2) {
+    const __m256i x = _mm256_set1_epi32(x2);
+    return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(w.lo, x)), _mm256_add_epi32(acc.hi, _mm256_madd_epi16(w.hi, x))};
+}
+
+#else
+#error "quant_matmul.cpp needs AVX512 (F, BW, VL, VNNI, BF16) or AVX2 with FMA"
+#endif
+
+}  // namespace simd
