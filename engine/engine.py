@@ -27,6 +27,7 @@ DEFAULT_CPU_KV_BYTES = 2 << 30
 PROMPT_LOGPROB_ROWS = 128  # prompt positions turned into fp32 logits at once (never a whole [T, vocab] copy)
 
 log = logging.getLogger("qwen_serve.engine")
+Pick = tuple[int, dict[int, float] | None] | str  # a row's sampled token and its logprobs, or why it failed
 
 
 @dataclass
@@ -266,7 +267,7 @@ class LLMEngine:
         rows = [SampleRequest(s.params, s.prompt_ids, s.output_ids, s.stop_ids, s.generator, s.matcher, s.penalties)
                 for s in batch]
         try:
-            picks: list[tuple[int, dict[int, float] | None] | str] = list(self._picks(self.sampler(logits, rows)))
+            picks: list[Pick] = list(self._picks(self.sampler(logits, rows)))
         except Exception:
             log.warning("sampling a batch of %d failed; sampling its rows one by one", len(batch), exc_info=True)
             picks = self._sample_rows_alone(batch, rows)
@@ -276,12 +277,11 @@ class LLMEngine:
     def _picks(result: SampleResult) -> zip:
         return zip(result.token_ids, result.logprobs, strict=True)
 
-    def _sample_rows_alone(self, batch: list[Sequence], rows: list[SampleRequest]
-                           ) -> list[tuple[int, dict[int, float] | None] | str]:
+    def _sample_rows_alone(self, batch: list[Sequence], rows: list[SampleRequest]) -> list[Pick]:
         """The failure path: the forward pass again (it rewrites the same cache slots with the same values), then
         each row sampled on its own, so the rows that fail are known."""
         logits = self.runner.run(batch)
-        picks: list[tuple[int, dict[int, float] | None] | str] = []
+        picks: list[Pick] = []
         for index, row in enumerate(rows):
             try:
                 picks.extend(self._picks(self.sampler(logits[index : index + 1].clone(), [row])))
@@ -289,7 +289,7 @@ class LLMEngine:
                 picks.append(f"sampling failed for this request: {exc!r}")
         return picks
 
-    def _advance(self, seq: Sequence, pick: tuple[int, dict[int, float] | None] | str) -> StepOutput:
+    def _advance(self, seq: Sequence, pick: Pick) -> StepOutput:
         """Append the sampled token to ``seq`` (or end it with the error in ``pick``) and say what changed."""
         error = pick if isinstance(pick, str) else None
         token, logprobs = (-1, None) if error is not None else pick
