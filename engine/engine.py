@@ -137,7 +137,7 @@ class LLMEngine:
         (slower, closer to fp32)."""
         torch_device = select_device(device)
         torch_dtype = select_dtype(dtype, torch_device)
-        kernel = int4_kernel_for(torch_device, torch_dtype, cpu_isa)
+        kernel = int4_kernel_for(torch_device, torch_dtype, cpu_isa, dtype_chosen=dtype in (None, "auto"))
         loaded = load_model(model, dtype=torch_dtype, device=torch_device, int4_kernel=kernel, progress=progress)
         return cls(loaded, config)
 

@@ -77,12 +77,13 @@ class Q4Q8Linear(NativeLinear):
     blocks) on the native kernel built for ``isa``: on AVX512-VNNI 2-2.7x faster than torch's weight-only kernel from
     16 rows."""
 
-    def __init__(self, weight: PackedQ4, bias: torch.Tensor | None, *, isa: str) -> None:
+    def __init__(self, weight: PackedQ4, bias: torch.Tensor | None, *, isa: str,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.register_buffer("q", weight.q)
         self.register_buffer("scale", weight.scale)
         self.register_buffer("offset", weight.offset)
-        self.matmul = Q4Q8Matmul(weight, bias, isa)
+        self.matmul = Q4Q8Matmul(weight, bias, isa, dtype)
 
 
 class Q8Linear(NativeLinear):

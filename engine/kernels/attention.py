@@ -14,8 +14,8 @@ def fits(head_dim: int) -> bool:
 
 class PagedDecodeAttention:
     """One new token per sequence: replaces rotating q and k, writing k and v, gathering the cached keys and
-    values into a padded batch and a masked SDPA (bf16 cache; fp32 RoPE, scores, softmax and sums); on the build
-    for ``isa``."""
+    values into a padded batch and a masked SDPA (bf16 or fp32 activations and cache, as the model runs; fp32 RoPE,
+    scores, softmax and sums); on the build for ``isa``."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, *, isa: str) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -35,5 +35,5 @@ class PagedDecodeAttention:
         self._kernel(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), None if logn is None else logn.data_ptr(),
                      write_slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kv_slots.data_ptr(),
                      kv_lens.data_ptr(), batch, width, self.num_heads, self.num_kv_heads, self.head_dim, self.scale,
-                     out.data_ptr(), self._threads)
+                     int(qkv.dtype == torch.float32), out.data_ptr(), self._threads)
         return out

@@ -61,12 +61,12 @@ def library(isa: str) -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     eps = ctypes.c_float
-    lib.q4q8_linear.argtypes = [pointer, pointer, pointer, pointer, size, size, size, pointer, size, pointer, eps,
-                                pointer, threads]
+    lib.q4q8_linear.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int, pointer, size,
+                                pointer, eps, pointer, threads]
     lib.q4q8_linear.restype = None
     lib.q8_head.argtypes = [pointer, pointer, size, size, pointer, size, pointer, eps, pointer, threads]
     lib.q8_head.restype = None
-    lib.paged_decode_attention.argtypes = [pointer] * 9 + [size] * 5 + [eps, pointer, threads]
+    lib.paged_decode_attention.argtypes = [pointer] * 9 + [size] * 5 + [eps, ctypes.c_int, pointer, threads]
     lib.paged_decode_attention.restype = None
     return lib
 

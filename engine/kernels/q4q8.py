@@ -46,12 +46,14 @@ def pack(weight: Int4Weight) -> PackedQ4:
 
 
 class Q4Q8Matmul(native.RowKernel):
-    """``y = norm?(x) @ W^T (+ bias)`` for bf16 rows ``x`` [M, in] -> bf16 [M, out], on the build for ``isa``."""
+    """``y = norm?(x) @ W^T (+ bias)`` for rows ``x`` [M, in] -> [M, out] in ``dtype`` (bf16, or fp32 for a model
+    run in fp32), on the build for ``isa``."""
 
-    def __init__(self, weight: PackedQ4, bias: torch.Tensor | None, isa: str) -> None:
+    def __init__(self, weight: PackedQ4, bias: torch.Tensor | None, isa: str,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
         self.weight, self.bias = weight, None if bias is None else bias.float().contiguous()
         super().__init__(native.library(isa).q4q8_linear,
                          (weight.q.data_ptr(), weight.scale.data_ptr(), weight.offset.data_ptr(),
                           None if self.bias is None else self.bias.data_ptr(), weight.out_features,
-                          weight.in_features, weight.group_size // BLOCK),
-                         weight.out_features, torch.bfloat16, torch.bfloat16)
+                          weight.in_features, weight.group_size // BLOCK, int(dtype == torch.float32)),
+                         weight.out_features, dtype, dtype)

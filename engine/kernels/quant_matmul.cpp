@@ -34,6 +34,19 @@ constexpr int kTile = 16;       // outputs per tile (16 int32 / fp32 lanes)
 constexpr int kQuadBytes = 32;  // packed bytes of one 4-input step of a tile: 16 outputs x 4 nibbles
 constexpr int kMaxRows = 8;     // rows that share one unpacked weight step
 
+// Activations, caches and outputs come as bf16 (uint16_t, the bf16 model) or fp32 (float, the fp32 model).
+inline F16 load_elements(const uint16_t* bf16) { return simd::load_bf16(bf16); }
+inline F16 load_elements(const float* p) { return simd::load(p); }
+inline void store_elements(uint16_t* bf16, F16 a) { simd::store_bf16(bf16, a); }
+inline void store_elements(float* p, F16 a) { simd::store(p, a); }
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t bf16) {
+    const uint32_t bits = (uint32_t)bf16 << 16;
+    float value;
+    __builtin_memcpy(&value, &bits, 4);
+    return value;
+}
+
 // 1 / sqrt(mean(x^2) + eps) of one row, the RMSNorm factor a fused norm applies before quantizing.
 template <typename Load>
 float inverse_rms(Load load, int64_t k, float eps) {
@@ -51,20 +64,21 @@ struct Activations {
     std::vector<float> s;   // [rows, K / 32] block sums of x
 };
 
-// Rows of bf16 x, optionally RMS-normalized first (norm: fp32 weight [k], or null), into int8 blocks of 16.
-void quantize_rows(const uint16_t* x, int64_t rows, int64_t k, const float* norm, float eps, Activations& out) {
+// Rows of x, optionally RMS-normalized first (norm: fp32 weight [k], or null), into int8 blocks of 16.
+template <typename T>
+void quantize_rows(const T* x, int64_t rows, int64_t k, const float* norm, float eps, Activations& out) {
     const int64_t blocks = k / kBlock, halves = k / kHalf;
     out.q.resize(rows * k);
     out.d.resize(rows * halves);
     out.s.resize(rows * blocks);
     for (int64_t r = 0; r < rows; ++r) {
-        const uint16_t* row = x + r * k;
-        const float inverse_norm = norm ? inverse_rms([row](int64_t i) { return simd::load_bf16(row + i); }, k, eps) : 1.0f;
+        const T* row = x + r * k;
+        const float inverse_norm = norm ? inverse_rms([row](int64_t i) { return load_elements(row + i); }, k, eps) : 1.0f;
         for (int64_t b = 0; b < blocks; ++b) {
             F16 v[2];
             for (int h = 0; h < 2; ++h) {
                 const int64_t at = b * kBlock + h * kHalf;
-                v[h] = simd::load_bf16(row + at);
+                v[h] = load_elements(row + at);
                 if (norm) v[h] = simd::mul(simd::mul(v[h], simd::set1(inverse_norm)), simd::load(norm + at));
                 const float amax = simd::reduce_max(simd::abs(v[h]));
                 const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -76,9 +90,9 @@ void quantize_rows(const uint16_t* x, int64_t rows, int64_t k, const float* norm
     }
 }
 
-template <int ROWS>
+template <int ROWS, typename T>
 void tile_rows(const uint8_t* wq, const float* wd, const float* wm, const float* bias, int64_t blocks,
-               int64_t group_blocks, int64_t k, const int8_t* xq, const float* xd, const float* xs, uint16_t* y,
+               int64_t group_blocks, int64_t k, const int8_t* xq, const float* xd, const float* xs, T* y,
                int64_t n) {
     F16 acc[ROWS];
     for (int r = 0; r < ROWS; ++r) acc[r] = simd::zero();
@@ -103,12 +117,31 @@ void tile_rows(const uint8_t* wq, const float* wd, const float* wm, const float*
         }
     }
     const F16 b = bias ? simd::load(bias) : simd::zero();
-    for (int r = 0; r < ROWS; ++r) simd::store_bf16(y + r * n, simd::add(acc[r], b));
+    for (int r = 0; r < ROWS; ++r) store_elements(y + r * n, simd::add(acc[r], b));
 }
 
-using TileFn = decltype(&tile_rows<1>);
-constexpr TileFn kTileFns[kMaxRows] = {tile_rows<1>, tile_rows<2>, tile_rows<3>, tile_rows<4>,
-                                       tile_rows<5>, tile_rows<6>, tile_rows<7>, tile_rows<8>};
+template <typename T>
+void q4q8_rows(const uint8_t* wq, const float* wd, const float* wm, const float* bias, int64_t n, int64_t k,
+               int64_t group_blocks, const T* x, int64_t rows, const float* norm, float eps, T* y, int threads) {
+    using TileFn = decltype(&tile_rows<1, T>);
+    static constexpr TileFn tile_fns[kMaxRows] = {tile_rows<1, T>, tile_rows<2, T>, tile_rows<3, T>, tile_rows<4, T>,
+                                                  tile_rows<5, T>, tile_rows<6, T>, tile_rows<7, T>, tile_rows<8, T>};
+    thread_local Activations act;
+    quantize_rows(x, rows, k, norm, eps, act);
+    const int64_t blocks = k / kBlock, tiles = n / kTile;
+    const int64_t tile_bytes = blocks * (kBlock / 4) * kQuadBytes, tile_scales = blocks / group_blocks * kTile;
+    const int8_t* xq = act.q.data();
+    const float *xd = act.d.data(), *xs = act.s.data();
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+        for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+            const int count = (int)std::min<int64_t>(kMaxRows, rows - r0);
+            tile_fns[count - 1](wq + t * tile_bytes, wd + t * tile_scales, wm + t * tile_scales,
+                                bias ? bias + t * kTile : nullptr, blocks, group_blocks, k, xq + r0 * k,
+                                xd + r0 * 2 * blocks, xs + r0 * blocks, y + r0 * n + t * kTile, n);
+        }
+    }
+}
 
 struct Activations16 {
     std::vector<int16_t> q;  // [rows, K]
@@ -186,39 +219,36 @@ inline F16 exp_nonpositive(F16 x) {
 
 // Rotate-half RoPE of one head in fp32: out[i] = x[i] cos[i] + x[i +- dim/2] sin[i], where sin's first half
 // comes negated (the runner's layout). dim is a multiple of 32.
-inline void rotate(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t dim, F16* out) {
+template <typename T>
+inline void rotate(const T* x, const T* cos, const T* sin, int64_t dim, F16* out) {
     const int64_t chunks = dim / 16, half = chunks / 2;
     for (int64_t c = 0; c < chunks; ++c) {
         const int64_t partner = c < half ? c + half : c - half;
-        out[c] = simd::fmadd(simd::load_bf16(x + c * 16), simd::load_bf16(cos + c * 16),
-                             simd::mul(simd::load_bf16(x + partner * 16), simd::load_bf16(sin + c * 16)));
+        out[c] = simd::fmadd(load_elements(x + c * 16), load_elements(cos + c * 16),
+                             simd::mul(load_elements(x + partner * 16), load_elements(sin + c * 16)));
     }
 }
 
-}  // namespace
-
-extern "C" {
-
 // A decode step's attention for sequences with one new token each, from the fused qkv projection [batch,
-// (heads + 2 kv_heads) * dim] (bf16): RoPE on q and k (cos/sin [batch, dim]), Qwen-1's logN factor on q (logn
+// (heads + 2 kv_heads) * dim] (bf16 or fp32, as the caches and out): RoPE on q and k (cos/sin [batch, dim]), Qwen-1's logN factor on q (logn
 // [batch] or null), the new k and v written to their cache slots, then each query against its sequence's keys
 // kv_slots[b, tk - kv_lens[b] .. tk) (left-padded table) straight from the paged cache [slots, kv_heads, dim].
-// Scores, softmax and sums run in fp32; out [batch, heads * dim] bf16. Each (sequence, head) is computed alone,
+// Scores, softmax and sums run in fp32; out [batch, heads * dim]. Each (sequence, head) is computed alone,
 // so nothing depends on the rest of the batch.
-void paged_decode_attention(const uint16_t* qkv, const uint16_t* cos, const uint16_t* sin, const uint16_t* logn,
-                            const int64_t* write_slots, uint16_t* k_cache, uint16_t* v_cache, const int64_t* kv_slots,
-                            const int64_t* kv_lens, int64_t batch, int64_t tk, int64_t heads, int64_t kv_heads,
-                            int64_t dim, float scale, uint16_t* out, int threads) {
+template <typename T>
+void attend(const T* qkv, const T* cos, const T* sin, const T* logn, const int64_t* write_slots, T* k_cache,
+            T* v_cache, const int64_t* kv_slots, const int64_t* kv_lens, int64_t batch, int64_t tk, int64_t heads,
+            int64_t kv_heads, int64_t dim, float scale, T* out, int threads) {
     const int64_t group = heads / kv_heads, chunks = dim / 16, row = kv_heads * dim;
     const int64_t stride = (heads + 2 * kv_heads) * dim;
     for (int64_t b = 0; b < batch; ++b) {
         for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
             F16 key[8];  // dim <= 128
             rotate(qkv + b * stride + (heads + kvh) * dim, cos + b * dim, sin + b * dim, dim, key);
-            uint16_t* k_row = k_cache + write_slots[b] * row + kvh * dim;
-            const uint16_t* v_new = qkv + b * stride + (heads + kv_heads + kvh) * dim;
-            uint16_t* v_row = v_cache + write_slots[b] * row + kvh * dim;
-            for (int64_t c = 0; c < chunks; ++c) simd::store_bf16(k_row + c * 16, key[c]);
+            T* k_row = k_cache + write_slots[b] * row + kvh * dim;
+            const T* v_new = qkv + b * stride + (heads + kv_heads + kvh) * dim;
+            T* v_row = v_cache + write_slots[b] * row + kvh * dim;
+            for (int64_t c = 0; c < chunks; ++c) store_elements(k_row + c * 16, key[c]);
             std::copy(v_new, v_new + dim, v_row);
         }
     }
@@ -232,18 +262,13 @@ void paged_decode_attention(const uint16_t* qkv, const uint16_t* cos, const uint
         F16 query[8];
         rotate(qkv + b * stride + h * dim, cos + b * dim, sin + b * dim, dim, query);
         float factor = scale;
-        if (logn) {
-            const uint32_t bits = (uint32_t)logn[b] << 16;
-            float value;
-            __builtin_memcpy(&value, &bits, 4);
-            factor *= value;
-        }
+        if (logn) factor *= to_float(logn[b]);
         for (int64_t c = 0; c < chunks; ++c) query[c] = simd::mul(query[c], simd::set1(factor));
         float best = -INFINITY;
         for (int64_t t = 0; t < len; ++t) {
-            const uint16_t* key = k_cache + slots[t] * row + kvh * dim;
-            F16 dot = simd::mul(query[0], simd::load_bf16(key));
-            for (int64_t c = 1; c < chunks; ++c) dot = simd::fmadd(query[c], simd::load_bf16(key + c * 16), dot);
+            const T* key = k_cache + slots[t] * row + kvh * dim;
+            F16 dot = simd::mul(query[0], load_elements(key));
+            for (int64_t c = 1; c < chunks; ++c) dot = simd::fmadd(query[c], load_elements(key + c * 16), dot);
             scores[t] = simd::reduce_add(dot);
             best = std::max(best, scores[t]);
         }
@@ -263,14 +288,34 @@ void paged_decode_attention(const uint16_t* qkv, const uint16_t* cos, const uint
         F16 acc[8];
         for (int64_t c = 0; c < chunks; ++c) acc[c] = simd::zero();
         for (int64_t u = 0; u < len; ++u) {
-            const uint16_t* value = v_cache + slots[u] * row + kvh * dim;
+            const T* value = v_cache + slots[u] * row + kvh * dim;
             const F16 p = simd::set1(scores[u]);
-            for (int64_t c = 0; c < chunks; ++c) acc[c] = simd::fmadd(p, simd::load_bf16(value + c * 16), acc[c]);
+            for (int64_t c = 0; c < chunks; ++c) acc[c] = simd::fmadd(p, load_elements(value + c * 16), acc[c]);
         }
         for (int64_t c = 0; c < chunks; ++c)
-            simd::store_bf16(out + (b * heads + h) * dim + c * 16, simd::mul(acc[c], simd::set1(inverse)));
+            store_elements(out + (b * heads + h) * dim + c * 16, simd::mul(acc[c], simd::set1(inverse)));
     }
 }
+
+}  // namespace
+
+extern "C" {
+
+// fp32: activations, caches and outputs are fp32 (else bf16).
+void paged_decode_attention(const void* qkv, const void* cos, const void* sin, const void* logn,
+                            const int64_t* write_slots, void* k_cache, void* v_cache, const int64_t* kv_slots,
+                            const int64_t* kv_lens, int64_t batch, int64_t tk, int64_t heads, int64_t kv_heads,
+                            int64_t dim, float scale, int fp32, void* out, int threads) {
+    if (fp32)
+        attend((const float*)qkv, (const float*)cos, (const float*)sin, (const float*)logn, write_slots,
+               (float*)k_cache, (float*)v_cache, kv_slots, kv_lens, batch, tk, heads, kv_heads, dim, scale, (float*)out,
+               threads);
+    else
+        attend((const uint16_t*)qkv, (const uint16_t*)cos, (const uint16_t*)sin, (const uint16_t*)logn, write_slots,
+               (uint16_t*)k_cache, (uint16_t*)v_cache, kv_slots, kv_lens, batch, tk, heads, kv_heads, dim, scale,
+               (uint16_t*)out, threads);
+}
+
 
 // y[rows, n] (fp32) = rmsnorm?(x[rows, k] (fp32)) @ W^T, W a Q8_0 matrix packed in tiles by q8head.py.
 void q8_head(const int8_t* wq, const float* wd, int64_t n, int64_t k, const float* x, int64_t rows,
@@ -290,28 +335,16 @@ void q8_head(const int8_t* wq, const float* wd, int64_t n, int64_t k, const floa
     }
 }
 
-// y[rows, n] (bf16) = rmsnorm?(x[rows, k] (bf16)) @ W^T (+ bias, fp32), W packed in tiles by q4q8.py with one
-// scale and offset per group of group_blocks blocks of 32 inputs; with norm (fp32 weight [k]) each row is first
-// scaled by 1 / sqrt(mean(x^2) + eps) and the weight, in fp32.
+// y[rows, n] = rmsnorm?(x[rows, k]) @ W^T (+ bias, fp32), x and y bf16 (or fp32 with fp32 set), W packed in tiles
+// by q4q8.py with one scale and offset per group of group_blocks blocks of 32 inputs; with norm (fp32 weight [k])
+// each row is first scaled by 1 / sqrt(mean(x^2) + eps) and the weight, in fp32.
 void q4q8_linear(const uint8_t* wq, const float* wd, const float* wm, const float* bias, int64_t n, int64_t k,
-                 int64_t group_blocks, const uint16_t* x, int64_t rows, const float* norm, float eps, uint16_t* y,
+                 int64_t group_blocks, int fp32, const void* x, int64_t rows, const float* norm, float eps, void* y,
                  int threads) {
-    thread_local Activations act;
-    quantize_rows(x, rows, k, norm, eps, act);
-    const int64_t blocks = k / kBlock, tiles = n / kTile;
-    const int64_t tile_bytes = blocks * (kBlock / 4) * kQuadBytes, tile_scales = blocks / group_blocks * kTile;
-    const int8_t* xq = act.q.data();
-    const float *xd = act.d.data(), *xs = act.s.data();
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-        for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
-            const int count = (int)std::min<int64_t>(kMaxRows, rows - r0);
-            kTileFns[count - 1](wq + t * tile_bytes, wd + t * tile_scales, wm + t * tile_scales,
-                                bias ? bias + t * kTile : nullptr, blocks, group_blocks, k, xq + r0 * k,
-                                xd + r0 * 2 * blocks,
-                                xs + r0 * blocks, y + r0 * n + t * kTile, n);
-        }
-    }
+    if (fp32)
+        q4q8_rows(wq, wd, wm, bias, n, k, group_blocks, (const float*)x, rows, norm, eps, (float*)y, threads);
+    else
+        q4q8_rows(wq, wd, wm, bias, n, k, group_blocks, (const uint16_t*)x, rows, norm, eps, (uint16_t*)y, threads);
 }
 
 }

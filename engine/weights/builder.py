@@ -114,7 +114,7 @@ class ModelBuilder:
             fused = Int4Weight.cat(weights)
             bias = self._fused_bias(biases, [w.out_features for w in weights])
             if self.isa is not None and q4q8.fits(fused):
-                return Q4Q8Linear(q4q8.pack(fused), bias, isa=self.isa)
+                return Q4Q8Linear(q4q8.pack(fused), bias, isa=self.isa, dtype=self.dtype)
             packed, scales_and_zeros = fused.pack_for_cpu(self.dtype)
             return Int4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
         dense = []

@@ -62,19 +62,26 @@ def resolve_model_path(model: str | None) -> Path:
                                 f"downloaded: {exc}") from exc
 
 
-def int4_kernel_for(device: torch.device, dtype: torch.dtype, cpu_isa: str = "auto") -> str | None:
-    """Which kernel keeps 4-bit weights packed: bf16 on CPU runs them packed, on the native kernels built for
-    ``cpu_isa`` ("avx512", "avx2"; "auto": the fastest build this CPU runs, else torch's) or on torch's ("torch");
-    elsewhere they are dequantized as they load."""
+def int4_kernel_for(device: torch.device, dtype: torch.dtype, cpu_isa: str = "auto", *,
+                    dtype_chosen: bool = False) -> str | None:
+    """Which kernel keeps 4-bit weights packed, or None to dequantize them as they load (always off the CPU).
+
+    bf16: the native kernels built for ``cpu_isa`` ("avx512", "avx2"; "auto": the fastest build this CPU runs, else
+    torch's) or torch's weight-only kernel ("torch"). fp32: the native kernels with fp32 activations when a build
+    is named, or with "auto" when fp32 was chosen because the CPU has no fast bf16 (``dtype_chosen``); an fp32
+    model asked for by name is the exact, dense path the reference tests use."""
     if cpu_isa not in ("auto", "torch", *native.ISAS):
         raise ValueError(f"unknown cpu_isa {cpu_isa!r}; use auto, {', '.join(native.ISAS)} or torch")
-    if device.type != "cpu" or dtype != torch.bfloat16:
-        return None
-    if cpu_isa == "auto":
-        return native.isas()[0] if native.isas() else "torch"
-    if cpu_isa != "torch" and cpu_isa not in native.isas():
+    if cpu_isa in native.ISAS and cpu_isa not in native.isas():
         raise ValueError(f"cpu_isa {cpu_isa!r}: this CPU or toolchain cannot run that build of the native kernels")
-    return cpu_isa
+    best = native.isas()[0] if native.isas() else None
+    if device.type != "cpu":
+        return None
+    if dtype == torch.bfloat16:
+        return (best or "torch") if cpu_isa == "auto" else cpu_isa
+    if dtype == torch.float32:
+        return cpu_isa if cpu_isa in native.ISAS else best if cpu_isa == "auto" and dtype_chosen else None
+    return None
 
 
 def load_model(model: str | None, *, dtype: torch.dtype, device: torch.device, int4_kernel: str | None = None,

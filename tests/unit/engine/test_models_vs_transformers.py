@@ -52,18 +52,22 @@ def test_smollm2_knows_the_capital_of_france(smollm2_fp32):
     assert output.finish_reason == "stop"
 
 
-# layer module, LM head module (None: the tied fp16 embedding), max mean KL to fp32
-CPU_KERNELS = {"torch": ("Int4Linear", "NoneType", 0.01), "avx512": ("Q4Q8Linear", "Q8Linear", 0.05),
-               "avx2": ("Q4Q8Linear", "Q8Linear", 0.05)}
+# (activation dtype, cpu_isa): layer module, LM head module (None: the tied embedding), max mean KL to fp32
+CPU_KERNELS = {("bfloat16", "torch"): ("Int4Linear", "NoneType", 0.01),
+               ("bfloat16", "avx512"): ("Q4Q8Linear", "Q8Linear", 0.05),
+               ("bfloat16", "avx2"): ("Q4Q8Linear", "Q8Linear", 0.05),
+               ("float32", "avx512"): ("Q4Q8Linear", "Q8Linear", 0.05),
+               ("float32", "avx2"): ("Q4Q8Linear", "Q8Linear", 0.05)}
 
 
-@pytest.fixture(scope="module", params=list(CPU_KERNELS))
+@pytest.fixture(scope="module", params=list(CPU_KERNELS), ids=["-".join(key) for key in CPU_KERNELS])
 def smollm2_int4(request, smollm2_gguf) -> LLM:
     from engine.kernels import native
 
-    if request.param != "torch" and request.param not in native.isas():
-        pytest.skip(f"this CPU or toolchain has no {request.param} build of the native kernels")
-    llm = LLM(str(smollm2_gguf), dtype="bfloat16", device="cpu", cpu_isa=request.param)
+    dtype, isa = request.param
+    if isa != "torch" and isa not in native.isas():
+        pytest.skip(f"this CPU or toolchain has no {isa} build of the native kernels")
+    llm = LLM(str(smollm2_gguf), dtype=dtype, device="cpu", cpu_isa=isa)
     llm.kernel = request.param
     return llm
 
@@ -77,10 +81,11 @@ def test_q4_weights_kept_packed_are_exactly_the_dequantized_ones(smollm2_gguf):
 
 @pytest.mark.parametrize("question", ["Name three primary colors.", "What is the capital of France?",
                                       "Which city is the capital of Germany?"])
-def test_bf16_int4_path_follows_fp32_distribution(smollm2_fp32, smollm2_int4, question):
+def test_int4_paths_follow_fp32_distribution(smollm2_fp32, smollm2_int4, question):
     """The packed-int4 paths run the same Q4 weights with bf16 activations (torch's kernel) or with activations
-    quantized to int8 per block of 16 and the Q8_0 head as stored (the native kernels): close to fp32, not
-    bit-equal (near-ties such as 'The' vs 'L' 0.08 apart on the France question may flip)."""
+    quantized to int8 per block of 16 and the Q8_0 head as stored (the native kernels, for each build, around a
+    bf16 or an fp32 model): close to fp32, not bit-equal (near-ties such as 'The' vs 'L' 0.08 apart on the France
+    question may flip)."""
     module, head, max_mean_kl = CPU_KERNELS[smollm2_int4.kernel]
     model = smollm2_int4.engine.runner.model
     assert type(model.layers[0].attn.qkv).__name__ == module
@@ -94,7 +99,7 @@ def test_bf16_int4_path_follows_fp32_distribution(smollm2_fp32, smollm2_int4, qu
     assert (top3 == approx.argmax(-1, keepdim=True)).any(-1).all()
 
 
-def test_bf16_int4_path_answers(smollm2_int4):
+def test_int4_paths_answer(smollm2_int4):
     output = smollm2_int4.generate([chat_ids(smollm2_int4, "Which city is the capital of Germany?")],
                                    SamplingParams(temperature=0, max_tokens=24))[0]
     assert "Berlin" in output.text

@@ -47,16 +47,22 @@ def bf16_half_ulp(values: torch.Tensor) -> torch.Tensor:
     return values.abs().clamp(min=1e-30) * 2.0**-8
 
 
+def output_rounding(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half a unit in the last place of the kernel's output type (bf16, or fp32 for an fp32 model)."""
+    return bf16_half_ulp(values) if dtype == torch.bfloat16 else values.abs() * 2.0**-24
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 33])
 @pytest.mark.parametrize("shape,group_size", [((64, 96), 32), ((960, 576), 32), ((48, 256), 128)])
-def test_kernel_computes_its_quantized_product(rows, shape, group_size, isa):
+def test_kernel_computes_its_quantized_product(rows, shape, group_size, dtype, isa):
     weight = random_weight(*shape, group_size=group_size, seed=rows)
-    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    y = q4q8.Q4Q8Matmul(q4q8.pack(weight), None, isa)(x)
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = q4q8.Q4Q8Matmul(q4q8.pack(weight), None, isa, dtype)(x)
     expected = reference(x, weight)
-    assert y.dtype == torch.bfloat16 and y.shape == (rows, shape[0])
-    # one rounding to bf16, plus float32 accumulation over the blocks
-    assert ((y.double() - expected).abs() <= bf16_half_ulp(expected) + 1e-4).all()
+    assert y.dtype == dtype and y.shape == (rows, shape[0])
+    # one rounding to the output type, plus float32 accumulation over the blocks
+    assert ((y.double() - expected).abs() <= output_rounding(expected, dtype) + 1e-4).all()
 
 
 def test_an_outlier_coarsens_only_its_own_block(isa):
@@ -159,25 +165,26 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,with_logn", [(9, 3, 64, False), (4, 4, 128, True), (8, 2, 32, False)])
-def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head_dim, with_logn, isa):
+def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head_dim, with_logn, dtype, isa):
     """RoPE, the cache write and attention over each sequence's scattered slots, against fp64 SDPA."""
     from engine.kernels.attention import PagedDecodeAttention
 
     generator = torch.Generator().manual_seed(heads)
     slots, lens = 512, torch.tensor([1, 17, 100, 5, 64])
     batch, width = len(lens), int(lens.max())
-    k_cache = torch.randn(slots, kv_heads, head_dim, generator=generator).to(torch.bfloat16)
-    v_cache = torch.randn(slots, kv_heads, head_dim, generator=generator).to(torch.bfloat16)
+    k_cache = torch.randn(slots, kv_heads, head_dim, generator=generator).to(dtype)
+    v_cache = torch.randn(slots, kv_heads, head_dim, generator=generator).to(dtype)
     kv_slots = torch.zeros(batch, width, dtype=torch.long)
     for b, n in enumerate(lens.tolist()):  # left-padded, scattered over the pool like a block table's slots
         kv_slots[b, width - n :] = torch.randperm(slots, generator=generator)[:n]
     write_slots = kv_slots[:, -1].clone()  # the new token is each sequence's last key
-    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, generator=generator).to(torch.bfloat16)
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
     angles = torch.rand(batch, head_dim // 2, generator=generator) * 6
-    cos = angles.cos().repeat(1, 2)[:, None].to(torch.bfloat16)
-    sin = torch.cat((-angles.sin(), angles.sin()), dim=-1)[:, None].to(torch.bfloat16)
-    logn = (1 + torch.rand(batch, 1, 1, generator=generator)).to(torch.bfloat16) if with_logn else None
+    cos = angles.cos().repeat(1, 2)[:, None].to(dtype)
+    sin = torch.cat((-angles.sin(), angles.sin()), dim=-1)[:, None].to(dtype)
+    logn = (1 + torch.rand(batch, 1, 1, generator=generator)).to(dtype) if with_logn else None
 
     out = PagedDecodeAttention(heads, kv_heads, head_dim, isa=isa)(qkv, cos, sin, logn, write_slots, k_cache, v_cache,
                                                           kv_slots, lens)
@@ -187,14 +194,17 @@ def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head
     if logn is not None:
         q = q * logn.double()
     k_new = rotate_half(parts[:, heads : heads + kv_heads], cos.double(), sin.double())
-    assert torch.equal(k_cache[write_slots], k_new.to(torch.bfloat16))
+    if dtype == torch.bfloat16:
+        assert torch.equal(k_cache[write_slots], k_new.to(dtype))
+    else:  # fp32: the rotation's product and fused add round a little apart from fp64
+        torch.testing.assert_close(k_cache[write_slots].double(), k_new, rtol=0, atol=1e-6)
     assert torch.equal(v_cache[write_slots], qkv.view(batch, -1, head_dim)[:, heads + kv_heads :])
     for b, n in enumerate(lens.tolist()):
         keys = k_cache[kv_slots[b, width - n :]].double().transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
         values = v_cache[kv_slots[b, width - n :]].double().transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
         expected = torch.nn.functional.scaled_dot_product_attention(q[b][:, None], keys, values)[:, 0]
         got = out[b].view(heads, head_dim).double()
-        assert ((got - expected).abs() <= expected.abs() * 2.0**-8 + 1e-4).all()
+        assert ((got - expected).abs() <= output_rounding(expected, dtype) + 1e-4).all()
 
 
 @pytest.fixture
@@ -204,28 +214,29 @@ def both_builds() -> tuple[str, str]:
     return tuple(native.ISAS)  # type: ignore[return-value]
 
 
-def test_the_builds_compute_the_same_bits(both_builds):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_builds_compute_the_same_bits(both_builds, dtype):
     """AVX2 emulates each AVX512 operation exactly (integer dots, FMA, rounding, reduction order)."""
     from engine.kernels.attention import PagedDecodeAttention
 
     generator = torch.Generator().manual_seed(11)
     weight = q4q8.pack(random_weight(320, 576, group_size=64))
-    x = torch.randn(11, 576, generator=generator).to(torch.bfloat16)
+    x = torch.randn(11, 576, generator=generator).to(dtype)
     norm = torch.rand(576, generator=generator) + 0.5
     q = torch.randint(-127, 128, (96, 576), dtype=torch.int8, generator=generator)
     scale = torch.rand(96, 18, generator=generator) * 0.01
     results = []
     for isa in both_builds:
-        linear = q4q8.Q4Q8Matmul(weight, torch.randn(320, generator=torch.Generator()), isa)
+        linear = q4q8.Q4Q8Matmul(weight, torch.randn(320, generator=torch.Generator()), isa, dtype)
         linear.fuse_norm(norm, 1e-5)
         head = q8head.Q8Matmul(q, scale, isa)
         head.fuse_norm(norm, 1e-6)
-        k_cache = torch.randn(256, 2, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-        v_cache = torch.randn(256, 2, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-        qkv = torch.randn(3, 8 * 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+        k_cache = torch.randn(256, 2, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+        v_cache = torch.randn(256, 2, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+        qkv = torch.randn(3, 8 * 64, generator=torch.Generator().manual_seed(3)).to(dtype)
         angles = torch.rand(3, 32, generator=torch.Generator().manual_seed(4))
-        cos = angles.cos().repeat(1, 2)[:, None].to(torch.bfloat16)
-        sin = torch.cat((-angles.sin(), angles.sin()), dim=-1)[:, None].to(torch.bfloat16)
+        cos = angles.cos().repeat(1, 2)[:, None].to(dtype)
+        sin = torch.cat((-angles.sin(), angles.sin()), dim=-1)[:, None].to(dtype)
         lens = torch.tensor([1, 37, 200])  # a tail of 5 and 8 keys after whole groups of 16
         kv_slots = torch.zeros(3, 200, dtype=torch.long)
         for b, n in enumerate(lens.tolist()):
