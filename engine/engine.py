@@ -222,7 +222,7 @@ class LLMEngine:
         entries: list[dict[int, float] | None] = [None]
         if len(ids) < 2:
             return entries
-        with self._prompt_pass(ids[:-1]) as hidden:
+        with self._prompt_pass(ids) as hidden:  # the whole prompt: Qwen-1's NTK alpha depends on its length
             for start in range(0, len(ids) - 1, PROMPT_LOGPROB_ROWS):
                 rows = self.runner.model.head(hidden[start : start + PROMPT_LOGPROB_ROWS])
                 logprobs = rows[:, : self.vocab_size].log_softmax(-1)

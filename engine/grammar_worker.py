@@ -88,8 +88,8 @@ class _Worker:
 
 
 class IsolatedGrammarCompiler:
-    """Compiles ``GrammarSpec``s in ``workers`` processes, each grammar within ``timeout`` seconds. ``compile``
-    blocks its (worker) thread until a process is free."""
+    """Compiles ``GrammarSpec``s in ``workers`` processes (each started on its first grammar), each grammar within
+    ``timeout`` seconds. ``compile`` blocks its (worker) thread until a process is free."""
 
     def __init__(self, info: xgr.TokenizerInfo, *, workers: int, timeout: float, cache_limit_bytes: int) -> None:
         self._info = info
@@ -99,11 +99,6 @@ class IsolatedGrammarCompiler:
         self._workers = [_Worker(info_json, cache_limit_bytes) for _ in range(workers)]
         for worker in self._workers:
             self._idle.put(worker)
-
-    def start(self) -> None:
-        """Start every worker now (otherwise each starts on its first grammar)."""
-        for worker in self._workers:
-            worker.start()
 
     def compile(self, spec: GrammarSpec) -> Grammar:
         worker = self._idle.get()

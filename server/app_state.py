@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 from fastapi import Request
@@ -16,12 +15,10 @@ from server.metrics import Metrics
 from server.preparation import Preparer
 from server.settings import Settings
 
-log = logging.getLogger("qwen_serve")
-
 
 class AppState:
     """What the routes share: the served model (None while loading), request limits, the preparation pool,
-    metrics, and the server's condition (draining, or failed for good: ``fatal_error``)."""
+    metrics, and the server's condition (draining, or failed for good: ``failure``)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

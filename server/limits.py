@@ -59,6 +59,7 @@ class Limits:
             raise APIError(400, f"at most {self.max_tools} tools", param="tools")
         names = [spec.model_name for spec in specs]
         names += [call.function.name for m in body.messages for call in m.tool_calls or []]
+        names += [m.function_call.name for m in body.messages if m.function_call is not None]
         if body.forced_function is not None:
             names.append(body.forced_function)
         for name in names:
