@@ -8,7 +8,8 @@ device and reports batch-1 decode tok/s against the memory-bandwidth bound (weig
 device's measured copy bandwidth) and the aggregate tok/s of 64 concurrent requests.
 
 Usage: python bench/engine_speed.py [--new-tokens 64] [--dtype auto|float32|bfloat16] [--cpu-isa auto|avx512|avx2|torch]
-       python bench/engine_speed.py --device cuda --shape qwen-7b [--concurrency 64] [--layers N]
+       python bench/engine_speed.py --device cuda --shape qwen-7b [--weights dense|int4] [--concurrency 64]
+           [--layers N]
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def copy_bandwidth(device: torch.device, size: int = 1 << 30) -> float:
     return 2 * 10 * size / (time.perf_counter() - start)
 
 
+def streamed_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step reads: every parameter and buffer but an untied embedding table (it reads one
+    row a token)."""
+    skip = model.embed if model.lm_head is not None else None
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not skip)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -74,11 +83,15 @@ def shape_report(args: argparse.Namespace) -> None:
     from random_model import random_qwen_7b
 
     from engine.device import select_device, select_dtype
+    from engine.weights.loader import int4_kernel_for
 
     device = select_device(args.device)
     dtype = select_dtype(None if args.dtype == "auto" else args.dtype, device)
-    loaded = random_qwen_7b(device, dtype, args.layers)
-    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    kernel = int4_kernel_for(device, dtype, args.cpu_isa) if args.weights == "int4" else None
+    if args.weights == "int4" and kernel is None:
+        raise SystemExit(f"no int4 kernel for {dtype} on {device}")
+    loaded = random_qwen_7b(device, dtype, args.layers, int4_kernel=kernel)
+    weight_bytes = streamed_bytes(loaded.model)
     engine = LLMEngine(loaded, EngineConfig(max_model_len=2048,
                                             scheduler=SchedulerConfig(max_num_seqs=max(args.concurrency, 1))))
     generator = torch.Generator().manual_seed(0)
@@ -92,8 +105,9 @@ def shape_report(args: argparse.Namespace) -> None:
     aggregate = our_rate(engine, prompts, n, concurrent=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     attention = "flash-attn varlen" if loaded.model.uses_varlen else "SDPA"
-    print(f"Qwen-7B-Chat shapes ({loaded.config.num_layers} layers, random weights), {dtype}, {name}, "
-          f"{attention} attention; {weight_bytes / 1e9:.1f} GB of weights, {n} new tokens per request")
+    linear = type(loaded.model.layers[0].mlp.gate_up).__name__
+    print(f"Qwen-7B-Chat shapes ({loaded.config.num_layers} layers, random weights), {dtype}, {linear}, {name}, "
+          f"{attention} attention; {weight_bytes / 1e9:.2f} GB read per decode step, {n} new tokens per request")
     print(f"batch-1 decode: {decode_rate:7.1f} tok/s; bandwidth bound {bound:7.1f} tok/s "
           f"({decode_rate / bound:.0%} of it)")
     print(f"{args.concurrency} concurrent requests: {aggregate:7.1f} tok/s aggregate")
@@ -110,6 +124,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=["smollm2", "qwen-7b"], default="smollm2")
     parser.add_argument("--concurrency", type=int, default=64, help="requests at once (--shape qwen-7b)")
     parser.add_argument("--layers", type=int, help="fewer layers, for a quick run (--shape qwen-7b)")
+    parser.add_argument("--weights", choices=["dense", "int4"], default="dense",
+                        help="--shape qwen-7b: dense matrices, or 4-bit ones (as Qwen-7B-Chat-Int4) on the int4 kernel")
     args = parser.parse_args()
     if args.shape == "qwen-7b":
         return shape_report(args)

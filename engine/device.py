@@ -26,6 +26,11 @@ def cpu_flags() -> str:
         return ""
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA device's compute capability (bf16 and tinygemm's int4 need sm80: Ampere on)."""
+    return torch.cuda.get_device_capability(device)
+
+
 def cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls (and torch's int4 weight-only kernel) run natively."""
     return "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
@@ -40,7 +45,8 @@ def head_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def select_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The requested dtype, else bf16 on CUDA (when supported) and on CPUs with native bf16, else fp32."""
+    """The requested dtype, else bf16 on CUDA from sm80 (fp16 before: its bf16 is emulated) and on CPUs with native
+    bf16, else fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is not None and dtype != "auto":
@@ -48,5 +54,5 @@ def select_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         return DTYPES[dtype]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_capability(device) >= (8, 0) else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32

@@ -51,11 +51,21 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]), self.packed, self.group_size,
-                                              self.scales_and_zeros)
+        y = self._matmul(x.reshape(-1, shape[-1]))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+
+
+class CudaInt4Linear(Int4Linear):
+    """The same weight-only int4 linear on torch's CUDA kernel (tinygemm: bf16 activations, sm80+), weights kept at
+    4 bits in its tiled layout."""
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
 
 
 class NativeLinear(nn.Module):

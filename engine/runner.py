@@ -11,6 +11,7 @@ from engine.config import ModelConfig
 from engine.layers import inverse_frequencies
 from engine.model import DecoderModel, PaddedLayout, StepInputs, VarlenLayout
 from engine.sequence import Sequence
+from engine.transfer import to_device
 
 
 class ModelRunner:
@@ -20,6 +21,10 @@ class ModelRunner:
                  device: torch.device, dtype: torch.dtype) -> None:
         self.model, self.config = model, config
         self.block_size, self.device, self.dtype = block_size, device, dtype
+        if device.type == "cuda":
+            # cuDNN's attention builds an execution plan for every new key length: ~10 ms of host time per call,
+            # every decode step (torch 2.11 on an H200); the flash / memory-efficient kernels take any length.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.kv_cache = torch.zeros(config.num_layers, 2, num_blocks * block_size, config.num_kv_heads,
                                     config.head_dim, dtype=dtype, device=device)
         self._inv_freq: dict[float, torch.Tensor] = {}
@@ -43,6 +48,7 @@ class ModelRunner:
         return self.model.hidden(token_ids, inputs, self.kv_cache)
 
     def prepare(self, batch: list[Sequence]) -> tuple[torch.Tensor, StepInputs]:
+        """The step's tensors, from one host-to-device copy of every integer it needs (no host sync on CUDA)."""
         device, block_size = self.device, self.block_size
         q_lens = [len(s) - s.num_computed for s in batch]
         kv_lens = [len(s) for s in batch]
@@ -54,17 +60,19 @@ class ModelRunner:
             else:
                 tokens += seq.token_ids[seq.num_computed :]
             positions += range(seq.num_computed, len(seq))
-        as_tensor = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
-
-        q_len_t, kv_len_t = as_tensor(q_lens), as_tensor(kv_lens)
-        row_of_token = torch.repeat_interleave(torch.arange(len(batch), device=device), q_len_t)
-        position_t = as_tensor(positions)
         width = max(len(s.block_table) for s in batch)
-        tables = as_tensor([s.block_table + [0] * (width - len(s.block_table)) for s in batch])
-        slots = (tables[:, :, None] * block_size + torch.arange(block_size, device=device)).view(len(batch), -1)
+        tables: list[int] = []
+        for seq in batch:
+            tables += seq.block_table + [0] * (width - len(seq.block_table))
+        n, b = len(tokens), len(batch)
+        packed = to_device([*tokens, *positions, *q_lens, *kv_lens, *tables], torch.long, device)
+        token_t, position_t, q_len_t, kv_len_t, table_t = packed.split([n, n, b, b, b * width])
+
+        row_of_token = torch.repeat_interleave(torch.arange(b, device=device), q_len_t, output_size=n)
+        slots = (table_t.view(b, width, 1) * block_size + torch.arange(block_size, device=device)).view(b, -1)
         starts = torch.cumsum(q_len_t, 0) - q_len_t
         if self.model.uses_varlen:
-            layout: PaddedLayout | VarlenLayout = varlen_layout(slots, q_len_t, kv_len_t, max(q_lens), max(kv_lens))
+            layout: PaddedLayout | VarlenLayout = varlen_layout(slots, q_len_t, kv_len_t, max(q_lens), kv_lens)
         else:
             layout = padded_layout(slots, q_len_t, kv_len_t, starts, max(q_lens), max(kv_lens))
 
@@ -84,7 +92,7 @@ class ModelRunner:
             logn = torch.where(position_t + 1 > seq_length, scale, 1.0).float().to(self.dtype)[:, None, None]
         inputs = StepInputs(cos=cos, sin=sin, logn=logn, write_slots=slots[row_of_token, position_t],
                             layout=layout, last_index=starts + q_len_t - 1)
-        return as_tensor(tokens), inputs
+        return token_t, inputs
 
 
 def padded_layout(slots: torch.Tensor, q_lens: torch.Tensor, kv_lens: torch.Tensor, starts: torch.Tensor,
@@ -105,12 +113,15 @@ def padded_layout(slots: torch.Tensor, q_lens: torch.Tensor, kv_lens: torch.Tens
     )
 
 
-def varlen_layout(slots: torch.Tensor, q_lens: torch.Tensor, kv_lens: torch.Tensor, tq: int, tk: int) -> VarlenLayout:
-    """Every sequence's keys packed one after another, with int32 offsets of queries and keys."""
+def varlen_layout(slots: torch.Tensor, q_lens: torch.Tensor, kv_lens: torch.Tensor, tq: int,
+                  host_kv_lens: list[int]) -> VarlenLayout:
+    """Every sequence's keys packed one after another, with int32 offsets of queries and keys. ``host_kv_lens``:
+    the key counts on the host (they fix the packed size, which the device must not be asked for)."""
     device = slots.device
     cu_q = F.pad(torch.cumsum(q_lens, 0), (1, 0))
     cu_k = F.pad(torch.cumsum(kv_lens, 0), (1, 0))
-    row_of_key = torch.repeat_interleave(torch.arange(len(kv_lens), device=device), kv_lens)
-    position_of_key = torch.arange(row_of_key.shape[0], device=device) - cu_k[row_of_key]
+    total = sum(host_kv_lens)
+    row_of_key = torch.repeat_interleave(torch.arange(len(host_kv_lens), device=device), kv_lens, output_size=total)
+    position_of_key = torch.arange(total, device=device) - cu_k[row_of_key]
     return VarlenLayout(kv_slots=slots[row_of_key, position_of_key], cu_seqlens_q=cu_q.int(),
-                        cu_seqlens_k=cu_k.int(), max_q=tq, max_k=tk)
+                        cu_seqlens_k=cu_k.int(), max_q=tq, max_k=max(host_kv_lens))

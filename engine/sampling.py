@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+from engine.transfer import to_device
 
 if TYPE_CHECKING:
     from engine.grammar import Grammar
@@ -201,8 +202,11 @@ class Sampler:
         mask_logits(logits, rows)
         chosen = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if sampled:
-            chosen[sampled] = self._sample(logits[sampled], [rows[i] for i in sampled])
+        if len(sampled) == len(rows):
+            chosen = self._sample(logits, rows)
+        elif sampled:
+            index = to_device(sampled, torch.long, logits.device)
+            chosen[index] = self._sample(logits[index], [rows[i] for i in sampled])
         token_ids = chosen.tolist()
         logprobs: list[dict[int, float] | None] = []
         for row, request in enumerate(rows):
@@ -219,18 +223,18 @@ class Sampler:
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
-        per_row = partial(torch.tensor, dtype=logits.dtype, device=logits.device)
-        logits = logits / per_row([r.params.temperature for r in rows])[:, None]
+        """One host-to-device copy of the rows' temperature, top-k, top-p and min-p (top-k exact as a float)."""
+        fields = ("temperature", "top_k", "top_p", "min_p")
+        values = [getattr(r.params, name) for name in fields for r in rows]
+        temperature, top_k, top_p, min_p = to_device(values, torch.float32, logits.device).view(4, -1)
+        logits = logits / temperature.to(logits.dtype)[:, None]
         if any(r.params.truncates for r in rows):
-            logits = truncate(
-                logits,
-                per_row([r.params.top_k for r in rows], dtype=torch.long),
-                per_row([r.params.top_p for r in rows]),
-                per_row([r.params.min_p for r in rows]),
-            )
+            logits = truncate(logits, top_k.long(), top_p.to(logits.dtype), min_p.to(logits.dtype))
         probs = logits.softmax(dim=-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p; each seeded row draws its own noise.
-        noise = torch.empty_like(probs)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p. Unseeded rows share one draw; each seeded
+        # row draws its own noise from its generator.
+        noise = torch.empty_like(probs).exponential_()
         for row, request in enumerate(rows):
-            noise[row].exponential_(generator=request.generator)
+            if request.generator is not None:
+                noise[row].exponential_(generator=request.generator)
         return (probs / noise).argmax(dim=-1)

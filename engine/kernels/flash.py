@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from engine.device import cuda_capability
+
 if TYPE_CHECKING:
     from engine.model import VarlenLayout
 
@@ -35,8 +37,9 @@ def flash_kernel() -> VarlenKernel | None:
 
 
 def fits(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether flash-attn 2 takes this model: CUDA, fp16/bf16, head size a multiple of 8 up to 256."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    """Whether flash-attn 2 takes this model: CUDA from sm80 (Ampere on), fp16/bf16, head size a multiple of 8 up
+    to 256."""
+    return (device.type == "cuda" and cuda_capability(device) >= (8, 0) and dtype in (torch.float16, torch.bfloat16)
             and head_dim % 8 == 0 and head_dim <= 256)
 
 

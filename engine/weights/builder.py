@@ -9,16 +9,17 @@ from engine.config import ModelConfig
 from engine.device import head_dtype
 from engine.kernels import attention as attention_kernel
 from engine.kernels import flash, native, q4q8, q8head
-from engine.layers import DenseLinear, Int4Linear, NativeLinear, Q4Q8Linear, Q8Linear, RMSNorm
+from engine.layers import CudaInt4Linear, DenseLinear, Int4Linear, NativeLinear, Q4Q8Linear, Q8Linear, RMSNorm
 from engine.model import MLP, Attention, DecoderLayer, DecoderModel
-from engine.weights.int4 import Int4Weight
+from engine.weights.int4 import CUDA_INT4, Int4Weight
 from engine.weights.sources import WeightSource
 
 
 class ModelBuilder:
     """Turns canonical parts (``names``) of a checkpoint into modules.
 
-    ``int4_kernel``: keep 4-bit matrices packed, on torch's weight-only int4 CPU kernel (``"torch"``) or on the
+    ``int4_kernel``: keep 4-bit matrices packed, on torch's weight-only int4 CPU kernel (``"torch"``), its CUDA kernel
+    (``"tinygemm"``: bf16, where the shapes fit; the rest dequantized) or on the
     native kernels built for that instruction set (``"avx512"``, ``"avx2"``: int4 x int8 linears with their RMSNorm
     fused in, the Q8_0 head as stored, decode attention read from the paged cache; each where the shapes fit); None
     dequantizes them. On CUDA in fp16/bf16,
@@ -113,10 +114,15 @@ class ModelBuilder:
                        for p, q in zip(parts, quantized, strict=True)]
             fused = Int4Weight.cat(weights)
             bias = self._fused_bias(biases, [w.out_features for w in weights])
-            if self.isa is not None and q4q8.fits(fused):
+            if self.int4_kernel == CUDA_INT4:
+                if fused.fits_cuda():
+                    packed, scales_and_zeros = fused.pack_for_cuda(self.device)
+                    return CudaInt4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
+            elif self.isa is not None and q4q8.fits(fused):
                 return Q4Q8Linear(q4q8.pack(fused), bias, isa=self.isa, dtype=self.dtype)
-            packed, scales_and_zeros = fused.pack_for_cpu(self.dtype)
-            return Int4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
+            else:
+                packed, scales_and_zeros = fused.pack_for_cpu(self.dtype)
+                return Int4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
         dense = []
         for part, name in zip(parts, names, strict=True):
             weight = self.source.dense(name)

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+CUDA_INT4 = "tinygemm"  # the int4_kernel name of torch's CUDA int4 weight-only kernel
+CUDA_GROUP_SIZES = (32, 64, 128, 256)
+CUDA_INNER_K_TILES = 8  # tinygemm's tiling of the input axis: inputs must be a multiple of 16 times this
+
 
 @dataclass
 class Int4Weight:
@@ -40,5 +44,23 @@ class Int4Weight:
     def pack_for_cpu(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed weight, scales-and-zeros) for ``torch._weight_int4pack_mm_for_cpu``: w = (q - 8) s + z."""
         packed = torch._convert_weight_to_int4pack_for_cpu(self.q.to(torch.int32), 1)
+        return packed, self._scales_and_zeros(dtype)
+
+    def fits_cuda(self) -> bool:
+        """The shapes torch's CUDA int4 kernel (tinygemm) takes."""
+        out_features, in_features = self.q.shape
+        return (self.group_size in CUDA_GROUP_SIZES and in_features % (16 * CUDA_INNER_K_TILES) == 0
+                and out_features % 8 == 0)
+
+    def pack_for_cuda(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed weight, bf16 scales-and-zeros) for ``torch._weight_int4pack_mm`` on ``device``: two 4-bit values
+        per byte, the even input feature in the high nibble, then tinygemm's tiled layout."""
+        q = self.q.to(device)
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        packed = torch._convert_weight_to_int4pack(pairs, CUDA_INNER_K_TILES)
+        return packed, self._scales_and_zeros(torch.bfloat16).to(device)
+
+    def _scales_and_zeros(self, dtype: torch.dtype) -> torch.Tensor:
+        """[groups, out, 2]: each group's scale and the offset that makes w = (q - 8) * scale + offset."""
         scales_and_zeros = torch.stack([self.scale, self.zero + 8 * self.scale], dim=-1).transpose(0, 1)
-        return packed, scales_and_zeros.contiguous().to(dtype)
+        return scales_and_zeros.contiguous().to(dtype)

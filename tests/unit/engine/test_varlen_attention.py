@@ -56,7 +56,7 @@ def varlen_llm() -> LLM:
 def test_layout_packs_each_sequence_keys_in_order():
     slots = torch.arange(3 * 32).view(3, 32) * 10  # three sequences, two blocks of 16 each
     q_lens, kv_lens = torch.tensor([5, 1, 3]), torch.tensor([5, 20, 12])
-    layout = varlen_layout(slots, q_lens, kv_lens, 5, 20)
+    layout = varlen_layout(slots, q_lens, kv_lens, 5, [5, 20, 12])
     expected = torch.cat([slots[0, :5], slots[1, :20], slots[2, :12]])
     assert torch.equal(layout.kv_slots, expected)
     assert layout.cu_seqlens_q.tolist() == [0, 5, 6, 9] and layout.cu_seqlens_k.tolist() == [0, 5, 25, 37]

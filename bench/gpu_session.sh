@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The checks to run when a session is lent a GPU (the `device` tool), in one call from the repository root:
+# the CUDA tests, Qwen-7B-Chat shapes dense and Int4 at batch 1 and 64 streams, and a profile of one decode step.
+# Packages the GPU image lacks travel as wheels in .whl/ (see README "GPU"). Logs go to $OUT (or /tmp/gpu-session).
+# Usage: bash bench/gpu_session.sh [tests] [bench] [profile]   (no argument: all three)
+set -u
+out=${OUT:-/tmp/gpu-session}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site || exit 1
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+parts=${*:-tests bench profile}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'capability', torch.cuda.get_device_capability())" | tee -a "$out/gpu.txt"
+
+if [[ $parts == *tests* ]]; then
+    timeout 240 python3 -m pytest -p no:cacheprovider -m cuda -q --timeout 120 \
+        tests/unit/engine/test_cuda.py tests/unit/engine/test_sampling.py 2>&1 | tee "$out/tests.log"
+fi
+if [[ $parts == *bench* ]]; then
+    for weights in dense int4; do
+        timeout 180 python3 bench/engine_speed.py --device cuda --shape qwen-7b --weights "$weights" 2>&1 \
+            | tee "$out/bench-$weights.log"
+    done
+fi
+if [[ $parts == *profile* ]]; then
+    for batch in 1 64; do
+        timeout 90 python3 bench/step_profile.py --device cuda --layers 4 --batch "$batch" 2>&1 \
+            | tee "$out/profile-b$batch.log"
+    done
+fi
