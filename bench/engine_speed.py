@@ -92,7 +92,7 @@ def shape_report(args: argparse.Namespace) -> None:
         raise SystemExit(f"no int4 kernel for {dtype} on {device}")
     loaded = random_qwen_7b(device, dtype, args.layers, int4_kernel=kernel)
     weight_bytes = streamed_bytes(loaded.model)
-    engine = LLMEngine(loaded, EngineConfig(max_model_len=2048,
+    engine = LLMEngine(loaded, EngineConfig(max_model_len=2048, enforce_eager=args.enforce_eager,
                                             scheduler=SchedulerConfig(max_num_seqs=max(args.concurrency, 1))))
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 150000, (128,), generator=generator).tolist() for _ in range(args.concurrency)]
@@ -105,6 +105,8 @@ def shape_report(args: argparse.Namespace) -> None:
     aggregate = our_rate(engine, prompts, n, concurrent=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     attention = "flash-attn varlen" if loaded.model.uses_varlen else "SDPA"
+    if loaded.model.uses_paged_decode:
+        attention += " prefill, Triton paged decode" + (", eager" if args.enforce_eager else ", CUDA graphs")
     linear = type(loaded.model.layers[0].mlp.gate_up).__name__
     print(f"Qwen-7B-Chat shapes ({loaded.config.num_layers} layers, random weights), {dtype}, {linear}, {name}, "
           f"{attention} attention; {weight_bytes / 1e9:.2f} GB read per decode step, {n} new tokens per request")
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=["smollm2", "qwen-7b"], default="smollm2")
     parser.add_argument("--concurrency", type=int, default=64, help="requests at once (--shape qwen-7b)")
     parser.add_argument("--layers", type=int, help="fewer layers, for a quick run (--shape qwen-7b)")
+    parser.add_argument("--enforce-eager", action="store_true", help="--shape qwen-7b on CUDA: no CUDA graphs")
     parser.add_argument("--weights", choices=["dense", "int4"], default="dense",
                         help="--shape qwen-7b: dense matrices, or 4-bit ones (as Qwen-7B-Chat-Int4) on the int4 kernel")
     args = parser.parse_args()

@@ -18,13 +18,16 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 'capability', torch.cuda.get_device_capability())" | tee -a "$out/gpu.txt"
 
 if [[ $parts == *tests* ]]; then
-    timeout 240 python3 -m pytest -p no:cacheprovider -m cuda -q --timeout 120 \
-        tests/unit/engine/test_cuda.py tests/unit/engine/test_sampling.py 2>&1 | tee "$out/tests.log"
+    timeout 240 python3 -m pytest -p no:cacheprovider -q --timeout 120 tests/unit/engine/test_paged_decode.py \
+        tests/unit/engine/test_cuda.py 2>&1 | tee "$out/tests.log"
+    timeout 120 python3 -m pytest -p no:cacheprovider -m cuda -q --timeout 60 tests/unit/engine/test_sampling.py 2>&1 \
+        | tee -a "$out/tests.log"
 fi
 if [[ $parts == *bench* ]]; then
-    for weights in dense int4; do
-        timeout 180 python3 bench/engine_speed.py --device cuda --shape qwen-7b --weights "$weights" 2>&1 \
-            | tee "$out/bench-$weights.log"
+    for weights in "dense" "int4" "dense --enforce-eager"; do
+        # shellcheck disable=SC2086  # the options are meant to split
+        timeout 180 python3 bench/engine_speed.py --device cuda --shape qwen-7b --weights $weights 2>&1 \
+            | tee -a "$out/bench.log"
     done
 fi
 if [[ $parts == *profile* ]]; then

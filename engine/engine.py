@@ -13,7 +13,10 @@ from typing import Any
 
 import torch
 
+from engine.cuda_graphs import DecodeGraphs
 from engine.device import select_device, select_dtype
+from engine.kernels import triton_decode
+from engine.kernels.triton_decode import TritonPagedAttention
 from engine.kv_cache import BlockManager
 from engine.layers import qwen_ntk_alpha
 from engine.runner import ModelRunner
@@ -36,6 +39,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     max_model_len: int | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    enforce_eager: bool = False  # CUDA: no graphs for decode steps
 
 
 @dataclass
@@ -110,6 +114,7 @@ class LLMEngine:
         num_blocks = self._num_blocks()
         self.blocks = BlockManager(num_blocks, self.config.block_size)
         self.runner = ModelRunner(model, loaded.config, num_blocks, self.config.block_size, self.device, self.dtype)
+        self._use_paged_decode()
         self.scheduler = Scheduler(self.blocks, self.config.scheduler, self._cache_key)
         vocab_limit = self.tokenizer.vocab_size if self.tokenizer is not None else None
         self.sampler = Sampler(vocab_limit)
@@ -140,6 +145,19 @@ class LLMEngine:
         kernel = int4_kernel_for(torch_device, torch_dtype, cpu_isa, dtype_chosen=dtype in (None, "auto"))
         loaded = load_model(model, dtype=torch_dtype, device=torch_device, int4_kernel=kernel, progress=progress)
         return cls(loaded, config)
+
+    def _use_paged_decode(self) -> None:
+        """On CUDA, decode steps read the paged cache through the Triton kernel and, unless ``enforce_eager``,
+        replay CUDA graphs."""
+        c, model = self.model_config, self.runner.model
+        if (self.device.type != "cuda" or not triton_decode.available()
+                or not triton_decode.fits(c.head_dim, self.config.block_size)):
+            return
+        model.use_paged_decode(lambda: TritonPagedAttention(c.num_heads, c.num_kv_heads, c.head_dim,
+                                                            self.config.block_size))
+        if not self.config.enforce_eager:
+            self.runner.use_decode_graphs(DecodeGraphs(self.runner, self.config.scheduler.max_num_seqs,
+                                                       self.max_model_len))
 
     def _num_blocks(self) -> int:
         c = self.model_config

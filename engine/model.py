@@ -3,12 +3,14 @@
 The model runs on *packed* tokens: the new tokens of every sequence in the step, one after another. Only
 attention sees the sequences apart, in one of two layouts the runner builds: ``PaddedLayout`` (the portable
 path: queries gathered into a left-padded [B, Tq] layout, keys and values from the paged cache into a left-padded
-[B, Tk] layout, an explicit mask, torch SDPA) or ``VarlenLayout`` (keys packed sequence after sequence with
-offsets, for flash-attn's varlen kernel on CUDA). Linear layers never pay for padding.
+[B, Tk] layout, an explicit mask, torch SDPA), ``VarlenLayout`` (keys packed sequence after sequence with
+offsets, for flash-attn's varlen kernel on CUDA) or, for decode steps on CUDA, ``PagedLayout`` (block tables read by
+a Triton kernel; fixed shapes, so CUDA graphs can capture the step). Linear layers never pay for padding.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,7 @@ from torch.nn import functional as F
 from engine.config import ModelConfig
 from engine.kernels.attention import PagedDecodeAttention
 from engine.kernels.flash import VarlenAttention, VarlenKernel
+from engine.kernels.triton_decode import TritonPagedAttention
 from engine.layers import RMSNorm, apply_rotary
 
 
@@ -55,6 +58,16 @@ class VarlenLayout:
 
 
 @dataclass
+class PagedLayout:
+    """A decode step (one new token per sequence) read straight from the paged cache: ``block_tables`` [B, W] int32
+    pages of each sequence (padded with any page), ``kv_lens`` [B] int32 keys of each, the new one included. Its
+    shapes do not depend on the lengths, so the step can be captured in a CUDA graph."""
+
+    block_tables: torch.Tensor
+    kv_lens: torch.Tensor
+
+
+@dataclass
 class StepInputs:
     """Everything one forward pass needs besides the token ids (built by the runner).
 
@@ -67,20 +80,21 @@ class StepInputs:
     sin: torch.Tensor
     logn: torch.Tensor | None
     write_slots: torch.Tensor
-    layout: PaddedLayout | VarlenLayout
+    layout: PaddedLayout | VarlenLayout | PagedLayout
     last_index: torch.Tensor
 
 
 class Attention(nn.Module):
     """Attention over the paged cache. ``decode_attention``: a kernel that reads the paged cache directly, used
     for padded-layout steps where every sequence has one new token (set by the builder where the native kernels
-    run); ``varlen_attention``: flash-attn's varlen kernel, for every step of a ``VarlenLayout``; otherwise gather
-    + masked SDPA."""
+    run); ``varlen_attention``: flash-attn's varlen kernel, for every step of a ``VarlenLayout``; ``paged_attention``:
+    a kernel over the block tables of a ``PagedLayout`` (decode steps on CUDA); otherwise gather + masked SDPA."""
 
     def __init__(self, config: ModelConfig, qkv: nn.Module, o_proj: nn.Module) -> None:
         super().__init__()
         self.decode_attention: PagedDecodeAttention | None = None
         self.varlen_attention: VarlenAttention | None = None
+        self.paged_attention: TritonPagedAttention | None = None
         self.qkv = qkv
         self.o_proj = o_proj
         self.num_heads = config.num_heads
@@ -105,6 +119,9 @@ class Attention(nn.Module):
         if isinstance(layout, VarlenLayout):
             assert self.varlen_attention is not None, "the runner builds varlen layouts for varlen models only"
             return self.o_proj(self.varlen_attention(q, k_cache, v_cache, layout))
+        if isinstance(layout, PagedLayout):
+            assert self.paged_attention is not None, "the runner builds paged layouts for paged models only"
+            return self.o_proj(self.paged_attention(q, k_cache, v_cache, layout.block_tables, layout.kv_lens))
         return self.o_proj(self.padded_attention(q, k_cache, v_cache, layout))
 
     def padded_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -166,6 +183,17 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = lm_head
+
+    @property
+    def uses_paged_decode(self) -> bool:
+        """Whether decode steps read the paged cache through block tables (the runner then builds a ``PagedLayout``
+        for them)."""
+        return self.layers[0].attn.paged_attention is not None
+
+    def use_paged_decode(self, make: Callable[[], TritonPagedAttention] | None) -> None:
+        """Decode steps on the kernel ``make`` builds (one per layer), or on the step's other layout (None)."""
+        for layer in self.layers:
+            layer.attn.paged_attention = None if make is None else make()
 
     @property
     def uses_varlen(self) -> bool:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch.nn import functional as F
 
 from engine.config import ModelConfig
-from engine.layers import inverse_frequencies
-from engine.model import DecoderModel, PaddedLayout, StepInputs, VarlenLayout
+from engine.layers import inverse_frequencies, qwen_ntk_alpha
+from engine.model import DecoderModel, PaddedLayout, PagedLayout, StepInputs, VarlenLayout
 from engine.sequence import Sequence
 from engine.transfer import to_device
 
 
 class ModelRunner:
-    """Owns the model and its KV cache tensor [layers, 2, slots, kv_heads, head_dim]."""
+    """Owns the model and its KV cache tensor [layers, 2, slots, kv_heads, head_dim]. The cache has one page more
+    than the block manager hands out: padding rows of a captured decode step write there."""
 
     def __init__(self, model: DecoderModel, config: ModelConfig, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype) -> None:
@@ -25,19 +28,24 @@ class ModelRunner:
             # cuDNN's attention builds an execution plan for every new key length: ~10 ms of host time per call,
             # every decode step (torch 2.11 on an H200); the flash / memory-efficient kernels take any length.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        self.kv_cache = torch.zeros(config.num_layers, 2, num_blocks * block_size, config.num_kv_heads,
+        self.scratch_page = num_blocks
+        self.kv_cache = torch.zeros(config.num_layers, 2, (num_blocks + 1) * block_size, config.num_kv_heads,
                                     config.head_dim, dtype=dtype, device=device)
-        self._inv_freq: dict[float, torch.Tensor] = {}
+        alphas = ntk_alphas(config.max_model_len, config.seq_length) if config.use_dynamic_ntk else [1.0]
+        self.alpha_index = {alpha: index for index, alpha in enumerate(alphas)}
+        self.inv_freq = torch.stack([inverse_frequencies(config.head_dim, config.rope_theta, alpha)
+                                     for alpha in alphas]).to(device)  # [alphas, D / 2]
+        self.decode_graphs: DecodeStep | None = None
 
-    def inv_freq(self, ntk_alpha: float) -> torch.Tensor:
-        if ntk_alpha not in self._inv_freq:
-            self._inv_freq[ntk_alpha] = inverse_frequencies(self.config.head_dim, self.config.rope_theta,
-                                                            ntk_alpha).to(self.device)
-        return self._inv_freq[ntk_alpha]
+    def use_decode_graphs(self, graphs: DecodeStep | None) -> None:
+        """Run the decode steps ``graphs`` fits on it (CUDA graphs), the rest eagerly."""
+        self.decode_graphs = graphs
 
     @torch.inference_mode()
     def run(self, batch: list[Sequence], all_logits: bool = False) -> torch.Tensor:
         """Compute every sequence's tokens from ``num_computed`` on; fp32 logits of each last token."""
+        if not all_logits and self.decode_graphs is not None and self.decode_graphs.fits(batch):
+            return self.decode_graphs.run(batch)
         token_ids, inputs = self.prepare(batch)
         return self.model(token_ids, inputs, self.kv_cache, all_logits=all_logits)
 
@@ -47,41 +55,58 @@ class ModelRunner:
         token_ids, inputs = self.prepare(batch)
         return self.model.hidden(token_ids, inputs, self.kv_cache)
 
-    def prepare(self, batch: list[Sequence]) -> tuple[torch.Tensor, StepInputs]:
-        """The step's tensors, from one host-to-device copy of every integer it needs (no host sync on CUDA)."""
-        device, block_size = self.device, self.block_size
-        q_lens = [len(s) - s.num_computed for s in batch]
-        kv_lens = [len(s) for s in batch]
+    def host_ints(self, batch: list[Sequence], width: int, rows: int | None = None) -> list[int]:
+        """Every integer a step needs, in ``StepShape`` order: tokens, positions, new-token counts, key counts, NTK
+        alpha indices, block tables padded to ``width`` pages. ``rows`` > len(batch) adds padding rows (one token
+        at position 0 in the scratch page) for a captured step of that many rows."""
         tokens: list[int] = []
         positions: list[int] = []
-        for seq, q_len in zip(batch, q_lens, strict=True):
-            if q_len == 1:
-                tokens.append(seq.token_at(len(seq) - 1))
-            else:
-                tokens += seq.token_ids[seq.num_computed :]
+        q_lens: list[int] = []
+        for seq in batch:
+            q_len = len(seq) - seq.num_computed
+            tokens += [seq.token_at(len(seq) - 1)] if q_len == 1 else seq.token_ids[seq.num_computed :]
             positions += range(seq.num_computed, len(seq))
-        width = max(len(s.block_table) for s in batch)
+            q_lens.append(q_len)
+        kv_lens = [len(s) for s in batch]
+        alphas = [self.alpha_index[s.ntk_alpha] for s in batch]
         tables: list[int] = []
         for seq in batch:
-            tables += seq.block_table + [0] * (width - len(seq.block_table))
-        n, b = len(tokens), len(batch)
-        packed = to_device([*tokens, *positions, *q_lens, *kv_lens, *tables], torch.long, device)
-        token_t, position_t, q_len_t, kv_len_t, table_t = packed.split([n, n, b, b, b * width])
+            tables += seq.block_table + [self.scratch_page] * (width - len(seq.block_table))
+        padding = (rows or len(batch)) - len(batch)
+        return [*tokens, *[0] * padding, *positions, *[0] * padding, *q_lens, *[1] * padding, *kv_lens,
+                *[1] * padding, *alphas, *[0] * padding, *tables, *[self.scratch_page] * (padding * width)]
 
+    def prepare(self, batch: list[Sequence]) -> tuple[torch.Tensor, StepInputs]:
+        """The step's tensors, from one host-to-device copy of every integer it needs (no host sync on CUDA)."""
+        q_lens = [len(s) - s.num_computed for s in batch]
+        kv_lens = [len(s) for s in batch]
+        width = max(len(s.block_table) for s in batch)
+        shape = StepShape(tokens=sum(q_lens), rows=len(batch), width=width, max_q=max(q_lens), kv_lens=kv_lens)
+        return self.step_inputs(to_device(self.host_ints(batch, width), torch.long, self.device), shape)
+
+    def step_inputs(self, packed: torch.Tensor, shape: StepShape) -> tuple[torch.Tensor, StepInputs]:
+        """Token ids and ``StepInputs`` from the step's integers on the device (``host_ints``' layout). A decode
+        step of a paged-decode model gets a ``PagedLayout``, whose shapes depend on ``shape`` alone (a CUDA graph
+        can capture it); other steps the padded or varlen layout."""
+        device, block_size = self.device, self.block_size
+        n, b, width = shape.tokens, shape.rows, shape.width
+        token_t, position_t, q_len_t, kv_len_t, alpha_t, table_t = packed.split([n, n, b, b, b, b * width])
+        tables = table_t.view(b, width)
         row_of_token = torch.repeat_interleave(torch.arange(b, device=device), q_len_t, output_size=n)
-        slots = (table_t.view(b, width, 1) * block_size + torch.arange(block_size, device=device)).view(b, -1)
         starts = torch.cumsum(q_len_t, 0) - q_len_t
-        if self.model.uses_varlen:
-            layout: PaddedLayout | VarlenLayout = varlen_layout(slots, q_len_t, kv_len_t, max(q_lens), kv_lens)
+        write_slots = tables[row_of_token, position_t // block_size] * block_size + position_t % block_size
+        layout: PaddedLayout | VarlenLayout | PagedLayout
+        if shape.max_q == 1 and self.model.uses_paged_decode:
+            layout = PagedLayout(block_tables=tables.int(), kv_lens=kv_len_t.int())
         else:
-            layout = padded_layout(slots, q_len_t, kv_len_t, starts, max(q_lens), max(kv_lens))
+            assert shape.kv_lens is not None, "the padded and varlen layouts need the key counts on the host"
+            slots = (tables[:, :, None] * block_size + torch.arange(block_size, device=device)).view(b, -1)
+            if self.model.uses_varlen:
+                layout = varlen_layout(slots, q_len_t, kv_len_t, shape.max_q, shape.kv_lens)
+            else:
+                layout = padded_layout(slots, q_len_t, kv_len_t, starts, shape.max_q, max(shape.kv_lens))
 
-        alphas = [s.ntk_alpha for s in batch]
-        if len(set(alphas)) == 1:
-            inv = self.inv_freq(alphas[0])[None, :]
-        else:
-            inv = torch.stack([self.inv_freq(a) for a in alphas])[row_of_token]
-        angles = position_t[:, None].float() * inv
+        angles = position_t[:, None].float() * self.inv_freq[alpha_t][row_of_token]
         cos = angles.cos().repeat(1, 2)[:, None, :].to(self.dtype)
         sin = angles.sin()
         sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(self.dtype)
@@ -90,9 +115,41 @@ class ModelRunner:
             seq_length = self.config.seq_length
             scale = (position_t + 1).double().log() / math.log(seq_length)
             logn = torch.where(position_t + 1 > seq_length, scale, 1.0).float().to(self.dtype)[:, None, None]
-        inputs = StepInputs(cos=cos, sin=sin, logn=logn, write_slots=slots[row_of_token, position_t],
-                            layout=layout, last_index=starts + q_len_t - 1)
+        inputs = StepInputs(cos=cos, sin=sin, logn=logn, write_slots=write_slots, layout=layout,
+                            last_index=starts + q_len_t - 1)
         return token_t, inputs
+
+
+class DecodeStep(Protocol):
+    """A faster way to run some decode steps (``DecodeGraphs``)."""
+
+    def fits(self, batch: list[Sequence]) -> bool: ...
+
+    def run(self, batch: list[Sequence]) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The sizes of a step's integers (``ModelRunner.host_ints``): ``tokens`` new tokens over ``rows`` sequences,
+    tables of ``width`` pages, at most ``max_q`` new tokens a sequence; ``kv_lens`` the key counts on the host (the
+    padded and varlen layouts are sized by them; None for a paged decode step)."""
+
+    tokens: int
+    rows: int
+    width: int
+    max_q: int
+    kv_lens: list[int] | None = None
+
+
+def ntk_alphas(max_model_len: int, seq_length: int) -> list[float]:
+    """Every Qwen-1 dynamic-NTK alpha a prompt of up to ``max_model_len`` tokens can get (it changes at
+    ``seq_length`` times each power of two)."""
+    lengths = [1, max_model_len]
+    bound = seq_length
+    while bound < max_model_len:
+        lengths += [bound, bound + 1]
+        bound *= 2
+    return sorted({qwen_ntk_alpha(length, seq_length) for length in lengths})
 
 
 def padded_layout(slots: torch.Tensor, q_lens: torch.Tensor, kv_lens: torch.Tensor, starts: torch.Tensor,

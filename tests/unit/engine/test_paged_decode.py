@@ -1,0 +1,125 @@
+"""The CUDA decode path, on CPU: the Triton paged-decode kernel (under ``TRITON_INTERPRET=1`` where there is no GPU)
+against fp64 attention, and the Qwen-1 reference model decoding through it, eagerly and through the fixed-shape
+step that CUDA graphs capture (padding rows in the scratch page, full-width block tables), against the oracles."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first built
+
+from engine import LLM, EngineConfig, SamplingParams
+from engine.cuda_graphs import DecodeGraphs
+from engine.kernels import triton_decode
+from engine.kernels.triton_decode import TILE, TritonPagedAttention
+from tests.conftest import load_fixture
+from tests.unit.engine.conftest import QWEN1_MODEL, RecordingSampler
+
+pytestmark = pytest.mark.skipif(not triton_decode.available(), reason="needs triton")
+CASES = load_fixture("qwen1/cases.json")["cases"]
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BLOCK = 16
+LOGITS_ATOL = 1e-4 if DEVICE.type == "cpu" else 1e-3  # the CUDA tests' bound: other summation orders, TF32 off
+
+
+def reference_attention(q, k_cache, v_cache, tables, lens) -> torch.Tensor:
+    """fp64 softmax(q k^T / sqrt(D)) v over each row's keys, looked up page by page."""
+    heads, kv_heads, dim = q.shape[1], k_cache.shape[1], q.shape[2]
+    rows = []
+    for row, length in enumerate(lens.tolist()):
+        position = torch.arange(length)
+        slots = tables[row].long().cpu()[position // BLOCK] * BLOCK + position % BLOCK
+        keys = k_cache.cpu()[slots].double().repeat_interleave(heads // kv_heads, dim=1)
+        values = v_cache.cpu()[slots].double().repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("hd,khd->hk", q[row].cpu().double(), keys) / dim**0.5
+        rows.append(torch.einsum("hk,khd->hd", scores.softmax(-1), values).reshape(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-6), (torch.bfloat16, 2**-8)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (8, 2, 64), (4, 1, 128)])
+def test_kernel_matches_fp64_attention_over_scattered_pages(dtype, bound, heads, kv_heads, dim):
+    """Lengths of one key, around a tile edge and over several tiles; pages in random order; relative error of the
+    fp32 kernel under 1e-6, of bf16 (its output rounding) under 2^-8."""
+    generator = torch.Generator().manual_seed(heads * dim)
+    lens = torch.tensor([1, TILE - 1, TILE, TILE + 1, 3 * TILE + 7], dtype=torch.int32)
+    pages = 40
+    tables = torch.stack([torch.randperm(pages, generator=generator)[:16] for _ in lens]).int()
+    k_cache = torch.randn(pages * BLOCK, kv_heads, dim, generator=generator).to(dtype)
+    v_cache = torch.randn(pages * BLOCK, kv_heads, dim, generator=generator).to(dtype)
+    q = torch.randn(len(lens), heads, dim, generator=generator).to(dtype)
+    kernel = TritonPagedAttention(heads, kv_heads, dim, BLOCK)
+    out = kernel(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), tables.to(DEVICE), lens.to(DEVICE))
+    expected = reference_attention(q, k_cache, v_cache, tables, lens)
+    assert out.dtype == dtype and out.shape == (len(lens), heads * dim)
+    assert ((out.cpu().double() - expected).norm() / expected.norm()).item() < bound
+
+
+def paged_qwen1() -> LLM:
+    """The fp32 Qwen-1 reference model on ``DEVICE`` with decode steps on the kernel (no graphs: they are set up
+    by each test)."""
+    llm = LLM(str(QWEN1_MODEL), dtype="float32", device=DEVICE, config=EngineConfig(enforce_eager=True))
+    c = llm.engine.model_config
+    llm.engine.runner.model.use_paged_decode(lambda: TritonPagedAttention(c.num_heads, c.num_kv_heads, c.head_dim,
+                                                                          BLOCK))
+    return llm
+
+
+@pytest.fixture(scope="module")
+def paged_llm() -> LLM:
+    return paged_qwen1()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
+def test_paged_decode_gives_the_oracle_logits_and_tokens(qwen1_logits, case):
+    """Every decode step through the kernel (Qwen-1's logN and dynamic NTK included), within the reference tests'
+    1e-4 of the recorded logits (CUDA: 1e-3)."""
+    engine = paged_qwen1().engine
+    assert engine.runner.model.uses_paged_decode
+    engine.sampler = recorder = RecordingSampler()
+    engine.add_request("r", case["prompt_ids"], GREEDY)
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    assert tokens == case["new_ids"]
+    torch.testing.assert_close(torch.cat(recorder.steps).cpu(), qwen1_logits[case["decode_logits_key"]],
+                               atol=LOGITS_ATOL, rtol=LOGITS_ATOL)
+
+
+def test_the_captured_step_with_padding_rows_gives_every_row_its_tokens(paged_llm):
+    """Six prompts in a bucket of eight (two padding rows writing the scratch page), tables at full width: each
+    row's tokens are the oracle's, and the same when the rows run one at a time (bucket 1). On CUDA the steps are
+    captured graphs, replayed."""
+    engine = paged_llm.engine
+    graphs = DecodeGraphs(engine.runner, max_rows=8, max_model_len=engine.max_model_len)
+    engine.runner.use_decode_graphs(graphs)
+    try:
+        assert graphs.buckets == [1, 2, 4, 8] and graphs.width * BLOCK > engine.max_model_len
+        together = [o.token_ids for o in paged_llm.generate([c["prompt_ids"] for c in CASES], GREEDY)]
+        assert together == [c["new_ids"] for c in CASES]
+        assert paged_llm.generate([CASES[3]["prompt_ids"]], GREEDY)[0].token_ids == CASES[3]["new_ids"]
+        assert graphs.captured == ([1, 8] if DEVICE.type == "cuda" else [])
+    finally:
+        engine.runner.use_decode_graphs(None)
+
+
+def test_decode_graphs_take_decode_steps_of_at_most_the_largest_bucket(paged_llm):
+    engine = paged_llm.engine
+    graphs = DecodeGraphs(engine.runner, max_rows=3, max_model_len=engine.max_model_len)
+    assert graphs.buckets == [1, 2, 3]
+    for index, case in enumerate(CASES[:4]):
+        engine.add_request(str(index), case["prompt_ids"], GREEDY)
+    batch = engine.scheduler.schedule()
+    assert not graphs.fits(batch)  # prefill
+    engine.runner.run(batch)
+    for seq in batch:
+        seq.num_computed = len(seq)
+        seq.output_ids.append(1)
+    assert graphs.fits(batch[:3]) and not graphs.fits(batch)
+    for index in range(4):
+        engine.abort(str(index))
