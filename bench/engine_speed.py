@@ -87,7 +87,7 @@ def shape_report(args: argparse.Namespace) -> None:
 
     device = select_device(args.device)
     dtype = select_dtype(None if args.dtype == "auto" else args.dtype, device)
-    kernel = int4_kernel_for(device, dtype, args.cpu_isa) if args.weights == "int4" else None
+    kernel = (args.int4_kernel or int4_kernel_for(device, dtype, args.cpu_isa)) if args.weights == "int4" else None
     if args.weights == "int4" and kernel is None:
         raise SystemExit(f"no int4 kernel for {dtype} on {device}")
     loaded = random_qwen_7b(device, dtype, args.layers, int4_kernel=kernel)
@@ -102,6 +102,7 @@ def shape_report(args: argparse.Namespace) -> None:
     single = our_rate(engine, prompts[:1], n, concurrent=True)
     decode_rate = (n - 1) / (n / single - 1 / prefill_and_one)  # tokens after the first, per second
     bound = copy_bandwidth(device) / weight_bytes
+    our_rate(engine, prompts, 2, concurrent=True)  # warm-up at full width (kernel builds, graph capture)
     aggregate = our_rate(engine, prompts, n, concurrent=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     attention = "flash-attn varlen" if loaded.model.uses_varlen else "SDPA"
@@ -126,6 +127,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=["smollm2", "qwen-7b"], default="smollm2")
     parser.add_argument("--concurrency", type=int, default=64, help="requests at once (--shape qwen-7b)")
     parser.add_argument("--layers", type=int, help="fewer layers, for a quick run (--shape qwen-7b)")
+    parser.add_argument("--int4-kernel", choices=["tinygemm", "triton", "torch", "avx512", "avx2"],
+                        help="--weights int4: this kernel instead of the engine's choice")
     parser.add_argument("--enforce-eager", action="store_true", help="--shape qwen-7b on CUDA: no CUDA graphs")
     parser.add_argument("--weights", choices=["dense", "int4"], default="dense",
                         help="--shape qwen-7b: dense matrices, or 4-bit ones (as Qwen-7B-Chat-Int4) on the int4 kernel")

@@ -19,20 +19,20 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 
 if [[ $parts == *tests* ]]; then
     timeout 240 python3 -m pytest -p no:cacheprovider -q --timeout 120 tests/unit/engine/test_paged_decode.py \
-        tests/unit/engine/test_cuda.py 2>&1 | tee "$out/tests.log"
+        tests/unit/engine/test_triton_int4.py tests/unit/engine/test_cuda.py 2>&1 | tee "$out/tests.log"
     timeout 120 python3 -m pytest -p no:cacheprovider -m cuda -q --timeout 60 tests/unit/engine/test_sampling.py 2>&1 \
         | tee -a "$out/tests.log"
 fi
 if [[ $parts == *bench* ]]; then
-    for weights in "dense" "int4" "dense --enforce-eager"; do
+    for weights in "dense" "int4 --int4-kernel triton" "int4 --int4-kernel tinygemm"; do
         # shellcheck disable=SC2086  # the options are meant to split
         timeout 180 python3 bench/engine_speed.py --device cuda --shape qwen-7b --weights $weights 2>&1 \
             | tee -a "$out/bench.log"
     done
 fi
 if [[ $parts == *profile* ]]; then
-    for batch in 1 64; do
-        timeout 90 python3 bench/step_profile.py --device cuda --layers 4 --batch "$batch" 2>&1 \
-            | tee "$out/profile-b$batch.log"
+    for weights in dense int4; do
+        timeout 90 python3 bench/step_profile.py --device cuda --layers 4 --batch 1 --weights "$weights" 2>&1 \
+            | tee "$out/profile-$weights.log"
     done
 fi

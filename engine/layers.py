@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.kernels import triton_int4
 from engine.kernels.native import RowKernel
 from engine.kernels.q4q8 import PackedQ4, Q4Q8Matmul
 from engine.kernels.q8head import Q8Matmul
@@ -66,6 +67,28 @@ class CudaInt4Linear(Int4Linear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
+
+
+class TritonInt4Linear(nn.Module):
+    """Weight-only int4 linear on the Triton kernel (``kernels/triton_int4``): GPTQ's packing, bf16/fp16
+    activations, split input axis for few rows."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("offsets", offsets)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = triton_int4.int4_matmul(x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scales, self.offsets,
+                                    self.group_size)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1])
 
 
 class NativeLinear(nn.Module):

@@ -8,10 +8,19 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.device import head_dtype
 from engine.kernels import attention as attention_kernel
-from engine.kernels import flash, native, q4q8, q8head
-from engine.layers import CudaInt4Linear, DenseLinear, Int4Linear, NativeLinear, Q4Q8Linear, Q8Linear, RMSNorm
+from engine.kernels import flash, native, q4q8, q8head, triton_int4
+from engine.layers import (
+    CudaInt4Linear,
+    DenseLinear,
+    Int4Linear,
+    NativeLinear,
+    Q4Q8Linear,
+    Q8Linear,
+    RMSNorm,
+    TritonInt4Linear,
+)
 from engine.model import MLP, Attention, DecoderLayer, DecoderModel
-from engine.weights.int4 import CUDA_INT4, Int4Weight
+from engine.weights.int4 import CUDA_INT4, TRITON_INT4, Int4Weight
 from engine.weights.sources import WeightSource
 
 
@@ -19,7 +28,8 @@ class ModelBuilder:
     """Turns canonical parts (``names``) of a checkpoint into modules.
 
     ``int4_kernel``: keep 4-bit matrices packed, on torch's weight-only int4 CPU kernel (``"torch"``), its CUDA kernel
-    (``"tinygemm"``: bf16, where the shapes fit; the rest dequantized) or on the
+    (``"tinygemm"``: bf16, where the shapes fit; the rest dequantized), the Triton kernel (``"triton"``: bf16/fp16,
+    GPTQ's packing; CUDA, or CPU tensors under the Triton interpreter) or on the
     native kernels built for that instruction set (``"avx512"``, ``"avx2"``: int4 x int8 linears with their RMSNorm
     fused in, the Q8_0 head as stored, decode attention read from the paged cache; each where the shapes fit); None
     dequantizes them. On CUDA in fp16/bf16,
@@ -118,6 +128,9 @@ class ModelBuilder:
                 if fused.fits_cuda():
                     packed, scales_and_zeros = fused.pack_for_cuda(self.device)
                     return CudaInt4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
+            elif self.int4_kernel == TRITON_INT4:
+                if triton_int4.fits(fused):
+                    return TritonInt4Linear(*triton_int4.pack(fused, self.device, self.dtype), fused.group_size, bias)
             elif self.isa is not None and q4q8.fits(fused):
                 return Q4Q8Linear(q4q8.pack(fused), bias, isa=self.isa, dtype=self.dtype)
             else:

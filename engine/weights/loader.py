@@ -11,13 +11,13 @@ import torch
 
 from engine.config import ModelConfig
 from engine.device import cuda_capability
-from engine.kernels import native
+from engine.kernels import native, triton_decode
 from engine.model import DecoderModel
 from engine.quant import QuantizedSource, QuantScheme
 from engine.weights.builder import ModelBuilder
 from engine.weights.embedded import SMOLLM2_GGUF, asset_path
 from engine.weights.gguf_tensors import GGUFTensors
-from engine.weights.int4 import CUDA_INT4
+from engine.weights.int4 import CUDA_INT4, TRITON_INT4
 from engine.weights.sources import (
     GGUF_NAMES,
     HF_NAMES,
@@ -68,7 +68,8 @@ def int4_kernel_for(device: torch.device, dtype: torch.dtype, cpu_isa: str = "au
                     dtype_chosen: bool = False) -> str | None:
     """Which kernel keeps 4-bit weights packed, or None to dequantize them as they load.
 
-    CUDA: torch's int4 kernel (tinygemm) for bf16 on sm80+, else dense.
+    CUDA: the Triton kernel for bf16/fp16 where Triton imports, else torch's int4 kernel (tinygemm) for bf16 on
+    sm80+, else dense.
 
     bf16: the native kernels built for ``cpu_isa`` ("avx512", "avx2"; "auto": the fastest build this CPU runs, else
     torch's) or torch's weight-only kernel ("torch"). fp32: the native kernels with fp32 activations when a build
@@ -80,6 +81,8 @@ def int4_kernel_for(device: torch.device, dtype: torch.dtype, cpu_isa: str = "au
         raise ValueError(f"cpu_isa {cpu_isa!r}: this CPU or toolchain cannot run that build of the native kernels")
     best = native.isas()[0] if native.isas() else None
     if device.type == "cuda":
+        if dtype in (torch.bfloat16, torch.float16) and triton_decode.available():
+            return TRITON_INT4
         return CUDA_INT4 if dtype == torch.bfloat16 and cuda_capability(device) >= (8, 0) else None
     if device.type != "cpu":
         return None

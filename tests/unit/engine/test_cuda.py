@@ -11,12 +11,13 @@ import torch
 
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.kernels.flash import flash_kernel
-from engine.layers import CudaInt4Linear
-from engine.weights.int4 import CUDA_INT4, Int4Weight
+from engine.layers import CudaInt4Linear, TritonInt4Linear
+from engine.weights.int4 import CUDA_INT4, TRITON_INT4
 from engine.weights.loader import int4_kernel_for, load_model
 from tests.conftest import load_fixture
 from tests.unit.engine.conftest import QWEN1_MODEL
 from tests.unit.engine.test_quantized import CHECKPOINTS, QUANT, reference
+from tests.unit.engine.test_triton_int4 import random_int4
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -69,21 +70,14 @@ def test_quantized_checkpoints_on_cuda(name):
         torch.testing.assert_close(logits, ref[f"logits.{k}"], atol=1e-3, rtol=1e-3)
 
 
-def random_int4(out_features: int, in_features: int, group_size: int, generator: torch.Generator) -> Int4Weight:
-    q = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=generator)
-    scale = torch.rand(out_features, in_features // group_size, generator=generator) * 0.02 + 0.001
-    zero = torch.randn(out_features, in_features // group_size, generator=generator) * 0.05
-    return Int4Weight(q, scale, zero, group_size)
-
-
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_cuda_int4_linear_computes_its_dequantized_weight(group_size, rows):
     """tinygemm on the packed layout against fp64 x @ W^T, W dequantized with the bf16 scales and offsets it
     reads: relative error of bf16 activations and accumulation (under 1e-2); a wrong nibble order or group
     mapping gives ~1."""
-    generator = torch.Generator().manual_seed(rows * group_size)
-    weight = random_int4(256, 512, group_size, generator)
+    generator = torch.Generator().manual_seed(rows)
+    weight = random_int4(256, 512, group_size, seed=rows * group_size)
     assert weight.fits_cuda()
     packed, scales_and_zeros = weight.pack_for_cuda(torch.device("cuda"))
     linear = CudaInt4Linear(packed, scales_and_zeros, group_size, 256, None)
@@ -100,20 +94,19 @@ def test_cuda_int4_linear_computes_its_dequantized_weight(group_size, rows):
 
 def test_int4_kernel_choice_on_this_card():
     device = torch.device("cuda")
-    expected = CUDA_INT4 if torch.cuda.get_device_capability() >= (8, 0) else None
-    assert int4_kernel_for(device, torch.bfloat16) == expected
-    assert int4_kernel_for(device, torch.float16) is None
+    assert int4_kernel_for(device, torch.bfloat16) == TRITON_INT4
+    assert int4_kernel_for(device, torch.float16) == TRITON_INT4
+    assert int4_kernel_for(device, torch.float32) is None
 
 
+@pytest.mark.parametrize("kernel,linear", [(CUDA_INT4, CudaInt4Linear), (TRITON_INT4, TritonInt4Linear)])
 @pytest.mark.parametrize("name,packed", [("gptq-4bit-g128", True), ("awq-4bit-g128-gemm", True),
                                          ("gptq-8bit-g128", False)])
-def test_bf16_int4_checkpoints_stay_packed_on_cuda(name, packed):
-    """4-bit checkpoints keep their weights at 4 bits on tinygemm; logits within the bf16 tolerance of the fp32
-    reference (the CPU int4 test's 0.3)."""
-    device = torch.device("cuda")
-    loaded = load_model(str(QUANT / name), dtype=torch.bfloat16, device=device,
-                        int4_kernel=int4_kernel_for(device, torch.bfloat16))
-    assert any(isinstance(m, CudaInt4Linear) for m in loaded.model.modules()) == packed
+def test_bf16_int4_checkpoints_stay_packed_on_cuda(kernel, linear, name, packed):
+    """4-bit checkpoints keep their weights at 4 bits on either CUDA kernel; logits within the bf16 tolerance of
+    the fp32 reference (the CPU int4 test's 0.3)."""
+    loaded = load_model(str(QUANT / name), dtype=torch.bfloat16, device=torch.device("cuda"), int4_kernel=kernel)
+    assert any(isinstance(m, linear) for m in loaded.model.modules()) == packed
     engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=64 << 20))
     ref = reference(name)
     for k in range(3):

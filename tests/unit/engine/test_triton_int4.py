@@ -1,0 +1,77 @@
+"""The Triton int4 matmul (under ``TRITON_INTERPRET=1`` where there is no GPU) against fp64 products of the weights
+it was given, and GPTQ/AWQ checkpoints running on it against the libraries' fp32 references."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first built
+
+from engine import EngineConfig, LLMEngine
+from engine.kernels import triton_decode, triton_int4
+from engine.layers import TritonInt4Linear
+from engine.weights.int4 import TRITON_INT4, Int4Weight
+from engine.weights.loader import load_model
+from tests.unit.engine.test_quantized import QUANT, reference
+
+pytestmark = pytest.mark.skipif(not triton_decode.available(), reason="needs triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def random_int4(out_features: int, in_features: int, group_size: int, seed: int) -> Int4Weight:
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=generator)
+    scale = torch.rand(out_features, in_features // group_size, generator=generator) * 0.02 + 0.001
+    zero = torch.randn(out_features, in_features // group_size, generator=generator) * 0.05
+    return Int4Weight(q, scale, zero, group_size)
+
+
+def test_packing_keeps_every_nibble_in_gptq_order():
+    weight = random_int4(128, 256, 64, seed=1)
+    qweight, scales, offsets = triton_int4.pack(weight, torch.device("cpu"), torch.float32)
+    nibbles = torch.stack([(qweight >> (4 * j)) & 0xF for j in range(8)], dim=1).view(256, 128)
+    assert qweight.dtype == torch.int32 and qweight.shape == (32, 128)
+    assert torch.equal(nibbles.T.to(torch.uint8), weight.q)
+    assert torch.equal(scales, weight.scale.T) and torch.equal(offsets, weight.zero.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 7, 17, 40, 70])
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_matmul_matches_the_fp64_product(dtype, rows, group_size):
+    """Relative error against x @ W^T in fp64 (W from the 16-bit scales and offsets the kernel reads) under 1e-2:
+    the weights and the output rounded to 16 bits (~2^-9 each); a wrong nibble, group or split gives ~1. Rows from
+    one (the input axis split over programs) to 70 (two row tiles, no split)."""
+    weight = random_int4(192, 512, group_size, seed=rows * group_size)
+    qweight, scales, offsets = triton_int4.pack(weight, DEVICE, dtype)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    groups = weight.q.double().view(192, -1, group_size)
+    dense = (groups * scales.cpu().double().T[..., None] + offsets.cpu().double().T[..., None]).view(192, 512)
+    expected = x.double() @ dense.T
+    out = triton_int4.int4_matmul(x.to(DEVICE), qweight, scales, offsets, group_size)
+    assert out.dtype == dtype and out.shape == (rows, 192)
+    assert ((out.cpu().double() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_few_rows_split_the_input_axis_and_many_do_not():
+    assert triton_int4.split_k(1, 4096, 4096) > 1
+    assert triton_int4.split_k(64, 4096, 44032) == 1
+    assert triton_int4.split_k(1, 128, 4096) <= 128 // triton_int4.BLOCK_K
+
+
+@pytest.mark.parametrize("name,packed", [("gptq-4bit-g128", True), ("awq-4bit-g128-gemm", True),
+                                         ("gptq-8bit-g128", False)])
+def test_bf16_checkpoints_run_packed_on_the_triton_kernel(name, packed):
+    """4-bit checkpoints keep their weights at 4 bits on the kernel (8-bit ones load dense); logits within the
+    bf16 tolerance of the fp32 reference that the other int4 kernels meet (0.3)."""
+    loaded = load_model(str(QUANT / name), dtype=torch.bfloat16, device=DEVICE, int4_kernel=TRITON_INT4)
+    assert any(isinstance(m, TritonInt4Linear) for m in loaded.model.modules()) == packed
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=8 << 20))
+    ref = reference(name)
+    for k in range(3):
+        logits = engine.prompt_logits(ref[f"prompt.{k}"].tolist()).cpu()
+        assert (logits - ref[f"logits.{k}"]).abs().max() < 0.3
