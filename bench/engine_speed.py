@@ -52,6 +52,17 @@ def our_rate(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, concu
     return len(prompts) * new_tokens / (time.perf_counter() - start)
 
 
+def decode_only_rate(engine: LLMEngine, prompt: list[int], new_tokens: int) -> float:
+    """Tokens per second of one request's decode steps (its prefill step left out of the clock)."""
+    engine.add_request("decode", prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    engine.step()
+    synchronize(engine.device)
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return (new_tokens - 1) / (time.perf_counter() - start)
+
+
 def copy_bandwidth(device: torch.device, size: int = 1 << 30) -> float:
     """Bytes per second the device moves in a large copy (read + write)."""
     src = torch.empty(size, dtype=torch.uint8, device=device)
@@ -98,9 +109,7 @@ def shape_report(args: argparse.Namespace) -> None:
     prompts = [torch.randint(0, 150000, (128,), generator=generator).tolist() for _ in range(args.concurrency)]
     n = args.new_tokens
     our_rate(engine, prompts[:1], 4, concurrent=True)  # warm-up
-    prefill_and_one = our_rate(engine, prompts[:1], 1, concurrent=True)
-    single = our_rate(engine, prompts[:1], n, concurrent=True)
-    decode_rate = (n - 1) / (n / single - 1 / prefill_and_one)  # tokens after the first, per second
+    decode_rate = decode_only_rate(engine, prompts[0], n)
     bound = copy_bandwidth(device) / weight_bytes
     our_rate(engine, prompts, 2, concurrent=True)  # warm-up at full width (kernel builds, graph capture)
     aggregate = our_rate(engine, prompts, n, concurrent=True)

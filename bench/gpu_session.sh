@@ -2,7 +2,7 @@
 # The checks to run when a session is lent a GPU (the `device` tool), in one call from the repository root:
 # the CUDA tests, Qwen-7B-Chat shapes dense and Int4 at batch 1 and 64 streams, and a profile of one decode step.
 # Packages the GPU image lacks travel as wheels in .whl/ (see README "GPU"). Logs go to $OUT (or /tmp/gpu-session).
-# Usage: bash bench/gpu_session.sh [tests] [bench] [profile]   (no argument: all three)
+# Usage: bash bench/gpu_session.sh [tests] [bench] [kernels] [profile]   (no argument: all four)
 set -u
 out=${OUT:-/tmp/gpu-session}
 mkdir -p "$out"
@@ -11,7 +11,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=/tmp/site || exit 1
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-parts=${*:-tests bench profile}
+parts=${*:-tests bench kernels profile}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
@@ -29,6 +29,9 @@ if [[ $parts == *bench* ]]; then
         timeout 180 python3 bench/engine_speed.py --device cuda --shape qwen-7b --weights $weights 2>&1 \
             | tee -a "$out/bench.log"
     done
+fi
+if [[ $parts == *kernels* ]]; then
+    timeout 120 python3 bench/int4_kernels.py 2>&1 | tee "$out/int4-kernels.log"
 fi
 if [[ $parts == *profile* ]]; then
     for weights in dense int4; do
