@@ -18,19 +18,15 @@ import torch
 
 from engine.weights.int4 import Int4Weight
 
-MAX_BLOCK_K = 128  # input features per tile: a group's, up to this (a tile never spans two groups)
+BLOCK_K = 64  # input features per tile: a group (32 or more, a multiple of 64 here) holds whole tiles
 BLOCK_N = 64
 TARGET_PROGRAMS = 264  # two per multiprocessor of an H100/H200: split the input axis until the grid has this many
 
 
 def fits(weight: Int4Weight) -> bool:
     out_features, in_features = weight.q.shape
-    return (weight.group_size in (32, 64, 128, 256) and in_features % weight.group_size == 0
+    return (weight.group_size % BLOCK_K == 0 and in_features % weight.group_size == 0
             and out_features % BLOCK_N == 0)
-
-
-def block_k(group_size: int) -> int:
-    return min(group_size, MAX_BLOCK_K)
 
 
 def pack(weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -65,10 +61,8 @@ def _kernel() -> Any:
         for start in range(pid_k * BLOCK_K, in_features, BLOCK_K * SPLIT_K):
             offs_k = start + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=row_ok[:, None], other=0.0)
-            offs_w = start // 8 + tl.arange(0, BLOCK_K // 8)
-            words = tl.load(qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :])  # each word once
-            nibbles = (words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
-            q = tl.reshape(nibbles, (BLOCK_K, BLOCK_N))  # row 8 i + j: nibble j of word row i
+            words = tl.load(qweight_ptr + (offs_k // 8)[:, None] * stride_qk + offs_n[None, :])
+            q = (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
             group = start // GROUP_SIZE
             scale = tl.load(scales_ptr + group * stride_sg + offs_n).to(tl.float32)
             offset = tl.load(offsets_ptr + group * stride_sg + offs_n).to(tl.float32)
@@ -97,11 +91,11 @@ def block_rows(rows: int) -> int:
     return 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
-def split_k(rows: int, in_features: int, out_features: int, group_size: int) -> int:
+def split_k(rows: int, in_features: int, out_features: int) -> int:
     """How many programs share one tile's input axis: enough to reach ``TARGET_PROGRAMS``, at most one per tile."""
     tiles = -(-rows // block_rows(rows)) * (out_features // BLOCK_N)
     split = 1
-    while tiles * split * 2 <= TARGET_PROGRAMS and split * 2 <= in_features // block_k(group_size):
+    while tiles * split * 2 <= TARGET_PROGRAMS and split * 2 <= in_features // BLOCK_K:
         split *= 2
     return split
 
@@ -111,7 +105,7 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
     """``x`` [rows, in] (unit stride in ``in``) times the packed weight: [rows, out] in ``x``'s dtype."""
     rows, in_features = x.shape
     out_features = qweight.shape[1]
-    block_m, split = block_rows(rows), split_k(rows, in_features, out_features, group_size)
+    block_m, split = block_rows(rows), split_k(rows, in_features, out_features)
     if split == 1:
         out = x.new_empty((rows, out_features))
     else:
@@ -119,5 +113,5 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
     grid = (-(-rows // block_m), out_features // BLOCK_N, split)
     _kernel()[grid](x, qweight, scales, offsets, out, rows, in_features, out_features, x.stride(0),
                     qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=block_m,
-                    BLOCK_N=BLOCK_N, BLOCK_K=block_k(group_size), SPLIT_K=split, FP32_DOT=interpreted())
+                    BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split, FP32_DOT=interpreted())
     return out if split == 1 else out.to(x.dtype)

@@ -94,7 +94,8 @@ def test_cuda_int4_linear_computes_its_dequantized_weight(group_size, rows):
 
 def test_int4_kernel_choice_on_this_card():
     device = torch.device("cuda")
-    assert int4_kernel_for(device, torch.bfloat16) == TRITON_INT4
+    assert int4_kernel_for(device, torch.bfloat16) == (CUDA_INT4 if torch.cuda.get_device_capability() >= (8, 0)
+                                                      else TRITON_INT4)
     assert int4_kernel_for(device, torch.float16) == TRITON_INT4
     assert int4_kernel_for(device, torch.float32) is None
 
