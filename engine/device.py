@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 
 import torch
@@ -26,9 +29,25 @@ def cpu_flags() -> str:
         return ""
 
 
+_SIMULATED_CAPABILITY: ContextVar[tuple[int, int] | None] = ContextVar("simulated_cuda_capability", default=None)
+
+
 def cuda_capability(device: torch.device) -> tuple[int, int]:
-    """The CUDA device's compute capability (bf16 and tinygemm's int4 need sm80: Ampere on)."""
-    return torch.cuda.get_device_capability(device)
+    """The CUDA device's compute capability (bf16 and tinygemm's int4 need sm80: Ampere on), or the one a dry run
+    simulates."""
+    simulated = _SIMULATED_CAPABILITY.get()
+    return simulated if simulated is not None else torch.cuda.get_device_capability(device)
+
+
+@contextmanager
+def simulated_capability(capability: tuple[int, int]) -> Iterator[None]:
+    """Within: every choice that depends on the CUDA card is made for one of ``capability`` (dry runs, where the
+    card is a fake one)."""
+    token = _SIMULATED_CAPABILITY.set(capability)
+    try:
+        yield
+    finally:
+        _SIMULATED_CAPABILITY.reset(token)
 
 
 def cpu_has_fast_bf16() -> bool:

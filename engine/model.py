@@ -30,15 +30,15 @@ class PaddedLayout:
 
     ``kv_slots``: [B, Tk] left-padded cache slots of every key a sequence attends to; ``kv_lens``: [B] how many of
     them are real; ``mask``: [B, 1, Tq, Tk] True where attention is allowed; ``query_index``: [B, Tq] packed index
-    of each padded query (None when every sequence has exactly one new token); ``query_valid``: [B, Tq] which
-    padded queries are real.
+    of each padded query (None when every sequence has exactly one new token); ``padded_index``: [N] where each
+    packed token sits in the flattened [B * Tq] padded queries (None likewise).
     """
 
     kv_slots: torch.Tensor
     kv_lens: torch.Tensor
     mask: torch.Tensor
     query_index: torch.Tensor | None
-    query_valid: torch.Tensor | None
+    padded_index: torch.Tensor | None
 
 
 @dataclass
@@ -136,7 +136,9 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=layout.mask,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
         out = out.transpose(1, 2)
-        return out.reshape(n, -1) if layout.query_valid is None else out[layout.query_valid].reshape(n, -1)
+        if layout.padded_index is None:
+            return out.reshape(n, -1)
+        return out.reshape(-1, self.num_heads * self.head_dim).index_select(0, layout.padded_index)
 
 
 class MLP(nn.Module):

@@ -9,13 +9,14 @@ import torch
 
 def host_tensor(values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``values`` as a 1-D host tensor to copy to ``device``: in pinned memory when that is a CUDA device (torch's
-    pinned-memory cache keeps the buffer until a non-blocking copy from it has run)."""
-    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    pinned-memory cache keeps the buffer until a non-blocking copy from it has run; a dry run's fake CUDA device
+    has no CUDA runtime to pin with)."""
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda" and torch.cuda.is_available())
 
 
 def to_device(values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``values`` as a 1-D tensor on ``device``. A CUDA copy is queued from pinned memory and returns at once; a plain
     ``torch.tensor(list, device=cuda)`` would stage through pageable memory and wait for the stream."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
     return host_tensor(values, dtype, device).to(device, non_blocking=True)

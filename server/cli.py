@@ -23,10 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qwen-serve {__version__}")
     parser.add_argument("--config", default=os.environ.get("QWEN_SERVE_CONFIG"),
                         help="YAML file with settings (flags and environment win over it); env QWEN_SERVE_CONFIG")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the memory plan of --model (a local folder: only config.json is read) on one "
+                        "CUDA card, this machine's or an sm90 one, and exit")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = field.description or ""
-        if name in ("api_key", "open_paths", "cors_origins"):
+        if field.annotation is bool:
+            parser.add_argument(flag, action="store_const", const=True, help=f"{help_text} (default: off)")
+        elif name in ("api_key", "open_paths", "cors_origins"):
             parser.add_argument(flag, action="append", help=f"{help_text} (repeatable or comma-separated)")
         else:
             parser.add_argument(flag, help=f"{help_text} (default: {field.get_default(call_default_factory=True)})")
@@ -34,12 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
+    return parse_command(argv)[0]
+
+
+def parse_command(argv: list[str] | None = None) -> tuple[Settings, bool]:
+    """The settings, and whether a dry run was asked for."""
     args = vars(build_parser().parse_args(argv))
-    config_file = args.pop("config")
+    config_file, dry_run = args.pop("config"), args.pop("dry_run")
     for key in ("api_key", "open_paths", "cors_origins"):
         if args.get(key):
             args[key] = ",".join(args[key])
-    return load_settings(args, config_file)
+    return load_settings(args, config_file), dry_run
+
+
+def dry_run(settings: Settings) -> None:
+    """Print the memory plan of ``settings.model`` on a CUDA card."""
+    from engine.dry_run import plan_memory
+
+    if settings.model is None or settings.device not in ("auto", "cuda"):
+        sys.exit("qwen-serve: --dry-run plans a --model folder on --device cuda")
+    try:
+        plan = plan_memory(settings.model, dtype=settings.dtype, max_model_len=settings.max_model_len,
+                           kv_cache_memory=settings.kv_cache_memory)
+    except (OSError, ValueError, KeyError) as exc:
+        sys.exit(f"qwen-serve: --dry-run: {exc}")
+    print("\n".join(plan.lines()))
 
 
 class DrainingServer(uvicorn.Server):
@@ -54,9 +78,11 @@ class DrainingServer(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        settings = parse_settings(argv)
+        settings, plan_only = parse_command(argv)
     except (ValidationError, FileNotFoundError) as exc:
         sys.exit(f"qwen-serve: invalid settings: {exc}")
+    if plan_only:
+        return dry_run(settings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.app import create_app
 

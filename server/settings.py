@@ -14,9 +14,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from engine import SchedulerConfig
+from engine import EngineConfig, SchedulerConfig
 
 _SCHEDULER = SchedulerConfig()  # the engine's defaults are the one source of these
+_ENGINE = EngineConfig()
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -60,6 +61,8 @@ class Settings(BaseSettings):
         default="auto", description="4-bit weights on a bf16 CPU: the native int4 x int8 kernels built for avx512 or "
         "avx2 (auto: the fastest this CPU runs), or torch's weight-only kernel (bf16 activations)")
     kv_cache_memory: int | None = Field(default=None, description="bytes for the KV cache, e.g. 2GiB")
+    enforce_eager: bool = Field(default=_ENGINE.enforce_eager,
+                                description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     max_request_bytes: int = Field(default=8 << 20, ge=1024, description="larger bodies get 413")
     max_messages: int = Field(default=1024, ge=1, description="messages in one chat request")
     max_tools: int = Field(default=128, ge=0, description="tools or functions in one chat request")

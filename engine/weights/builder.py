@@ -57,7 +57,7 @@ class ModelBuilder:
         if lm_head is None and not self.config.tie_word_embeddings:
             lm_head = DenseLinear(self._tensor("lm_head", dtype=self.head_dtype), None)
         model = DecoderModel(self.config, self.dtype, embed, layers, lm_head)
-        model.final_norm.weight.data = self._tensor("final_norm", dtype=self.head_dtype)
+        model.final_norm.weight = self._parameter("final_norm", dtype=self.head_dtype)
         if isinstance(lm_head, Q8Linear):
             model.final_norm = self._fused_norm(model.final_norm, lm_head)
         if flash.fits(self.device, self.dtype, self.config.head_dim):
@@ -75,6 +75,9 @@ class ModelBuilder:
 
     def _tensor(self, part: str, layer: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.source.dense(self._name(part, layer)).to(device=self.device, dtype=dtype or self.dtype)
+
+    def _parameter(self, part: str, layer: int | None = None, dtype: torch.dtype | None = None) -> nn.Parameter:
+        return nn.Parameter(self._tensor(part, layer, dtype), requires_grad=False)
 
     def _optional(self, part: str, layer: int) -> torch.Tensor | None:
         if part not in self.names or self._name(part, layer) not in self.source:
@@ -94,8 +97,8 @@ class ModelBuilder:
                                                                                isa=self.isa)
         mlp = MLP(self._linear(["gate", "up"], i, [None, None]), self._linear(["down"], i, [None]))
         layer = DecoderLayer(self.config, self.dtype, attention, mlp)
-        layer.attn_norm.weight.data = self._tensor("attn_norm", i)
-        layer.mlp_norm.weight.data = self._tensor("mlp_norm", i)
+        layer.attn_norm.weight = self._parameter("attn_norm", i)
+        layer.mlp_norm.weight = self._parameter("mlp_norm", i)
         if isinstance(attention.qkv, Q4Q8Linear):
             layer.attn_norm = self._fused_norm(layer.attn_norm, attention.qkv)
         if isinstance(mlp.gate_up, Q4Q8Linear):

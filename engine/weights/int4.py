@@ -57,7 +57,7 @@ class Int4Weight:
         """(packed weight, bf16 scales-and-zeros) for ``torch._weight_int4pack_mm`` on ``device``: two 4-bit values
         per byte, the even input feature in the high nibble, then tinygemm's tiled layout."""
         q = self.q.to(device)
-        pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        pairs = q[:, ::2] * 16 + q[:, 1::2]  # uint8 throughout: at most 255
         packed = torch._convert_weight_to_int4pack(pairs, CUDA_INNER_K_TILES)
         return packed, self._scales_and_zeros(torch.bfloat16).to(device)
 

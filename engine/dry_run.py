@@ -1,0 +1,113 @@
+"""CUDA without a GPU: models built for a CUDA card of a given capability (its dtype and kernel choices, its packed
+layouts) on torch's fake tensors over the meta device (shapes, dtypes and devices are computed and checked,
+nothing is allocated; a host sync or a data-dependent shape raises), and the memory plan ``qwen-serve --dry-run``
+prints from one. The meta device stands in for the card: a CPU build of torch cannot index fake CUDA tensors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from engine.config import ModelConfig
+from engine.device import select_dtype, simulated_capability
+from engine.engine import EngineConfig
+from engine.kernels import triton_decode
+from engine.model import DecoderModel
+from engine.quant import QuantScheme
+from engine.weights.builder import ModelBuilder
+from engine.weights.loader import int4_kernel_for
+from engine.weights.shapes import ShapeSource
+from engine.weights.sources import HF_NAMES, QWEN1_NAMES
+
+CUDA = torch.device("cuda")  # the device the choices are made for
+STAND_IN = torch.device("meta")  # the device the tensors are made on
+ASSUMED_CAPABILITY = (9, 0)  # a plan made without a GPU is for a Hopper card (Ampere and on choose the same)
+
+
+@contextmanager
+def simulated_cuda(capability: tuple[int, int] = ASSUMED_CAPABILITY) -> Iterator[FakeTensorMode]:
+    """Within: tensors are fake (a host sync, a data-dependent shape or a tensor of another device meeting a
+    ``STAND_IN`` one raises), and the card's capability is ``capability``."""
+    with simulated_capability(capability), FakeTensorMode() as mode:
+        yield mode
+
+
+def fake_model(config: ModelConfig, *, dtype: torch.dtype, quantization: dict | None = None) -> DecoderModel:
+    """``config``'s model built on ``STAND_IN`` (call within ``simulated_cuda``) with the kernels the engine would
+    choose on the card: 4-bit matrices of a GPTQ/AWQ ``quantization`` config stay packed where a kernel takes them."""
+    names = QWEN1_NAMES if config.arch == "qwen" else HF_NAMES
+    group = None
+    if quantization:
+        scheme = QuantScheme.from_config(quantization)
+        if scheme.bits == 4 and not quantization.get("desc_act", False):  # act-order groups load dense
+            group = scheme.group_size
+    source = ShapeSource(config, names, STAND_IN, dtype, int4_group_size=group)
+    kernel = int4_kernel_for(CUDA, dtype) if group is not None else None
+    return ModelBuilder(config, source, names, dtype, STAND_IN, int4_kernel=kernel).build()
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a model takes on one CUDA card, from its config files alone."""
+
+    model: str
+    capability: tuple[int, int]
+    dtype: torch.dtype
+    modules: dict[str, str]  # layer kind -> the module (kernel) that runs it
+    weights_bytes: int
+    kv_bytes_per_token: int
+    max_model_len: int
+    kv_cache_memory: int | None
+
+    @property
+    def seats(self) -> int | None:
+        """Sequences at full context the configured KV budget holds (None without one: it is 85% of what is free)."""
+        if self.kv_cache_memory is None:
+            return None
+        return self.kv_cache_memory // (self.kv_bytes_per_token * self.max_model_len)
+
+    def lines(self) -> list[str]:
+        gib = 1 << 30
+        budget = ("85% of the card's free memory after loading" if self.kv_cache_memory is None
+                  else f"{self.kv_cache_memory / gib:.2f} GiB: {self.seats} sequences at {self.max_model_len} tokens")
+        return [f"model: {self.model}",
+                f"device: cuda, sm{self.capability[0]}{self.capability[1]}",
+                f"dtype: {str(self.dtype).removeprefix('torch.')}",
+                *(f"{kind}: {module}" for kind, module in self.modules.items()),
+                f"weights: {self.weights_bytes / gib:.2f} GiB",
+                f"weights_bytes: {self.weights_bytes}",
+                f"kv_bytes_per_token: {self.kv_bytes_per_token}",
+                f"kv_cache: {budget}"]
+
+
+def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: int | None = None,
+                kv_cache_memory: int | None = None, capability: tuple[int, int] | None = None) -> MemoryPlan:
+    """The plan for the model folder ``model_dir`` (only ``config.json`` is read) on one CUDA card: this machine's
+    when it has one, else one of ``capability`` (default sm90)."""
+    folder = Path(model_dir)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist (the dry run reads a local model folder's config)")
+    raw = json.loads(config_file.read_text())
+    config = ModelConfig.from_hf(raw)
+    if capability is None:
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else ASSUMED_CAPABILITY
+    with simulated_cuda(capability):
+        torch_dtype = select_dtype(None if dtype == "auto" else dtype, CUDA)
+        model = fake_model(config, dtype=torch_dtype, quantization=raw.get("quantization_config"))
+        layer = model.layers[0]
+        paged = triton_decode.available() and triton_decode.fits(config.head_dim, EngineConfig.block_size)
+        modules = {"attention qkv": type(layer.attn.qkv).__name__, "attention out": type(layer.attn.o_proj).__name__,
+                   "mlp gate/up": type(layer.mlp.gate_up).__name__, "mlp down": type(layer.mlp.down).__name__,
+                   "lm head": type(model.lm_head).__name__ if model.lm_head is not None else "tied embedding",
+                   "decode attention": "TritonPagedAttention, CUDA graphs" if paged else "SDPA"}
+        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    kv_per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * torch_dtype.itemsize
+    return MemoryPlan(folder.name, capability, torch_dtype, modules, weights, kv_per_token,
+                      min(max_model_len or config.max_model_len, config.max_model_len), kv_cache_memory)

@@ -1,0 +1,71 @@
+"""Every tensor a checkpoint of a ``ModelConfig`` holds, by name, without reading one: for dry runs, memory plans
+and speed runs with random weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from engine.config import ModelConfig
+from engine.weights.int4 import Int4Weight
+
+Fill = Callable[[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor]  # (what, shape, dtype, device)
+MATRICES = ("qkv", "q", "k", "v", "o", "gate", "up", "down")  # the parts a 4-bit checkpoint stores 4-bit
+BIASES = ("qkv_bias", "q_bias", "k_bias", "v_bias")
+
+
+def part_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of each canonical part (``engine.weights.sources`` names) of ``config``."""
+    h, inner, vocab, q, kv = (config.hidden_size, config.intermediate_size, config.vocab_size, config.q_size,
+                              config.kv_size)
+    return {"embed": (vocab, h), "lm_head": (vocab, h), "final_norm": (h,), "attn_norm": (h,), "mlp_norm": (h,),
+            "qkv": (q + 2 * kv, h), "qkv_bias": (q + 2 * kv,), "q": (q, h), "k": (kv, h), "v": (kv, h),
+            "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,), "o": (h, q), "gate": (inner, h), "up": (inner, h),
+            "down": (h, inner)}
+
+
+def empty(what: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+class ShapeSource:
+    """A weight source for ``config`` under the checkpoint names ``names``, every tensor made by ``fill`` (what:
+    a canonical part, or "int4.q", "int4.scale", "int4.offset"; shape, dtype, device) when the builder asks:
+    uninitialized by default (on a fake or meta device nothing is allocated).
+    With ``int4_group_size`` the layers' matrices come 4-bit (contiguous groups of that many inputs: 4-bit values as
+    uint8, fp32 scales and offsets), as a GPTQ or AWQ checkpoint stores them."""
+
+    def __init__(self, config: ModelConfig, names: dict[str, str], device: torch.device, dtype: torch.dtype, *,
+                 int4_group_size: int | None = None, fill: Fill = empty) -> None:
+        self.device, self.dtype, self.group_size, self.fill = device, dtype, int4_group_size, fill
+        self.shapes = part_shapes(config)
+        skipped = set(BIASES) if not config.qkv_bias else set()
+        if config.tie_word_embeddings:
+            skipped.add("lm_head")
+        self.parts: dict[str, str] = {}
+        for part, template in names.items():
+            if part in skipped or part not in self.shapes:
+                continue
+            layers = range(config.num_layers) if "{i}" in template else [0]
+            self.parts.update({template.format(i=i): part for i in layers})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.parts
+
+    def dense(self, name: str) -> torch.Tensor:
+        part = self.parts[name]
+        return self.fill(part, self.shapes[part], self.dtype, self.device)
+
+    def int4(self, name: str) -> Int4Weight | None:
+        part = self.parts[name]
+        if self.group_size is None or part not in MATRICES:
+            return None
+        out_features, in_features = self.shapes[part]
+        groups = (out_features, in_features // self.group_size)
+        return Int4Weight(self.fill("int4.q", (out_features, in_features), torch.uint8, self.device),
+                          self.fill("int4.scale", groups, torch.float32, self.device),
+                          self.fill("int4.offset", groups, torch.float32, self.device), self.group_size)
+
+    def int8(self, name: str) -> None:
+        return None

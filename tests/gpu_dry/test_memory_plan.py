@@ -1,0 +1,92 @@
+"""The memory plan of real model configs on a simulated CUDA card, against byte counts worked out here from the
+shapes, and the packed layout read from the built modules themselves."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.dry_run import STAND_IN, fake_model, plan_memory, simulated_cuda
+from engine.layers import CudaInt4Linear, DenseLinear, TritonInt4Linear
+from engine.weights.int4 import CUDA_INNER_K_TILES
+from tests.gpu_dry.conftest import CONFIGS, model_config, raw_config
+
+
+def dense_parameters(name: str) -> int:
+    """Every weight of the checkpoint, counted from its config."""
+    c = model_config(name)
+    h, inner, q, kv = c.hidden_size, c.intermediate_size, c.q_size, c.kv_size
+    per_layer = h * (q + 2 * kv) + (q + 2 * kv) * c.qkv_bias + q * h + 3 * inner * h + 2 * h
+    heads = 1 if c.tie_word_embeddings else 2
+    return heads * c.vocab_size * h + c.num_layers * per_layer + h
+
+
+@pytest.mark.parametrize("name", ["qwen-7b-chat", "qwen2-7b-instruct"])
+def test_bf16_plans_count_every_weight_at_two_bytes(name):
+    plan = plan_memory(CONFIGS / name)
+    c = model_config(name)
+    assert plan.dtype == torch.bfloat16 and plan.weights_bytes == 2 * dense_parameters(name)
+    assert plan.kv_bytes_per_token == c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2
+    assert set(plan.modules.values()) >= {"DenseLinear"}
+
+
+@pytest.mark.parametrize("name", ["qwen-7b-chat-int4", "qwen-7b-chat-awq"])
+def test_int4_plans_stay_under_6_gb(name):
+    """Qwen-7B-Chat-Int4 and its AWQ form: 4-bit layers (half a byte a weight, plus a bf16 scale and offset per
+    128), embedding and head at bf16."""
+    plan = plan_memory(CONFIGS / name)
+    c = model_config(name)
+    matrices = c.num_layers * (c.hidden_size * 4 * c.hidden_size + 3 * c.intermediate_size * c.hidden_size)
+    rest = dense_parameters(name) - matrices
+    assert plan.weights_bytes == matrices // 2 + matrices // 128 * 4 + 2 * rest
+    assert plan.weights_bytes <= 6e9
+    assert plan.modules["mlp gate/up"] == plan.modules["attention qkv"] == "CudaInt4Linear"
+
+
+def test_a_simulated_load_keeps_every_4bit_matrix_packed():
+    """Read from the modules themselves: every layer's four linears hold tinygemm's tiled int32 layout of
+    out x in / 2 bytes and bf16 scales with offsets per group; nothing 4-bit was expanded."""
+    config = model_config("qwen-7b-chat-int4")
+    with simulated_cuda((9, 0)):
+        model = fake_model(config, dtype=torch.bfloat16, quantization=raw_config("qwen-7b-chat-int4")
+                           ["quantization_config"])
+        for layer in model.layers:
+            for linear in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
+                assert isinstance(linear, CudaInt4Linear)
+                out_features, in_features = linear.out_features, linear.scales_and_zeros.shape[0] * 128
+                assert linear.packed.dtype == torch.int32 and linear.packed.device == STAND_IN
+                assert linear.packed.shape == (out_features // 8, in_features // (16 * CUDA_INNER_K_TILES), 32,
+                                               CUDA_INNER_K_TILES // 2)
+                assert linear.packed.numel() * 4 == out_features * in_features // 2
+                assert linear.scales_and_zeros.shape == (in_features // 128, out_features, 2)
+                assert linear.scales_and_zeros.dtype == torch.bfloat16
+        assert not any(isinstance(m, DenseLinear) for m in model.layers.modules())
+
+
+def test_a_card_before_ampere_gets_fp16_and_no_tinygemm():
+    """sm75 (T4): bf16 is emulated there, so fp16; tinygemm needs sm80, so 4-bit layers run on the Triton kernel
+    (fp16) where Triton imports, else load dense."""
+    plan = plan_memory(CONFIGS / "qwen-7b-chat-int4", capability=(7, 5))
+    assert plan.dtype == torch.float16
+    assert plan.modules["mlp down"] in ("TritonInt4Linear", "DenseLinear")
+    assert plan.modules["mlp down"] == TritonInt4Linear.__name__ or plan.weights_bytes > 14e9
+
+
+def test_the_command_prints_the_plan_and_exits_0():
+    folder = CONFIGS / "qwen-7b-chat-int4"
+    result = subprocess.run([sys.executable, "-m", "server.cli", "--dry-run", "--model", str(folder), "--device",
+                             "cuda", "--kv-cache-memory", "8GiB"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert int(lines["weights_bytes"]) == plan_memory(folder).weights_bytes
+    assert lines["kv_cache"].startswith("8.00 GiB: 2 sequences at 8192 tokens")
+
+
+def test_the_command_refuses_a_cpu_plan_and_a_missing_folder(tmp_path):
+    for extra in (["--model", str(CONFIGS / "qwen-7b-chat"), "--device", "cpu"], ["--model", str(tmp_path)]):
+        result = subprocess.run([sys.executable, "-m", "server.cli", "--dry-run", *extra], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 1 and "--dry-run" in result.stderr
