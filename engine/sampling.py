@@ -182,7 +182,7 @@ def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min
     probs = sorted_logits.softmax(dim=-1)
     drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
     drop |= probs < (min_p[:, None] * probs[:, :1])
-    drop[:, 0] = False
+    drop[:, 0].fill_(False)  # the best token always stays (a fill, not a copy from a host scalar)
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 

@@ -133,7 +133,7 @@ def test_a_cpu_tensor_in_the_step_fails_it(card, monkeypatch):
 def test_a_host_sync_in_the_step_fails_it(card):
     engine, _ = card
     engine.runner.model.layers[0].register_forward_pre_hook(lambda module, args: args[0].abs().max().item())
-    with pytest.raises(Exception, match="data-dependent|item|_local_scalar_dense"):
+    with pytest.raises(Exception, match=r"data-dependent|item|_local_scalar_dense"):
         run_steps(engine, steps=0)
 
 
