@@ -40,6 +40,16 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
     return list(outputs.values())
 
 
+def decode_alone(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], torch.Tensor]:
+    """One request run alone on ``engine``: its new tokens, and the logits of every step it took."""
+    engine.sampler = recorder = RecordingSampler()
+    engine.add_request("r", prompt_ids, params)
+    tokens: list[int] = []
+    while engine.has_unfinished():
+        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    return tokens, torch.cat(recorder.steps)
+
+
 def qwen1_engine(**config) -> LLMEngine:
     return LLMEngine.from_model(str(QWEN1_MODEL), dtype="float32", device="cpu", config=EngineConfig(**config))
 

@@ -16,7 +16,7 @@ from engine.weights.int4 import CUDA_INT4, TRITON_INT4
 from engine.weights.loader import int4_kernel_for, load_model
 from tests.conftest import load_fixture
 from tests.unit.engine.conftest import QWEN1_MODEL
-from tests.unit.engine.test_quantized import CHECKPOINTS, QUANT, reference
+from tests.unit.engine.test_quantized import CHECKPOINTS, QUANT, logit_error, reference
 from tests.unit.engine.test_triton_int4 import random_int4
 
 pytestmark = [pytest.mark.cuda,
@@ -108,11 +108,7 @@ def test_bf16_int4_checkpoints_stay_packed_on_cuda(kernel, linear, name, packed)
     the fp32 reference (the CPU int4 test's 0.3)."""
     loaded = load_model(str(QUANT / name), dtype=torch.bfloat16, device=torch.device("cuda"), int4_kernel=kernel)
     assert any(isinstance(m, linear) for m in loaded.model.modules()) == packed
-    engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=64 << 20))
-    ref = reference(name)
-    for k in range(3):
-        logits = engine.prompt_logits(ref[f"prompt.{k}"].tolist()).cpu()
-        assert (logits - ref[f"logits.{k}"]).abs().max() < 0.3
+    assert logit_error(loaded, name) < 0.3
 
 
 @pytest.mark.skipif(flash_kernel() is None, reason="needs flash-attn")

@@ -17,7 +17,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.kernels import triton_decode
 from engine.kernels.triton_decode import TILE, TritonPagedAttention
 from tests.conftest import load_fixture
-from tests.unit.engine.conftest import QWEN1_MODEL, RecordingSampler
+from tests.unit.engine.conftest import QWEN1_MODEL, decode_alone
 
 pytestmark = pytest.mark.skipif(not triton_decode.available(), reason="needs triton")
 CASES = load_fixture("qwen1/cases.json")["cases"]
@@ -81,14 +81,10 @@ def test_paged_decode_gives_the_oracle_logits_and_tokens(qwen1_logits, case):
     1e-4 of the recorded logits (CUDA: 1e-3)."""
     engine = paged_qwen1().engine
     assert engine.runner.model.uses_paged_decode
-    engine.sampler = recorder = RecordingSampler()
-    engine.add_request("r", case["prompt_ids"], GREEDY)
-    tokens = []
-    while engine.has_unfinished():
-        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    tokens, logits = decode_alone(engine, case["prompt_ids"], GREEDY)
     assert tokens == case["new_ids"]
-    torch.testing.assert_close(torch.cat(recorder.steps).cpu(), qwen1_logits[case["decode_logits_key"]],
-                               atol=LOGITS_ATOL, rtol=LOGITS_ATOL)
+    torch.testing.assert_close(logits.cpu(), qwen1_logits[case["decode_logits_key"]], atol=LOGITS_ATOL,
+                               rtol=LOGITS_ATOL)
 
 
 def test_the_captured_step_with_padding_rows_gives_every_row_its_tokens(paged_llm):

@@ -7,7 +7,7 @@ import torch
 
 from engine import LLM, SamplingParams, SchedulerConfig
 from tests.conftest import load_fixture
-from tests.unit.engine.conftest import QWEN1_MODEL, RecordingSampler, qwen1_engine, run_requests
+from tests.unit.engine.conftest import QWEN1_MODEL, decode_alone, qwen1_engine, run_requests
 
 CASES = load_fixture("qwen1/cases.json")
 BATCH = load_fixture("qwen1/batch.json")
@@ -32,14 +32,9 @@ def test_full_forward_logits(llm, qwen1_logits, case):
 
 @pytest.mark.parametrize("case", CASES["cases"], ids=lambda c: c["name"])
 def test_greedy_decode_logits_and_tokens(qwen1_logits, case):
-    engine = qwen1_engine()
-    engine.sampler = recorder = RecordingSampler()
-    engine.add_request("r", case["prompt_ids"], GREEDY)
-    tokens = []
-    while engine.has_unfinished():
-        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    tokens, logits = decode_alone(qwen1_engine(), case["prompt_ids"], GREEDY)
     assert tokens == case["new_ids"]
-    close(torch.cat(recorder.steps), qwen1_logits[case["decode_logits_key"]])
+    close(logits, qwen1_logits[case["decode_logits_key"]])
 
 
 def test_every_row_of_any_batch_yields_its_solo_tokens(llm):

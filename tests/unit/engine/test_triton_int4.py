@@ -11,12 +11,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first built
 
-from engine import EngineConfig, LLMEngine
 from engine.kernels import triton_decode, triton_int4
 from engine.layers import TritonInt4Linear
 from engine.weights.int4 import TRITON_INT4, Int4Weight
 from engine.weights.loader import load_model
-from tests.unit.engine.test_quantized import QUANT, reference
+from tests.unit.engine.test_quantized import QUANT, logit_error
 
 pytestmark = pytest.mark.skipif(not triton_decode.available(), reason="needs triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,8 +69,4 @@ def test_bf16_checkpoints_run_packed_on_the_triton_kernel(name, packed):
     bf16 tolerance of the fp32 reference that the other int4 kernels meet (0.3)."""
     loaded = load_model(str(QUANT / name), dtype=torch.bfloat16, device=DEVICE, int4_kernel=TRITON_INT4)
     assert any(isinstance(m, TritonInt4Linear) for m in loaded.model.modules()) == packed
-    engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=8 << 20))
-    ref = reference(name)
-    for k in range(3):
-        logits = engine.prompt_logits(ref[f"prompt.{k}"].tolist()).cpu()
-        assert (logits - ref[f"logits.{k}"]).abs().max() < 0.3
+    assert logit_error(loaded, name) < 0.3
