@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -55,26 +56,28 @@ class ModelRunner:
         token_ids, inputs = self.prepare(batch)
         return self.model.hidden(token_ids, inputs, self.kv_cache)
 
-    def host_ints(self, batch: list[Sequence], width: int, rows: int | None = None) -> list[int]:
+    def host_ints(self, batch: list[Sequence], width: int, rows: int | None = None) -> np.ndarray:
         """Every integer a step needs, in ``StepShape`` order: tokens, positions, new-token counts, key counts, NTK
         alpha indices, block tables padded to ``width`` pages. ``rows`` > len(batch) adds padding rows (one token
-        at position 0 in the scratch page) for a captured step of that many rows."""
-        tokens: list[int] = []
-        positions: list[int] = []
-        q_lens: list[int] = []
-        for seq in batch:
-            q_len = len(seq) - seq.num_computed
-            tokens += [seq.token_at(len(seq) - 1)] if q_len == 1 else seq.token_ids[seq.num_computed :]
-            positions += range(seq.num_computed, len(seq))
-            q_lens.append(q_len)
-        kv_lens = [len(s) for s in batch]
-        alphas = [self.alpha_index[s.ntk_alpha] for s in batch]
-        tables: list[int] = []
-        for seq in batch:
-            tables += seq.block_table + [self.scratch_page] * (width - len(seq.block_table))
-        padding = (rows or len(batch)) - len(batch)
-        return [*tokens, *[0] * padding, *positions, *[0] * padding, *q_lens, *[1] * padding, *kv_lens,
-                *[1] * padding, *alphas, *[0] * padding, *tables, *[self.scratch_page] * (padding * width)]
+        at position 0 in the scratch page) for a captured step of that many rows. Filled in one int64 array: a
+        captured step's tables are ``rows`` x the longest context's pages, mostly padding."""
+        rows = rows or len(batch)
+        q_lens = [len(s) - s.num_computed for s in batch]
+        n = sum(q_lens) + rows - len(batch)
+        ints = np.empty(2 * n + 3 * rows + rows * width, dtype=np.int64)
+        tokens, positions, q_len_t, kv_len_t, alpha_t, tables = np.split(ints, np.cumsum([n, n, rows, rows, rows]))
+        tables = tables.reshape(rows, width)
+        tables.fill(self.scratch_page)
+        at = 0
+        for row, (seq, q_len) in enumerate(zip(batch, q_lens, strict=True)):
+            tokens[at : at + q_len] = seq.token_ids[seq.num_computed :] if q_len > 1 else seq.token_at(len(seq) - 1)
+            positions[at : at + q_len] = np.arange(seq.num_computed, len(seq))
+            q_len_t[row], kv_len_t[row], alpha_t[row] = q_len, len(seq), self.alpha_index[seq.ntk_alpha]
+            tables[row, : len(seq.block_table)] = seq.block_table
+            at += q_len
+        tokens[at:], positions[at:] = 0, 0  # padding rows: one token at position 0, one key, the first alpha
+        q_len_t[len(batch) :], kv_len_t[len(batch) :], alpha_t[len(batch) :] = 1, 1, 0
+        return ints
 
     def prepare(self, batch: list[Sequence]) -> tuple[torch.Tensor, StepInputs]:
         """The step's tensors, from one host-to-device copy of every integer it needs (no host sync on CUDA)."""

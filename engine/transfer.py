@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+Values = Sequence[int] | Sequence[float] | np.ndarray
 
-def host_tensor(values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+
+def host_tensor(values: Values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``values`` as a 1-D host tensor to copy to ``device``: in pinned memory when that is a CUDA device (torch's
     pinned-memory cache keeps the buffer until a non-blocking copy from it has run; a dry run's fake CUDA device
     has no CUDA runtime to pin with)."""
     return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda" and torch.cuda.is_available())
 
 
-def to_device(values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(values: Values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``values`` as a 1-D tensor on ``device``. A CUDA copy is queued from pinned memory and returns at once; a plain
     ``torch.tensor(list, device=cuda)`` would stage through pageable memory and wait for the stream."""
     if device.type == "cpu":
