@@ -18,6 +18,7 @@ from engine.device import select_device, select_dtype
 from engine.kernels import triton_decode
 from engine.kernels.triton_decode import TritonPagedAttention
 from engine.kv_cache import BlockManager
+from engine.kv_store import kv_bytes_per_token
 from engine.layers import qwen_ntk_alpha
 from engine.runner import ModelRunner
 from engine.sampling import PenaltyState, Sampler, SampleRequest, SampleResult, SamplingParams
@@ -40,6 +41,7 @@ class EngineConfig:
     max_model_len: int | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     enforce_eager: bool = False  # CUDA: no graphs for decode steps
+    kv_cache_dtype: str = "auto"  # "int8": keys and values in int8 with a scale per slot and head (CPU)
 
 
 @dataclass
@@ -113,7 +115,8 @@ class LLMEngine:
                                  loaded.config.max_model_len)
         num_blocks = self._num_blocks()
         self.blocks = BlockManager(num_blocks, self.config.block_size)
-        self.runner = ModelRunner(model, loaded.config, num_blocks, self.config.block_size, self.device, self.dtype)
+        self.runner = ModelRunner(model, loaded.config, num_blocks, self.config.block_size, self.device, self.dtype,
+                                  self.config.kv_cache_dtype)
         self._use_paged_decode()
         self.scheduler = Scheduler(self.blocks, self.config.scheduler, self._cache_key)
         vocab_limit = self.tokenizer.vocab_size if self.tokenizer is not None else None
@@ -160,8 +163,9 @@ class LLMEngine:
                                                        self.max_model_len))
 
     def _num_blocks(self) -> int:
-        c = self.model_config
-        bytes_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        if self.config.kv_cache_dtype == "int8" and self.device.type == "cuda":
+            raise ValueError("kv_cache_dtype int8 runs on CPU; on CUDA the cache stays in the model's dtype for now")
+        bytes_per_token = kv_bytes_per_token(self.model_config, self.dtype, self.config.kv_cache_dtype)
         budget = self.config.kv_cache_memory
         if budget is None:
             if self.device.type == "cuda":

@@ -10,7 +10,7 @@ a Triton kernel; fixed shapes, so CUDA graphs can capture the step). Linear laye
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from engine.config import ModelConfig
 from engine.kernels.attention import PagedDecodeAttention
 from engine.kernels.flash import VarlenAttention, VarlenKernel
 from engine.kernels.triton_decode import TritonPagedAttention
+from engine.kv_store import LayerCache
 from engine.layers import RMSNorm, apply_rotary
 
 
@@ -102,36 +103,34 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.split = (config.q_size, config.kv_size, config.kv_size)
 
-    def forward(self, x: torch.Tensor, step: StepInputs, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: LayerCache) -> torch.Tensor:
         n, layout = x.shape[0], step.layout
         qkv = self.qkv(x)
         if isinstance(layout, PaddedLayout) and layout.query_index is None and self.decode_attention is not None:
-            return self.o_proj(self.decode_attention(qkv, step.cos, step.sin, step.logn, step.write_slots, k_cache,
-                                                     v_cache, layout.kv_slots, layout.kv_lens))
+            return self.o_proj(self.decode_attention(qkv, step.cos, step.sin, step.logn, step.write_slots, cache,
+                                                     layout.kv_slots, layout.kv_lens))
         q_size, kv_size, _ = self.split
         qk = apply_rotary(qkv[:, : q_size + kv_size].view(n, -1, self.head_dim), step.cos, step.sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, q_size + kv_size :]
         if step.logn is not None:
             q = q * step.logn
-        k_cache.index_copy_(0, step.write_slots, k)
-        v_cache.index_copy_(0, step.write_slots, v.view(n, self.num_kv_heads, self.head_dim))
+        cache.write(step.write_slots, k, v.view(n, self.num_kv_heads, self.head_dim))
         if isinstance(layout, VarlenLayout):
             assert self.varlen_attention is not None, "the runner builds varlen layouts for varlen models only"
-            return self.o_proj(self.varlen_attention(q, k_cache, v_cache, layout))
+            return self.o_proj(self.varlen_attention(q, cache, layout))
         if isinstance(layout, PagedLayout):
             assert self.paged_attention is not None, "the runner builds paged layouts for paged models only"
-            return self.o_proj(self.paged_attention(q, k_cache, v_cache, layout.block_tables, layout.kv_lens))
-        return self.o_proj(self.padded_attention(q, k_cache, v_cache, layout))
+            return self.o_proj(self.paged_attention(q, cache.k, cache.v, layout.block_tables, layout.kv_lens))
+        return self.o_proj(self.padded_attention(q, cache, layout))
 
-    def padded_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         layout: PaddedLayout) -> torch.Tensor:
+    def padded_attention(self, q: torch.Tensor, cache: LayerCache, layout: PaddedLayout) -> torch.Tensor:
         """Masked SDPA over left-padded queries and keys; [N, heads * D] in packed order."""
         n = q.shape[0]
         # index_select copies whole cache rows (several times faster than advanced indexing on CPU)
         padded = (*layout.kv_slots.shape, self.num_kv_heads, self.head_dim)
-        keys = k_cache.index_select(0, layout.kv_slots.view(-1)).view(padded).transpose(1, 2)
-        values = v_cache.index_select(0, layout.kv_slots.view(-1)).view(padded).transpose(1, 2)
+        keys, values = cache.read(layout.kv_slots.view(-1), q.dtype)
+        keys, values = keys.view(padded).transpose(1, 2), values.view(padded).transpose(1, 2)
         queries = q.unsqueeze(2) if layout.query_index is None else q[layout.query_index].transpose(1, 2)
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=layout.mask,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
@@ -162,8 +161,8 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, step: StepInputs, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), step, k_cache, v_cache)
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: LayerCache) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), step, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -207,18 +206,18 @@ class DecoderModel(nn.Module):
         for layer in self.layers:
             layer.attn.varlen_attention = None if kernel is None else VarlenAttention(kernel, self.config.head_dim)
 
-    def forward(self, token_ids: torch.Tensor, step: StepInputs, kv_cache: torch.Tensor,
+    def forward(self, token_ids: torch.Tensor, step: StepInputs, caches: Sequence[LayerCache],
                 all_logits: bool = False) -> torch.Tensor:
-        """``kv_cache``: [layers, 2, slots, kv_heads, D]. Logits of each sequence's last token, or of every
-        token when ``all_logits``."""
-        x = self.hidden(token_ids, step, kv_cache)
+        """``caches``: each layer's keys and values. Logits of each sequence's last token, or of every token when
+        ``all_logits``."""
+        x = self.hidden(token_ids, step, caches)
         return self.head(x if all_logits else x[step.last_index])
 
-    def hidden(self, token_ids: torch.Tensor, step: StepInputs, kv_cache: torch.Tensor) -> torch.Tensor:
+    def hidden(self, token_ids: torch.Tensor, step: StepInputs, caches: Sequence[LayerCache]) -> torch.Tensor:
         """The last layer's output for every packed token (before the final norm)."""
         x = F.embedding(token_ids, self.embed).to(self.dtype)
-        for index, layer in enumerate(self.layers):
-            x = layer(x, step, kv_cache[index, 0], kv_cache[index, 1])
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x = layer(x, step, cache)
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:

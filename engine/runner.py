@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from engine.config import ModelConfig
+from engine.kv_store import KVCache
 from engine.layers import inverse_frequencies, qwen_ntk_alpha
 from engine.model import DecoderModel, PaddedLayout, PagedLayout, StepInputs, VarlenLayout
 from engine.sequence import Sequence
@@ -18,11 +19,11 @@ from engine.transfer import to_device
 
 
 class ModelRunner:
-    """Owns the model and its KV cache tensor [layers, 2, slots, kv_heads, head_dim]. The cache has one page more
-    than the block manager hands out: padding rows of a captured decode step write there."""
+    """Owns the model and its KV cache (``KVCache``). The cache has one page more than the block manager hands out:
+    padding rows of a captured decode step write there."""
 
     def __init__(self, model: DecoderModel, config: ModelConfig, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> None:
         self.model, self.config = model, config
         self.block_size, self.device, self.dtype = block_size, device, dtype
         if device.type == "cuda":
@@ -30,8 +31,7 @@ class ModelRunner:
             # every decode step (torch 2.11 on an H200); the flash / memory-efficient kernels take any length.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.scratch_page = num_blocks
-        self.kv_cache = torch.zeros(config.num_layers, 2, (num_blocks + 1) * block_size, config.num_kv_heads,
-                                    config.head_dim, dtype=dtype, device=device)
+        self.kv_cache = KVCache(config, (num_blocks + 1) * block_size, dtype, device, kv_cache_dtype)
         alphas = ntk_alphas(config.max_model_len, config.seq_length) if config.use_dynamic_ntk else [1.0]
         self.alpha_index = {alpha: index for index, alpha in enumerate(alphas)}
         self.inv_freq = torch.stack([inverse_frequencies(config.head_dim, config.rope_theta, alpha)
@@ -48,13 +48,13 @@ class ModelRunner:
         if not all_logits and self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)
         token_ids, inputs = self.prepare(batch)
-        return self.model(token_ids, inputs, self.kv_cache, all_logits=all_logits)
+        return self.model(token_ids, inputs, self.kv_cache.layers, all_logits=all_logits)
 
     @torch.inference_mode()
     def hidden(self, batch: list[Sequence]) -> torch.Tensor:
         """The last layer's output for every new token of ``batch`` (packed); ``model.head`` turns rows into logits."""
         token_ids, inputs = self.prepare(batch)
-        return self.model.hidden(token_ids, inputs, self.kv_cache)
+        return self.model.hidden(token_ids, inputs, self.kv_cache.layers)
 
     def host_ints(self, batch: list[Sequence], width: int, rows: int | None = None) -> np.ndarray:
         """Every integer a step needs, in ``StepShape`` order: tokens, positions, new-token counts, key counts, NTK

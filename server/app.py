@@ -32,6 +32,7 @@ def build_engine(settings: Settings, progress=None) -> AsyncEngine:
         kv_cache_memory=settings.kv_cache_memory,
         max_model_len=settings.max_model_len,
         enforce_eager=settings.enforce_eager,
+        kv_cache_dtype=settings.kv_cache_dtype,
         scheduler=SchedulerConfig(max_num_seqs=settings.max_num_seqs,
                                   max_num_batched_tokens=settings.max_num_batched_tokens,
                                   max_waiting=settings.max_waiting),

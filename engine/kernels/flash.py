@@ -16,6 +16,7 @@ import torch
 from engine.device import cuda_capability
 
 if TYPE_CHECKING:
+    from engine.kv_store import LayerCache
     from engine.model import VarlenLayout
 
 
@@ -50,11 +51,10 @@ class VarlenAttention:
         self.kernel = kernel
         self.scale = 1 / math.sqrt(head_dim)
 
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 layout: VarlenLayout) -> torch.Tensor:
-        """``q``: [N, heads, D] (rotated, logN applied); caches: [slots, kv_heads, D]. Returns [N, heads * D]."""
-        keys = k_cache.index_select(0, layout.kv_slots)
-        values = v_cache.index_select(0, layout.kv_slots)
+    def __call__(self, q: torch.Tensor, cache: LayerCache, layout: VarlenLayout) -> torch.Tensor:
+        """``q``: [N, heads, D] (rotated, logN applied); ``cache``: the layer's keys and values. Returns
+        [N, heads * D]."""
+        keys, values = cache.read(layout.kv_slots, q.dtype)
         out = self.kernel(q.contiguous(), keys, values, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_q,
                           layout.max_k, softmax_scale=self.scale, causal=True)
         return out.reshape(q.shape[0], -1)

@@ -229,27 +229,80 @@ inline void rotate(const T* x, const T* cos, const T* sin, int64_t dim, F16* out
     }
 }
 
-// A decode step's attention for sequences with one new token each, from the fused qkv projection [batch,
-// (heads + 2 kv_heads) * dim] (bf16 or fp32, as the caches and out): RoPE on q and k (cos/sin [batch, dim]), Qwen-1's logN factor on q (logn
-// [batch] or null), the new k and v written to their cache slots, then each query against its sequence's keys
-// kv_slots[b, tk - kv_lens[b] .. tk) (left-padded table) straight from the paged cache [slots, kv_heads, dim].
-// Scores, softmax and sums run in fp32; out [batch, heads * dim]. Each (sequence, head) is computed alone,
-// so nothing depends on the rest of the batch.
+// A layer's keys and values in the paged cache, one row of dim elements per (slot, kv head): in the
+// activations' type, or int8 with one fp32 scale per row (symmetric: q = round-half-even(x * 127 / max|x|), scale
+// = max|x| / 127, so x ~ q * scale). Each kind writes a row, dots a query with a key row and adds a weighted value
+// row into an accumulator.
 template <typename T>
-void attend(const T* qkv, const T* cos, const T* sin, const T* logn, const int64_t* write_slots, T* k_cache,
-            T* v_cache, const int64_t* kv_slots, const int64_t* kv_lens, int64_t batch, int64_t tk, int64_t heads,
+struct PlainCache {
+    T* k;
+    T* v;
+    static void put(T* row, const F16* x, int64_t chunks) {
+        for (int64_t c = 0; c < chunks; ++c) store_elements(row + c * 16, x[c]);
+    }
+    void put_key(int64_t r, const F16* x, int64_t chunks) const { put(k + r * chunks * 16, x, chunks); }
+    void put_value(int64_t r, const F16* x, int64_t chunks) const { put(v + r * chunks * 16, x, chunks); }
+    float key_dot(int64_t r, const F16* query, int64_t chunks) const {
+        const T* key = k + r * chunks * 16;
+        F16 dot = simd::mul(query[0], load_elements(key));
+        for (int64_t c = 1; c < chunks; ++c) dot = simd::fmadd(query[c], load_elements(key + c * 16), dot);
+        return simd::reduce_add(dot);
+    }
+    void add_value(int64_t r, float weight, F16* acc, int64_t chunks) const {
+        const T* value = v + r * chunks * 16;
+        const F16 p = simd::set1(weight);
+        for (int64_t c = 0; c < chunks; ++c) acc[c] = simd::fmadd(p, load_elements(value + c * 16), acc[c]);
+    }
+};
+
+struct Int8Cache {
+    int8_t* k;
+    int8_t* v;
+    float* k_scale;
+    float* v_scale;
+    static void put(int8_t* row, float* scale, const F16* x, int64_t chunks) {
+        F16 peak = simd::abs(x[0]);
+        for (int64_t c = 1; c < chunks; ++c) peak = simd::max(peak, simd::abs(x[c]));
+        const float amax = simd::reduce_max(peak);
+        const F16 inverse = simd::set1(amax > 0 ? 127.0f / amax : 0.0f);
+        for (int64_t c = 0; c < chunks; ++c) simd::store_int8(row + c * 16, simd::round_to_int(simd::mul(x[c], inverse)));
+        *scale = amax / 127.0f;
+    }
+    void put_key(int64_t r, const F16* x, int64_t chunks) const { put(k + r * chunks * 16, k_scale + r, x, chunks); }
+    void put_value(int64_t r, const F16* x, int64_t chunks) const { put(v + r * chunks * 16, v_scale + r, x, chunks); }
+    float key_dot(int64_t r, const F16* query, int64_t chunks) const {
+        const int8_t* key = k + r * chunks * 16;
+        F16 dot = simd::mul(query[0], simd::load_int8(key));
+        for (int64_t c = 1; c < chunks; ++c) dot = simd::fmadd(query[c], simd::load_int8(key + c * 16), dot);
+        return simd::reduce_add(dot) * k_scale[r];
+    }
+    void add_value(int64_t r, float weight, F16* acc, int64_t chunks) const {
+        const int8_t* value = v + r * chunks * 16;
+        const F16 p = simd::set1(weight * v_scale[r]);
+        for (int64_t c = 0; c < chunks; ++c) acc[c] = simd::fmadd(p, simd::load_int8(value + c * 16), acc[c]);
+    }
+};
+
+// A decode step's attention for sequences with one new token each, from the fused qkv projection [batch,
+// (heads + 2 kv_heads) * dim] (bf16 or fp32, as out): RoPE on q and k (cos/sin [batch, dim]), Qwen-1's logN
+// factor on q (logn [batch] or null), the new k and v written to their cache slots, then each query against its
+// sequence's keys kv_slots[b, tk - kv_lens[b] .. tk) (left-padded table) straight from the paged cache (rows of
+// [slots, kv_heads]). Scores, softmax and sums run in fp32; out [batch, heads * dim]. Each (sequence, head) is
+// computed alone, so nothing depends on the rest of the batch.
+template <typename T, typename Cache>
+void attend(const T* qkv, const T* cos, const T* sin, const T* logn, const int64_t* write_slots, const Cache& cache,
+            const int64_t* kv_slots, const int64_t* kv_lens, int64_t batch, int64_t tk, int64_t heads,
             int64_t kv_heads, int64_t dim, float scale, T* out, int threads) {
-    const int64_t group = heads / kv_heads, chunks = dim / 16, row = kv_heads * dim;
+    const int64_t group = heads / kv_heads, chunks = dim / 16;
     const int64_t stride = (heads + 2 * kv_heads) * dim;
     for (int64_t b = 0; b < batch; ++b) {
         for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-            F16 key[8];  // dim <= 128
+            F16 key[8], value[8];  // dim <= 128
             rotate(qkv + b * stride + (heads + kvh) * dim, cos + b * dim, sin + b * dim, dim, key);
-            T* k_row = k_cache + write_slots[b] * row + kvh * dim;
             const T* v_new = qkv + b * stride + (heads + kv_heads + kvh) * dim;
-            T* v_row = v_cache + write_slots[b] * row + kvh * dim;
-            for (int64_t c = 0; c < chunks; ++c) store_elements(k_row + c * 16, key[c]);
-            std::copy(v_new, v_new + dim, v_row);
+            for (int64_t c = 0; c < chunks; ++c) value[c] = load_elements(v_new + c * 16);
+            cache.put_key(write_slots[b] * kv_heads + kvh, key, chunks);
+            cache.put_value(write_slots[b] * kv_heads + kvh, value, chunks);
         }
     }
     // a few thousand keys in all are not worth waking a second thread (it may be busy serving HTTP)
@@ -266,10 +319,7 @@ void attend(const T* qkv, const T* cos, const T* sin, const T* logn, const int64
         for (int64_t c = 0; c < chunks; ++c) query[c] = simd::mul(query[c], simd::set1(factor));
         float best = -INFINITY;
         for (int64_t t = 0; t < len; ++t) {
-            const T* key = k_cache + slots[t] * row + kvh * dim;
-            F16 dot = simd::mul(query[0], load_elements(key));
-            for (int64_t c = 1; c < chunks; ++c) dot = simd::fmadd(query[c], load_elements(key + c * 16), dot);
-            scores[t] = simd::reduce_add(dot);
+            scores[t] = cache.key_dot(slots[t] * kv_heads + kvh, query, chunks);
             best = std::max(best, scores[t]);
         }
         F16 total = simd::zero();
@@ -287,11 +337,7 @@ void attend(const T* qkv, const T* cos, const T* sin, const T* logn, const int64
         const float inverse = 1.0f / simd::reduce_add(total);
         F16 acc[8];
         for (int64_t c = 0; c < chunks; ++c) acc[c] = simd::zero();
-        for (int64_t u = 0; u < len; ++u) {
-            const T* value = v_cache + slots[u] * row + kvh * dim;
-            const F16 p = simd::set1(scores[u]);
-            for (int64_t c = 0; c < chunks; ++c) acc[c] = simd::fmadd(p, load_elements(value + c * 16), acc[c]);
-        }
+        for (int64_t u = 0; u < len; ++u) cache.add_value(slots[u] * kv_heads + kvh, scores[u], acc, chunks);
         for (int64_t c = 0; c < chunks; ++c)
             store_elements(out + (b * heads + h) * dim + c * 16, simd::mul(acc[c], simd::set1(inverse)));
     }
@@ -301,19 +347,27 @@ void attend(const T* qkv, const T* cos, const T* sin, const T* logn, const int64
 
 extern "C" {
 
-// fp32: activations, caches and outputs are fp32 (else bf16).
+// fp32: activations and outputs are fp32 (else bf16); caches the same, or int8 when k_scale and v_scale (fp32, one
+// per slot and kv head) are given.
 void paged_decode_attention(const void* qkv, const void* cos, const void* sin, const void* logn,
-                            const int64_t* write_slots, void* k_cache, void* v_cache, const int64_t* kv_slots,
-                            const int64_t* kv_lens, int64_t batch, int64_t tk, int64_t heads, int64_t kv_heads,
-                            int64_t dim, float scale, int fp32, void* out, int threads) {
-    if (fp32)
+                            const int64_t* write_slots, void* k_cache, void* v_cache, float* k_scale, float* v_scale,
+                            const int64_t* kv_slots, const int64_t* kv_lens, int64_t batch, int64_t tk, int64_t heads,
+                            int64_t kv_heads, int64_t dim, float scale, int fp32, void* out, int threads) {
+    const Int8Cache int8{(int8_t*)k_cache, (int8_t*)v_cache, k_scale, v_scale};
+    if (fp32 && k_scale)
+        attend((const float*)qkv, (const float*)cos, (const float*)sin, (const float*)logn, write_slots, int8, kv_slots,
+               kv_lens, batch, tk, heads, kv_heads, dim, scale, (float*)out, threads);
+    else if (fp32)
         attend((const float*)qkv, (const float*)cos, (const float*)sin, (const float*)logn, write_slots,
-               (float*)k_cache, (float*)v_cache, kv_slots, kv_lens, batch, tk, heads, kv_heads, dim, scale, (float*)out,
-               threads);
+               PlainCache<float>{(float*)k_cache, (float*)v_cache}, kv_slots, kv_lens, batch, tk, heads, kv_heads,
+               dim, scale, (float*)out, threads);
+    else if (k_scale)
+        attend((const uint16_t*)qkv, (const uint16_t*)cos, (const uint16_t*)sin, (const uint16_t*)logn, write_slots,
+               int8, kv_slots, kv_lens, batch, tk, heads, kv_heads, dim, scale, (uint16_t*)out, threads);
     else
         attend((const uint16_t*)qkv, (const uint16_t*)cos, (const uint16_t*)sin, (const uint16_t*)logn, write_slots,
-               (uint16_t*)k_cache, (uint16_t*)v_cache, kv_slots, kv_lens, batch, tk, heads, kv_heads, dim, scale,
-               (uint16_t*)out, threads);
+               PlainCache<uint16_t>{(uint16_t*)k_cache, (uint16_t*)v_cache}, kv_slots, kv_lens, batch, tk, heads,
+               kv_heads, dim, scale, (uint16_t*)out, threads);
 }
 
 

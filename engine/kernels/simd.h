@@ -41,6 +41,7 @@ inline F16 load_bf16(const uint16_t* p) {
 inline void store_bf16(uint16_t* p, F16 a) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(a.v)); }
 inline void store_int8(int8_t* p, I16 a) { _mm_storeu_si128((__m128i*)p, _mm512_cvtsepi32_epi8(a.v)); }
 inline void store_int16(int16_t* p, I16 a) { _mm256_storeu_si256((__m256i*)p, _mm512_cvtsepi32_epi16(a.v)); }
+inline F16 load_int8(const int8_t* p) { return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)))}; }
 
 inline I16 izero() { return {_mm512_setzero_si512()}; }
 
@@ -142,6 +143,10 @@ inline void store_int8(int8_t* p, I16 a) {
 inline void store_int16(int16_t* p, I16 a) {
     _mm_storeu_si128((__m128i*)p, saturate_to_int16(a.lo));
     _mm_storeu_si128((__m128i*)(p + 8), saturate_to_int16(a.hi));
+}
+inline F16 load_int8(const int8_t* p) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))))};
 }
 
 inline I16 izero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }

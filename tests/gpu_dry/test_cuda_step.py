@@ -101,7 +101,7 @@ def test_prefill_and_decode_steps_run_on_the_card(card):
         on_stand_in(step)
         assert step.shape == (len(PROMPTS), vocab) and step.dtype == torch.float32
     assert paged.calls == DECODE_STEPS * engine.model_config.num_layers  # every decode layer on the paged kernel
-    assert engine.runner.kv_cache.device == STAND_IN and engine.runner.kv_cache.dtype == torch.bfloat16
+    assert engine.runner.kv_cache.data.device == STAND_IN and engine.runner.kv_cache.data.dtype == torch.bfloat16
 
 
 def test_the_varlen_path_passes_flash_attn_its_contract(card):

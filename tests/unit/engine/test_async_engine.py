@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import AsyncEngine, EngineConfig, EngineDeadError, LLMEngine, QueueFullError, SamplingParams
+from engine.kv_store import kv_bytes_per_token
 from engine.scheduler import SchedulerConfig
 from engine.weights.loader import load_model
 from tests.unit.engine.conftest import run_requests
@@ -76,31 +77,47 @@ def test_staggered_batch_equals_solo(smollm2):
     assert together == solo
 
 
-def test_shared_prefix_hits_the_cache_with_identical_tokens(smollm2):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_shared_prefix_hits_the_cache_with_identical_tokens(smollm2, kv_cache_dtype):
     system = " ".join(f"Rule {i}: answer politely and briefly." for i in range(40))
     first = build_prompt(smollm2.tokenizer, [ChatMessage("system", system), ChatMessage("user", "Hi!")]).token_ids
     second = build_prompt(smollm2.tokenizer, [ChatMessage("system", system),
                                               ChatMessage("user", "Name a color.")]).token_ids
     shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
     assert shared >= 256
-    cold = run_solo(engine_over(smollm2), second, GREEDY)
-    warm_engine = engine_over(smollm2)
+    cold = run_solo(engine_over(smollm2, kv_cache_dtype=kv_cache_dtype), second, GREEDY)
+    warm_engine = engine_over(smollm2, kv_cache_dtype=kv_cache_dtype)
     run_solo(warm_engine, first, GREEDY)
     hits = warm_engine.blocks.prefix_hits
     assert run_solo(warm_engine, second, GREEDY) == cold
     assert warm_engine.blocks.prefix_hits - hits >= shared // 16 * 16
 
 
-def test_preemption_keeps_tokens(smollm2):
-    prompts = [prompt(smollm2, f"Describe {topic} in detail.") for topic in TOPICS[:6]]
+def preempting_run(loaded, kv_cache_dtype: str) -> tuple[LLMEngine, list[list[int]], list[list[int]]]:
+    """Six requests through a cache of 272 slots (for ~6 x 75 tokens), and each run alone in a roomy one."""
+    prompts = [prompt(loaded, f"Describe {topic} in detail.") for topic in TOPICS[:6]]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    roomy = engine_over(smollm2, max_model_len=256)
+    roomy = engine_over(loaded, max_model_len=256, kv_cache_dtype=kv_cache_dtype)
     expected = [run_solo(roomy, ids, params) for ids in prompts]
-    per_token = 30 * 2 * 3 * 64 * 4
-    tight = engine_over(smollm2, max_model_len=256, kv=per_token * 16 * 17)  # 272 slots for ~6 x 75 tokens
-    outputs = run_requests(tight, prompts, params)
+    per_token = kv_bytes_per_token(loaded.config, torch.float32, kv_cache_dtype)
+    tight = engine_over(loaded, max_model_len=256, kv=per_token * 16 * 17, kv_cache_dtype=kv_cache_dtype)
+    return tight, run_requests(tight, prompts, params), expected
+
+
+def test_preemption_keeps_tokens(smollm2):
+    tight, outputs, expected = preempting_run(smollm2, "auto")
     assert tight.scheduler.num_preemptions > 0
     assert outputs == expected
+    assert tight.blocks.num_free == tight.blocks.num_blocks
+
+
+def test_preemption_with_an_int8_cache_finishes_every_request_and_frees_every_block(smollm2):
+    """With int8 keys and values a recomputed sequence requantizes keys that a prefill-shaped matmul computed
+    (fp32 results that differ from the decode's in the last bits), so a near-tie may later go the other way: the
+    tokens are not compared. Each request still gets all its tokens, and no block is lost."""
+    tight, outputs, expected = preempting_run(smollm2, "int8")
+    assert tight.scheduler.num_preemptions > 0
+    assert [len(tokens) for tokens in outputs] == [len(tokens) for tokens in expected] == [40] * 6
     assert tight.blocks.num_free == tight.blocks.num_blocks
 
 

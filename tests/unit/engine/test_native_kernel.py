@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine.kernels import native, q4q8, q8head
+from engine.kv_store import LayerCache, quantize_rows
 from engine.weights.int4 import Int4Weight
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no AVX2/AVX512 CPU or no C++ compiler")
@@ -165,17 +166,34 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def random_cache(slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype, int8: bool,
+                 generator: torch.Generator) -> LayerCache:
+    """A layer's cache full of random keys and values (int8 ones with random scales)."""
+    if not int8:
+        return LayerCache(*(torch.randn(slots, kv_heads, head_dim, generator=generator).to(dtype) for _ in range(2)))
+    rows = [torch.randint(-127, 128, (slots, kv_heads, head_dim), dtype=torch.int8, generator=generator)
+            for _ in range(2)]
+    return LayerCache(*rows, *(torch.rand(slots, kv_heads, generator=generator) * 0.05 for _ in range(2)))
+
+
+def cached(cache: LayerCache, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values at ``slots`` as the cache means them, in fp64."""
+    return cache.read(slots, torch.float64) if cache.quantized else (cache.k[slots].double(), cache.v[slots].double())
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["model-dtype-cache", "int8-cache"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,with_logn", [(9, 3, 64, False), (4, 4, 128, True), (8, 2, 32, False)])
-def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head_dim, with_logn, dtype, isa):
-    """RoPE, the cache write and attention over each sequence's scattered slots, against fp64 SDPA."""
+def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head_dim, with_logn, dtype, int8, isa):
+    """RoPE, the cache write and attention over each sequence's scattered slots, against fp64 SDPA over what the
+    cache holds; an int8 cache gets the rows ``quantize_rows`` makes of the new key and value (the key's fp32
+    rotation may round a value across a rounding edge: one step at most)."""
     from engine.kernels.attention import PagedDecodeAttention
 
     generator = torch.Generator().manual_seed(heads)
     slots, lens = 512, torch.tensor([1, 17, 100, 5, 64])
     batch, width = len(lens), int(lens.max())
-    k_cache = torch.randn(slots, kv_heads, head_dim, generator=generator).to(dtype)
-    v_cache = torch.randn(slots, kv_heads, head_dim, generator=generator).to(dtype)
+    cache = random_cache(slots, kv_heads, head_dim, dtype, int8, generator)
     kv_slots = torch.zeros(batch, width, dtype=torch.long)
     for b, n in enumerate(lens.tolist()):  # left-padded, scattered over the pool like a block table's slots
         kv_slots[b, width - n :] = torch.randperm(slots, generator=generator)[:n]
@@ -186,22 +204,31 @@ def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head
     sin = torch.cat((-angles.sin(), angles.sin()), dim=-1)[:, None].to(dtype)
     logn = (1 + torch.rand(batch, 1, 1, generator=generator)).to(dtype) if with_logn else None
 
-    out = PagedDecodeAttention(heads, kv_heads, head_dim, isa=isa)(qkv, cos, sin, logn, write_slots, k_cache, v_cache,
-                                                          kv_slots, lens)
+    out = PagedDecodeAttention(heads, kv_heads, head_dim, isa=isa)(qkv, cos, sin, logn, write_slots, cache, kv_slots,
+                                                                   lens)
 
     parts = qkv.double().view(batch, heads + 2 * kv_heads, head_dim)
     q = rotate_half(parts[:, :heads], cos.double(), sin.double())
     if logn is not None:
         q = q * logn.double()
     k_new = rotate_half(parts[:, heads : heads + kv_heads], cos.double(), sin.double())
-    if dtype == torch.bfloat16:
-        assert torch.equal(k_cache[write_slots], k_new.to(dtype))
+    v_new = qkv.view(batch, -1, head_dim)[:, heads + kv_heads :]
+    if int8:
+        k_rows, k_scales = quantize_rows(k_new.float())
+        assert ((cache.k[write_slots].int() - k_rows.int()).abs() <= 1).all()
+        torch.testing.assert_close(cache.k_scale[write_slots], k_scales, atol=0, rtol=1e-6)
+        v_rows, v_scales = quantize_rows(v_new)
+        assert torch.equal(cache.v[write_slots], v_rows) and torch.equal(cache.v_scale[write_slots], v_scales)
+    elif dtype == torch.bfloat16:
+        assert torch.equal(cache.k[write_slots], k_new.to(dtype))
     else:  # fp32: the rotation's product and fused add round a little apart from fp64
-        torch.testing.assert_close(k_cache[write_slots].double(), k_new, rtol=0, atol=1e-6)
-    assert torch.equal(v_cache[write_slots], qkv.view(batch, -1, head_dim)[:, heads + kv_heads :])
+        torch.testing.assert_close(cache.k[write_slots].double(), k_new, rtol=0, atol=1e-6)
+    if not int8:
+        assert torch.equal(cache.v[write_slots], v_new)
     for b, n in enumerate(lens.tolist()):
-        keys = k_cache[kv_slots[b, width - n :]].double().transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
-        values = v_cache[kv_slots[b, width - n :]].double().transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+        keys, values = cached(cache, kv_slots[b, width - n :])
+        keys = keys.transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+        values = values.transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
         expected = torch.nn.functional.scaled_dot_product_attention(q[b][:, None], keys, values)[:, 0]
         got = out[b].view(heads, head_dim).double()
         assert ((got - expected).abs() <= output_rounding(expected, dtype) + 1e-4).all()
@@ -216,7 +243,8 @@ def both_builds() -> tuple[str, str]:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_builds_compute_the_same_bits(both_builds, dtype):
-    """AVX2 emulates each AVX512 operation exactly (integer dots, FMA, rounding, reduction order)."""
+    """AVX2 emulates each AVX512 operation exactly (integer dots, FMA, rounding, reduction order), the int8 cache's
+    quantization and reads included."""
     from engine.kernels.attention import PagedDecodeAttention
 
     generator = torch.Generator().manual_seed(11)
@@ -231,8 +259,7 @@ def test_the_builds_compute_the_same_bits(both_builds, dtype):
         linear.fuse_norm(norm, 1e-5)
         head = q8head.Q8Matmul(q, scale, isa)
         head.fuse_norm(norm, 1e-6)
-        k_cache = torch.randn(256, 2, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
-        v_cache = torch.randn(256, 2, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+        caches = [random_cache(256, 2, 64, dtype, int8, torch.Generator().manual_seed(1)) for int8 in (False, True)]
         qkv = torch.randn(3, 8 * 64, generator=torch.Generator().manual_seed(3)).to(dtype)
         angles = torch.rand(3, 32, generator=torch.Generator().manual_seed(4))
         cos = angles.cos().repeat(1, 2)[:, None].to(dtype)
@@ -241,8 +268,10 @@ def test_the_builds_compute_the_same_bits(both_builds, dtype):
         kv_slots = torch.zeros(3, 200, dtype=torch.long)
         for b, n in enumerate(lens.tolist()):
             kv_slots[b, 200 - n :] = torch.randperm(256, generator=torch.Generator().manual_seed(b))[:n]
-        attention = PagedDecodeAttention(4, 2, 64, isa=isa)(qkv, cos, sin, None, kv_slots[:, -1].clone(), k_cache,
-                                                           v_cache, kv_slots, lens)
-        results.append((linear(x), head(x.float() * 7), attention, k_cache))
+        attention = [PagedDecodeAttention(4, 2, 64, isa=isa)(qkv, cos, sin, None, kv_slots[:, -1].clone(), cache,
+                                                            kv_slots, lens) for cache in caches]
+        written = [tensor for cache in caches for tensor in (cache.k, cache.v, cache.k_scale, cache.v_scale)
+                   if tensor is not None]
+        results.append((linear(x), head(x.float() * 7), *attention, *written))
     for first, second in zip(*results, strict=True):
         assert torch.equal(first, second)

@@ -1,0 +1,59 @@
+"""The KV cache's tensors: int8 rows with a scale per slot and head, written and read back within half a step of
+the scale, and the seats an int8 cache gives at the same budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import ModelConfig
+from engine.kv_store import KVCache, LayerCache, kv_bytes_per_token, quantize_rows
+
+SMOLLM2 = ModelConfig(arch="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                      head_dim=64, intermediate_size=1536, rms_norm_eps=1e-5, rope_theta=1e5, max_model_len=2048,
+                      qkv_bias=False, tie_word_embeddings=True)
+
+
+def test_rows_quantize_symmetrically_to_127_steps():
+    x = torch.randn(50, 3, 64, generator=torch.Generator().manual_seed(0)) * torch.rand(50, 3, 1) * 10
+    x[0, 0] = 0
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.int8 and scale.shape == (50, 3)
+    assert torch.equal(scale, x.abs().amax(-1) / 127) and scale[0, 0] == 0 and (q[0, 0] == 0).all()
+    assert (q.abs().amax(-1)[scale > 0] == 127).all()  # each row's peak maps to 127
+    assert ((q.float() * scale[..., None] - x).abs() <= scale[..., None] / 2 * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_a_layer_reads_back_what_it_wrote(kv_cache_dtype):
+    cache = KVCache(SMOLLM2, slots=64, dtype=torch.bfloat16, device=torch.device("cpu"),
+                    kv_cache_dtype=kv_cache_dtype)
+    layer: LayerCache = cache.layers[7]
+    keys, values = (torch.randn(5, 3, 64).to(torch.bfloat16) for _ in range(2))
+    slots = torch.tensor([3, 60, 17, 0, 41])
+    layer.write(slots, keys, values)
+    read_keys, read_values = layer.read(slots, torch.bfloat16)
+    assert read_keys.dtype == torch.bfloat16 and read_keys.shape == keys.shape
+    if kv_cache_dtype == "auto":
+        assert torch.equal(read_keys, keys) and torch.equal(read_values, values)
+    else:
+        assert cache.data.dtype == torch.int8 and layer.quantized
+        for read, wrote in ((read_keys, keys), (read_values, values)):
+            step = wrote.float().abs().amax(-1, keepdim=True) / 127
+            assert ((read.float() - wrote.float()).abs() <= step / 2 + wrote.float().abs() * 2**-8).all()
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[slots] = False
+    assert (cache.data[7, :, untouched] == 0).all() and (cache.data[6] == 0).all()
+
+
+def test_an_int8_cache_holds_at_least_1_8_times_the_tokens_of_bf16():
+    bf16 = kv_bytes_per_token(SMOLLM2, torch.bfloat16, "auto")
+    assert bf16 == 30 * 2 * 3 * 64 * 2
+    assert bf16 / kv_bytes_per_token(SMOLLM2, torch.bfloat16, "int8") >= 1.8
+    assert kv_bytes_per_token(SMOLLM2, torch.float32, "auto") / kv_bytes_per_token(SMOLLM2, torch.float32,
+                                                                                    "int8") >= 3.6
+
+
+def test_an_unknown_cache_dtype_is_refused():
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        KVCache(SMOLLM2, slots=16, dtype=torch.float32, device=torch.device("cpu"), kv_cache_dtype="fp4")
