@@ -30,14 +30,15 @@ class PaddedLayout:
     """Attention over keys gathered into a left-padded batch (torch SDPA, and the native decode kernel).
 
     ``kv_slots``: [B, Tk] left-padded cache slots of every key a sequence attends to; ``kv_lens``: [B] how many of
-    them are real; ``mask``: [B, 1, Tq, Tk] True where attention is allowed; ``query_index``: [B, Tq] packed index
+    them are real; ``mask``: [B, 1, Tq, Tk] True where attention is allowed, or None for one sequence whose keys
+    are all new (plain causal attention, no mask built); ``query_index``: [B, Tq] packed index
     of each padded query (None when every sequence has exactly one new token); ``padded_index``: [N] where each
     packed token sits in the flattened [B * Tq] padded queries (None likewise).
     """
 
     kv_slots: torch.Tensor
     kv_lens: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     query_index: torch.Tensor | None
     padded_index: torch.Tensor | None
 
@@ -133,6 +134,7 @@ class Attention(nn.Module):
         keys, values = keys.view(padded).transpose(1, 2), values.view(padded).transpose(1, 2)
         queries = q.unsqueeze(2) if layout.query_index is None else q[layout.query_index].transpose(1, 2)
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=layout.mask,
+                                             is_causal=layout.mask is None,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
         out = out.transpose(1, 2)
         if layout.padded_index is None:

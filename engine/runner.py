@@ -108,7 +108,7 @@ class ModelRunner:
                 layout = varlen_layout(slots, q_len_t, kv_len_t, shape.max_q, shape.kv_lens)
             else:
                 layout = padded_layout(slots, q_len_t, kv_len_t, starts, row_of_token, shape.max_q,
-                                       max(shape.kv_lens))
+                                       max(shape.kv_lens), causal=shape.rows == 1 and shape.tokens == shape.kv_lens[0])
 
         angles = position_t[:, None].float() * self.inv_freq[alpha_t][row_of_token]
         cos = angles.cos().repeat(1, 2)[:, None, :].to(self.dtype)
@@ -157,24 +157,27 @@ def ntk_alphas(max_model_len: int, seq_length: int) -> list[float]:
 
 
 def padded_layout(slots: torch.Tensor, q_lens: torch.Tensor, kv_lens: torch.Tensor, starts: torch.Tensor,
-                  row_of_token: torch.Tensor, tq: int, tk: int) -> PaddedLayout:
+                  row_of_token: torch.Tensor, tq: int, tk: int, *, causal: bool = False) -> PaddedLayout:
     """Left-padded [B, Tq] queries over left-padded [B, Tk] keys, each sequence's queries being its last keys.
     ``slots``: [B, blocks * block_size] cache slot of each position; ``starts``: packed index of each first query;
-    ``row_of_token``: [N] the sequence of each packed token. Every index is computed on the device, none needs a
-    host sync."""
+    ``row_of_token``: [N] the sequence of each packed token; ``causal``: one sequence whose every key is new (a
+    prefill without a cached prefix), which needs no mask. Every index is computed on the device, none needs a host
+    sync."""
     device = slots.device
     key_offset = torch.arange(tk, device=device)[None, :] - (tk - kv_lens)[:, None]
     query_offset = torch.arange(tq, device=device)[None, :] - (tq - q_lens)[:, None]
     query_valid = query_offset >= 0
-    causal = (torch.arange(tk, device=device)[None, :] - tk) <= (torch.arange(tq, device=device)[:, None] - tq)
-    mask = (causal[None] & (key_offset >= 0)[:, None, :]) | ~query_valid[:, :, None]
+    mask = None
+    if not causal:
+        below = (torch.arange(tk, device=device)[None, :] - tk) <= (torch.arange(tq, device=device)[:, None] - tq)
+        mask = ((below[None] & (key_offset >= 0)[:, None, :]) | ~query_valid[:, :, None])[:, None]
     if tq == 1:
-        return PaddedLayout(kv_slots=slots.gather(1, key_offset.clamp(min=0)), kv_lens=kv_lens, mask=mask[:, None],
+        return PaddedLayout(kv_slots=slots.gather(1, key_offset.clamp(min=0)), kv_lens=kv_lens, mask=mask,
                             query_index=None, padded_index=None)
     token = torch.arange(row_of_token.shape[0], device=device)
     padded_index = row_of_token * tq + (tq - q_lens)[row_of_token] + token - starts[row_of_token]
     return PaddedLayout(
-        kv_slots=slots.gather(1, key_offset.clamp(min=0)), kv_lens=kv_lens, mask=mask[:, None],
+        kv_slots=slots.gather(1, key_offset.clamp(min=0)), kv_lens=kv_lens, mask=mask,
         query_index=(starts[:, None] + query_offset).clamp(min=0), padded_index=padded_index,
     )
 
