@@ -139,23 +139,29 @@ class SampleResult:
 
 
 def apply_penalties_and_bias(logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
-    """Logit bias, min_tokens bans, HF repetition penalty and OpenAI presence/frequency penalties, in place."""
-    for row, request in enumerate(rows):
-        params = request.params
-        state = request.state
-        if state is None:
-            state = PenaltyState(params, request.prompt_ids, request.output_ids, logits.shape[-1], logits.device)
+    """Logit bias, min_tokens bans, HF repetition penalty and OpenAI presence/frequency penalties, in place. The
+    penalties run once for all the rows that use them (their states stacked), not row by row."""
+    states = [r.state if r.state is not None else
+              PenaltyState(r.params, r.prompt_ids, r.output_ids, logits.shape[-1], logits.device) for r in rows]
+    for row, (request, state) in enumerate(zip(rows, states, strict=True)):
         if state.bias_ids is not None:
             logits[row, state.bias_ids] += state.bias_values.to(logits.dtype)
-        if len(request.output_ids) < params.min_tokens and request.stop_ids:
+        if len(request.output_ids) < request.params.min_tokens and request.stop_ids:
             logits[row, list(request.stop_ids)] = float("-inf")
-        if state.seen is not None:
-            scores = logits[row]
-            penalised = torch.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
-            logits[row] = torch.where(state.seen, penalised, scores)
-        if state.counts is not None:
-            logits[row] -= (params.presence_penalty * (state.counts > 0) + params.frequency_penalty * state.counts
-                            ).to(logits.dtype)
+    repeated = [row for row, state in enumerate(states) if state.seen is not None]
+    if repeated:
+        index = to_device(repeated, torch.long, logits.device)
+        penalty = to_device([rows[r].params.repetition_penalty for r in repeated], logits.dtype, logits.device)
+        scores = logits[index]
+        penalised = torch.where(scores < 0, scores * penalty[:, None], scores / penalty[:, None])
+        logits[index] = torch.where(torch.stack([states[r].seen for r in repeated]), penalised, scores)
+    counted = [row for row, state in enumerate(states) if state.counts is not None]
+    if counted:
+        index = to_device(counted, torch.long, logits.device)
+        weights = to_device([getattr(rows[r].params, name) for name in ("presence_penalty", "frequency_penalty")
+                             for r in counted], torch.float32, logits.device).view(2, -1, 1)
+        counts = torch.stack([states[r].counts for r in counted])
+        logits[index] -= (weights[0] * (counts > 0) + weights[1] * counts).to(logits.dtype)
     return logits
 
 

@@ -82,6 +82,24 @@ def test_penalties_and_bias_match_reference(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_rows_with_different_penalties_get_what_each_gets_alone(device):
+    """The penalties run once over the rows that use them: each row equals its own single-row result, bit for bit,
+    whatever its neighbours use."""
+    logits = logits_rows(5, device=device)
+    prompt, output = [1, 2, 3, 3], [3, 4, 4, 4, 7]
+    rows = [request(SamplingParams(), prompt, output),
+            request(SamplingParams(repetition_penalty=1.3), prompt, output),
+            request(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), prompt, output),
+            request(SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.5, logit_bias={9: 2.0}), [5], [5, 6]),
+            request(SamplingParams(repetition_penalty=1.1), [8, 9], [])]
+    together = apply_penalties_and_bias(logits.clone(), rows)
+    for index, row in enumerate(rows):
+        alone = apply_penalties_and_bias(logits[index : index + 1].clone(), [row])
+        assert torch.equal(together[index], alone[0])
+    assert torch.equal(together[0], logits[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_min_tokens_bans_stop_ids_until_reached(device):
     logits = torch.zeros(1, V, device=device)
     logits[0, 7] = 10.0
