@@ -41,7 +41,7 @@ class EngineConfig:
     max_model_len: int | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     enforce_eager: bool = False  # CUDA: no graphs for decode steps
-    kv_cache_dtype: str = "auto"  # "int8": keys and values in int8 with a scale per slot and head (CPU)
+    kv_cache_dtype: str = "auto"  # "int8": keys and values in int8 with a scale per slot and head
 
 
 @dataclass
@@ -163,8 +163,6 @@ class LLMEngine:
                                                        self.max_model_len))
 
     def _num_blocks(self) -> int:
-        if self.config.kv_cache_dtype == "int8" and self.device.type == "cuda":
-            raise ValueError("kv_cache_dtype int8 runs on CPU; on CUDA the cache stays in the model's dtype for now")
         bytes_per_token = kv_bytes_per_token(self.model_config, self.dtype, self.config.kv_cache_dtype)
         budget = self.config.kv_cache_memory
         if budget is None:

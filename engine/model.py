@@ -122,7 +122,7 @@ class Attention(nn.Module):
             return self.o_proj(self.varlen_attention(q, cache, layout))
         if isinstance(layout, PagedLayout):
             assert self.paged_attention is not None, "the runner builds paged layouts for paged models only"
-            return self.o_proj(self.paged_attention(q, cache.k, cache.v, layout.block_tables, layout.kv_lens))
+            return self.o_proj(self.paged_attention(q, cache, layout.block_tables, layout.kv_lens))
         return self.o_proj(self.padded_attention(q, cache, layout))
 
     def padded_attention(self, q: torch.Tensor, cache: LayerCache, layout: PaddedLayout) -> torch.Tensor:

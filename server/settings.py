@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     kv_cache_memory: int | None = Field(default=None, description="bytes for the KV cache, e.g. 2GiB")
     kv_cache_dtype: Literal["auto", "int8"] = Field(
         default=_ENGINE.kv_cache_dtype, description="keys and values in the model's dtype, or int8 with a scale per "
-        "token and head (CPU: ~1.9x the tokens of bf16 at the same memory)")
+        "token and head (~1.9x the tokens of bf16 at the same memory)")
     enforce_eager: bool = Field(default=_ENGINE.enforce_eager,
                                 description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     max_request_bytes: int = Field(default=8 << 20, ge=1024, description="larger bodies get 413")

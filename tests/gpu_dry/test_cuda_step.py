@@ -28,18 +28,26 @@ def on_stand_in(*tensors: torch.Tensor) -> None:
 
 
 class PagedDecodeContract:
-    """The Triton paged-decode kernel's contract: [B, heads, D] queries in the cache's dtype, caches with unit
-    stride in D, int32 block tables and key counts of B rows, all on the card."""
+    """The Triton paged-decode kernel's contract: [B, heads, D] queries in the cache's dtype (or an int8 cache with
+    fp32 scales per slot and head), caches with unit stride in D, int32 block tables and key counts of B rows, all
+    on the card."""
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int) -> None:
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.calls = 0
 
-    def __call__(self, q, k_cache, v_cache, block_tables, kv_lens) -> torch.Tensor:
-        on_stand_in(q, k_cache, v_cache, block_tables, kv_lens)
+    def __call__(self, q, cache, block_tables, kv_lens) -> torch.Tensor:
+        on_stand_in(q, cache.k, cache.v, block_tables, kv_lens)
         batch = q.shape[0]
-        assert q.shape == (batch, self.heads, self.head_dim) and q.dtype == k_cache.dtype == v_cache.dtype
-        assert k_cache.shape[1:] == (self.kv_heads, self.head_dim) and k_cache.stride(-1) == 1
+        assert q.shape == (batch, self.heads, self.head_dim)
+        if cache.quantized:
+            assert cache.k.dtype == cache.v.dtype == torch.int8
+            assert cache.k_scale.dtype == cache.v_scale.dtype == torch.float32
+            assert cache.k_scale.shape == cache.k.shape[:2]
+            on_stand_in(cache.k_scale, cache.v_scale)
+        else:
+            assert q.dtype == cache.k.dtype == cache.v.dtype
+        assert cache.k.shape[1:] == (self.kv_heads, self.head_dim) and cache.k.stride(-1) == 1
         assert block_tables.dtype == kv_lens.dtype == torch.int32 and block_tables.is_contiguous()
         assert block_tables.shape[0] == kv_lens.shape[0] == batch and block_tables.dim() == 2
         self.calls += 1
@@ -64,15 +72,17 @@ class VarlenContract:
         return torch.empty_like(q)
 
 
-@pytest.fixture(params=["qwen-7b-chat", "qwen-7b-chat-int4", "qwen2-7b-instruct"])
+@pytest.fixture(params=[("qwen-7b-chat", "auto"), ("qwen-7b-chat-int4", "auto"), ("qwen2-7b-instruct", "auto"),
+                        ("qwen2-7b-instruct", "int8")], ids=lambda p: "-".join(p))
 def card(request) -> Iterator[tuple[LLMEngine, PagedDecodeContract]]:
-    """The engine over the model built for an sm90 card, decode steps on the paged-decode contract."""
-    name = request.param
+    """The engine over the model built for an sm90 card (a KV cache in bf16 or int8), decode steps on the
+    paged-decode contract."""
+    name, kv_cache_dtype = request.param
     config = model_config(name)
     with simulated_cuda((9, 0)):
         model = fake_model(config, dtype=torch.bfloat16, quantization=raw_config(name).get("quantization_config"))
         engine = LLMEngine(LoadedModel(name, Path(name), config, model, None),
-                           EngineConfig(kv_cache_memory=1 << 30, max_model_len=1024))
+                           EngineConfig(kv_cache_memory=1 << 30, max_model_len=1024, kv_cache_dtype=kv_cache_dtype))
         paged = PagedDecodeContract(config.num_heads, config.num_kv_heads, config.head_dim)
         model.use_paged_decode(lambda: paged)
         yield engine, paged
@@ -101,7 +111,9 @@ def test_prefill_and_decode_steps_run_on_the_card(card):
         on_stand_in(step)
         assert step.shape == (len(PROMPTS), vocab) and step.dtype == torch.float32
     assert paged.calls == DECODE_STEPS * engine.model_config.num_layers  # every decode layer on the paged kernel
-    assert engine.runner.kv_cache.data.device == STAND_IN and engine.runner.kv_cache.data.dtype == torch.bfloat16
+    assert engine.runner.kv_cache.data.device == STAND_IN
+    quantized = engine.config.kv_cache_dtype == "int8"
+    assert engine.runner.kv_cache.data.dtype == (torch.int8 if quantized else torch.bfloat16)
 
 
 def test_the_varlen_path_passes_flash_attn_its_contract(card):

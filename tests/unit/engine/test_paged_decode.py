@@ -16,6 +16,7 @@ from engine import LLM, EngineConfig, SamplingParams
 from engine.cuda_graphs import DecodeGraphs
 from engine.kernels import triton_decode
 from engine.kernels.triton_decode import TILE, TritonPagedAttention
+from engine.kv_store import LayerCache
 from tests.conftest import load_fixture
 from tests.unit.engine.conftest import QWEN1_MODEL, decode_alone
 
@@ -27,43 +28,55 @@ BLOCK = 16
 LOGITS_ATOL = 1e-4 if DEVICE.type == "cpu" else 1e-3  # the CUDA tests' bound: other summation orders, TF32 off
 
 
-def reference_attention(q, k_cache, v_cache, tables, lens) -> torch.Tensor:
-    """fp64 softmax(q k^T / sqrt(D)) v over each row's keys, looked up page by page."""
-    heads, kv_heads, dim = q.shape[1], k_cache.shape[1], q.shape[2]
+def reference_attention(q: torch.Tensor, cache: LayerCache, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """fp64 softmax(q k^T / sqrt(D)) v over each row's keys (as the cache means them), looked up page by page."""
+    heads, kv_heads, dim = q.shape[1], cache.k.shape[1], q.shape[2]
     rows = []
     for row, length in enumerate(lens.tolist()):
         position = torch.arange(length)
         slots = tables[row].long().cpu()[position // BLOCK] * BLOCK + position % BLOCK
-        keys = k_cache.cpu()[slots].double().repeat_interleave(heads // kv_heads, dim=1)
-        values = v_cache.cpu()[slots].double().repeat_interleave(heads // kv_heads, dim=1)
+        keys, values = cache.read(slots, torch.float64) if cache.quantized else (cache.k[slots], cache.v[slots])
+        keys = keys.double().repeat_interleave(heads // kv_heads, dim=1)
+        values = values.double().repeat_interleave(heads // kv_heads, dim=1)
         scores = torch.einsum("hd,khd->hk", q[row].cpu().double(), keys) / dim**0.5
         rows.append(torch.einsum("hk,khd->hd", scores.softmax(-1), values).reshape(-1))
     return torch.stack(rows)
 
 
+def on_device(cache: LayerCache) -> LayerCache:
+    return LayerCache(*(None if t is None else t.to(DEVICE) for t in (cache.k, cache.v, cache.k_scale, cache.v_scale)))
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["model-dtype-cache", "int8-cache"])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-6), (torch.bfloat16, 2**-8)])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (8, 2, 64), (4, 1, 128)])
-def test_kernel_matches_fp64_attention_over_scattered_pages(dtype, bound, heads, kv_heads, dim):
-    """Lengths of one key, around a tile edge and over several tiles; pages in random order; relative error of the
-    fp32 kernel under 1e-6, of bf16 (its output rounding) under 2^-8."""
+def test_kernel_matches_fp64_attention_over_scattered_pages(dtype, bound, heads, kv_heads, dim, int8):
+    """Lengths of one key, around a tile edge and over several tiles; pages in random order; a cache in the queries'
+    dtype or int8 with a scale per slot and head (the CPU layout); relative error against fp64 attention over what
+    the cache holds: under 1e-6 for fp32 queries, 2^-8 (the output rounding) for bf16."""
     generator = torch.Generator().manual_seed(heads * dim)
     lens = torch.tensor([1, TILE - 1, TILE, TILE + 1, 3 * TILE + 7], dtype=torch.int32)
     pages = 40
     tables = torch.stack([torch.randperm(pages, generator=generator)[:16] for _ in lens]).int()
-    k_cache = torch.randn(pages * BLOCK, kv_heads, dim, generator=generator).to(dtype)
-    v_cache = torch.randn(pages * BLOCK, kv_heads, dim, generator=generator).to(dtype)
+    if int8:
+        rows = [torch.randint(-127, 128, (pages * BLOCK, kv_heads, dim), dtype=torch.int8, generator=generator)
+                for _ in range(2)]
+        cache = LayerCache(*rows, *(torch.rand(pages * BLOCK, kv_heads, generator=generator) * 0.02 for _ in "kv"))
+    else:
+        cache = LayerCache(*(torch.randn(pages * BLOCK, kv_heads, dim, generator=generator).to(dtype) for _ in "kv"))
     q = torch.randn(len(lens), heads, dim, generator=generator).to(dtype)
     kernel = TritonPagedAttention(heads, kv_heads, dim, BLOCK)
-    out = kernel(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), tables.to(DEVICE), lens.to(DEVICE))
-    expected = reference_attention(q, k_cache, v_cache, tables, lens)
+    out = kernel(q.to(DEVICE), on_device(cache), tables.to(DEVICE), lens.to(DEVICE))
+    expected = reference_attention(q, cache, tables, lens)
     assert out.dtype == dtype and out.shape == (len(lens), heads * dim)
     assert ((out.cpu().double() - expected).norm() / expected.norm()).item() < bound
 
 
-def paged_qwen1() -> LLM:
+def paged_qwen1(kv_cache_dtype: str = "auto") -> LLM:
     """The fp32 Qwen-1 reference model on ``DEVICE`` with decode steps on the kernel (no graphs: they are set up
     by each test)."""
-    llm = LLM(str(QWEN1_MODEL), dtype="float32", device=DEVICE, config=EngineConfig(enforce_eager=True))
+    llm = LLM(str(QWEN1_MODEL), dtype="float32", device=DEVICE,
+              config=EngineConfig(enforce_eager=True, kv_cache_dtype=kv_cache_dtype))
     c = llm.engine.model_config
     llm.engine.runner.model.use_paged_decode(lambda: TritonPagedAttention(c.num_heads, c.num_kv_heads, c.head_dim,
                                                                           BLOCK))
@@ -119,3 +132,17 @@ def test_decode_graphs_take_decode_steps_of_at_most_the_largest_bucket(paged_llm
     assert graphs.fits(batch[:3]) and not graphs.fits(batch)
     for index in range(4):
         engine.abort(str(index))
+
+
+def test_an_int8_cache_decodes_alike_through_the_kernel_and_the_padded_path():
+    """The kernel's int8 reads against the padded path's dequantized gather over the same int8 cache: decode logits
+    within the reference tests' 1e-4 (1e-3 on CUDA) and the same tokens, for every fixture prompt."""
+    int8 = EngineConfig(enforce_eager=True, kv_cache_dtype="int8")
+    padded = LLM(str(QWEN1_MODEL), dtype="float32", device=DEVICE, config=int8)
+    padded.engine.runner.model.use_paged_decode(None)
+    paged = paged_qwen1(kv_cache_dtype="int8")
+    for case in CASES:
+        tokens, logits = decode_alone(paged.engine, case["prompt_ids"], GREEDY)
+        reference_tokens, reference_logits = decode_alone(padded.engine, case["prompt_ids"], GREEDY)
+        assert tokens == reference_tokens
+        torch.testing.assert_close(logits, reference_logits, atol=LOGITS_ATOL, rtol=LOGITS_ATOL)
