@@ -16,6 +16,7 @@ import threading
 import time
 
 import httpx
+from servers import wait_healthy
 
 from engine import AsyncEngine, EngineConfig, LLMEngine, SamplingParams
 from engine.weights.embedded import SMOLLM2_GGUF, asset_path
@@ -52,13 +53,7 @@ def http_gaps(extra: list[str]) -> list[float]:
     server = subprocess.Popen([".venv/bin/qwen-serve", "--port", str(PORT), "--log-level", "warning", *extra],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{PORT}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_healthy(f"http://127.0.0.1:{PORT}", server)
         model = httpx.get(f"http://127.0.0.1:{PORT}/v1/models").json()["data"][0]["id"]
         body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": TOKENS,
                 "temperature": 0, "stream": True, "logit_bias": {"2": -100}}

@@ -18,6 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from servers import wait_healthy
+
 PEERS = Path.home() / ".cache" / "qwen-peers"
 QWEN_PORT, LLAMA_PORT = 18610, 18611
 SIZES = (1024, 2048, 4096)
@@ -55,18 +57,6 @@ def ask_llama(prompt: str, cache: bool = False) -> tuple[float, int]:
     return seconds, answer["timings"]["prompt_n"]
 
 
-def wait_healthy(port: int, process: subprocess.Popen) -> None:
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return
-        except OSError:
-            if process.poll() is not None:
-                raise SystemExit(f"the server on port {port} exited") from None
-            time.sleep(1)
-    raise SystemExit(f"the server on port {port} did not become healthy")
-
-
 def prefix_saving(ask, cold_suffix: str, warm_suffix: str) -> tuple[float, float]:
     """(cold, warm) seconds to the first token of a 1K-token prefix plus a suffix, the second after the first."""
     prefix = text(1024, seed=99)
@@ -88,8 +78,8 @@ def main() -> None:
                              "--max-model-len", "8192", "--kv-cache-memory", "1GiB", "--log-level", "warning",
                              *shlex.split(args.qwen_args)], **quiet)
     try:
-        wait_healthy(LLAMA_PORT, llama)
-        wait_healthy(QWEN_PORT, qwen)
+        wait_healthy(f"http://127.0.0.1:{LLAMA_PORT}", llama)
+        wait_healthy(f"http://127.0.0.1:{QWEN_PORT}", qwen)
         ask_qwen(text(256, seed=1))  # warm-up
         ask_llama(text(256, seed=1))
         print(f"prompt processing, one request at a time (qwen-serve {args.qwen_args or 'defaults'}; "

@@ -19,6 +19,7 @@ import sys
 import time
 
 import httpx
+from servers import wait_healthy
 
 SEATS, QUEUE = 8, 8
 MODEL = "SmolLM2-135M-Instruct"
@@ -107,13 +108,7 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "server.cli", "--port", str(port), "--max-model-len", "512",
                                "--max-num-seqs", str(SEATS), "--max-waiting", str(QUEUE), "--log-level", "warning"])
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(url, server, seconds=120)
         rss: dict[str, int] = {}
         started = time.monotonic()
         hung = asyncio.run(phase_streams(url, args.requests, args.concurrency, server.pid, rss))
