@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED = ("qwen", "qwen2", "llama")
+SUPPORTED = ("qwen", "qwen2", "qwen3", "llama")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class ModelConfig:
     max_model_len: int
     qkv_bias: bool
     tie_word_embeddings: bool
+    # Qwen3: an RMSNorm over each head of q and of k, before RoPE.
+    qk_norm: bool = False
     # Qwen-1 only: dynamic NTK rotary base and logN attention scaling, both driven by ``seq_length``.
     seq_length: int = 0
     use_dynamic_ntk: bool = False
@@ -40,11 +42,11 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> ModelConfig:
-        """From a ``config.json`` of model_type ``qwen`` (Qwen-1), ``qwen2`` or ``llama``."""
+        """From a ``config.json`` of model_type ``qwen`` (Qwen-1), ``qwen2``, ``qwen3`` (dense) or ``llama``."""
         model_type = config.get("model_type")
         if model_type == "qwen":
             return cls._from_qwen1(config)
-        if model_type not in ("qwen2", "llama"):
+        if model_type not in ("qwen2", "qwen3", "llama"):
             raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
         rope_scaling = config.get("rope_scaling") or {}
         if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) != "default":
@@ -65,6 +67,7 @@ class ModelConfig:
             max_model_len=config.get("max_position_embeddings", 2048),
             qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qk_norm=model_type == "qwen3",
         )
 
     @classmethod

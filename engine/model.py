@@ -95,6 +95,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, qkv: nn.Module, o_proj: nn.Module) -> None:
         super().__init__()
         self.decode_attention: PagedDecodeAttention | None = None
+        self.q_norm: RMSNorm | None = None  # Qwen3: over each head of q and k, before RoPE
+        self.k_norm: RMSNorm | None = None
         self.varlen_attention: VarlenAttention | None = None
         self.paged_attention: TritonPagedAttention | None = None
         self.qkv = qkv
@@ -111,7 +113,10 @@ class Attention(nn.Module):
             return self.o_proj(self.decode_attention(qkv, step.cos, step.sin, step.logn, step.write_slots, cache,
                                                      layout.kv_slots, layout.kv_lens))
         q_size, kv_size, _ = self.split
-        qk = apply_rotary(qkv[:, : q_size + kv_size].view(n, -1, self.head_dim), step.cos, step.sin)
+        qk = qkv[:, : q_size + kv_size].view(n, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            qk = torch.cat((self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])), dim=1)
+        qk = apply_rotary(qk, step.cos, step.sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, q_size + kv_size :]
         if step.logn is not None:

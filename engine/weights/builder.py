@@ -76,6 +76,11 @@ class ModelBuilder:
     def _tensor(self, part: str, layer: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.source.dense(self._name(part, layer)).to(device=self.device, dtype=dtype or self.dtype)
 
+    def _norm(self, part: str, layer: int) -> RMSNorm:
+        norm = RMSNorm(self.config.head_dim, self.config.rms_norm_eps, self.dtype)
+        norm.weight = self._parameter(part, layer)
+        return norm
+
     def _parameter(self, part: str, layer: int | None = None, dtype: torch.dtype | None = None) -> nn.Parameter:
         return nn.Parameter(self._tensor(part, layer, dtype), requires_grad=False)
 
@@ -92,7 +97,10 @@ class ModelBuilder:
             qkv = self._linear(["q", "k", "v"], i, biases)
         attention = Attention(self.config, qkv, self._linear(["o"], i, [None]))
         c = self.config
-        if self.isa is not None and attention_kernel.fits(c.head_dim):
+        if c.qk_norm:
+            attention.q_norm = self._norm("q_norm", i)
+            attention.k_norm = self._norm("k_norm", i)
+        elif self.isa is not None and attention_kernel.fits(c.head_dim):  # the kernel has no per-head norms
             attention.decode_attention = attention_kernel.PagedDecodeAttention(c.num_heads, c.num_kv_heads, c.head_dim,
                                                                                isa=self.isa)
         mlp = MLP(self._linear(["gate", "up"], i, [None, None]), self._linear(["down"], i, [None]))

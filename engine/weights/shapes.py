@@ -22,7 +22,7 @@ def part_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {"embed": (vocab, h), "lm_head": (vocab, h), "final_norm": (h,), "attn_norm": (h,), "mlp_norm": (h,),
             "qkv": (q + 2 * kv, h), "qkv_bias": (q + 2 * kv,), "q": (q, h), "k": (kv, h), "v": (kv, h),
             "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,), "o": (h, q), "gate": (inner, h), "up": (inner, h),
-            "down": (h, inner)}
+            "down": (h, inner), "q_norm": (config.head_dim,), "k_norm": (config.head_dim,)}
 
 
 def empty(what: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -41,6 +41,8 @@ class ShapeSource:
         self.device, self.dtype, self.group_size, self.fill = device, dtype, int4_group_size, fill
         self.shapes = part_shapes(config)
         skipped = set(BIASES) if not config.qkv_bias else set()
+        if not config.qk_norm:
+            skipped |= {"q_norm", "k_norm"}
         if config.tie_word_embeddings:
             skipped.add("lm_head")
         self.parts: dict[str, str] = {}

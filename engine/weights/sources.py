@@ -91,6 +91,7 @@ HF_NAMES = {
     **{p: f"model.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkvo"},
     **{f"{p}_bias": f"model.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"},
     **{p: f"model.layers.{{i}}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
+    "q_norm": "model.layers.{i}.self_attn.q_norm.weight", "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
 }
 GGUF_NAMES = {
     "embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",

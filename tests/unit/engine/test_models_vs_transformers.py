@@ -118,6 +118,10 @@ CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(
         vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False),
+    "qwen3": lambda: transformers.Qwen3Config(  # head_dim apart from hidden / heads, as Qwen3's own configs have it
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rope_theta=1000000.0,
+        tie_word_embeddings=False),
     "llama": lambda: transformers.LlamaConfig(
         vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=1, max_position_embeddings=512, rope_theta=500000.0, tie_word_embeddings=True),
@@ -139,6 +143,12 @@ def test_tiny_random_checkpoint_matches_transformers(tmp_path, arch, sharded):
                                       pad_token_id=0)[0, 40:].tolist()
     torch.testing.assert_close(llm.engine.prompt_logits(prompt), theirs, atol=ATOL, rtol=RTOL)
     assert llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0].token_ids == expected
+    shorter = [prompt[:23], prompt[:7]]
+    with torch.inference_mode():
+        alone = [reference.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(p):]
+                 .tolist() for p in shorter]
+    together = llm.generate([prompt, *shorter], SamplingParams(temperature=0, max_tokens=16))
+    assert [o.token_ids for o in together] == [expected, *alone]
 
 
 def forced_decode_logprobs(llm: LLM, prompt: list[int], tokens: list[int]) -> torch.Tensor:
