@@ -206,13 +206,14 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
         logits = apply_penalties_and_bias(logits, rows)
         mask_logits(logits, rows)
-        chosen = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(sampled) == len(rows):
             chosen = self._sample(logits, rows)
-        elif sampled:
-            index = to_device(sampled, torch.long, logits.device)
-            chosen[index] = self._sample(logits[index], [rows[i] for i in sampled])
+        else:
+            chosen = logits.argmax(dim=-1)
+            if sampled:
+                index = to_device(sampled, torch.long, logits.device)
+                chosen[index] = self._sample(logits[index], [rows[i] for i in sampled])
         token_ids = chosen.tolist()
         logprobs: list[dict[int, float] | None] = []
         for row, request in enumerate(rows):
