@@ -41,7 +41,8 @@ class AppState:
                                            workers=settings.grammar_workers, timeout=settings.grammar_timeout,
                                            cache_limit_bytes=settings.grammar_cache_bytes)
         self.metrics = Metrics(engine, settings.model_name)
-        self.service = ModelService(engine, settings.model_name, grammars)
+        self.service = ModelService(engine, settings.model_name, grammars, tool_call_format=settings.tool_call_format,
+                                    enable_thinking=settings.enable_thinking)
         engine.on_failure.append(self._engine_failed)
 
     def load_failed(self, error: BaseException) -> None:

@@ -15,8 +15,10 @@ from engine.grammar import Grammar, GrammarError, GrammarSpec
 from engine.grammar_worker import IsolatedGrammarCompiler
 from server.errors import APIError
 from server.protocol import SEED_LIMIT, SamplingFields
-from tokenizer import ChatMessage, IncrementalDetokenizer, StopStringMatcher, Tokenizer, build_prompt
-from tokenizer.chat import ChatTemplateError, chat_stop_token_ids
+from server.tool_formats import ToolFormat, choose_format
+from tokenizer import ChatMessage, IncrementalDetokenizer, Prompt, StopStringMatcher, Tokenizer, build_prompt
+from tokenizer.chat import ChatTemplateError, chat_stop_token_ids, template_variables
+from tokenizer.reasoning import THINK_CLOSE
 
 
 @dataclass
@@ -75,7 +77,8 @@ class ModelService:
     """The served model: its engine, tokenizer, name and generation defaults. It knows the engine only through
     ``AsyncEngine``'s narrow surface (``info``, ``stats``, ``generate``, ``prompt_logprobs``)."""
 
-    def __init__(self, engine: AsyncEngine, name: str, grammars: IsolatedGrammarCompiler) -> None:
+    def __init__(self, engine: AsyncEngine, name: str, grammars: IsolatedGrammarCompiler, *,
+                 tool_call_format: str = "auto", enable_thinking: bool = True) -> None:
         info = engine.info
         if info.tokenizer is None:
             raise ValueError("the model has no tokenizer; the server needs one")
@@ -87,8 +90,11 @@ class ModelService:
         self.generation_config = info.generation_config
         self.vocab_size = info.vocab_size
         self.chat_stop_ids = chat_stop_token_ids(self.tokenizer) | self._configured_stop_ids()
-        template = self.tokenizer.chat_template or ""
-        self.native_tools = "tools" in template and "tool_call" in template  # the template renders tools
+        template = self.tokenizer.chat_template
+        self.tool_format: ToolFormat = choose_format(tool_call_format, template)
+        self.thinks = THINK_CLOSE in (template or "")  # the template teaches <think>...</think> replies
+        self.enable_thinking = enable_thinking
+        self.template_variables = template_variables(template)
 
     def _configured_stop_ids(self) -> frozenset[int]:
         words = self.generation_config.get("stop_words_ids") or []
@@ -96,9 +102,8 @@ class ModelService:
 
     # -- prompts ---------------------------------------------------------------------------------------------
 
-    def chat_prompt_ids(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
-                        continue_final_message: bool = False,
-                        template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    def chat_prompt(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> Prompt:
         try:
             prompt = build_prompt(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
                                   continue_final_message=continue_final_message,
@@ -106,7 +111,7 @@ class ModelService:
                                   template_kwargs=template_kwargs)
         except ChatTemplateError as exc:
             raise APIError(400, f"the chat template refused the conversation: {exc}", param="messages") from exc
-        return prompt.token_ids
+        return prompt
 
     def text_prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

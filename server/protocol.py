@@ -192,8 +192,15 @@ class SamplingFields(Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+TemplateValue = bool | int | float | Annotated[str, Field(max_length=1024), AfterValidator(encodable)] | None
+MAX_TEMPLATE_KWARGS = 16
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
+    chat_template_kwargs: dict[Identifier, TemplateValue] | None = Field(default=None,
+                                                                          max_length=MAX_TEMPLATE_KWARGS)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -223,6 +230,21 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("a JSON response_format cannot be combined with tool_choice 'auto': use 'none', "
                              "'required' or a named function")
         return self
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _thinking_flag(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value and not isinstance(value.get("enable_thinking", True), bool):
+            raise ValueError("chat_template_kwargs.enable_thinking must be true or false")
+        return value
+
+    def thinking(self, default: bool) -> bool:
+        """Whether a thinking model thinks: ``enable_thinking``, else off for ``reasoning_effort: "none"``, else
+        the server's default."""
+        flag = (self.chat_template_kwargs or {}).get("enable_thinking")
+        if isinstance(flag, bool):
+            return flag
+        return False if self.reasoning_effort == "none" else default
 
     @property
     def effective_choice(self) -> Any:
@@ -359,13 +381,20 @@ class ToolCallOut(BaseModel):
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None
+    reasoning: str | None = None  # the same text under the newer name (vLLM, Ollama)
     tool_calls: list[ToolCallOut] | None = None
     function_call: FunctionCallOut | None = None
+
+    @classmethod
+    def of(cls, content: str | None, reasoning: str | None = None, **calls: Any) -> ChatMessageOut:
+        """A message with its reasoning under both names (none when the reply had no thought)."""
+        return cls(content=content, reasoning_content=reasoning or None, reasoning=reasoning or None, **calls)
 
     @model_serializer(mode="wrap")
     def _without_unset_calls(self, handler) -> dict[str, Any]:
         data = handler(self)
-        for key in ("tool_calls", "function_call"):
+        for key in ("reasoning_content", "reasoning", "tool_calls", "function_call"):
             if data.get(key) is None:
                 data.pop(key, None)
         return data
@@ -412,6 +441,8 @@ class ChatDelta(SparseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
     function_call: FunctionDelta | None = None
 

@@ -15,6 +15,7 @@ from pydantic_settings import (
 )
 
 from engine import EngineConfig, SchedulerConfig
+from server.tool_formats import FORMATS
 
 _SCHEDULER = SchedulerConfig()  # the engine's defaults are the one source of these
 _ENGINE = EngineConfig()
@@ -66,6 +67,10 @@ class Settings(BaseSettings):
         "token and head (~1.9x the tokens of bf16 at the same memory)")
     enforce_eager: bool = Field(default=_ENGINE.enforce_eager,
                                 description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    tool_call_format: str = Field(default="auto", description="how the model writes function calls: "
+                                  f"{', '.join(FORMATS)} (auto: read from its chat template)")
+    enable_thinking: bool = Field(default=True, description="thinking models think unless a request turns it off "
+                                  "(chat_template_kwargs.enable_thinking, reasoning_effort none)")
     max_request_bytes: int = Field(default=8 << 20, ge=1024, description="larger bodies get 413")
     max_messages: int = Field(default=1024, ge=1, description="messages in one chat request")
     max_tools: int = Field(default=128, ge=0, description="tools or functions in one chat request")
@@ -90,6 +95,13 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _comma_list(value)
+
+    @field_validator("tool_call_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value != "auto" and value not in FORMATS:
+            raise ValueError(f"tool_call_format must be auto or one of {', '.join(FORMATS)}")
+        return value
 
     @field_validator("kv_cache_memory", "max_request_bytes", "max_schema_bytes", "grammar_cache_bytes", mode="before")
     @classmethod

@@ -1,8 +1,8 @@
-"""Replies that must be JSON: ``response_format`` and required tool calls, as grammars for constrained decoding.
+"""Replies under a grammar: ``response_format`` and required tool calls, for constrained decoding.
 
 A JSON response format constrains the whole reply. A required call has its start pre-filled in the prompt
-(``ToolPlan.prefix``); the grammar then covers the rest: the function's name when the choice is open, and
-arguments valid under that function's parameter schema (in the ReAct or the native ``<tool_call>`` format).
+(``ToolPlan.prefix``); the model's tool-call format gives the grammar of the rest, built from the argument
+grammars here (each schema checked and bounded first).
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from typing import Any
 
 import jsonschema
 
-from engine.grammar import Concat, GrammarError, GrammarSpec, Union, json_schema_grammar, literal_grammar
+from engine.grammar import GrammarError, GrammarSpec, json_schema_grammar
 from server.errors import APIError
 from server.limits import Limits
 from server.protocol import ChatCompletionRequest
 from server.tools import ToolPlan
 from tokenizer.react import Tool
-from tokenizer.tool_calls import CLOSE
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 UNSUPPORTED_KEYWORDS = frozenset({"not", "if", "then", "else", "dependentRequired", "dependentSchemas",
@@ -29,7 +28,7 @@ NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definiti
 def reply_grammar(request: ChatCompletionRequest, plan: ToolPlan | None, limits: Limits) -> GrammarSpec | None:
     """The grammar the reply must follow, or None when it is free; raises a 400 ``APIError`` for a bad schema."""
     if plan is not None and plan.required:
-        return _call_grammar(plan, limits)
+        return plan.format.call_grammar(plan.tools, plan.forced, SchemaGrammars(limits))
     fmt = request.response_format
     if fmt is None or not fmt.structured:
         return None
@@ -46,26 +45,19 @@ def check_tool_schemas(plan: ToolPlan, limits: Limits) -> None:
             _checked(tool.parameters, f"tools[{tool.name}].parameters", limits)
 
 
-def _call_grammar(plan: ToolPlan, limits: Limits) -> GrammarSpec:
-    tools = [_tool(plan, plan.forced)] if plan.forced is not None else plan.tools
-    if plan.native:  # after the pre-filled "<tool_call>\n": one call object, then the block closes
-        return Union(tuple(Concat((
-            literal_grammar(f'{{"name": {json.dumps(tool.name, ensure_ascii=False)}, "arguments": '),
-            _arguments(tool, limits), literal_grammar(f"}}\n{CLOSE}"))) for tool in tools))
-    if plan.forced is not None:  # after "Action: name\nAction Input:"
-        return Concat((literal_grammar(" "), _arguments(tools[0], limits)))
-    return Union(tuple(
-        Concat((literal_grammar(f" {tool.name}\nAction Input: "), _arguments(tool, limits))) for tool in tools
-    ))
+class SchemaGrammars:
+    """Argument grammars under tool schemas, each schema checked against the limits first."""
 
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
 
-def _tool(plan: ToolPlan, name: str) -> Tool:
-    return next(tool for tool in plan.tools if tool.name == name)
+    def arguments(self, tool: Tool) -> GrammarSpec:
+        schema = tool.parameters if isinstance(tool.parameters, dict) else ANY_OBJECT
+        return _grammar(schema, f"tools[{tool.name}].parameters", self._limits)
 
-
-def _arguments(tool: Tool, limits: Limits) -> GrammarSpec:
-    schema = tool.parameters if isinstance(tool.parameters, dict) else ANY_OBJECT
-    return _grammar(schema, f"tools[{tool.name}].parameters", limits)
+    def value(self, tool: Tool, name: str, schema: Any) -> GrammarSpec:
+        return _grammar(schema if isinstance(schema, dict) else {}, f"tools[{tool.name}].parameters.{name}",
+                        self._limits)
 
 
 def _grammar(schema: dict[str, Any], param: str, limits: Limits) -> GrammarSpec:

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
+from importlib import resources
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tokenizer.base import Tokenizer
@@ -38,11 +39,13 @@ class ChatMessage:
 
 @dataclass(frozen=True)
 class Prompt:
-    """A rendered prompt: its text, its token ids and how many messages the context window dropped."""
+    """A rendered prompt: its text, its token ids, how many messages the context window dropped, and ``tail``: the
+    template's own text after the last message (the reply's opening, e.g. a pre-opened ``<think>``)."""
 
     text: str
     token_ids: list[int]
     dropped_messages: int = 0
+    tail: str = ""
 
 
 class ChatTemplateError(ValueError):
@@ -125,10 +128,11 @@ def build_chatml_prompt(
             last_text, last_ids = last_text.removesuffix(IM_END), last_ids[:-1]
         text += f"\n{last_text}"
         ids += [*newline, *last_ids]
+    tail = ""
     if add_generation_prompt and not continue_final_message:
-        text += f"\n{IM_START}assistant\n"
+        tail = f"\n{IM_START}assistant\n"
         ids += [*newline, im_start, *tokenizer.encode("assistant"), *newline]
-    return Prompt(text, ids, dropped)
+    return Prompt(text + tail, ids, dropped, tail)
 
 
 def _units(messages: list[ChatMessage]) -> list[list[ChatMessage]]:
@@ -190,7 +194,7 @@ def build_template_prompt(
         position = match.end()
     pieces.append((rendered[position:], True))
     text = "".join(piece for piece, _ in pieces)
-    return Prompt(text, encode_trusted_specials(tokenizer, pieces))
+    return Prompt(text, encode_trusted_specials(tokenizer, pieces), tail=rendered[position:])
 
 
 def encode_trusted_specials(tokenizer: Tokenizer, pieces: Sequence[tuple[str, bool]]) -> list[int]:
@@ -242,6 +246,32 @@ def _compile_template(template: str) -> Any:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
+
+
+RENDER_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                              "raise_exception", "strftime_now", "range", "namespace", "loop"})
+
+
+@lru_cache(maxsize=8)
+def template_variables(template: str | None) -> frozenset[str]:
+    """The variables a chat template reads that the renderer does not set itself (``enable_thinking``, ...):
+    what a request may pass as ``chat_template_kwargs``."""
+    if not template:
+        return frozenset()
+    try:
+        parsed = _compile_template(template).environment.parse(template)
+    except TemplateError:
+        return frozenset()
+    return frozenset(meta.find_undeclared_variables(parsed)) - RENDER_VARIABLES
+
+
+BUILTIN_TEMPLATES = {"qwen3": "qwen3.jinja", "qwen3_moe": "qwen3.jinja"}
+
+
+def builtin_template(arch: str) -> str | None:
+    """The documented chat format of an architecture whose checkpoints may ship without a template."""
+    name = BUILTIN_TEMPLATES.get(arch)
+    return resources.files("tokenizer").joinpath("templates", name).read_text() if name else None
 
 
 def chat_stop_token_ids(tokenizer: Tokenizer) -> frozenset[int]:

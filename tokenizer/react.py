@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenizer.call_pieces import CallPiece, FunctionCall
 from tokenizer.chat import ChatMessage
 
 TOOL_DESC = (
@@ -65,12 +66,6 @@ class Tool:
             description_for_model=self.description_for_model or self.description,
             parameters=json.dumps(self.parameters, ensure_ascii=False),
         )
-
-
-@dataclass(frozen=True)
-class FunctionCall:
-    name: str
-    arguments: str
 
 
 @dataclass(frozen=True)
@@ -189,15 +184,6 @@ def parse_reply(text: str) -> ReactReply:
     return ReactReply(text, None)
 
 
-@dataclass
-class ReplyDelta:
-    """A piece of a streamed reply: content text, the start of a call (its name), or argument text."""
-
-    content: str = ""
-    call_name: str | None = None
-    arguments: str = ""
-
-
 CALL_PREFIX = "Thought: \nAction:"
 
 
@@ -225,22 +211,22 @@ class ReplyStreamParser:
         self._searched = 0  # the text before this has been searched for every marker
         self._started = False  # arguments: leading white space is skipped until the first other character
 
-    def feed(self, delta: str) -> list[ReplyDelta]:
+    def feed(self, delta: str) -> list[CallPiece]:
         self._text += delta
         return self._decide() if self._mode == "undecided" else self._advance()
 
-    def finish(self) -> list[ReplyDelta]:
+    def finish(self) -> list[CallPiece]:
         if self._mode != "undecided":
             return self._advance()
         reply = parse_reply(self._text)
         if reply.call is None:
-            return [ReplyDelta(content=reply.content)] if reply.content else []
-        return [*self._opening(reply.content, reply.call.name), ReplyDelta(arguments=reply.call.arguments)]
+            return [CallPiece(content=reply.content)] if reply.content else []
+        return [*self._opening(reply.content, reply.call.name), CallPiece(arguments=reply.call.arguments)]
 
     def _first(self, marker: str) -> int:
         return self._found.get(marker, -1)
 
-    def _decide(self) -> list[ReplyDelta]:
+    def _decide(self) -> list[CallPiece]:
         text = self._text
         for marker in self.MARKERS:  # search only what is new (and a marker's width back)
             if marker not in self._found:
@@ -264,18 +250,18 @@ class ReplyStreamParser:
         return []
 
     @staticmethod
-    def _opening(content: str, name: str) -> list[ReplyDelta]:
-        return [*([ReplyDelta(content=content)] if content else []), ReplyDelta(call_name=name)]
+    def _opening(content: str, name: str) -> list[CallPiece]:
+        return [*([CallPiece(content=content)] if content else []), CallPiece(name=name)]
 
-    def _advance(self) -> list[ReplyDelta]:
+    def _advance(self) -> list[CallPiece]:
         """Send what is new; ``_text`` keeps only what is not sent yet (arguments: white space at either end held
         back, as ``parse_reply`` strips it)."""
         if self._mode == "answer":
             fresh, self._text = self._text, ""
-            return [ReplyDelta(content=fresh)] if fresh else []
+            return [CallPiece(content=fresh)] if fresh else []
         if not self._started:
             self._text = self._text.lstrip()
             self._started = bool(self._text)
         fresh = self._text.rstrip()
         self._text = self._text[len(fresh) :]
-        return [ReplyDelta(arguments=fresh)] if fresh else []
+        return [CallPiece(arguments=fresh)] if fresh else []

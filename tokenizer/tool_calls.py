@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from tokenizer.react import FunctionCall
+from tokenizer.call_pieces import CallPiece, FunctionCall, TrimmedText, assemble, hold_partial
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -24,20 +24,10 @@ class NativeReply:
     calls: tuple[FunctionCall, ...]
 
 
-@dataclass(frozen=True)
-class CallDelta:
-    """A piece of a streamed reply: content text, or one whole call (``index`` counts calls from 0)."""
-
-    content: str = ""
-    call: FunctionCall | None = None
-    index: int = 0
-
-
 def parse_tool_calls(text: str) -> NativeReply:
     """Content and calls of a whole reply."""
     parser = ToolCallStreamParser()
-    pieces = [*parser.feed(text), *parser.finish()]
-    return NativeReply("".join(p.content for p in pieces), tuple(p.call for p in pieces if p.call is not None))
+    return NativeReply(*assemble([*parser.feed(text), *parser.finish()]))
 
 
 def read_block(body: str, complete: bool) -> FunctionCall | None:
@@ -67,14 +57,13 @@ class ToolCallStreamParser:
     def __init__(self, prefix: str = "") -> None:
         self._buffer = prefix
         self._in_call = False
-        self._started = False
-        self._held_space = ""
+        self._text = TrimmedText()
         self._calls = 0
         self._searched = 0  # in a call: the buffer before this holds no closing tag
 
-    def feed(self, delta: str) -> list[CallDelta]:
+    def feed(self, delta: str) -> list[CallPiece]:
         self._buffer += delta
-        out: list[CallDelta] = []
+        out: list[CallPiece] = []
         while True:
             if self._in_call:
                 end = self._buffer.find(CLOSE, max(0, self._searched - len(CLOSE) + 1))
@@ -87,43 +76,26 @@ class ToolCallStreamParser:
                 continue
             start = self._buffer.find(OPEN)
             if start < 0:
-                keep = _partial_suffix(self._buffer, OPEN)
-                out += self._content(self._buffer[: len(self._buffer) - keep])
-                self._buffer = self._buffer[len(self._buffer) - keep :]
+                ready, self._buffer = hold_partial(self._buffer, OPEN)
+                out += self._content(ready)
                 return out
             out += self._content(self._buffer[:start])
             self._buffer = self._buffer[start + len(OPEN) :]
             self._in_call = True
 
-    def finish(self) -> list[CallDelta]:
+    def finish(self) -> list[CallPiece]:
         text, self._buffer = self._buffer, ""
         if self._in_call:
             return self._block(text, complete=False)
         return self._content(text)
 
-    def _block(self, body: str, complete: bool) -> list[CallDelta]:
+    def _block(self, body: str, complete: bool) -> list[CallPiece]:
         call = read_block(body, complete)
         if call is None:  # not a call after all: its text stays content
             return self._content(OPEN + body + (CLOSE if complete else ""))
         self._calls += 1
-        return [CallDelta(call=call, index=self._calls - 1)]
+        return [CallPiece(name=call.name, arguments=call.arguments, index=self._calls - 1)]
 
-    def _content(self, text: str) -> list[CallDelta]:
-        if not self._started:
-            text = text.lstrip()
-            self._started = bool(text)
-        stripped = text.rstrip()
-        if not stripped:
-            self._held_space += text
-            return []
-        piece = self._held_space + stripped
-        self._held_space = text[len(stripped) :]
-        return [CallDelta(content=piece)]
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of ``text`` that is a proper start of ``marker``."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:size]):
-            return size
-    return 0
+    def _content(self, text: str) -> list[CallPiece]:
+        kept = self._text.push(text)
+        return [CallPiece(content=kept)] if kept else []

@@ -27,6 +27,7 @@ from engine.weights.sources import (
     WeightSource,
 )
 from tokenizer import HFTokenizer, QwenTokenizer, Tokenizer
+from tokenizer.chat import builtin_template
 from tokenizer.gguf_metadata import gguf_metadata
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "tokenizer*", "*.jinja"]
@@ -110,7 +111,7 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, 
     config = ModelConfig.from_gguf(metadata, has_output_weight="output.weight" in tensors)
     builder = ModelBuilder(config, GGUFSource(tensors), GGUF_NAMES, dtype, device, int4_kernel=int4_kernel,
                            rope_permuted=config.arch == "llama")
-    tokenizer = HFTokenizer.from_gguf_metadata(metadata)
+    tokenizer = with_builtin_template(HFTokenizer.from_gguf_metadata(metadata), config.arch)
     return LoadedModel(name, path, config, builder.build(progress), tokenizer)
 
 
@@ -131,7 +132,15 @@ def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.devi
     model = ModelBuilder(config, source, names, dtype, device, int4_kernel=int4_kernel).build(progress)
     generation_path = folder / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
-    return LoadedModel(name, folder, config, model, load_folder_tokenizer(folder), generation)
+    tokenizer = with_builtin_template(load_folder_tokenizer(folder), config.arch)
+    return LoadedModel(name, folder, config, model, tokenizer, generation)
+
+
+def with_builtin_template(tokenizer: Tokenizer | None, arch: str) -> Tokenizer | None:
+    """``tokenizer``, given its architecture's documented chat template when the checkpoint brought none."""
+    if tokenizer is not None and tokenizer.chat_template is None:
+        tokenizer.chat_template = builtin_template(arch)
+    return tokenizer
 
 
 def load_folder_tokenizer(folder: Path) -> Tokenizer | None:

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 
 from server.app_state import state_of
-from server.chat_plan import plan_chat
+from server.chat_plan import ChatPlan, plan_chat
+from server.chat_reply import StreamedChatReply, whole_reply
 from server.generation import ChoiceResult, Generation, ModelService, collect_choices
 from server.logprobs import chat_logprobs
 from server.preparation import Preparer
@@ -19,14 +20,12 @@ from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
-    ChatMessageOut,
     Usage,
     new_id,
     now,
 )
 from server.routes.deps import log_start, ready_service, until_disconnected
 from server.streaming import prepend, sse_response
-from server.tools import StreamedReply, ToolPlan
 from server.usage import UsageTracker
 
 router = APIRouter()
@@ -38,17 +37,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = ready_service(request, body.model)
     state.limits.check_chat(body, service.vocab_size)
     planned = await until_disconnected(request, state.preparer.run(lambda: plan_chat(service, body, state.limits)))
-    plan = planned.tools
     generation = Generation(new_id("chatcmpl"), planned.prompt_ids, planned.params, planned.stop_strings, body.n)
     log_start(request, generation.request_id, len(planned.prompt_ids))
     tracker = UsageTracker(state.metrics, len(planned.prompt_ids), body.n, shared_prompt=True)
     if body.stream:
-        return await sse_response(_chunks(service, generation, body, plan, tracker))
-    return await until_disconnected(request, _complete(service, generation, body, plan, tracker, state.preparer))
+        return await sse_response(_chunks(service, generation, body, planned, tracker))
+    return await until_disconnected(request, _complete(service, generation, body, planned, tracker,
+                                                       state.preparer))
 
 
 async def _complete(service: ModelService, generation: Generation, body: ChatCompletionRequest,
-                    plan: ToolPlan | None, tracker: UsageTracker, preparer: Preparer) -> ChatCompletionResponse:
+                    plan: ChatPlan, tracker: UsageTracker, preparer: Preparer) -> ChatCompletionResponse:
     results = await collect_choices(tracker.track(service.stream(generation)), body.n)
     # parsing replies and spelling out logprobs grows with the reply: off the loop, like the request's preparation
     choices = await preparer.run(lambda: _choices(service, body, plan, results))
@@ -56,25 +55,22 @@ async def _complete(service: ModelService, generation: Generation, body: ChatCom
                                   usage=tracker.usage())
 
 
-def _choices(service: ModelService, body: ChatCompletionRequest, plan: ToolPlan | None,
+def _choices(service: ModelService, body: ChatCompletionRequest, plan: ChatPlan,
              results: list[ChoiceResult]) -> list[ChatChoice]:
     top = body.top_logprobs or 0
     choices = []
     for index, result in enumerate(results):
-        if plan is None:
-            message, reason = ChatMessageOut(content=result.text), result.finish_reason
-        else:
-            message, reason = plan.message(result.text, result.finish_reason)
+        message, reason = whole_reply(plan, result.text, result.finish_reason)
         logprobs = chat_logprobs(service.tokenizer, result.token_ids, result.logprobs, top) if body.logprobs else None
         choices.append(ChatChoice(index=index, message=message, finish_reason=reason, logprobs=logprobs))
     return choices
 
 
 async def _chunks(service: ModelService, generation: Generation, body: ChatCompletionRequest,
-                  plan: ToolPlan | None, tracker: UsageTracker) -> AsyncIterator[ChatCompletionChunk]:
+                  plan: ChatPlan, tracker: UsageTracker) -> AsyncIterator[ChatCompletionChunk]:
     chunk_id, created = generation.request_id, now()
     top = body.top_logprobs or 0
-    replies = [StreamedReply(plan) if plan else None for _ in range(body.n)]
+    replies = [StreamedChatReply(plan) for _ in range(body.n)]
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=chunk_id, created=created, model=service.name, choices=choices, usage=usage)
@@ -88,14 +84,12 @@ async def _chunks(service: ModelService, generation: Generation, body: ChatCompl
             logprobs = None
             if body.logprobs and event.logprobs:
                 logprobs = chat_logprobs(service.tokenizer, event.token_ids, event.logprobs, top)
-            deltas = [ChatDelta(content=event.text)] if reply is None else reply.feed(event.text)
+            deltas = reply.feed(event.text)
             reason = event.finish_reason
-            if reply is not None and reason is not None:
+            if reason is not None:
                 closing, reason = reply.finish(reason)
                 deltas += closing
             for delta in deltas:
-                if delta.content == "" and delta.tool_calls is None and delta.function_call is None:
-                    continue
                 yield chunk([ChatChunkChoice(index=event.index, delta=delta, logprobs=logprobs)])
                 logprobs = None
             if logprobs is not None:

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Request
 
 from server.app_state import state_of
 from server.errors import APIError
+from server.messages import plain_messages
 from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.routes.deps import ready_service, until_disconnected
-from server.tools import plain_messages
 
 router = APIRouter()
 
@@ -22,8 +22,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 
     def tokens() -> list[int]:
         if body.messages is not None:
-            return service.chat_prompt_ids(plain_messages(body.messages),
-                                           add_generation_prompt=body.add_generation_prompt)
+            return service.chat_prompt(plain_messages(body.messages),
+                                       add_generation_prompt=body.add_generation_prompt).token_ids
         return service.text_prompt_ids(body.prompt or "")
 
     ids = await until_disconnected(request, state.preparer.run(tokens))

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from engine.weights.loader import load_model
 from server.protocol import ChatCompletionRequest
 from server.settings import Settings
+from server.tool_formats.hermes import HermesFormat
 from server.tools import StreamedReply, ToolPlan
 from tests.integration.conftest import RunningServer, engine_for, serve
 from tests.integration.schemas import SCHEMAS
@@ -81,12 +82,12 @@ def request(**body) -> ChatCompletionRequest:
 
 def test_the_template_is_used_for_tools_and_history(qwen2_server):
     service = service_of(qwen2_server)
-    assert service.native_tools
+    assert isinstance(service.tool_format, HermesFormat)
     call = {"id": "call_1", "type": "function",
             "function": {"name": "answer_weather", "arguments": '{"location": "Oslo"}'}}
     body = request(messages=[*ask("Weather in Oslo?"), {"role": "assistant", "content": None, "tool_calls": [call]},
                              {"role": "tool", "tool_call_id": "call_1", "content": "-3 C, snow"}], tools=[WEATHER])
-    plan = ToolPlan.of(body, native=True)
+    plan = ToolPlan.of(body, HermesFormat())
     turns, open_last = plan.messages(body.messages)
     text = build_prompt(service.tokenizer, turns, add_generation_prompt=not open_last,
                         template_kwargs=plan.template_kwargs).text
@@ -97,7 +98,7 @@ def test_the_template_is_used_for_tools_and_history(qwen2_server):
 
 
 def test_several_calls_in_one_reply_whole_and_streamed(qwen2_server):
-    plan = ToolPlan.of(request(messages=ask("hi"), tools=[WEATHER]), native=True)
+    plan = ToolPlan.of(request(messages=ask("hi"), tools=[WEATHER]), HermesFormat())
     text = ('Checking both.\n<tool_call>\n{"name": "answer_weather", "arguments": {"location": "Oslo"}}\n</tool_call>'
             '\n<tool_call>\n{"name": "answer_weather", "arguments": {"location": "Rome"}}\n</tool_call>')
     message, reason = plan.message(text, "stop")
@@ -120,7 +121,7 @@ def test_several_calls_in_one_reply_whole_and_streamed(qwen2_server):
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call(qwen2_server):
-    plan = ToolPlan.of(request(messages=ask("hi"), tools=[WEATHER], parallel_tool_calls=False), native=True)
+    plan = ToolPlan.of(request(messages=ask("hi"), tools=[WEATHER], parallel_tool_calls=False), HermesFormat())
     text = ('<tool_call>\n{"name": "answer_weather", "arguments": {"location": "Oslo"}}\n</tool_call>\n'
             '<tool_call>\n{"name": "answer_weather", "arguments": {"location": "Rome"}}\n</tool_call>')
     message, _ = plan.message(text, "stop")

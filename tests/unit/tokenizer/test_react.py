@@ -110,7 +110,7 @@ def test_multiple_tool_calls_become_successive_actions():
 
 def reassemble(deltas) -> tuple[str, str | None, str]:
     content = "".join(d.content for d in deltas)
-    names = [d.call_name for d in deltas if d.call_name is not None]
+    names = [d.name for d in deltas if d.name is not None]
     assert len(names) <= 1
     return content, (names[0] if names else None), "".join(d.arguments for d in deltas)
 
@@ -141,7 +141,7 @@ def test_streamed_reply_reassembles_to_parse(text, cuts):
 def test_forced_call_prefix_makes_the_reply_a_call():
     parser = ReplyStreamParser(prefix=forced_call_prefix("get_weather"))
     deltas = parser.feed(' {"city": "Paris"')
-    assert deltas[0].call_name == "get_weather" and not deltas[0].content
+    assert deltas[0].name == "get_weather" and not deltas[0].content
     deltas += parser.feed("}\n") + parser.finish()
     assert reassemble(deltas) == ("", "get_weather", '{"city": "Paris"}')
     assert parse_reply(forced_call_prefix("get_weather") + ' {"city": "Paris"}\n').call.arguments == \

@@ -72,7 +72,7 @@ def test_streamed_pieces_reassemble_to_the_whole_reading(text, cuts):
     pieces += parser.finish()
     whole = parse_tool_calls(text)
     assert "".join(p.content for p in pieces) == whole.content
-    calls = [p for p in pieces if p.call is not None]
-    assert tuple(p.call for p in calls) == whole.calls
+    calls = [p for p in pieces if p.is_call]
+    assert tuple(FunctionCall(p.name, p.arguments) for p in calls) == whole.calls
     assert [p.index for p in calls] == list(range(len(calls)))
     assert "<tool_call>" not in "".join(p.content for p in pieces) or "oops" in text or "<tool_cal " in text
