@@ -69,6 +69,19 @@ class LiteralGrammar:
 
 
 @dataclass(frozen=True)
+class RegexGrammar:
+    """Text matching a regular expression (server-written patterns only: xgrammar's regex syntax)."""
+
+    pattern: str
+
+    def build(self) -> xgr.Grammar:
+        try:
+            return xgr.Grammar.from_regex(self.pattern)
+        except RuntimeError as exc:
+            raise GrammarError(_short(exc)) from exc
+
+
+@dataclass(frozen=True)
 class Concat:
     """Its parts one after another."""
 
