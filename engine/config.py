@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED = ("qwen", "qwen2", "qwen3", "llama")
+SUPPORTED = ("qwen", "qwen2", "qwen3", "qwen3_moe", "llama")
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}  # GGUF name -> ours
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,15 @@ class ModelConfig:
     tie_word_embeddings: bool
     # Qwen3: an RMSNorm over each head of q and of k, before RoPE.
     qk_norm: bool = False
+    # Qwen3-MoE: routed experts (``num_experts`` > 0) in the sparse layers, each an MLP ``moe_intermediate_size``
+    # wide; a token goes to its ``experts_per_token`` best, weighted by their router probabilities (renormalized
+    # over the chosen ones when ``norm_topk_prob``).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     # Qwen-1 only: dynamic NTK rotary base and logN attention scaling, both driven by ``seq_length``.
     seq_length: int = 0
     use_dynamic_ntk: bool = False
@@ -40,13 +50,19 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def sparse_layer(self, layer: int) -> bool:
+        """Whether ``layer``'s MLP is routed experts."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> ModelConfig:
-        """From a ``config.json`` of model_type ``qwen`` (Qwen-1), ``qwen2``, ``qwen3`` (dense) or ``llama``."""
+        """From a ``config.json`` of model_type ``qwen`` (Qwen-1), ``qwen2``, ``qwen3``, ``qwen3_moe`` or
+        ``llama``."""
         model_type = config.get("model_type")
         if model_type == "qwen":
             return cls._from_qwen1(config)
-        if model_type not in ("qwen2", "qwen3", "llama"):
+        if model_type not in SUPPORTED:
             raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
         rope_scaling = config.get("rope_scaling") or {}
         if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) != "default":
@@ -67,7 +83,14 @@ class ModelConfig:
             max_model_len=config.get("max_position_embeddings", 2048),
             qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            num_experts=config.get("num_experts") or config.get("num_local_experts") or 0
+            if model_type == "qwen3_moe" else 0,
+            experts_per_token=config.get("num_experts_per_tok", 0),
+            moe_intermediate_size=config.get("moe_intermediate_size", 0),
+            norm_topk_prob=bool(config.get("norm_topk_prob", True)),
+            decoder_sparse_step=config.get("decoder_sparse_step") or 1,
+            mlp_only_layers=tuple(config.get("mlp_only_layers") or ()),
         )
 
     @classmethod
@@ -97,10 +120,12 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf(cls, metadata: dict[str, Any], has_output_weight: bool) -> ModelConfig:
-        """From GGUF metadata (architectures ``llama`` and ``qwen2``)."""
+    def from_gguf(cls, metadata: dict[str, Any], has_output_weight: bool,
+                  mlp_only_layers: tuple[int, ...] = ()) -> ModelConfig:
+        """From GGUF metadata (architectures ``llama``, ``qwen2``, ``qwen3`` and ``qwen3moe``); ``mlp_only_layers``:
+        the layers of an expert model that store a dense MLP instead (the file's tensors tell)."""
         arch = metadata["general.architecture"]
-        if arch not in ("llama", "qwen2"):
+        if arch not in GGUF_ARCHS:
             raise ValueError(f"unsupported GGUF architecture {arch!r}")
 
         def key(name: str, default: Any = None) -> Any:
@@ -109,17 +134,23 @@ class ModelConfig:
         heads = key("attention.head_count")
         hidden = key("embedding_length")
         return cls(
-            arch=arch,
+            arch=GGUF_ARCHS[arch],
             vocab_size=key("vocab_size") or len(metadata["tokenizer.ggml.tokens"]),
             hidden_size=hidden,
             num_layers=key("block_count"),
             num_heads=heads,
             num_kv_heads=key("attention.head_count_kv", heads),
             head_dim=key("attention.key_length") or hidden // heads,
-            intermediate_size=key("feed_forward_length"),
+            intermediate_size=key("feed_forward_length", 0),
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
             rope_theta=float(key("rope.freq_base", 10000.0)),
             max_model_len=key("context_length", 2048),
             qkv_bias=arch == "qwen2",
             tie_word_embeddings=not has_output_weight,
+            qk_norm=arch in ("qwen3", "qwen3moe"),
+            num_experts=key("expert_count", 0),
+            experts_per_token=key("expert_used_count", 0),
+            moe_intermediate_size=key("expert_feed_forward_length", 0),
+            norm_topk_prob=bool(key("expert_weights_norm", True)),  # llama.cpp renormalizes Qwen3-MoE's by default
+            mlp_only_layers=mlp_only_layers,
         )

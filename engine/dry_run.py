@@ -18,7 +18,7 @@ from engine.config import ModelConfig
 from engine.device import select_dtype, simulated_capability
 from engine.engine import EngineConfig
 from engine.kernels import triton_decode
-from engine.model import DecoderModel
+from engine.model import DecoderModel, SparseMoE
 from engine.quant import QuantScheme
 from engine.weights.builder import ModelBuilder
 from engine.weights.loader import int4_kernel_for
@@ -102,11 +102,15 @@ def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: in
         torch_dtype = select_dtype(None if dtype == "auto" else dtype, CUDA)
         model = fake_model(config, dtype=torch_dtype, quantization=raw.get("quantization_config"))
         layer = model.layers[0]
+        mlp = layer.mlp.experts[0] if isinstance(layer.mlp, SparseMoE) else layer.mlp
         paged = triton_decode.available() and triton_decode.fits(config.head_dim, EngineConfig.block_size)
         modules = {"attention qkv": type(layer.attn.qkv).__name__, "attention out": type(layer.attn.o_proj).__name__,
-                   "mlp gate/up": type(layer.mlp.gate_up).__name__, "mlp down": type(layer.mlp.down).__name__,
+                   "mlp gate/up": type(mlp.gate_up).__name__, "mlp down": type(mlp.down).__name__,
                    "lm head": type(model.lm_head).__name__ if model.lm_head is not None else "tied embedding",
-                   "decode attention": "TritonPagedAttention, CUDA graphs" if paged else "SDPA"}
+                   "decode attention": ("TritonPagedAttention, " + ("CUDA graphs" if model.graph_safe else
+                                        "eager (routed experts)")) if paged else "SDPA"}
+        if isinstance(layer.mlp, SparseMoE):
+            modules["mlp"] = f"SparseMoE: {config.num_experts} experts, {config.experts_per_token} per token"
         weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     kv_per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * torch_dtype.itemsize
     return MemoryPlan(folder.name, capability, torch_dtype, modules, weights, kv_per_token,

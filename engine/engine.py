@@ -158,7 +158,7 @@ class LLMEngine:
             return
         model.use_paged_decode(lambda: TritonPagedAttention(c.num_heads, c.num_kv_heads, c.head_dim,
                                                             self.config.block_size))
-        if not self.config.enforce_eager:
+        if not self.config.enforce_eager and model.graph_safe:
             self.runner.use_decode_graphs(DecodeGraphs(self.runner, self.config.scheduler.max_num_seqs,
                                                        self.max_model_len))
 

@@ -1,4 +1,4 @@
-"""One decoder-only transformer parameterised by ``ModelConfig`` (Qwen-1, Qwen2, Llama).
+"""One decoder-only transformer parameterised by ``ModelConfig`` (Qwen-1, Qwen2, Qwen3, Qwen3-MoE, Llama).
 
 The model runs on *packed* tokens: the new tokens of every sequence in the step, one after another. Only
 attention sees the sequences apart, in one of two layouts the runner builds: ``PaddedLayout`` (the portable
@@ -160,8 +160,44 @@ class MLP(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class SparseMoE(nn.Module):
+    """Routed experts (Qwen3-MoE): each token goes to the ``top_k`` experts its router scores highest, weighted
+    by their softmax probabilities (renormalized over the chosen ones when ``renormalize``).
+
+    Tokens are grouped per expert (one sort), and each expert that got any runs once over its group: the work is
+    the chosen experts' and no more. The group sizes are read on the host, so a step with experts cannot be
+    captured in a CUDA graph (``DecoderModel.graph_safe``).
+    """
+
+    def __init__(self, router: nn.Module, experts: list[MLP], top_k: int, renormalize: bool) -> None:
+        super().__init__()
+        self.router = router
+        self.experts = nn.ModuleList(experts)
+        self.top_k = top_k
+        self.renormalize = renormalize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router(x)
+        probabilities = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
+        weights, chosen = probabilities.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype).flatten()
+        order = chosen.flatten().argsort(stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in zip(self.experts, counts, strict=True):
+            if count:
+                pairs = order[start : start + count]
+                tokens = pairs // self.top_k
+                out.index_add_(0, tokens, expert(x[tokens]) * weights[pairs, None])
+                start += count
+        return out
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, attention: Attention, mlp: MLP) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, attention: Attention, mlp: MLP | SparseMoE) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.attn = attention
@@ -191,6 +227,11 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = lm_head
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a decode step has no host reads, so a CUDA graph can capture it (routed experts have some)."""
+        return not any(isinstance(layer.mlp, SparseMoE) for layer in self.layers)
 
     @property
     def uses_paged_decode(self) -> bool:

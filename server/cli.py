@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = field.description or ""
-        if field.annotation is bool:
-            parser.add_argument(flag, action="store_const", const=True, help=f"{help_text} (default: off)")
+        if field.annotation is bool:  # --flag and --no-flag; unset leaves the environment's or the file's value
+            default = "on" if field.get_default() else "off"
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text} (default: {default})")
         elif name in ("api_key", "open_paths", "cors_origins"):
             parser.add_argument(flag, action="append", help=f"{help_text} (repeatable or comma-separated)")
         else:

@@ -18,7 +18,7 @@ from server.protocol import SEED_LIMIT, SamplingFields
 from server.tool_formats import ToolFormat, choose_format
 from tokenizer import ChatMessage, IncrementalDetokenizer, Prompt, StopStringMatcher, Tokenizer, build_prompt
 from tokenizer.chat import ChatTemplateError, chat_stop_token_ids, template_variables
-from tokenizer.reasoning import THINK_CLOSE
+from tokenizer.reasoning import THINK_OPEN
 
 
 @dataclass
@@ -92,7 +92,7 @@ class ModelService:
         self.chat_stop_ids = chat_stop_token_ids(self.tokenizer) | self._configured_stop_ids()
         template = self.tokenizer.chat_template
         self.tool_format: ToolFormat = choose_format(tool_call_format, template)
-        self.thinks = THINK_CLOSE in (template or "")  # the template teaches <think>...</think> replies
+        self.thinks = THINK_OPEN in (template or "")  # the template teaches (or opens) <think>...</think> replies
         self.enable_thinking = enable_thinking
         self.template_variables = template_variables(template)
 

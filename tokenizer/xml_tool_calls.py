@@ -92,6 +92,7 @@ class XmlToolCallStreamParser:
         self._name = ""  # the open function
         self._parameter = ""  # the open parameter
         self._written = 0  # parameters of the open function sent so far
+        self._searched = 0  # the buffer before this holds none of the tags the state looks for
         self._steps = {"text": self._in_text, "block": self._in_block, "function": self._in_function,
                        "parameter": self._in_parameter, "after": self._in_after}
 
@@ -117,18 +118,21 @@ class XmlToolCallStreamParser:
     # -- states: each returns the pieces of one step, or None to wait for more text -------------------------
 
     def _in_text(self) -> list[CallPiece] | None:
-        start = self._buffer.find(OPEN)
+        (start,) = self._find(OPEN)
         if start < 0:
-            text, self._buffer = hold_partial(self._buffer, OPEN)
+            text = hold_partial(self._buffer, OPEN)[0]
+            self._consume(len(text))
             return self._content(text) or None
-        text, self._buffer = self._buffer[:start], self._buffer[start + len(OPEN) :]
+        text = self._buffer[:start]
+        self._consume(start + len(OPEN))
         self._state = "block"
         return self._content(text)
 
     def _in_block(self) -> list[CallPiece] | None:
-        start, close = self._buffer.find(FUNCTION), self._buffer.find(CLOSE)
+        start, close = self._find(FUNCTION, CLOSE)
         if close >= 0 and not 0 <= start < close:  # closed without a function: not a call
-            body, self._buffer = self._buffer[: close + len(CLOSE)], self._buffer[close + len(CLOSE) :]
+            body = self._buffer[: close + len(CLOSE)]
+            self._consume(len(body))
             self._state = "text"
             return self._content(OPEN + body)
         name = self._tag_name(start, FUNCTION) if start >= 0 else None
@@ -139,9 +143,10 @@ class XmlToolCallStreamParser:
         return [CallPiece(name=name, index=self._calls - 1)]
 
     def _in_function(self) -> list[CallPiece] | None:
-        start, end = self._buffer.find(PARAMETER), self._buffer.find(FUNCTION_END)
+        start, end = self._find(PARAMETER, FUNCTION_END)
         if end >= 0 and not 0 <= start < end:
-            self._buffer, self._state = self._buffer[end + len(FUNCTION_END) :], "after"
+            self._consume(end + len(FUNCTION_END))
+            self._state = "after"
             return [self._close_arguments()]
         name = self._tag_name(start, PARAMETER) if start >= 0 else None
         if not name:
@@ -150,14 +155,13 @@ class XmlToolCallStreamParser:
         return []
 
     def _in_parameter(self) -> list[CallPiece] | None:
-        ends = [place for place in (self._buffer.find(tag) for tag in (PARAMETER_END, PARAMETER, FUNCTION_END))
-                if place >= 0]
+        ends = [place for place in self._find(PARAMETER_END, PARAMETER, FUNCTION_END) if place >= 0]
         if not ends:
             return None
         end = min(ends)
         raw = self._buffer[:end]
-        skip = len(PARAMETER_END) if self._buffer.startswith(PARAMETER_END, end) else 0
-        self._buffer, self._state = self._buffer[end + skip :], "function"
+        self._consume(end + (len(PARAMETER_END) if self._buffer.startswith(PARAMETER_END, end) else 0))
+        self._state = "function"
         schema = self._schemas.get(self._name, {})
         properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
         value = convert_value(_value_text(raw), properties.get(self._parameter) if isinstance(properties, dict)
@@ -168,13 +172,27 @@ class XmlToolCallStreamParser:
         return [CallPiece(arguments=text, index=self._calls - 1)]
 
     def _in_after(self) -> list[CallPiece] | None:
-        close = self._buffer.find(CLOSE)
+        (close,) = self._find(CLOSE)
         if close < 0:
             return None
-        self._buffer, self._state = self._buffer[close + len(CLOSE) :], "text"
+        self._consume(close + len(CLOSE))
+        self._state = "text"
         return []
 
     # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _find(self, *tags: str) -> list[int]:
+        """Where each tag first occurs in the buffer (-1: nowhere). Only text not searched before is read (and a
+        tag's width back); when none is found, the next search starts where this one stopped."""
+        start = max(0, self._searched - max(map(len, tags)) + 1)
+        places = [self._buffer.find(tag, start) for tag in tags]
+        if all(place < 0 for place in places):
+            self._searched = len(self._buffer)
+        return places
+
+    def _consume(self, size: int) -> None:
+        """Drop the first ``size`` characters of the buffer (searching starts over)."""
+        self._buffer, self._searched = self._buffer[size:], 0
 
     def _tag_name(self, start: int, tag: str) -> str | None:
         """The name in ``<tag=name>`` at ``start``, consuming the tag; None while its ``>`` has not arrived; ""
@@ -184,10 +202,10 @@ class XmlToolCallStreamParser:
         if end < 0:
             if len(self._buffer) - begin <= MAX_NAME:
                 return None
-            self._buffer = self._buffer[begin:]
+            self._consume(begin)
             return ""
         name = self._buffer[begin:end].strip()
-        self._buffer = self._buffer[end + 1 :]
+        self._consume(end + 1)
         return "" if "\n" in name else name
 
     def _close_arguments(self) -> CallPiece:

@@ -19,7 +19,7 @@ from engine.layers import (
     RMSNorm,
     TritonInt4Linear,
 )
-from engine.model import MLP, Attention, DecoderLayer, DecoderModel
+from engine.model import MLP, Attention, DecoderLayer, DecoderModel, SparseMoE
 from engine.weights.int4 import CUDA_INT4, TRITON_INT4, Int4Weight
 from engine.weights.sources import WeightSource
 
@@ -44,6 +44,7 @@ class ModelBuilder:
         self.head_dtype = head_dtype(dtype, device)
         self.int4_kernel, self.rope_permuted = int4_kernel, rope_permuted
         self.isa = int4_kernel if int4_kernel in native.ISAS else None  # the native build, if any
+        self._stacked: dict[str, torch.Tensor] = {}  # the layer's experts stored as one tensor per part (GGUF)
 
     def build(self, progress=None) -> DecoderModel:
         layers = []
@@ -70,8 +71,12 @@ class ModelBuilder:
             return None
         return Q8Linear(*stored, isa=self.isa) if q8head.fits(stored[0]) else None
 
-    def _name(self, part: str, layer: int | None = None) -> str:
-        return self.names[part].format(i=layer)
+    def _name(self, part: str, layer: int | None = None, expert: int | None = None) -> str:
+        return self.names[part].format(i=layer, j=expert)
+
+    def _stacked_part(self, part: str, expert: int | None) -> bool:
+        """Whether ``part`` of an expert is a slice of one tensor holding every expert's."""
+        return expert is not None and "{j}" not in self.names[part]
 
     def _tensor(self, part: str, layer: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.source.dense(self._name(part, layer)).to(device=self.device, dtype=dtype or self.dtype)
@@ -103,15 +108,25 @@ class ModelBuilder:
         elif self.isa is not None and attention_kernel.fits(c.head_dim):  # the kernel has no per-head norms
             attention.decode_attention = attention_kernel.PagedDecodeAttention(c.num_heads, c.num_kv_heads, c.head_dim,
                                                                                isa=self.isa)
-        mlp = MLP(self._linear(["gate", "up"], i, [None, None]), self._linear(["down"], i, [None]))
+        mlp = self._mlp(i)
         layer = DecoderLayer(self.config, self.dtype, attention, mlp)
         layer.attn_norm.weight = self._parameter("attn_norm", i)
         layer.mlp_norm.weight = self._parameter("mlp_norm", i)
         if isinstance(attention.qkv, Q4Q8Linear):
             layer.attn_norm = self._fused_norm(layer.attn_norm, attention.qkv)
-        if isinstance(mlp.gate_up, Q4Q8Linear):
+        if isinstance(mlp, MLP) and isinstance(mlp.gate_up, Q4Q8Linear):
             layer.mlp_norm = self._fused_norm(layer.mlp_norm, mlp.gate_up)
         return layer
+
+    def _mlp(self, i: int) -> MLP | SparseMoE:
+        c = self.config
+        if not c.sparse_layer(i):
+            return MLP(self._linear(["gate", "up"], i, [None, None]), self._linear(["down"], i, [None]))
+        experts = [MLP(self._linear(["expert_gate", "expert_up"], i, [None, None], expert=j),
+                       self._linear(["expert_down"], i, [None], expert=j)) for j in range(c.num_experts)]
+        self._stacked.clear()
+        return SparseMoE(DenseLinear(self._tensor("router", i), None), experts, c.experts_per_token,
+                         c.norm_topk_prob)
 
     @staticmethod
     def _fused_norm(norm: RMSNorm, linear: NativeLinear) -> nn.Module:
@@ -127,9 +142,11 @@ class ModelBuilder:
         half = self.config.head_dim // 2
         return torch.arange(heads * half * 2).view(heads, half, 2).transpose(1, 2).reshape(-1)
 
-    def _linear(self, parts: list[str], i: int, biases: list[torch.Tensor | None]) -> nn.Module:
-        names = [self._name(p, i) for p in parts]
-        quantized = [self.source.int4(n) for n in names] if self.int4_kernel else []
+    def _linear(self, parts: list[str], i: int, biases: list[torch.Tensor | None],
+                 expert: int | None = None) -> nn.Module:
+        names = [self._name(p, i, expert) for p in parts]
+        stacked = any(self._stacked_part(p, expert) for p in parts)  # such experts are dequantized
+        quantized = [self.source.int4(n) for n in names] if self.int4_kernel and not stacked else []
         if quantized and all(q is not None for q in quantized):
             weights = [q if (order := self._row_order(p)) is None else q.rows(order)
                        for p, q in zip(parts, quantized, strict=True)]
@@ -149,7 +166,12 @@ class ModelBuilder:
                 return Int4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
         dense = []
         for part, name in zip(parts, names, strict=True):
-            weight = self.source.dense(name)
+            if self._stacked_part(part, expert):
+                if name not in self._stacked:
+                    self._stacked[name] = self.source.dense(name)
+                weight = self._stacked[name][expert]
+            else:
+                weight = self.source.dense(name)
             if (order := self._row_order(part)) is not None:
                 weight = weight[order]
             dense.append(weight.to(device=self.device, dtype=self.dtype))

@@ -108,7 +108,9 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, 
                progress) -> LoadedModel:
     tensors = GGUFTensors(path)
     metadata = gguf_metadata(tensors.reader)
-    config = ModelConfig.from_gguf(metadata, has_output_weight="output.weight" in tensors)
+    blocks = metadata.get(f"{metadata['general.architecture']}.block_count", 0)
+    dense_mlp = tuple(i for i in range(blocks) if f"blk.{i}.ffn_gate_inp.weight" not in tensors)
+    config = ModelConfig.from_gguf(metadata, has_output_weight="output.weight" in tensors, mlp_only_layers=dense_mlp)
     builder = ModelBuilder(config, GGUFSource(tensors), GGUF_NAMES, dtype, device, int4_kernel=int4_kernel,
                            rope_permuted=config.arch == "llama")
     tokenizer = with_builtin_template(HFTokenizer.from_gguf_metadata(metadata), config.arch)

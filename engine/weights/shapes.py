@@ -22,7 +22,22 @@ def part_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {"embed": (vocab, h), "lm_head": (vocab, h), "final_norm": (h,), "attn_norm": (h,), "mlp_norm": (h,),
             "qkv": (q + 2 * kv, h), "qkv_bias": (q + 2 * kv,), "q": (q, h), "k": (kv, h), "v": (kv, h),
             "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,), "o": (h, q), "gate": (inner, h), "up": (inner, h),
-            "down": (h, inner), "q_norm": (config.head_dim,), "k_norm": (config.head_dim,)}
+            "down": (h, inner), "q_norm": (config.head_dim,), "k_norm": (config.head_dim,),
+            "router": (config.num_experts, h), "expert_gate": (config.moe_intermediate_size, h),
+            "expert_up": (config.moe_intermediate_size, h), "expert_down": (h, config.moe_intermediate_size)}
+
+
+MOE_PARTS = ("router", "expert_gate", "expert_up", "expert_down")
+DENSE_MLP_PARTS = ("gate", "up", "down")
+
+
+def _layers_with(config: ModelConfig, part: str) -> list[int]:
+    """The layers holding ``part``: routed-expert parts in the sparse layers, the dense MLP in the others."""
+    if part in MOE_PARTS:
+        return [i for i in range(config.num_layers) if config.sparse_layer(i)]
+    if part in DENSE_MLP_PARTS:
+        return [i for i in range(config.num_layers) if not config.sparse_layer(i)]
+    return list(range(config.num_layers))
 
 
 def empty(what: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -46,11 +61,16 @@ class ShapeSource:
         if config.tie_word_embeddings:
             skipped.add("lm_head")
         self.parts: dict[str, str] = {}
+        experts = range(config.num_experts)
         for part, template in names.items():
             if part in skipped or part not in self.shapes:
                 continue
-            layers = range(config.num_layers) if "{i}" in template else [0]
-            self.parts.update({template.format(i=i): part for i in layers})
+            if part.startswith("expert_") and "{j}" not in template:  # every expert's in one tensor
+                self.shapes[f"{part}.stacked"] = (config.num_experts, *self.shapes[part])
+                part = f"{part}.stacked"
+            layers = _layers_with(config, part.removesuffix(".stacked")) if "{i}" in template else [0]
+            self.parts.update({template.format(i=i, j=j): part for i in layers
+                               for j in (experts if "{j}" in template else [0])})
 
     def __contains__(self, name: str) -> bool:
         return name in self.parts

@@ -75,7 +75,7 @@ class GGUFSource:
         return self._tensors.int8(name)
 
 
-# Canonical parts of a decoder and their names in each checkpoint layout ({i}: layer index).
+# Canonical parts of a decoder and their names in each checkpoint layout ({i}: layer index, {j}: expert index).
 QWEN1_NAMES = {
     "embed": "transformer.wte.weight", "final_norm": "transformer.ln_f.weight", "lm_head": "lm_head.weight",
     "attn_norm": "transformer.h.{i}.ln_1.weight", "mlp_norm": "transformer.h.{i}.ln_2.weight",
@@ -92,6 +92,8 @@ HF_NAMES = {
     **{f"{p}_bias": f"model.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"},
     **{p: f"model.layers.{{i}}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
     "q_norm": "model.layers.{i}.self_attn.q_norm.weight", "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+    "router": "model.layers.{i}.mlp.gate.weight",
+    **{f"expert_{p}": f"model.layers.{{i}}.mlp.experts.{{j}}.{p}_proj.weight" for p in ("gate", "up", "down")},
 }
 GGUF_NAMES = {
     "embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
@@ -99,4 +101,7 @@ GGUF_NAMES = {
     **{p: f"blk.{{i}}.attn_{p}.weight" for p in "qkv"}, "o": "blk.{i}.attn_output.weight",
     **{f"{p}_bias": f"blk.{{i}}.attn_{p}.bias" for p in "qkv"},
     **{p: f"blk.{{i}}.ffn_{p}.weight" for p in ("gate", "up", "down")},
+    "q_norm": "blk.{i}.attn_q_norm.weight", "k_norm": "blk.{i}.attn_k_norm.weight",
+    "router": "blk.{i}.ffn_gate_inp.weight",  # experts stacked in one tensor per part ({j} absent): [E, out, in]
+    **{f"expert_{p}": f"blk.{{i}}.ffn_{p}_exps.weight" for p in ("gate", "up", "down")},
 }

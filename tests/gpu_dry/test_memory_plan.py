@@ -90,3 +90,16 @@ def test_the_command_refuses_a_cpu_plan_and_a_missing_folder(tmp_path):
         result = subprocess.run([sys.executable, "-m", "server.cli", "--dry-run", *extra], capture_output=True,
                                 text=True, timeout=120)
         assert result.returncode == 1 and "--dry-run" in result.stderr
+
+
+def test_a_qwen3_moe_plan_counts_every_expert_and_runs_decode_eagerly():
+    """Qwen3-30B-A3B: 128 experts a layer, each a SwiGLU 768 wide, a router, per-head q/k norms; ~30.5B weights
+    at bf16; its decode steps read expert groups on the host, so no CUDA graphs."""
+    plan = plan_memory(CONFIGS / "qwen3-30b-a3b")
+    c = model_config("qwen3-30b-a3b")
+    h, q, kv, experts = c.hidden_size, c.q_size, c.kv_size, c.num_experts
+    per_layer = h * (q + 2 * kv) + q * h + 2 * c.head_dim + experts * h + experts * 3 * c.moe_intermediate_size * h
+    parameters = 2 * c.vocab_size * h + c.num_layers * (per_layer + 2 * h) + h
+    assert plan.weights_bytes == 2 * parameters and 30e9 < parameters < 31e9
+    assert plan.modules["mlp"] == "SparseMoE: 128 experts, 8 per token"
+    assert plan.modules["decode attention"] == "TritonPagedAttention, eager (routed experts)"

@@ -38,6 +38,21 @@ def test_bad_settings_are_refused(tmp_path):
     assert result.returncode != 0 and "invalid settings" in result.stderr
 
 
+def test_switches_turn_on_and_off_over_their_defaults(tmp_path, monkeypatch):
+    assert parse_settings([]).enable_thinking and not parse_settings([]).enforce_eager
+    assert not parse_settings(["--no-enable-thinking"]).enable_thinking
+    assert parse_settings(["--enforce-eager"]).enforce_eager
+    monkeypatch.setenv("QWEN_SERVE_ENABLE_THINKING", "false")
+    assert not parse_settings([]).enable_thinking  # an unset flag leaves the environment's value
+    assert parse_settings(["--enable-thinking"]).enable_thinking
+
+
+def test_tool_call_formats_are_checked():
+    assert parse_settings(["--tool-call-format", "qwen3_coder"]).tool_call_format == "qwen3_coder"
+    with pytest.raises(Exception, match="tool_call_format"):
+        parse_settings(["--tool-call-format", "json"])
+
+
 def test_help_lists_every_setting():
     result = subprocess.run([sys.executable, "-m", "server.cli", "--help"], capture_output=True, text=True)
     for flag in ("--model", "--served-model-name", "--api-key", "--max-model-len", "--max-num-seqs", "--dtype",

@@ -101,3 +101,32 @@ def test_the_server_default_can_turn_thinking_off(tmp_path):
         assert prompt_tokens(server, chat_template_kwargs={"enable_thinking": True}) < off
     finally:
         next(servers, None)
+
+
+PRE_OPENING = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+               "{%- endfor %}"
+               "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}")
+
+
+def test_a_thought_the_template_opened_is_reasoning(tmp_path):
+    """Templates of thinking-only models put ``<think>`` in the prompt: the reply starts inside the thought."""
+    servers = scripted_server(tmp_path / "m", ["The user", " says hi.", "\n</think>\n\n", "Hi!"], PRE_OPENING)
+    server = next(servers)
+    try:
+        message = chat(server)["choices"][0]["message"]
+        assert (message["reasoning_content"], message["content"]) == ("The user says hi.", "Hi!")
+        folded, _ = streamed(server)
+        assert (folded["reasoning_content"], folded["content"]) == ("The user says hi.", "Hi!")
+    finally:
+        next(servers, None)
+
+
+def test_langchain_gets_the_answer_without_the_thought(thinker):
+    from langchain_openai import ChatOpenAI
+
+    model = ChatOpenAI(base_url=thinker.base, api_key="unused", model="scripted", temperature=0)
+    assert model.invoke("Hi!").content == "Hello there!"
+    assert "".join(chunk.content for chunk in model.stream("Hi!")) == "Hello there!"
+    quiet = ChatOpenAI(base_url=thinker.base, api_key="unused", model="scripted", temperature=0,
+                       reasoning_effort="none")
+    assert quiet.invoke("Hi!").content == "Hello there!"  # accepted; the scripted model answers the same

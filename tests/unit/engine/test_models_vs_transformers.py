@@ -7,7 +7,9 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.weights.gguf_tensors import GGUFTensors
+from tests.unit.engine.gguf_export import write_gguf
 from tokenizer import ChatMessage, build_prompt
+from tokenizer.chat import builtin_template
 
 transformers = pytest.importorskip("transformers")
 ATOL = RTOL = 1e-4
@@ -122,6 +124,16 @@ CONFIGS = {
         vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rope_theta=1000000.0,
         tie_word_embeddings=False),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(  # experts in layers 0 and 2, a dense MLP in layer 1
+        vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1], max_position_embeddings=512,
+        rope_theta=1000000.0, tie_word_embeddings=False),
+    "qwen3_moe_sparse_step": lambda: transformers.Qwen3MoeConfig(  # experts every second layer, not renormalized
+        vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=6, num_experts_per_tok=3,
+        norm_topk_prob=False, decoder_sparse_step=2, max_position_embeddings=512, rope_theta=1000000.0,
+        tie_word_embeddings=True),
     "llama": lambda: transformers.LlamaConfig(
         vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=1, max_position_embeddings=512, rope_theta=500000.0, tie_word_embeddings=True),
@@ -136,18 +148,33 @@ def test_tiny_random_checkpoint_matches_transformers(tmp_path, arch, sharded):
     assert (tmp_path / "model.safetensors.index.json").exists() == sharded
     llm = LLM(str(tmp_path), dtype="float32", device="cpu")
     assert llm.tokenizer is None
+    assert_matches(llm, reference)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "qwen3_moe_sparse_step"])
+def test_the_same_checkpoint_as_gguf_matches_transformers(tmp_path, arch):
+    reference = write_checkpoint(tmp_path / "hf", CONFIGS[arch](), seed=5)
+    llm = LLM(str(write_gguf(reference, tmp_path / "model.gguf")), dtype="float32", device="cpu")
+    assert llm.engine.model_config.arch == reference.config.model_type
+    assert llm.tokenizer.chat_template == builtin_template("qwen3")  # the file brought none
+    assert_matches(llm, reference)
+
+
+def assert_matches(llm: LLM, reference) -> None:
+    """Logits of a 40-token prompt at every position, and greedy tokens alone and batched with shorter ones."""
     prompt = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.inference_mode():
         theirs = reference(torch.tensor([prompt])).logits[0]
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
                                       pad_token_id=0)[0, 40:].tolist()
     torch.testing.assert_close(llm.engine.prompt_logits(prompt), theirs, atol=ATOL, rtol=RTOL)
-    assert llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0].token_ids == expected
+    assert llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].token_ids == \
+        expected
     shorter = [prompt[:23], prompt[:7]]
     with torch.inference_mode():
         alone = [reference.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(p):]
                  .tolist() for p in shorter]
-    together = llm.generate([prompt, *shorter], SamplingParams(temperature=0, max_tokens=16))
+    together = llm.generate([prompt, *shorter], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     assert [o.token_ids for o in together] == [expected, *alone]
 
 

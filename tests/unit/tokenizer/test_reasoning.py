@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenizer.reasoning import ReasoningSplitter, prompt_opens_thought, split_reasoning
@@ -49,6 +49,7 @@ TEXTS = [("<think>\nStep one.\nStep two.\n</think>\n\nDone.", False), ("x</think
 
 
 @given(case=st.sampled_from(TEXTS), cuts=st.lists(st.integers(0, 80), max_size=10))
+@settings(max_examples=400, deadline=None)
 def test_streamed_pieces_reassemble_to_the_whole_split(case, cuts):
     text, in_thought = case
     splitter = ReasoningSplitter(in_thought)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenizer.call_pieces import FunctionCall, assemble
@@ -87,6 +87,7 @@ TEXTS = ["Let me check.\n" + WEATHER, WEATHER + "\n" + TIME, "Sure! " + TIME + "
 
 
 @given(text=st.sampled_from(TEXTS), cuts=st.lists(st.integers(0, 300), max_size=12))
+@settings(max_examples=400, deadline=None)
 def test_streamed_pieces_reassemble_to_the_whole_reading(text, cuts):
     parser = XmlToolCallStreamParser(SCHEMAS)
     bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
