@@ -8,12 +8,14 @@ first piece. The pieces must be distinct; text may repeat across pieces of diffe
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
+import pytest
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -79,12 +81,26 @@ def write_scripted_model(folder: Path, script: list[str], chat_template: str) ->
     return folder
 
 
+@contextlib.contextmanager
 def scripted_server(folder: Path, script: list[str], template: str, **settings) -> Iterator[RunningServer]:
+    """Serve a scripted model (``write_scripted_model``) while the context lasts."""
     write_scripted_model(folder, script, template)
-    """Serve a scripted model (``write_scripted_model``) until the generator is closed."""
     engine = engine_for(load_model(str(folder), dtype=torch.float32, device=torch.device("cpu")))
-    yield from serve(Settings(served_model_name="scripted", **settings), engine)
-    engine.shutdown()
+    try:
+        yield from serve(Settings(served_model_name="scripted", **settings), engine)
+    finally:
+        engine.shutdown()
+
+
+def scripted_fixture(script: list[str], template: str, **settings):
+    """A module-scoped fixture serving a scripted model."""
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory) -> Iterator[RunningServer]:
+        with scripted_server(tmp_path_factory.mktemp("scripted") / "m", script, template, **settings) as running:
+            yield running
+
+    return server
 
 
 def client(server: RunningServer) -> openai.OpenAI:

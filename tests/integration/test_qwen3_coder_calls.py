@@ -5,14 +5,12 @@ streamed and whole, and a required call follows the tool's schema against the mo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
 import pytest
 
-from tests.integration.conftest import RunningServer
-from tests.integration.scripted import TIME, WEATHER, chat, scripted_server, streamed
+from tests.integration.scripted import TIME, WEATHER, chat, scripted_fixture, scripted_server, streamed
 
 CODER_TEMPLATE = (Path(__file__).parent / "qwen3_coder_template.jinja").read_text()
 XML_SCRIPT = ["Let me check.", "\n<tool_call>\n<function=get_weather>\n", "<parameter=city>\n", "Paris",
@@ -22,14 +20,10 @@ FORCED_XML_SCRIPT = ["<function=get_weather>\n", "<parameter=city>\n", "Paris", 
                      "<parameter=days>\n", "three", "\n</parameter>\n</function>\n</tool_call>"]
 
 
-@pytest.fixture(scope="module")
-def coder(tmp_path_factory) -> Iterator[RunningServer]:
-    yield from scripted_server(tmp_path_factory.mktemp("coder") / "m", XML_SCRIPT, CODER_TEMPLATE)
+coder = scripted_fixture(XML_SCRIPT, CODER_TEMPLATE)
 
 
-@pytest.fixture(scope="module")
-def forced_coder(tmp_path_factory) -> Iterator[RunningServer]:
-    yield from scripted_server(tmp_path_factory.mktemp("forced") / "m", FORCED_XML_SCRIPT, CODER_TEMPLATE)
+forced_coder = scripted_fixture(FORCED_XML_SCRIPT, CODER_TEMPLATE)
 
 
 def test_xml_calls_whole_and_streamed_agree(coder):
@@ -61,13 +55,9 @@ def test_xml_calls_through_langchain(coder):
 
 def test_the_format_is_read_from_the_template_and_can_be_overridden(coder, tmp_path):
     assert coder.app.state.qwen.service.tool_format.name == "qwen3_coder"
-    servers = scripted_server(tmp_path / "m", XML_SCRIPT, CODER_TEMPLATE, tool_call_format="hermes")
-    server = next(servers)
-    try:
+    with scripted_server(tmp_path / "m", XML_SCRIPT, CODER_TEMPLATE, tool_call_format="hermes") as server:
         message = chat(server, tools=[WEATHER])["choices"][0]["message"]
         assert "tool_calls" not in message and "<function=get_weather>" in message["content"]
-    finally:
-        next(servers, None)
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])

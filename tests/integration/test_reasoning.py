@@ -5,13 +5,12 @@ them over a socket, streamed and whole, and the two readings agree."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.integration.conftest import RunningServer
-from tests.integration.scripted import HI, WEATHER, chat, scripted_server, streamed
+from tests.integration.scripted import HI, WEATHER, chat, scripted_fixture, scripted_server, streamed
 from tokenizer.chat import builtin_template
 
 QWEN3 = builtin_template("qwen3")
@@ -21,14 +20,10 @@ CALL_AFTER_THOUGHT = ["<think>", "\nI need the weather.", "\n</think>\n\n", "<to
                       '{"name": "get_weather", ', '"arguments": {"city": "Paris"}}', "\n</tool_call>"]
 
 
-@pytest.fixture(scope="module")
-def thinker(tmp_path_factory) -> Iterator[RunningServer]:
-    yield from scripted_server(tmp_path_factory.mktemp("thinker") / "m", THOUGHT_SCRIPT, QWEN3)
+thinker = scripted_fixture(THOUGHT_SCRIPT, QWEN3)
 
 
-@pytest.fixture(scope="module")
-def thinking_caller(tmp_path_factory) -> Iterator[RunningServer]:
-    yield from scripted_server(tmp_path_factory.mktemp("caller") / "m", CALL_AFTER_THOUGHT, QWEN3)
+thinking_caller = scripted_fixture(CALL_AFTER_THOUGHT, QWEN3)
 
 
 def test_the_thought_goes_to_reasoning_and_the_rest_to_content(thinker):
@@ -94,13 +89,9 @@ def test_unknown_or_reserved_template_kwargs_are_a_400(thinker, kwargs):
 
 
 def test_the_server_default_can_turn_thinking_off(tmp_path):
-    servers = scripted_server(tmp_path / "m", THOUGHT_SCRIPT, QWEN3, enable_thinking=False)
-    server = next(servers)
-    try:
+    with scripted_server(tmp_path / "m", THOUGHT_SCRIPT, QWEN3, enable_thinking=False) as server:
         off = prompt_tokens(server)
         assert prompt_tokens(server, chat_template_kwargs={"enable_thinking": True}) < off
-    finally:
-        next(servers, None)
 
 
 PRE_OPENING = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
@@ -110,15 +101,11 @@ PRE_OPENING = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.c
 
 def test_a_thought_the_template_opened_is_reasoning(tmp_path):
     """Templates of thinking-only models put ``<think>`` in the prompt: the reply starts inside the thought."""
-    servers = scripted_server(tmp_path / "m", ["The user", " says hi.", "\n</think>\n\n", "Hi!"], PRE_OPENING)
-    server = next(servers)
-    try:
+    with scripted_server(tmp_path / "m", ["The user", " says hi.", "\n</think>\n\n", "Hi!"], PRE_OPENING) as server:
         message = chat(server)["choices"][0]["message"]
         assert (message["reasoning_content"], message["content"]) == ("The user says hi.", "Hi!")
         folded, _ = streamed(server)
         assert (folded["reasoning_content"], folded["content"]) == ("The user says hi.", "Hi!")
-    finally:
-        next(servers, None)
 
 
 def test_langchain_gets_the_answer_without_the_thought(thinker):
