@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: install assets test lint run
+.PHONY: install assets test lint run playground
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,3 +26,7 @@ lint: install
 
 run: install assets
 	$(VENV)/bin/qwen-serve --host 127.0.0.1 --port 8000
+
+# The chat page's bundle (server/playground/static, committed) rebuilt from its sources and package-lock.json.
+playground:
+	cd server/playground && npm ci --no-audit --no-fund && npm run build

@@ -19,6 +19,7 @@ from engine import AsyncEngine, EngineConfig, LLMEngine, SchedulerConfig
 from server import __version__
 from server.app_state import AppState
 from server.errors import error_response, install_error_handlers
+from server.playground import is_page, mount_playground
 from server.routes import chat, completions, models, system, tokenize
 from server.settings import Settings
 
@@ -105,6 +106,8 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     install_error_handlers(app)
     for module in (chat, completions, models, system, tokenize):
         app.include_router(module.router)
+    if settings.ui:
+        mount_playground(app)
 
     app.add_middleware(Guard, settings=settings, state=state)
     if settings.cors_origins:
@@ -137,7 +140,8 @@ class Guard:
 
         path = scope["path"]
         settings = self.settings
-        if settings.api_key and path not in settings.open_paths and not _authorized(headers, settings.api_key):
+        open_path = path in settings.open_paths or (settings.ui and is_page(path))
+        if settings.api_key and not open_path and not _authorized(headers, settings.api_key):
             response = error_response(401, "missing or invalid API key", code="invalid_api_key",
                                       headers={"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send_with_id)

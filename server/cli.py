@@ -79,6 +79,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chat"]:  # the terminal client
+        from server.chat_cli import main as chat
+
+        return chat(argv[1:])
     try:
         settings, plan_only = parse_command(argv)
     except (ValidationError, FileNotFoundError) as exc:

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
         default_factory=lambda: ["/health"],
         description="paths served without a key (add /metrics to let a scraper in without one)")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ui: bool = Field(default=True, description="the chat page at / (its assets under /playground/)")
     max_model_len: int | None = Field(default=None, ge=16)
     max_num_seqs: int = Field(default=_SCHEDULER.max_num_seqs, ge=1)
     max_num_batched_tokens: int = Field(default=_SCHEDULER.max_num_batched_tokens, ge=16)

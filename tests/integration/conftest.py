@@ -24,6 +24,7 @@ from server.settings import Settings
 
 SMOL_NAME = "SmolLM2-135M-Instruct"
 QWEN_NAME = "qwen-7b-chat-tiny"
+API_KEY = "sesame"
 
 
 @dataclass
@@ -94,6 +95,14 @@ def smol_loaded(smollm2_gguf) -> LoadedModel:
 def smol_server(smol_loaded) -> Iterator[RunningServer]:
     engine = engine_for(smol_loaded)
     yield from serve(Settings(served_model_name=SMOL_NAME), engine)
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(smol_loaded) -> Iterator[RunningServer]:
+    """SmolLM2 behind the API key ``API_KEY``."""
+    engine = engine_for(smol_loaded)
+    yield from serve(Settings(served_model_name=SMOL_NAME, api_key=[API_KEY]), engine)
     engine.shutdown()
 
 

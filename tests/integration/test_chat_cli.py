@@ -1,0 +1,110 @@
+"""``qwen-serve chat`` driven through a pseudo-terminal (pexpect) against a real server: a streamed answer,
+multi-line input, Ctrl-C that stops a reply (and the request: the running gauge returns to 0) but not the
+program, ``/reset``, ``/save`` and Ctrl-D."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pexpect
+
+from tests.integration.conftest import API_KEY, SMOL_NAME
+
+
+def spawn(*args: str) -> pexpect.spawn:
+    return pexpect.spawn(sys.executable, ["-m", "server.cli", "chat", *args], encoding="utf-8", timeout=120,
+                         dimensions=(40, 120), env={"TERM": "xterm", "PATH": "/usr/bin:/bin"})
+
+
+def wait_for(condition, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_terminal_chat_streams_stops_and_keeps_going(smol_server, tmp_path):
+    chat = spawn("--url", smol_server.url, "--temperature", "0", "--max-tokens", "1500")
+    try:
+        chat.expect(f"Chatting with {SMOL_NAME}")
+        chat.expect("› ")
+        chat.sendline("Which city is the capital \\")  # a backslash continues the message on the next line
+        chat.expect("  ")
+        chat.sendline("of Germany?")
+        chat.expect("Berlin")
+        chat.expect("› ")
+
+        chat.sendline("Write a very long story about a dragon.")  # greedy: longer than 1,500 tokens
+        chat.expect("dragon")
+        wait_for(lambda: smol_server.metric("vllm:num_requests_running") == 1)
+        chat.sendintr()
+        chat.expect_exact("[stopped]")
+        chat.expect("› ")
+        wait_for(lambda: smol_server.metric("vllm:num_requests_running") == 0)
+
+        saved = tmp_path / "chat.json"
+        chat.sendline(f"/save {saved}")
+        chat.expect_exact("(saved to")
+        conversation = json.loads(saved.read_text())
+        roles = [m["role"] for m in conversation["messages"]]
+        assert roles == ["user", "assistant", "user", "assistant"]
+        assert conversation["messages"][0]["content"] == "Which city is the capital \nof Germany?"
+        assert "Berlin" in conversation["messages"][1]["content"]
+        assert conversation["messages"][3]["content"]  # the stopped reply's text stays in the conversation
+
+        chat.sendline("/reset")
+        chat.expect_exact("(conversation reset)")
+        chat.sendline(f"/save {saved}")
+        chat.expect_exact("(saved to")
+        assert json.loads(saved.read_text())["messages"] == []
+
+        chat.sendintr()  # at the prompt: a fresh prompt, not an exit
+        chat.expect("› ")
+        chat.sendeof()
+        chat.expect(pexpect.EOF)
+    finally:
+        chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_a_server_that_refuses_ends_it_with_the_servers_message(smol_server):
+    chat = spawn("--url", smol_server.url + "/nowhere")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus != 0 and "qwen-serve chat: 404" in chat.before
+
+
+def test_help_describes_the_options():
+    chat = spawn("--help")
+    chat.expect(pexpect.EOF)
+    assert "--url" in chat.before and "--model" in chat.before and "--api-key" in chat.before
+
+
+def test_an_api_key_is_sent_and_a_missing_one_reported(keyed_server):
+    refused = spawn("--url", keyed_server.url)
+    refused.expect(pexpect.EOF)
+    refused.close()
+    assert refused.exitstatus != 0 and "401" in refused.before
+    chat = spawn("--url", keyed_server.url, "--api-key", API_KEY, "--temperature", "0")
+    chat.expect(f"Chatting with {SMOL_NAME}")
+    chat.sendline("Which city is the capital of Germany?")
+    chat.expect("Berlin")
+    chat.expect("› ")
+    chat.sendeof()
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_a_model_served_in_process(smollm2_gguf):
+    chat = spawn("--model", str(smollm2_gguf), "--temperature", "0")
+    chat.expect("Chatting with", timeout=300)
+    chat.sendline("Which city is the capital of Germany?")
+    chat.expect("Berlin")
+    chat.expect("› ")
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
