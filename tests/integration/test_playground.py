@@ -19,6 +19,8 @@ import pytest
 
 from server.settings import Settings
 from tests.integration.conftest import API_KEY, SMOL_NAME, engine_for, serve
+from tests.integration.scripted import scripted_fixture
+from tokenizer.chat import builtin_template
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -246,3 +248,30 @@ def test_the_bundle_is_small_and_self_contained(smol_server):
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert sum(sizes.values()) + len(gzip.compress(page.content)) < 300 * 1024
 
+
+
+MARKDOWN_SCRIPT = ["<think>", "\nPlanning the answer.", "\n</think>\n\n", "Here is **code**:\n\n", "```python\n",
+                   "print('hi')\n", "```"]
+thinker = scripted_fixture(MARKDOWN_SCRIPT, builtin_template("qwen3"))
+
+
+def test_reasoning_folds_away_and_code_is_highlighted_with_a_copy_button(browser, thinker):
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    driver.get(thinker.url + "/")
+    driver.execute_script("localStorage.clear()")
+    driver.refresh()
+    wait_for(lambda: by_id(driver, "model-name").text == "scripted", what="the model name")
+    by_id(driver, "input").send_keys("Show me code.\n")
+    wait_for(lambda: by_id(driver, "send").is_displayed() and assistant_texts(driver), what="the reply")
+    reasoning = driver.find_element(By.CSS_SELECTOR, ".message.assistant details.reasoning")
+    assert reasoning.get_attribute("open") is None  # folded
+    thought = driver.find_element(By.CSS_SELECTOR, ".message.assistant details.reasoning > div")
+    assert thought.get_attribute("textContent") == "Planning the answer."
+    assert texts(driver, ".message.assistant .body strong") == ["code"]
+    assert driver.find_elements(By.CSS_SELECTOR, ".message.assistant pre code.hljs.language-python .hljs-built_in")
+    copy = driver.find_element(By.CSS_SELECTOR, ".message.assistant pre button.copy")
+    copy.click()
+    wait_for(lambda: copy.text == "Copied", what="the copy confirmation")
+    assert console_errors(driver) == []
