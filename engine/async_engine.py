@@ -160,6 +160,7 @@ class AsyncEngine:
         """Stop the engine thread after the step in progress."""
         self._inbox.put(None)
         self._thread.join(timeout=30)
+        self._engine.close()
 
     # -- engine thread ---------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from engine.runner import ModelRunner
 from engine.sampling import PenaltyState, Sampler, SampleRequest, SampleResult, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
+from engine.tensor_parallel import Leader, worker_device
 from engine.weights.loader import LoadedModel, int4_kernel_for, load_model
 from tokenizer import Tokenizer
 
@@ -103,20 +104,25 @@ class InvalidRequestError(ValueError):
 class LLMEngine:
     """Owns model, cache, scheduler and sampler; ``step`` runs one batched forward pass."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, leader: Leader | None = None) -> None:
+        """``leader``: the model is split over processes (``engine.tensor_parallel``), this one rank 0."""
         self.loaded = loaded
-        self.model_config = loaded.config
+        model = loaded.model
+        self.model_config = model.config  # this rank's shapes (the whole model's unless split)
         self.tokenizer: Tokenizer | None = loaded.tokenizer
         self.config = config or EngineConfig()
-        model = loaded.model
+        self.leader = leader
         self.device = next(model.parameters()).device
         self.dtype = model.dtype
         self.max_model_len = min(self.config.max_model_len or loaded.config.max_model_len,
                                  loaded.config.max_model_len)
         num_blocks = self._num_blocks()
         self.blocks = BlockManager(num_blocks, self.config.block_size)
-        self.runner = ModelRunner(model, loaded.config, num_blocks, self.config.block_size, self.device, self.dtype,
+        self.runner = ModelRunner(model, model.config, num_blocks, self.config.block_size, self.device, self.dtype,
                                   self.config.kv_cache_dtype)
+        if leader is not None:
+            leader.setup(num_blocks, self.config.block_size, self.config.kv_cache_dtype)
+            self.runner.followers = leader
         self._use_paged_decode()
         self.scheduler = Scheduler(self.blocks, self.config.scheduler, self._cache_key)
         vocab_limit = self.tokenizer.vocab_size if self.tokenizer is not None else None
@@ -138,16 +144,32 @@ class LLMEngine:
     @classmethod
     def from_model(cls, model: str | None = None, *, dtype: str | torch.dtype | None = None,
                    device: str | torch.device | None = None, config: EngineConfig | None = None,
-                   cpu_isa: str = "auto", progress=None) -> LLMEngine:
+                   cpu_isa: str = "auto", progress=None, tensor_parallel_size: int = 1) -> LLMEngine:
         """Load ``model`` (hub id, folder, ``.gguf``; None = the embedded default) and build an engine.
         ``cpu_isa`` (bf16 on CPU): "avx512" or "avx2" runs that build of the native kernels (int4 x int8 linears, the
         Q8_0 head, decode attention), "auto" the fastest build the CPU runs, "torch" torch's weight-only int4 kernel
-        (slower, closer to fp32)."""
+        (slower, closer to fp32). ``tensor_parallel_size`` > 1 splits the model over that many processes (this one
+        rank 0; ``engine.tensor_parallel``)."""
         torch_device = select_device(device)
         torch_dtype = select_dtype(dtype, torch_device)
+        if tensor_parallel_size > 1:
+            leader = Leader.start(model, torch_dtype, torch_device, tensor_parallel_size)
+            try:
+                loaded = load_model(model, dtype=torch_dtype, device=worker_device(torch_device, 0),
+                                    progress=progress, shard=leader.shard)
+                return cls(loaded, config, leader)
+            except BaseException:
+                leader.abandon()
+                raise
         kernel = int4_kernel_for(torch_device, torch_dtype, cpu_isa, dtype_chosen=dtype in (None, "auto"))
         loaded = load_model(model, dtype=torch_dtype, device=torch_device, int4_kernel=kernel, progress=progress)
         return cls(loaded, config)
+
+    def close(self) -> None:
+        """Stop the other ranks of a split model (nothing to do otherwise)."""
+        if self.leader is not None:
+            self.leader.close()
+            self.leader = None
 
     def _use_paged_decode(self) -> None:
         """On CUDA, decode steps read the paged cache through the Triton kernel and, unless ``enforce_eager``,
@@ -158,7 +180,7 @@ class LLMEngine:
             return
         model.use_paged_decode(lambda: TritonPagedAttention(c.num_heads, c.num_kv_heads, c.head_dim,
                                                             self.config.block_size))
-        if not self.config.enforce_eager and model.graph_safe:
+        if not self.config.enforce_eager and model.graph_safe and self.leader is None:
             self.runner.use_decode_graphs(DecodeGraphs(self.runner, self.config.scheduler.max_num_seqs,
                                                        self.max_model_len))
 
@@ -232,8 +254,8 @@ class LLMEngine:
 
     def prompt_logits(self, prompt_ids: Seq[int]) -> torch.Tensor:
         """fp32 logits at every position of ``prompt_ids`` from one forward pass (nothing cached is reused)."""
-        with self._prompt_pass(prompt_ids) as hidden:
-            return self.runner.model.head(hidden)
+        with self._prompt_pass(prompt_ids):
+            return self.runner.head()
 
     def prompt_logprobs(self, prompt_ids: Seq[int], top: int) -> list[dict[int, float] | None]:
         """Log-probability of each prompt token given the ones before it, with the ``top`` most likely (the first
@@ -242,9 +264,9 @@ class LLMEngine:
         entries: list[dict[int, float] | None] = [None]
         if len(ids) < 2:
             return entries
-        with self._prompt_pass(ids) as hidden:  # the whole prompt: Qwen-1's NTK alpha depends on its length
+        with self._prompt_pass(ids):  # the whole prompt: Qwen-1's NTK alpha depends on its length
             for start in range(0, len(ids) - 1, PROMPT_LOGPROB_ROWS):
-                rows = self.runner.model.head(hidden[start : start + PROMPT_LOGPROB_ROWS])
+                rows = self.runner.head(start, start + PROMPT_LOGPROB_ROWS)
                 logprobs = rows[:, : self.vocab_size].log_softmax(-1)
                 targets = torch.tensor(ids[start + 1 : start + 1 + rows.shape[0]], device=rows.device)
                 chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
@@ -351,8 +373,9 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, config: EngineConfig | None = None,
-                 cpu_isa: str = "auto") -> None:
-        self.engine = LLMEngine.from_model(model, dtype=dtype, device=device, config=config, cpu_isa=cpu_isa)
+                 cpu_isa: str = "auto", tensor_parallel_size: int = 1) -> None:
+        self.engine = LLMEngine.from_model(model, dtype=dtype, device=device, config=config, cpu_isa=cpu_isa,
+                                           tensor_parallel_size=tensor_parallel_size)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

@@ -23,6 +23,7 @@ from engine.kernels.flash import VarlenAttention, VarlenKernel
 from engine.kernels.triton_decode import TritonPagedAttention
 from engine.kv_store import LayerCache
 from engine.layers import RMSNorm, apply_rotary
+from engine.parallel import VocabParallel
 
 
 @dataclass
@@ -227,6 +228,7 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = lm_head
+        self.vocab_parallel: VocabParallel | None = None  # tensor parallelism: this rank's rows of embed and head
 
     @property
     def graph_safe(self) -> bool:
@@ -263,7 +265,10 @@ class DecoderModel(nn.Module):
 
     def hidden(self, token_ids: torch.Tensor, step: StepInputs, caches: Sequence[LayerCache]) -> torch.Tensor:
         """The last layer's output for every packed token (before the final norm)."""
-        x = F.embedding(token_ids, self.embed).to(self.dtype)
+        if self.vocab_parallel is None:
+            x = F.embedding(token_ids, self.embed).to(self.dtype)
+        else:
+            x = self.vocab_parallel.embed(token_ids, self.embed).to(self.dtype)
         for layer, cache in zip(self.layers, caches, strict=True):
             x = layer(x, step, cache)
         return x
@@ -271,6 +276,5 @@ class DecoderModel(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits of hidden states ``x`` (final norm, then the LM head)."""
         x = self.final_norm(x.to(self.head_dtype))
-        if self.lm_head is None:
-            return F.linear(x, self.embed).float()
-        return self.lm_head(x).float()
+        logits = (F.linear(x, self.embed) if self.lm_head is None else self.lm_head(x)).float()
+        return logits if self.vocab_parallel is None else self.vocab_parallel.gather_logits(logits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,6 +38,8 @@ class ModelRunner:
         self.inv_freq = torch.stack([inverse_frequencies(config.head_dim, config.rope_theta, alpha)
                                      for alpha in alphas]).to(device)  # [alphas, D / 2]
         self.decode_graphs: DecodeStep | None = None
+        self.followers: Followers | None = None  # tensor parallelism: the other ranks, told every step first
+        self._hidden: torch.Tensor | None = None
 
     def use_decode_graphs(self, graphs: DecodeStep | None) -> None:
         """Run the decode steps ``graphs`` fits on it (CUDA graphs), the rest eagerly."""
@@ -47,14 +50,35 @@ class ModelRunner:
         """Compute every sequence's tokens from ``num_computed`` on; fp32 logits of each last token."""
         if not all_logits and self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)
-        token_ids, inputs = self.prepare(batch)
-        return self.model(token_ids, inputs, self.kv_cache.layers, all_logits=all_logits)
+        return self.execute(Command.RUN, *self.plan(batch), all_logits)
 
     @torch.inference_mode()
     def hidden(self, batch: list[Sequence]) -> torch.Tensor:
-        """The last layer's output for every new token of ``batch`` (packed); ``model.head`` turns rows into logits."""
-        token_ids, inputs = self.prepare(batch)
-        return self.model.hidden(token_ids, inputs, self.kv_cache.layers)
+        """The last layer's output for every new token of ``batch`` (packed); ``head`` turns rows into logits."""
+        return self.execute(Command.HIDDEN, *self.plan(batch))
+
+    @torch.inference_mode()
+    def head(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """fp32 logits of rows ``start``..``stop`` of the last ``hidden`` result."""
+        return self.execute(Command.HEAD, None, None, (start, stop))
+
+    def execute(self, command: Command, ints: np.ndarray | None, shape: StepShape | None,
+                extra: object = None) -> torch.Tensor:
+        """Run one command on this rank (after sending it to the followers, if any): ``RUN`` a step (``extra``:
+        all logits), ``HIDDEN`` a step's last hidden states (kept for ``HEAD``), ``HEAD`` logits of kept rows
+        (``extra``: start, stop)."""
+        if self.followers is not None:
+            self.followers.send(command, ints, shape, extra)
+        if command is Command.HEAD:
+            assert self._hidden is not None, "HEAD follows HIDDEN"
+            start, stop = extra  # type: ignore[misc]
+            return self.model.head(self._hidden[start:stop])
+        assert ints is not None and shape is not None
+        token_ids, inputs = self.step_inputs(to_device(ints, torch.long, self.device), shape)
+        if command is Command.HIDDEN:
+            self._hidden = self.model.hidden(token_ids, inputs, self.kv_cache.layers)
+            return self._hidden
+        return self.model(token_ids, inputs, self.kv_cache.layers, all_logits=bool(extra))
 
     def host_ints(self, batch: list[Sequence], width: int, rows: int | None = None) -> np.ndarray:
         """Every integer a step needs, in ``StepShape`` order: tokens, positions, new-token counts, key counts, NTK
@@ -79,13 +103,18 @@ class ModelRunner:
         q_len_t[len(batch) :], kv_len_t[len(batch) :], alpha_t[len(batch) :] = 1, 1, 0
         return ints
 
-    def prepare(self, batch: list[Sequence]) -> tuple[torch.Tensor, StepInputs]:
-        """The step's tensors, from one host-to-device copy of every integer it needs (no host sync on CUDA)."""
+    def plan(self, batch: list[Sequence]) -> tuple[np.ndarray, StepShape]:
+        """Every integer of the step (``host_ints``) and its shape: all any rank needs to run it."""
         q_lens = [len(s) - s.num_computed for s in batch]
         kv_lens = [len(s) for s in batch]
         width = max(len(s.block_table) for s in batch)
         shape = StepShape(tokens=sum(q_lens), rows=len(batch), width=width, max_q=max(q_lens), kv_lens=kv_lens)
-        return self.step_inputs(to_device(self.host_ints(batch, width), torch.long, self.device), shape)
+        return self.host_ints(batch, width), shape
+
+    def prepare(self, batch: list[Sequence]) -> tuple[torch.Tensor, StepInputs]:
+        """The step's tensors, from one host-to-device copy of every integer it needs (no host sync on CUDA)."""
+        ints, shape = self.plan(batch)
+        return self.step_inputs(to_device(ints, torch.long, self.device), shape)
 
     def step_inputs(self, packed: torch.Tensor, shape: StepShape) -> tuple[torch.Tensor, StepInputs]:
         """Token ids and ``StepInputs`` from the step's integers on the device (``host_ints``' layout). A decode
@@ -122,6 +151,19 @@ class ModelRunner:
         inputs = StepInputs(cos=cos, sin=sin, logn=logn, write_slots=write_slots, layout=layout,
                             last_index=starts + q_len_t - 1)
         return token_t, inputs
+
+
+class Command(enum.Enum):
+    RUN = "run"
+    HIDDEN = "hidden"
+    HEAD = "head"
+    STOP = "stop"
+
+
+class Followers(Protocol):
+    """The other ranks of a tensor-parallel model, which must run every command rank 0 runs."""
+
+    def send(self, command: Command, ints: np.ndarray | None, shape: StepShape | None, extra: object) -> None: ...
 
 
 class DecodeStep(Protocol):

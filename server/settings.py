@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(default=_SCHEDULER.max_num_seqs, ge=1)
     max_num_batched_tokens: int = Field(default=_SCHEDULER.max_num_batched_tokens, ge=16)
     max_waiting: int = Field(default=_SCHEDULER.max_waiting, ge=0)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="split the model over this many processes "
+                                      "(gloo on CPU, NCCL on CUDA: one GPU each); MASTER_ADDR/MASTER_PORT/WORLD_SIZE "
+                                      "set: the other ranks join from other nodes (python -m engine.tp_worker)")
     dtype: str = "auto"
     device: str = "auto"
     cpu_isa: Literal["auto", "avx512", "avx2", "torch"] = Field(

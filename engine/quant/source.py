@@ -34,6 +34,12 @@ class QuantizedSource:
         prefix = self._packed_prefix(name)
         return self.inner.dense(name) if prefix is None else dequantize(self._parts(prefix), self.scheme)
 
+    def dense_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Plain tensors read only their slice; a packed one dequantizes whole, then is cut."""
+        if self._packed_prefix(name) is None:
+            return self.inner.dense_slice(name, dim, start, stop)
+        return self.dense(name).narrow(dim, start, stop - start).clone()
+
     def int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from engine.config import ModelConfig
@@ -20,6 +21,7 @@ from engine.layers import (
     TritonInt4Linear,
 )
 from engine.model import MLP, Attention, DecoderLayer, DecoderModel, SparseMoE
+from engine.parallel import RowParallel, Shard, VocabParallel
 from engine.weights.int4 import CUDA_INT4, TRITON_INT4, Int4Weight
 from engine.weights.sources import WeightSource
 
@@ -35,11 +37,20 @@ class ModelBuilder:
     dequantizes them. On CUDA in fp16/bf16,
     attention runs on flash-attn's varlen kernel when the package is installed.
     ``rope_permuted``: the checkpoint stores q/k rows in llama.cpp's interleaved order (GGUF llama).
+    ``shard``: build only this rank's slice of every split weight (``engine.parallel``; 4-bit weights are then
+    dequantized as they load), with the collectives over ``group``.
     """
 
     def __init__(self, config: ModelConfig, source: WeightSource, names: dict[str, str], dtype: torch.dtype,
-                 device: torch.device, *, int4_kernel: str | None = None, rope_permuted: bool = False) -> None:
-        self.config, self.source, self.names = config, source, names
+                 device: torch.device, *, int4_kernel: str | None = None, rope_permuted: bool = False,
+                 shard: Shard | None = None, group: dist.ProcessGroup | None = None) -> None:
+        if shard is not None:
+            shard.check(config)
+            int4_kernel = None
+        self.full = config  # the whole model's shapes; ``config``: this rank's
+        self.config = shard.local_config(config) if shard is not None else config
+        self.shard, self.group = shard, group
+        self.source, self.names = source, names
         self.dtype, self.device = dtype, device
         self.head_dtype = head_dtype(dtype, device)
         self.int4_kernel, self.rope_permuted = int4_kernel, rope_permuted
@@ -58,6 +69,8 @@ class ModelBuilder:
         if lm_head is None and not self.config.tie_word_embeddings:
             lm_head = DenseLinear(self._tensor("lm_head", dtype=self.head_dtype), None)
         model = DecoderModel(self.config, self.dtype, embed, layers, lm_head)
+        if self.shard is not None:
+            model.vocab_parallel = VocabParallel(self.shard, self.full.vocab_size, self.group)
         model.final_norm.weight = self._parameter("final_norm", dtype=self.head_dtype)
         if isinstance(lm_head, Q8Linear):
             model.final_norm = self._fused_norm(model.final_norm, lm_head)
@@ -79,7 +92,18 @@ class ModelBuilder:
         return expert is not None and "{j}" not in self.names[part]
 
     def _tensor(self, part: str, layer: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.source.dense(self._name(part, layer)).to(device=self.device, dtype=dtype or self.dtype)
+        return self._read(part, self._name(part, layer)).to(device=self.device, dtype=dtype or self.dtype)
+
+    def _read(self, part: str, name: str) -> torch.Tensor:
+        """``part`` as this rank holds it: whole, or only its slices read from the source (split models)."""
+        order = self._row_order(part)
+        spans = self.shard.spans(part, self.full) if self.shard is not None else None
+        if spans is None or order is not None:  # llama.cpp's row order is undone on the whole tensor first
+            weight = self.source.dense(name)
+            weight = weight if order is None else weight[order]
+            return weight if self.shard is None else self.shard.slice(part, weight, self.full).clone()
+        pieces = [self.source.dense_slice(name, span.dim, span.start, span.stop) for span in spans]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def _norm(self, part: str, layer: int) -> RMSNorm:
         norm = RMSNorm(self.config.head_dim, self.config.rms_norm_eps, self.dtype)
@@ -100,7 +124,7 @@ class ModelBuilder:
         else:
             biases = [self._optional(f"{p}_bias", i) for p in "qkv"]
             qkv = self._linear(["q", "k", "v"], i, biases)
-        attention = Attention(self.config, qkv, self._linear(["o"], i, [None]))
+        attention = Attention(self.config, qkv, self._reduced(self._linear(["o"], i, [None])))
         c = self.config
         if c.qk_norm:
             attention.q_norm = self._norm("q_norm", i)
@@ -121,12 +145,16 @@ class ModelBuilder:
     def _mlp(self, i: int) -> MLP | SparseMoE:
         c = self.config
         if not c.sparse_layer(i):
-            return MLP(self._linear(["gate", "up"], i, [None, None]), self._linear(["down"], i, [None]))
+            return MLP(self._linear(["gate", "up"], i, [None, None]), self._reduced(self._linear(["down"], i, [None])))
         experts = [MLP(self._linear(["expert_gate", "expert_up"], i, [None, None], expert=j),
                        self._linear(["expert_down"], i, [None], expert=j)) for j in range(c.num_experts)]
         self._stacked.clear()
         return SparseMoE(DenseLinear(self._tensor("router", i), None), experts, c.experts_per_token,
                          c.norm_topk_prob)
+
+    def _reduced(self, linear: nn.Module) -> nn.Module:
+        """A row-parallel linear's partial sums added up over the ranks (the linear itself when not split)."""
+        return linear if self.shard is None else RowParallel(linear, self.group)
 
     @staticmethod
     def _fused_norm(norm: RMSNorm, linear: NativeLinear) -> nn.Module:
@@ -138,8 +166,8 @@ class ModelBuilder:
         """Undo llama.cpp's q/k row permutation so that rotate-half RoPE applies."""
         if not self.rope_permuted or part not in ("q", "k"):
             return None
-        heads = self.config.num_heads if part == "q" else self.config.num_kv_heads
-        half = self.config.head_dim // 2
+        heads = self.full.num_heads if part == "q" else self.full.num_kv_heads
+        half = self.full.head_dim // 2
         return torch.arange(heads * half * 2).view(heads, half, 2).transpose(1, 2).reshape(-1)
 
     def _linear(self, parts: list[str], i: int, biases: list[torch.Tensor | None],
@@ -171,9 +199,7 @@ class ModelBuilder:
                     self._stacked[name] = self.source.dense(name)
                 weight = self._stacked[name][expert]
             else:
-                weight = self.source.dense(name)
-            if (order := self._row_order(part)) is not None:
-                weight = weight[order]
+                weight = self._read(part, name)
             dense.append(weight.to(device=self.device, dtype=self.dtype))
         bias = self._fused_bias(biases, [w.shape[0] for w in dense])
         return DenseLinear(dense[0] if len(dense) == 1 else torch.cat(dense), bias)

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from engine.config import ModelConfig
 from engine.device import cuda_capability
 from engine.kernels import native, triton_decode
 from engine.model import DecoderModel
+from engine.parallel import Shard
 from engine.quant import QuantizedSource, QuantScheme
 from engine.weights.builder import ModelBuilder
 from engine.weights.embedded import SMOLLM2_GGUF, asset_path
@@ -96,29 +98,31 @@ def int4_kernel_for(device: torch.device, dtype: torch.dtype, cpu_isa: str = "au
 
 
 def load_model(model: str | None, *, dtype: torch.dtype, device: torch.device, int4_kernel: str | None = None,
-               progress=None) -> LoadedModel:
+               progress=None, shard: Shard | None = None, group: dist.ProcessGroup | None = None) -> LoadedModel:
+    """``shard``: load only this rank's slices (tensor parallelism over ``group``)."""
     path = resolve_model_path(model)
     name = model or SMOLLM2_GGUF.filename.removesuffix(".gguf")
+    split = {"shard": shard, "group": group}
     if path.suffix == ".gguf":
-        return _load_gguf(name, path, dtype, device, int4_kernel, progress)
-    return _load_folder(name, path, dtype, device, int4_kernel, progress)
+        return _load_gguf(name, path, dtype, device, int4_kernel, progress, split)
+    return _load_folder(name, path, dtype, device, int4_kernel, progress, split)
 
 
 def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, int4_kernel: str | None,
-               progress) -> LoadedModel:
+               progress, split: dict[str, Any]) -> LoadedModel:
     tensors = GGUFTensors(path)
     metadata = gguf_metadata(tensors.reader)
     blocks = metadata.get(f"{metadata['general.architecture']}.block_count", 0)
     dense_mlp = tuple(i for i in range(blocks) if f"blk.{i}.ffn_gate_inp.weight" not in tensors)
     config = ModelConfig.from_gguf(metadata, has_output_weight="output.weight" in tensors, mlp_only_layers=dense_mlp)
     builder = ModelBuilder(config, GGUFSource(tensors), GGUF_NAMES, dtype, device, int4_kernel=int4_kernel,
-                           rope_permuted=config.arch == "llama")
+                           rope_permuted=config.arch == "llama", **split)
     tokenizer = with_builtin_template(HFTokenizer.from_gguf_metadata(metadata), config.arch)
     return LoadedModel(name, path, config, builder.build(progress), tokenizer)
 
 
 def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.device, int4_kernel: str | None,
-                 progress) -> LoadedModel:
+                 progress, split: dict[str, Any]) -> LoadedModel:
     raw_config = json.loads((folder / "config.json").read_text())
     config = ModelConfig.from_hf(raw_config)
     names = QWEN1_NAMES if config.arch == "qwen" else HF_NAMES
@@ -131,7 +135,7 @@ def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.devi
     source: WeightSource = SafetensorsSource(folder)
     if scheme is not None:
         source = QuantizedSource(source, scheme)
-    model = ModelBuilder(config, source, names, dtype, device, int4_kernel=int4_kernel).build(progress)
+    model = ModelBuilder(config, source, names, dtype, device, int4_kernel=int4_kernel, **split).build(progress)
     generation_path = folder / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
     tokenizer = with_builtin_template(load_folder_tokenizer(folder), config.arch)

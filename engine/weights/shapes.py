@@ -79,6 +79,12 @@ class ShapeSource:
         part = self.parts[name]
         return self.fill(part, self.shapes[part], self.dtype, self.device)
 
+    def dense_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        part = self.parts[name]
+        shape = list(self.shapes[part])
+        shape[dim] = stop - start
+        return self.fill(part, tuple(shape), self.dtype, self.device)
+
     def int4(self, name: str) -> Int4Weight | None:
         part = self.parts[name]
         if self.group_size is None or part not in MATRICES:

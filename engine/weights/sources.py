@@ -18,6 +18,10 @@ class WeightSource(Protocol):
 
     def dense(self, name: str) -> torch.Tensor: ...
 
+    def dense_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Indices ``start``..``stop`` along ``dim`` of ``dense(name)`` (tensor parallelism: a rank's slice)."""
+        ...
+
     def int4(self, name: str) -> Int4Weight | None:
         """The tensor kept 4-bit when the checkpoint stores it so, else None."""
 
@@ -49,6 +53,11 @@ class SafetensorsSource:
     def dense(self, name: str) -> torch.Tensor:
         return self._handles[self._where[name]].get_tensor(name)
 
+    def dense_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (``dim`` 0) or columns (1) ``start``..``stop``, reading only what they cover from the file."""
+        view = self._handles[self._where[name]].get_slice(name)
+        return view[start:stop] if dim == 0 else view[:, start:stop]
+
     def int4(self, name: str) -> Int4Weight | None:
         return None
 
@@ -67,6 +76,9 @@ class GGUFSource:
 
     def dense(self, name: str) -> torch.Tensor:
         return self._tensors.dense(name)
+
+    def dense_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return self.dense(name).narrow(dim, start, stop - start).clone()  # a GGUF tensor dequantizes whole
 
     def int4(self, name: str) -> Int4Weight | None:
         return self._tensors.int4(name) if self._tensors.is_int4(name) else None

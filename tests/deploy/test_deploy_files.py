@@ -145,3 +145,20 @@ def test_grafana_is_provisioned_with_the_dashboard():
     assert source["datasources"][0]["url"] == "http://prometheus:9090"
     provider = yaml.safe_load((ROOT / "docker/grafana/provisioning/dashboards/qwen-serve.yaml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_the_tensor_parallel_example_requests_one_gpu_per_rank():
+    path = ROOT / "deploy" / "k8s" / "tensor-parallel" / "deployment.yaml"
+    result = subprocess.run([tool("kubernetes-validate"), "--strict", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pod = yaml.safe_load(path.read_text())["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    ranks = int(args[args.index("--tensor-parallel-size") + 1])
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == ranks == container["resources"]["limits"][
+        "nvidia.com/gpu"]
+    shm = {v["name"]: v for v in pod["volumes"]}["shm"]["emptyDir"]
+    assert shm["medium"] == "Memory" and {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    from server.cli import parse_settings
+
+    assert parse_settings(args).tensor_parallel_size == ranks
