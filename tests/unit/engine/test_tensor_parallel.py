@@ -12,6 +12,7 @@ from engine.parallel import Shard
 from tests.conftest import load_fixture
 from tests.integration.conftest import write_tiny_qwen1
 from tests.unit.engine.conftest import QWEN1_MODEL
+from tests.unit.engine.gguf_export import write_gguf
 from tests.unit.engine.test_models_vs_transformers import CONFIGS, write_checkpoint
 
 CASES = load_fixture("qwen1/cases.json")["cases"]
@@ -109,3 +110,18 @@ def test_each_rank_holds_its_slices():
     kv_rows = [Shard(r, 8).span("kv", config) for r in range(8)]  # 4 KV heads over 8 ranks: two ranks share one
     assert kv_rows == [(0, 2), (0, 2), (2, 4), (2, 4), (4, 6), (4, 6), (6, 8), (6, 8)]
     assert Shard(3, 8).span("q", config) == (6, 8) and kv_rows[3] == (2, 4)  # query head 3 uses KV head 1
+
+
+def test_a_split_gguf_file_matches_the_whole(tmp_path):
+    """GGUF tensors are dequantized whole, then cut: the same model as the unsplit file (Qwen3: q/k norms too)."""
+    reference = write_checkpoint(tmp_path / "hf", CONFIGS["qwen3"](), seed=9)
+    path = str(write_gguf(reference, tmp_path / "model.gguf"))
+    whole, halves = LLM(path, dtype="float32", device="cpu"), split(path)
+    try:
+        prompt = torch.randint(0, 320, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+        torch.testing.assert_close(halves.engine.prompt_logits(prompt), whole.engine.prompt_logits(prompt),
+                                   atol=ATOL, rtol=RTOL)
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        assert halves.generate([prompt], params)[0].token_ids == whole.generate([prompt], params)[0].token_ids
+    finally:
+        halves.engine.close()
