@@ -1,6 +1,7 @@
 // Bundles src/ into static/ (app.js, app.css) with esbuild, and writes the licenses of the bundled packages.
+// static/index.html is written by hand: it is the page, and loads the bundle.
 import { build } from "esbuild";
-import { copyFileSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 
 const BUNDLED = ["marked", "dompurify", "highlight.js"];
 
@@ -15,7 +16,6 @@ await build({
   legalComments: "none",
   logLevel: "warning",
 });
-copyFileSync("src/index.html", "static/index.html");
 const licenses = BUNDLED.map((name) => {
   const manifest = JSON.parse(readFileSync(`node_modules/${name}/package.json`, "utf8"));
   const file = readdirSync(`node_modules/${name}`).find((entry) => /^licen[cs]e/i.test(entry));

@@ -61,6 +61,26 @@ def wait_healthy(url: str, seconds: float) -> bool:
     return False
 
 
+class StreamReader(threading.Thread):
+    """Reads a streamed chat completion in the background: its ``data`` lines as they come; ``started`` is set once
+    ``after`` lines arrived."""
+
+    def __init__(self, url: str, body: dict, after: int = 1) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body, self.after = url, body, after
+        self.lines: list[str] = []
+        self.started = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=self.body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    self.lines.append(line)
+                if len(self.lines) >= self.after:
+                    self.started.set()
+
+
 def serve(settings: Settings, engine: AsyncEngine) -> Iterator[RunningServer]:
     """Run the app on a free loopback port until the fixture ends."""
     port = free_port()

@@ -6,13 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 
-import httpx
 import pytest
 
 from server.cli import parse_settings
-from tests.integration.conftest import free_port, wait_healthy
+from tests.integration.conftest import StreamReader, free_port, wait_healthy
 
 
 def test_flags_beat_environment_beat_yaml(tmp_path, monkeypatch):
@@ -71,22 +69,12 @@ def test_sigterm_lets_running_requests_finish_then_exits_zero(tmp_path):
         assert wait_healthy(url, 120), "the server did not become ready"
         body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}], "stream": True,
                 "max_tokens": 60, "logit_bias": {"0": -100, "1": -100, "2": -100}}
-        lines: list[str] = []
-        started = threading.Event()
-
-        def consume() -> None:
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
-                for line in response.iter_lines():
-                    lines.append(line)
-                    started.set()
-
-        reader = threading.Thread(target=consume)
-        reader.start()
-        assert started.wait(60)
+        reader = StreamReader(url, body)
+        assert reader.started.wait(60)
         process.send_signal(signal.SIGTERM)
         reader.join(timeout=90)
         assert process.wait(timeout=90) == 0
-        data = [line for line in lines if line.startswith("data: ")]
+        data = reader.lines
         assert data[-1] == "data: [DONE]"
         assert '"finish_reason":"length"' in data[-2]
     finally:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import QWEN_NAME, RunningServer, free_port, wait_healthy
+from tests.integration.conftest import QWEN_NAME, RunningServer, StreamReader, free_port, wait_healthy
 
 TIMEOUT_S = 10  # QWEN_SERVE_TP_TIMEOUT for these servers
 ASK = {"model": QWEN_NAME, "messages": [{"role": "user", "content": "What is the capital of Germany?"}],
@@ -73,23 +72,12 @@ def test_a_killed_worker_fails_the_request_and_stops_the_server(qwen1_folder):
     try:
         (worker,) = workers(process.pid)
         body = {**ASK, "max_tokens": 900, "stream": True, "logprobs": False, "top_logprobs": None}
-        lines: list[str] = []
-        streaming = threading.Event()
-
-        def consume() -> None:
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
-                for line in response.iter_lines():
-                    lines.append(line)
-                    if len(lines) > 10:
-                        streaming.set()
-
-        reader = threading.Thread(target=consume)
-        reader.start()
-        assert streaming.wait(60)
+        reader = StreamReader(url, body, after=10)
+        assert reader.started.wait(60)
         os.kill(worker, signal.SIGKILL)
         killed = time.monotonic()
         reader.join(timeout=60)
-        data = [line for line in lines if line.startswith("data: ")]
+        data = reader.lines
         assert data[-1] == "data: [DONE]" and '"error"' in data[-2]  # the request ends with an error event
         health = httpx.get(f"{url}/health", timeout=5) if process.poll() is None else None
         assert health is None or health.status_code == 503
