@@ -10,6 +10,7 @@ its environment says they are started elsewhere (other nodes: ``python -m engine
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -103,7 +104,9 @@ class Leader:
             for process in processes:
                 process.kill()
             raise
-        return cls(rendezvous, processes)
+        leader = cls(rendezvous, processes)
+        atexit.register(leader.close)  # an offline LLM left open still stops its workers
+        return leader
 
     def setup(self, num_blocks: int, block_size: int, kv_cache_dtype: str) -> None:
         """The cache every rank allocates (rank 0 sized it)."""
@@ -124,7 +127,8 @@ class Leader:
             dist.destroy_process_group()
 
     def close(self) -> None:
-        """Stop the workers (they leave their loop) and leave the group."""
+        """Stop the workers (they leave their loop) and leave the group (once)."""
+        atexit.unregister(self.close)
         if not dist.is_initialized():
             return
         try:
