@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from engine import AsyncEngine, EngineDeadError, InvalidRequestError, QueueFullError, SamplingParams
 from engine.async_engine import RequestFailedError
@@ -19,6 +19,8 @@ from server.tool_formats import ToolFormat, choose_format
 from tokenizer import ChatMessage, IncrementalDetokenizer, Prompt, StopStringMatcher, Tokenizer, build_prompt
 from tokenizer.chat import ChatTemplateError, chat_stop_token_ids, template_variables
 from tokenizer.reasoning import THINK_OPEN
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -59,6 +61,41 @@ async def collect_choices(events: AsyncIterator[ChoiceEvent], n: int) -> list[Ch
             result.logprobs += event.logprobs
             result.finish_reason = event.finish_reason or result.finish_reason
     return results
+
+
+async def interleave(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """The items of every stream as they come, all streams running at once; the first error ends it, and leaving
+    early closes every stream."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:  # type: ignore[type-var]
+            async for item in only:
+                yield item
+        return
+    queue: asyncio.Queue[tuple[T | BaseException | None]] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((item,))
+            await queue.put((None,))
+        except Exception as exc:
+            await queue.put((exc,))
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            (item,) = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass
@@ -173,37 +210,9 @@ class ModelService:
 
     async def stream(self, generation: Generation) -> AsyncIterator[ChoiceEvent]:
         """Events of all ``n`` choices, interleaved as they come; leaving early aborts every choice."""
-        streams = [self._choice(i, generation) for i in range(generation.n)]
-        if len(streams) == 1:
-            async with contextlib.aclosing(streams[0]) as only:
-                async for event in only:
-                    yield event
-            return
-        queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()
-
-        async def pump(stream: AsyncIterator[ChoiceEvent]) -> None:
-            try:
-                async for event in stream:
-                    await queue.put(event)
-                await queue.put(None)
-            except Exception as exc:
-                await queue.put(exc)
-
-        tasks = [asyncio.create_task(pump(s)) for s in streams]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async with contextlib.aclosing(interleave([self._choice(i, generation) for i in range(generation.n)])) as all_:
+            async for event in all_:
+                yield event
 
     async def _choice(self, index: int, generation: Generation) -> AsyncIterator[ChoiceEvent]:
         params = generation.params

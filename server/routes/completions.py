@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 
 from server.app_state import state_of
 from server.errors import APIError
-from server.generation import ChoiceEvent, ChoiceResult, Generation, ModelService, collect_choices
+from server.generation import ChoiceEvent, ChoiceResult, Generation, ModelService, collect_choices, interleave
 from server.logprobs import completion_logprobs
 from server.preparation import Preparer
 from server.protocol import (
@@ -55,12 +55,17 @@ def _plan(service: ModelService, body: CompletionRequest, request_id: str) -> li
 
 
 async def _merged(service: ModelService, generations: list[Generation], n: int) -> AsyncIterator[ChoiceEvent]:
-    """Every prompt's choices in one stream, indexed prompt * n + choice."""
-    for offset, generation in enumerate(generations):
+    """Every prompt's choices in one stream, indexed prompt * n + choice: the prompts run at once (batched)."""
+
+    async def indexed(offset: int, generation: Generation) -> AsyncIterator[ChoiceEvent]:
         async with contextlib.aclosing(service.stream(generation)) as stream:
             async for event in stream:
                 event.index += offset * n
                 yield event
+
+    async with contextlib.aclosing(interleave([indexed(i, g) for i, g in enumerate(generations)])) as events:
+        async for event in events:
+            yield event
 
 
 class _Job:

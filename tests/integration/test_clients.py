@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -168,3 +169,23 @@ def test_qwen1_prompt_follows_make_context(qwen1_server, qwen_tokenizer):
                                                     *(ChatMessage(m["role"], m["content"]) for m in messages)])
     assert served["tokens"] == expected.token_ids
     assert served["max_model_len"] == 1024
+
+
+def test_the_prompts_of_one_completions_request_run_together(smol_server):
+    """Several prompts are batched: all three run at once (the running gauge shows them), each to its length."""
+    prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):"]
+    body = {"model": SMOL_NAME, "prompt": prompts, "max_tokens": 160, "temperature": 0,
+            "logit_bias": {"0": -100, "1": -100, "2": -100}}  # no end of text: every prompt runs its full length
+    seen = []
+    reply: list[dict] = []
+    worker = threading.Thread(target=lambda: reply.append(
+        httpx.post(f"{smol_server.base}/completions", json=body, timeout=120).json()))
+    worker.start()
+    while worker.is_alive():
+        seen.append(smol_server.metric("vllm:num_requests_running"))
+        time.sleep(0.05)
+    worker.join()
+    assert max(seen) == 3
+    choices = sorted(reply[0]["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == [0, 1, 2] and all(c["finish_reason"] == "length" for c in choices)
+    assert reply[0]["usage"]["completion_tokens"] == 3 * 160
