@@ -114,8 +114,8 @@ class ModelService:
     """The served model: its engine, tokenizer, name and generation defaults. It knows the engine only through
     ``AsyncEngine``'s narrow surface (``info``, ``stats``, ``generate``, ``prompt_logprobs``)."""
 
-    def __init__(self, engine: AsyncEngine, name: str, grammars: IsolatedGrammarCompiler, *,
-                 tool_call_format: str = "auto", enable_thinking: bool = True) -> None:
+    def __init__(self, engine: AsyncEngine, name: str, grammars: IsolatedGrammarCompiler, *, tool_call_format: str,
+                 enable_thinking: bool) -> None:
         info = engine.info
         if info.tokenizer is None:
             raise ValueError("the model has no tokenizer; the server needs one")

@@ -22,9 +22,9 @@ CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
 GPU_CONFIGS = [c for c in CONFIGS if c.name != "default.yaml"]
 
 
-def test_the_four_configs_exist():
+def test_the_five_configs_exist():
     assert {c.name for c in CONFIGS} == {"default.yaml", "qwen-7b-chat.yaml", "qwen-7b-chat-int4.yaml",
-                                         "qwen-7b-chat-awq.yaml"}
+                                         "qwen-7b-chat-awq.yaml", "qwen3-8b.yaml"}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
