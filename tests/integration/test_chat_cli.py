@@ -18,6 +18,14 @@ def spawn(*args: str) -> pexpect.spawn:
                          dimensions=(40, 120), env={"TERM": "xterm", "PATH": "/usr/bin:/bin"})
 
 
+def exit_status(chat: pexpect.spawn) -> int | None:
+    """The program's exit status once it ended by itself (after its output closed, it may still be exiting)."""
+    chat.expect(pexpect.EOF)
+    status = chat.wait()
+    chat.close()
+    return status
+
+
 def wait_for(condition, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -63,17 +71,14 @@ def test_a_terminal_chat_streams_stops_and_keeps_going(smol_server, tmp_path):
         chat.sendintr()  # at the prompt: a fresh prompt, not an exit
         chat.expect("› ")
         chat.sendeof()
-        chat.expect(pexpect.EOF)
+        assert exit_status(chat) == 0
     finally:
         chat.close()
-    assert chat.exitstatus == 0
 
 
 def test_a_server_that_refuses_ends_it_with_the_servers_message(smol_server):
     chat = spawn("--url", smol_server.url + "/nowhere")
-    chat.expect(pexpect.EOF)
-    chat.close()
-    assert chat.exitstatus != 0 and "qwen-serve chat: 404" in chat.before
+    assert exit_status(chat) != 0 and "qwen-serve chat: 404" in chat.before
 
 
 def test_help_describes_the_options():
@@ -84,18 +89,14 @@ def test_help_describes_the_options():
 
 def test_an_api_key_is_sent_and_a_missing_one_reported(keyed_server):
     refused = spawn("--url", keyed_server.url)
-    refused.expect(pexpect.EOF)
-    refused.close()
-    assert refused.exitstatus != 0 and "401" in refused.before
+    assert exit_status(refused) != 0 and "401" in refused.before
     chat = spawn("--url", keyed_server.url, "--api-key", API_KEY, "--temperature", "0")
     chat.expect(f"Chatting with {SMOL_NAME}")
     chat.sendline("Which city is the capital of Germany?")
     chat.expect("Berlin")
     chat.expect("› ")
     chat.sendeof()
-    chat.expect(pexpect.EOF)
-    chat.close()
-    assert chat.exitstatus == 0
+    assert exit_status(chat) == 0
 
 
 def test_a_model_served_in_process(smollm2_gguf):
@@ -105,6 +106,4 @@ def test_a_model_served_in_process(smollm2_gguf):
     chat.expect("Berlin")
     chat.expect("› ")
     chat.sendline("/exit")
-    chat.expect(pexpect.EOF)
-    chat.close()
-    assert chat.exitstatus == 0
+    assert exit_status(chat) == 0
