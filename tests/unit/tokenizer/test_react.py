@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from itertools import pairwise
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import load_fixture
+from tests.unit.tokenizer.chunking import fed_in_pieces
 from tokenizer.chat import build_chatml_prompt
 from tokenizer.react import (
     REACT_INSTRUCTION,
@@ -127,11 +126,7 @@ STREAM_TEXTS = [c["raw_output"].split("Observation:")[0] for c in VECTORS["parse
 @settings(max_examples=400, deadline=None)
 def test_streamed_reply_reassembles_to_parse(text, cuts):
     parser = ReplyStreamParser()
-    bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
-    deltas = []
-    for start, end in pairwise(bounds):
-        deltas += parser.feed(text[start:end])
-    deltas += parser.finish()
+    deltas = fed_in_pieces(parser, text, cuts)
     expected = parse_reply(text)
     content, name, arguments = reassemble(deltas)
     assert content == expected.content

@@ -3,11 +3,10 @@ inside the thought, and streams that reassemble to the whole-text split however 
 
 from __future__ import annotations
 
-import itertools
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.tokenizer.chunking import fed_in_pieces
 from tokenizer.reasoning import ReasoningSplitter, prompt_opens_thought, split_reasoning
 
 
@@ -53,10 +52,6 @@ TEXTS = [("<think>\nStep one.\nStep two.\n</think>\n\nDone.", False), ("x</think
 def test_streamed_pieces_reassemble_to_the_whole_split(case, cuts):
     text, in_thought = case
     splitter = ReasoningSplitter(in_thought)
-    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
-    pieces = []
-    for start, end in itertools.pairwise(bounds):
-        pieces += splitter.feed(text[start:end])
-    pieces += splitter.finish()
+    pieces = fed_in_pieces(splitter, text, cuts)
     assert ("".join(p.reasoning for p in pieces), "".join(p.content for p in pieces)) == \
         split_reasoning(text, in_thought)

@@ -3,12 +3,12 @@ whole-text reading however the text is cut."""
 
 from __future__ import annotations
 
-import itertools
 import json
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.unit.tokenizer.chunking import fed_in_pieces
 from tokenizer.react import FunctionCall
 from tokenizer.tool_calls import ToolCallStreamParser, parse_tool_calls
 
@@ -65,11 +65,7 @@ TEXTS = ["Let me check.\n" + WEATHER, WEATHER + "\n" + TIME, "Sure! " + WEATHER 
 @given(text=st.sampled_from(TEXTS), cuts=st.lists(st.integers(0, 200), max_size=12))
 def test_streamed_pieces_reassemble_to_the_whole_reading(text, cuts):
     parser = ToolCallStreamParser()
-    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
-    pieces = []
-    for start, end in itertools.pairwise(bounds):
-        pieces += parser.feed(text[start:end])
-    pieces += parser.finish()
+    pieces = fed_in_pieces(parser, text, cuts)
     whole = parse_tool_calls(text)
     assert "".join(p.content for p in pieces) == whole.content
     calls = [p for p in pieces if p.is_call]

@@ -9,6 +9,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.tokenizer.chunking import fed_in_pieces
 from tokenizer.call_pieces import FunctionCall, assemble
 from tokenizer.xml_tool_calls import XmlToolCallStreamParser, convert_value, parse_xml_tool_calls
 
@@ -90,11 +91,7 @@ TEXTS = ["Let me check.\n" + WEATHER, WEATHER + "\n" + TIME, "Sure! " + TIME + "
 @settings(max_examples=400, deadline=None)
 def test_streamed_pieces_reassemble_to_the_whole_reading(text, cuts):
     parser = XmlToolCallStreamParser(SCHEMAS)
-    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
-    pieces = []
-    for start, end in itertools.pairwise(bounds):
-        pieces += parser.feed(text[start:end])
-    pieces += parser.finish()
+    pieces = fed_in_pieces(parser, text, cuts)
     assert assemble(pieces) == parse_xml_tool_calls(text, SCHEMAS)
     calls = [p.index for p in pieces if p.name is not None]
     assert calls == list(range(len(calls)))
