@@ -129,49 +129,67 @@ def generate(client: ChatClient, body: dict, console: Console) -> Reply:
 
 def run(client: ChatClient, args: argparse.Namespace, console: Console,
         prompt: Callable[[str], str] = input) -> None:
-    model = client.model()
-    console.print(f"Chatting with {model}. {HELP}", style="bold", markup=False)
-    conversation = Conversation(system=args.system or "")
+    session = ChatSession(client, client.model(), args, console)
+    console.print(f"Chatting with {session.model}. {HELP}", style="bold", markup=False)
     while True:
         try:
-            text = read_message(prompt)
-        except KeyboardInterrupt:
-            console.print()
-            continue
+            if not session.handle(read_message(prompt)):
+                return
+        except KeyboardInterrupt:  # at the prompt (or between two commands): a fresh prompt, not an exit
+            with contextlib.suppress(KeyboardInterrupt):
+                console.print()
         except EOFError:
             console.print()
             return
-        if not text:
-            continue
+
+
+class ChatSession:
+    """One conversation: commands and messages in, replies out."""
+
+    def __init__(self, client: ChatClient, model: str, args: argparse.Namespace, console: Console) -> None:
+        self.client, self.model, self.args, self.console = client, model, args, console
+        self.conversation = Conversation(system=args.system or "")
+
+    def handle(self, text: str) -> bool:
+        """Act on one input; False when the user leaves."""
         command, _, rest = text.partition(" ")
+        if not text:
+            return True
         if command == "/exit":
-            return
+            return False
         if command == "/reset":
-            conversation.messages.clear()
-            console.print("(conversation reset)", style="dim", markup=False)
-            continue
-        if command == "/system":
-            conversation.system = rest.strip()
-            console.print(f"(system prompt {'set' if conversation.system else 'cleared'})", style="dim", markup=False)
-            continue
-        if command == "/save":
-            if not rest.strip():
-                console.print("usage: /save FILE", style="red", markup=False)
-                continue
-            conversation.save(Path(rest.strip()))
-            console.print(f"(saved to {rest.strip()})", style="dim", markup=False)
-            continue
-        conversation.messages.append({"role": "user", "content": text})
-        body = {"model": model, "messages": conversation.request_messages(), "max_tokens": args.max_tokens}
-        if args.temperature is not None:
-            body["temperature"] = args.temperature
+            self.conversation.messages.clear()
+            self._note("(conversation reset)")
+        elif command == "/system":
+            self.conversation.system = rest.strip()
+            self._note(f"(system prompt {'set' if self.conversation.system else 'cleared'})")
+        elif command == "/save":
+            if rest.strip():
+                self.conversation.save(Path(rest.strip()))
+                self._note(f"(saved to {rest.strip()})")
+            else:
+                self.console.print("usage: /save FILE", style="red", markup=False)
+        else:
+            self._ask(text)
+        return True
+
+    def _note(self, text: str) -> None:
+        self.console.print(text, style="dim", markup=False)
+
+    def _ask(self, text: str) -> None:
+        messages = self.conversation.messages
+        messages.append({"role": "user", "content": text})
+        body = {"model": self.model, "messages": self.conversation.request_messages(),
+                "max_tokens": self.args.max_tokens}
+        if self.args.temperature is not None:
+            body["temperature"] = self.args.temperature
         try:
-            reply = generate(client, body, console)
+            reply = generate(self.client, body, self.console)
         except (ChatError, httpx.HTTPError) as exc:
-            conversation.messages.pop()
-            console.print(f"error: {exc}", style="red", markup=False)
-            continue
-        conversation.messages.append({"role": "assistant", "content": reply.content})
+            messages.pop()
+            self.console.print(f"error: {exc}", style="red", markup=False)
+            return
+        messages.append({"role": "assistant", "content": reply.content})
 
 
 @contextlib.contextmanager

@@ -66,6 +66,7 @@ def test_a_terminal_chat_streams_stops_and_keeps_going(smol_server, tmp_path):
         chat.expect_exact("(conversation reset)")
         chat.sendline(f"/save {saved}")
         chat.expect_exact("(saved to")
+        chat.expect("› ")
         assert json.loads(saved.read_text())["messages"] == []
 
         chat.sendintr()  # at the prompt: a fresh prompt, not an exit
