@@ -74,7 +74,7 @@ class ModelRunner:
             start, stop = extra  # type: ignore[misc]
             return self.model.head(self._hidden[start:stop])
         assert ints is not None and shape is not None
-        token_ids, inputs = self.step_inputs(to_device(ints, torch.long, self.device), shape)
+        token_ids, inputs = self.inputs(ints, shape)
         if command is Command.HIDDEN:
             self._hidden = self.model.hidden(token_ids, inputs, self.kv_cache.layers)
             return self._hidden
@@ -112,8 +112,11 @@ class ModelRunner:
         return self.host_ints(batch, width), shape
 
     def prepare(self, batch: list[Sequence]) -> tuple[torch.Tensor, StepInputs]:
+        """The step's tensors (``plan``, then ``inputs``)."""
+        return self.inputs(*self.plan(batch))
+
+    def inputs(self, ints: np.ndarray, shape: StepShape) -> tuple[torch.Tensor, StepInputs]:
         """The step's tensors, from one host-to-device copy of every integer it needs (no host sync on CUDA)."""
-        ints, shape = self.plan(batch)
         return self.step_inputs(to_device(ints, torch.long, self.device), shape)
 
     def step_inputs(self, packed: torch.Tensor, shape: StepShape) -> tuple[torch.Tensor, StepInputs]:

@@ -51,10 +51,9 @@ def plan_chat(service: ModelService, body: ChatCompletionRequest, limits: Limits
     grammar = service.compile_grammar(reply_grammar(body, plan, limits))
     if grammar is not None:
         params = dataclasses.replace(params, grammar=grammar)
-    forced_call = plan is not None and plan.required  # the reply starts with the call, not a thought
-    in_thought = service.thinks and not forced_call and prompt_opens_thought(prompt.tail)
-    return ChatPlan(prompt.token_ids, stops, params, plan, thinks=service.thinks and not forced_call,
-                    in_thought=in_thought)
+    thinks = service.thinks and not (plan is not None and plan.required)  # a required call starts the reply
+    return ChatPlan(prompt.token_ids, stops, params, plan, thinks=thinks,
+                    in_thought=thinks and prompt_opens_thought(prompt.tail))
 
 
 def template_kwargs(service: ModelService, body: ChatCompletionRequest) -> dict[str, Any]:
