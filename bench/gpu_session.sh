@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The checks to run when a session is lent a GPU (the `device` tool), in one call from the repository root:
-# the CUDA tests, Qwen-7B-Chat shapes dense and Int4 at batch 1 and 64 streams, and a profile of one decode step.
+# the CUDA tests, the int4 matrix-vector kernel's tile sizes measured for this card (the table comes back in $OUT),
+# Qwen-7B-Chat shapes dense and Int4 at batch 1 and 64 streams, and a profile of one decode step.
 # Packages the GPU image lacks travel as wheels in .whl/ (see README "GPU"). Logs go to $OUT (or /tmp/gpu-session).
-# Usage: bash bench/gpu_session.sh [tests] [bench] [kernels] [profile]   (no argument: all four)
+# Usage: bash bench/gpu_session.sh [tests] [tune] [bench] [kernels] [profile]   (no argument: all but kernels)
 set -u
 out=${OUT:-/tmp/gpu-session}
 mkdir -p "$out"
@@ -11,7 +12,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=/tmp/site || exit 1
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-parts=${*:-tests bench kernels profile}
+parts=${*:-tests tune bench profile}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
@@ -22,6 +23,10 @@ if [[ $parts == *tests* ]]; then
         tests/unit/engine/test_triton_int4.py tests/unit/engine/test_cuda.py 2>&1 | tee "$out/tests.log"
     timeout 120 python3 -m pytest -p no:cacheprovider -m cuda -q --timeout 60 tests/unit/engine/test_sampling.py 2>&1 \
         | tee -a "$out/tests.log"
+fi
+if [[ $parts == *tune* ]]; then
+    timeout 300 python3 bench/int4_gemv_tune.py 2>&1 | tee "$out/tune.log"
+    cp engine/kernels/int4_gemv_tuned.json "$out/"
 fi
 if [[ $parts == *bench* ]]; then
     for weights in "dense" "int4 --int4-kernel triton" "int4 --int4-kernel tinygemm"; do
@@ -34,8 +39,8 @@ if [[ $parts == *kernels* ]]; then
     timeout 120 python3 bench/int4_kernels.py 2>&1 | tee "$out/int4-kernels.log"
 fi
 if [[ $parts == *profile* ]]; then
-    for weights in dense int4; do
-        timeout 90 python3 bench/step_profile.py --device cuda --layers 4 --batch 1 --weights "$weights" 2>&1 \
-            | tee "$out/profile-$weights.log"
+    for kernel in triton; do
+        timeout 90 python3 bench/step_profile.py --device cuda --layers 4 --batch 1 --weights int4 \
+            --int4-kernel "$kernel" 2>&1 | tee "$out/profile-$kernel.log"
     done
 fi

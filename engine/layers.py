@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.kernels import triton_int4
+from engine.kernels import triton_int4, triton_int4_gemv
 from engine.kernels.native import RowKernel
 from engine.kernels.q4q8 import PackedQ4, Q4Q8Matmul
 from engine.kernels.q8head import Q8Matmul
@@ -70,8 +70,9 @@ class CudaInt4Linear(Int4Linear):
 
 
 class TritonInt4Linear(nn.Module):
-    """Weight-only int4 linear on the Triton kernel (``kernels/triton_int4``): GPTQ's packing, bf16/fp16
-    activations, split input axis for few rows."""
+    """Weight-only int4 linear on the Triton kernels: GPTQ's packing, bf16/fp16 activations; a matrix-vector
+    kernel up to the rows it wins at on this card (``kernels/triton_int4_gemv``, tile sizes measured per card),
+    the tensor-core tile kernel (``kernels/triton_int4``) beyond."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None) -> None:
@@ -81,11 +82,18 @@ class TritonInt4Linear(nn.Module):
         self.register_buffer("offsets", offsets)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.group_size = group_size
+        in_features, out_features = qweight.shape[0] * 8, qweight.shape[1]
+        self.gemv = triton_int4_gemv.config_for(qweight.device, in_features, out_features, group_size)
+        fits = self.gemv.fits(in_features, out_features, group_size)
+        self.gemv_rows = triton_int4_gemv.max_rows(qweight.device) if fits else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = triton_int4.int4_matmul(x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scales, self.offsets,
-                                    self.group_size)
+        rows = x.reshape(-1, shape[-1]).contiguous()
+        if rows.shape[0] <= self.gemv_rows:
+            y = triton_int4_gemv.int4_gemv(rows, self.qweight, self.scales, self.offsets, self.group_size, self.gemv)
+        else:
+            y = triton_int4.int4_matmul(rows, self.qweight, self.scales, self.offsets, self.group_size)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], y.shape[-1])

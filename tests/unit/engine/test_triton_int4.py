@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first built
 
-from engine.kernels import triton_decode, triton_int4
+from engine.kernels import triton_decode, triton_int4, triton_int4_gemv
 from engine.layers import TritonInt4Linear
 from engine.weights.int4 import TRITON_INT4, Int4Weight
 from engine.weights.loader import load_model
@@ -70,3 +70,61 @@ def test_bf16_checkpoints_run_packed_on_the_triton_kernel(name, packed):
     loaded = load_model(str(QUANT / name), dtype=torch.bfloat16, device=DEVICE, int4_kernel=TRITON_INT4)
     assert any(isinstance(m, TritonInt4Linear) for m in loaded.model.modules()) == packed
     assert logit_error(loaded, name) < 0.3
+
+
+GEMV_CONFIGS = [  # each kernel variant: split input axis or not, nibbles through 2^23's mantissa or converted
+    triton_int4_gemv.GemvConfig(block_n=64, block_k=64, split_k=4, magic=True),
+    triton_int4_gemv.GemvConfig(block_n=32, block_k=128, split_k=1, magic=False),
+    triton_int4_gemv.GemvConfig(block_n=128, block_k=32, split_k=2, magic=False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=str)
+def test_matrix_vector_kernel_matches_the_fp64_product(dtype, config):
+    """The few-row kernel under the same 1e-2 bound as the tile kernel (its error is the output's rounding: it
+    accumulates the dequantized weights in fp32), for one to three rows and groups of 128."""
+    weight = random_int4(256, 512, 128, seed=7)
+    qweight, scales, offsets = triton_int4.pack(weight, DEVICE, dtype)
+    dense = weight.q.double().view(256, -1, 128) * scales.cpu().double().T[..., None]
+    dense = (dense + offsets.cpu().double().T[..., None]).view(256, 512)
+    for rows in (1, 3):
+        x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        expected = x.double() @ dense.T
+        out = triton_int4_gemv.int4_gemv(x.to(DEVICE), qweight, scales, offsets, 128, config)
+        assert out.dtype == dtype and out.shape == (rows, 256)
+        assert ((out.cpu().double() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_the_linear_runs_one_row_on_the_matrix_vector_kernel_and_more_on_the_tile_kernel(monkeypatch):
+    weight = random_int4(128, 256, 64, seed=2)
+    linear = TritonInt4Linear(*triton_int4.pack(weight, DEVICE, torch.bfloat16), 64, None)
+    calls = []
+    for module, name in ((triton_int4_gemv, "int4_gemv"), (triton_int4, "int4_matmul")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
+    x = torch.randn(2, 256, dtype=torch.bfloat16, device=DEVICE)
+    one, two = linear(x[:1]), linear(x)
+    assert calls == ["int4_gemv", "int4_matmul"]
+    assert ((one.float() - two[:1].float()).norm() / two.float().norm()).item() < 1e-2
+
+
+def test_tuned_configs_are_read_per_card_and_shape_with_a_rule_of_thumb_elsewhere(tmp_path, monkeypatch):
+    tuned = triton_int4_gemv.GemvConfig(block_n=256, block_k=64, split_k=8, num_warps=8, num_stages=3, magic=False)
+    table = tmp_path / "tuned.json"
+    triton_int4_gemv.save_table("NVIDIA H200", {"4096x11008": tuned}, 4, table)
+    monkeypatch.setattr(triton_int4_gemv, "TUNED", table)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    triton_int4_gemv.tuned_tables.cache_clear()
+    cuda = torch.device("cuda")
+    try:
+        assert triton_int4_gemv.config_for(cuda, 11008, 4096, 128) == tuned
+        assert triton_int4_gemv.max_rows(cuda) == 4
+        fallback = triton_int4_gemv.config_for(cuda, 4096, 12288, 128)
+        assert fallback == triton_int4_gemv.default_config(4096, 12288, 128)
+        assert fallback.fits(4096, 12288, 128) and fallback.split_k > 1
+        tile_over_groups = triton_int4_gemv.config_for(cuda, 11008, 4096, 32)  # the tuned tile spans two groups
+        assert tile_over_groups == triton_int4_gemv.default_config(11008, 4096, 32) and tile_over_groups.block_k == 32
+        assert triton_int4_gemv.max_rows(torch.device("cpu")) == 1
+    finally:
+        triton_int4_gemv.tuned_tables.cache_clear()
