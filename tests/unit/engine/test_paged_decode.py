@@ -28,6 +28,14 @@ BLOCK = 16
 LOGITS_ATOL = 1e-4 if DEVICE.type == "cpu" else 1e-3  # the CUDA tests' bound: other summation orders, TF32 off
 
 
+@pytest.fixture(autouse=True)
+def two_shares_under_the_interpreter(monkeypatch):
+    """The interpreter runs a grid one program at a time, so on CPU the model-level tests split each head's keys in
+    at most two shares (the kernel test below covers 1, 2 and 16)."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(triton_decode, "MAX_SPLITS", 2)
+
+
 def reference_attention(q: torch.Tensor, cache: LayerCache, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     """fp64 softmax(q k^T / sqrt(D)) v over each row's keys (as the cache means them), looked up page by page."""
     heads, kv_heads, dim = q.shape[1], cache.k.shape[1], q.shape[2]
@@ -49,11 +57,16 @@ def on_device(cache: LayerCache) -> LayerCache:
 
 @pytest.mark.parametrize("int8", [False, True], ids=["model-dtype-cache", "int8-cache"])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-6), (torch.bfloat16, 2**-8)])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (8, 2, 64), (4, 1, 128)])
-def test_kernel_matches_fp64_attention_over_scattered_pages(dtype, bound, heads, kv_heads, dim, int8):
+@pytest.mark.parametrize("heads,kv_heads,dim,programs", [(4, 4, 16, triton_decode.TARGET_PROGRAMS), (8, 2, 64, 80),
+                                                         (4, 1, 128, 1)])
+def test_kernel_matches_fp64_attention_over_scattered_pages(dtype, bound, heads, kv_heads, dim, programs, int8,
+                                                            monkeypatch):
     """Lengths of one key, around a tile edge and over several tiles; pages in random order; a cache in the queries'
-    dtype or int8 with a scale per slot and head (the CPU layout); relative error against fp64 attention over what
-    the cache holds: under 1e-6 for fp32 queries, 2^-8 (the output rounding) for bf16."""
+    dtype or int8 with a scale per slot and head (the CPU layout); keys split in 16, 2 or 1 shares; relative error
+    against fp64 attention over what the cache holds: under 1e-6 for fp32 queries, 2^-8 (the output rounding) for
+    bf16."""
+    monkeypatch.setattr(triton_decode, "TARGET_PROGRAMS", programs)
+    monkeypatch.setattr(triton_decode, "MAX_SPLITS", 16)
     generator = torch.Generator().manual_seed(heads * dim)
     lens = torch.tensor([1, TILE - 1, TILE, TILE + 1, 3 * TILE + 7], dtype=torch.int32)
     pages = 40
