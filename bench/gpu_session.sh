@@ -20,7 +20,8 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 
 if [[ $parts == *tests* ]]; then
     timeout 240 python3 -m pytest -p no:cacheprovider -q --timeout 120 tests/unit/engine/test_paged_decode.py \
-        tests/unit/engine/test_triton_int4.py tests/unit/engine/test_cuda.py 2>&1 | tee "$out/tests.log"
+        tests/unit/engine/test_triton_int4.py tests/unit/engine/test_triton_rope.py tests/unit/engine/test_triton_norm.py \
+        tests/unit/engine/test_cuda.py 2>&1 | tee "$out/tests.log"
     timeout 120 python3 -m pytest -p no:cacheprovider -m cuda -q --timeout 60 tests/unit/engine/test_sampling.py 2>&1 \
         | tee -a "$out/tests.log"
 fi
@@ -39,7 +40,7 @@ if [[ $parts == *kernels* ]]; then
     timeout 120 python3 bench/int4_kernels.py 2>&1 | tee "$out/int4-kernels.log"
 fi
 if [[ $parts == *profile* ]]; then
-    for kernel in triton; do
+    for kernel in tinygemm triton; do
         timeout 90 python3 bench/step_profile.py --device cuda --layers 4 --batch 1 --weights int4 \
             --int4-kernel "$kernel" 2>&1 | tee "$out/profile-$kernel.log"
     done

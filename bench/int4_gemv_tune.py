@@ -30,8 +30,8 @@ SHAPES = {  # (out, in) of the fused layers
 MORE_SHAPES = {"qwen2-7b qkv": (4608, 3584), "qwen2-7b o_proj": (3584, 3584), "qwen2-7b gate_up": (37888, 3584),
                "qwen2-7b down": (3584, 18944)}
 GROUP = 128
-TILES = [(n, k, s) for n, k, s in itertools.product((64, 128, 256), (32, 64, 128), (1, 2, 4, 8))
-         if n * k <= 16384]
+TILES = [(n, k, s) for n, k, s in itertools.product((64, 128, 256, 512), (32, 64, 128), (1, 4, 8, 16, 32))
+         if n * k <= 32768]
 LAUNCH = [(w, st, m) for w, st, m in itertools.product((2, 4, 8), (1, 3), (True, False))]
 FLUSH_BYTES = 256 << 20  # weight copies cycled through: over twice an H200's 60 MB of L2
 

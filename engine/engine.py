@@ -16,7 +16,6 @@ import torch
 from engine.cuda_graphs import DecodeGraphs
 from engine.device import select_device, select_dtype
 from engine.kernels import triton_decode
-from engine.kernels.triton_decode import TritonPagedAttention
 from engine.kv_cache import BlockManager
 from engine.kv_store import kv_bytes_per_token
 from engine.layers import qwen_ntk_alpha
@@ -123,7 +122,7 @@ class LLMEngine:
         if leader is not None:
             leader.setup(num_blocks, self.config.block_size, self.config.kv_cache_dtype)
             self.runner.followers = leader
-        self._use_paged_decode()
+        self._use_cuda_kernels()
         self.scheduler = Scheduler(self.blocks, self.config.scheduler, self._cache_key)
         vocab_limit = self.tokenizer.vocab_size if self.tokenizer is not None else None
         self.sampler = Sampler(vocab_limit)
@@ -171,15 +170,15 @@ class LLMEngine:
             self.leader.close()
             self.leader = None
 
-    def _use_paged_decode(self) -> None:
-        """On CUDA, decode steps read the paged cache through the Triton kernel and, unless ``enforce_eager``,
-        replay CUDA graphs."""
-        c, model = self.model_config, self.runner.model
-        if (self.device.type != "cuda" or not triton_decode.available()
-                or not triton_decode.fits(c.head_dim, self.config.block_size)):
+    def _use_cuda_kernels(self) -> None:
+        """On CUDA, the model's Triton kernels (``DecoderModel.use_triton_kernels``) and, unless ``enforce_eager``,
+        decode steps replayed from CUDA graphs."""
+        model = self.runner.model
+        if self.device.type != "cuda" or not triton_decode.available():
             return
-        model.use_paged_decode(lambda: TritonPagedAttention(c.num_heads, c.num_kv_heads, c.head_dim,
-                                                            self.config.block_size))
+        model.use_triton_kernels(self.config.block_size)
+        if not model.uses_paged_decode:
+            return
         if not self.config.enforce_eager and model.graph_safe and self.leader is None:
             self.runner.use_decode_graphs(DecodeGraphs(self.runner, self.config.scheduler.max_num_seqs,
                                                        self.max_model_len))

@@ -8,21 +8,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.kernels import triton_int4, triton_int4_gemv
+from engine.kernels import triton_int4, triton_int4_gemv, triton_norm
 from engine.kernels.native import RowKernel
 from engine.kernels.q4q8 import PackedQ4, Q4Q8Matmul
 from engine.kernels.q8head import Q8Matmul
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, in one fused op (accumulating in fp32)."""
+    """x * rsqrt(mean(x^2) + eps) * weight, in one fused op (accumulating in fp32); on the Triton kernel when
+    ``triton`` is set (CUDA)."""
 
     def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
         self.eps = eps
+        self.triton = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton:
+            return triton_norm.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 

@@ -18,9 +18,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.config import ModelConfig
+from engine.kernels import triton_decode, triton_norm, triton_rope
 from engine.kernels.attention import PagedDecodeAttention
 from engine.kernels.flash import VarlenAttention, VarlenKernel
 from engine.kernels.triton_decode import TritonPagedAttention
+from engine.kernels.triton_rope import TritonRopeStore
 from engine.kv_store import LayerCache
 from engine.layers import RMSNorm, apply_rotary
 from engine.parallel import VocabParallel
@@ -91,7 +93,9 @@ class Attention(nn.Module):
     """Attention over the paged cache. ``decode_attention``: a kernel that reads the paged cache directly, used
     for padded-layout steps where every sequence has one new token (set by the builder where the native kernels
     run); ``varlen_attention``: flash-attn's varlen kernel, for every step of a ``VarlenLayout``; ``paged_attention``:
-    a kernel over the block tables of a ``PagedLayout`` (decode steps on CUDA); otherwise gather + masked SDPA."""
+    a kernel over the block tables of a ``PagedLayout`` (decode steps on CUDA); otherwise gather + masked SDPA.
+    ``rope_store``: one kernel for the head norms, RoPE, logN and the cache write (CUDA; caches in the model's
+    dtype), else torch ops."""
 
     def __init__(self, config: ModelConfig, qkv: nn.Module, o_proj: nn.Module) -> None:
         super().__init__()
@@ -100,6 +104,7 @@ class Attention(nn.Module):
         self.k_norm: RMSNorm | None = None
         self.varlen_attention: VarlenAttention | None = None
         self.paged_attention: TritonPagedAttention | None = None
+        self.rope_store: TritonRopeStore | None = None
         self.qkv = qkv
         self.o_proj = o_proj
         self.num_heads = config.num_heads
@@ -108,11 +113,26 @@ class Attention(nn.Module):
         self.split = (config.q_size, config.kv_size, config.kv_size)
 
     def forward(self, x: torch.Tensor, step: StepInputs, cache: LayerCache) -> torch.Tensor:
-        n, layout = x.shape[0], step.layout
+        layout = step.layout
         qkv = self.qkv(x)
         if isinstance(layout, PaddedLayout) and layout.query_index is None and self.decode_attention is not None:
             return self.o_proj(self.decode_attention(qkv, step.cos, step.sin, step.logn, step.write_slots, cache,
                                                      layout.kv_slots, layout.kv_lens))
+        if self.rope_store is not None and not cache.quantized:
+            q = self.rope_store(qkv, step.cos, step.sin, step.logn, step.write_slots, cache, self.q_norm, self.k_norm)
+        else:
+            q = self.rotate_and_store(qkv, step, cache)
+        if isinstance(layout, VarlenLayout):
+            assert self.varlen_attention is not None, "the runner builds varlen layouts for varlen models only"
+            return self.o_proj(self.varlen_attention(q, cache, layout))
+        if isinstance(layout, PagedLayout):
+            assert self.paged_attention is not None, "the runner builds paged layouts for paged models only"
+            return self.o_proj(self.paged_attention(q, cache, layout.block_tables, layout.kv_lens))
+        return self.o_proj(self.padded_attention(q, cache, layout))
+
+    def rotate_and_store(self, qkv: torch.Tensor, step: StepInputs, cache: LayerCache) -> torch.Tensor:
+        """Head norms, RoPE and logN with torch ops; keys and values written to the cache. The queries [N, heads, D]."""
+        n = qkv.shape[0]
         q_size, kv_size, _ = self.split
         qk = qkv[:, : q_size + kv_size].view(n, -1, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
@@ -123,13 +143,7 @@ class Attention(nn.Module):
         if step.logn is not None:
             q = q * step.logn
         cache.write(step.write_slots, k, v.view(n, self.num_kv_heads, self.head_dim))
-        if isinstance(layout, VarlenLayout):
-            assert self.varlen_attention is not None, "the runner builds varlen layouts for varlen models only"
-            return self.o_proj(self.varlen_attention(q, cache, layout))
-        if isinstance(layout, PagedLayout):
-            assert self.paged_attention is not None, "the runner builds paged layouts for paged models only"
-            return self.o_proj(self.paged_attention(q, cache, layout.block_tables, layout.kv_lens))
-        return self.o_proj(self.padded_attention(q, cache, layout))
+        return q
 
     def padded_attention(self, q: torch.Tensor, cache: LayerCache, layout: PaddedLayout) -> torch.Tensor:
         """Masked SDPA over left-padded queries and keys; [N, heads * D] in packed order."""
@@ -149,14 +163,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+    """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up fused into one matmul; the activation on one Triton
+    kernel when ``triton`` is set (CUDA)."""
 
     def __init__(self, gate_up: nn.Module, down: nn.Module) -> None:
         super().__init__()
         self.gate_up = gate_up
         self.down = down
+        self.triton = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton:
+            return self.down(triton_norm.silu_and_mul(self.gate_up(x)))
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
@@ -245,6 +263,27 @@ class DecoderModel(nn.Module):
         """Decode steps on the kernel ``make`` builds (one per layer), or on the step's other layout (None)."""
         for layer in self.layers:
             layer.attn.paged_attention = None if make is None else make()
+
+    def use_triton_kernels(self, block_size: int) -> None:
+        """The CUDA step's Triton kernels: decode attention over the paged cache, one kernel for each layer's head
+        norms, RoPE, logN and cache write, RMSNorms and SwiGLU activations (each where the shapes fit it)."""
+        c = self.config
+        if triton_decode.fits(c.head_dim, block_size):
+            self.use_paged_decode(lambda: TritonPagedAttention(c.num_heads, c.num_kv_heads, c.head_dim, block_size))
+        if triton_rope.fits(c.head_dim):
+            self.use_rope_store(lambda: TritonRopeStore(c.num_heads, c.num_kv_heads, c.head_dim))
+        self.use_triton_elementwise(True)
+
+    def use_triton_elementwise(self, enabled: bool) -> None:
+        """RMSNorms and SwiGLU activations on their Triton kernels (CUDA), or torch ops."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm | MLP):
+                module.triton = enabled
+
+    def use_rope_store(self, make: Callable[[], TritonRopeStore] | None) -> None:
+        """Head norms, RoPE, logN and the cache write on the kernel ``make`` builds (one per layer), or torch ops."""
+        for layer in self.layers:
+            layer.attn.rope_store = None if make is None else make()
 
     @property
     def uses_varlen(self) -> bool:

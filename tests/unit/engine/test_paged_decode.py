@@ -19,6 +19,7 @@ from engine.kernels.triton_decode import TILE, TritonPagedAttention
 from engine.kv_store import LayerCache
 from tests.conftest import load_fixture
 from tests.unit.engine.conftest import QWEN1_MODEL, decode_alone
+from tests.unit.engine.test_models_vs_transformers import CONFIGS, write_checkpoint
 
 pytestmark = pytest.mark.skipif(not triton_decode.available(), reason="needs triton")
 CASES = load_fixture("qwen1/cases.json")["cases"]
@@ -86,13 +87,12 @@ def test_kernel_matches_fp64_attention_over_scattered_pages(dtype, bound, heads,
 
 
 def paged_qwen1(kv_cache_dtype: str = "auto") -> LLM:
-    """The fp32 Qwen-1 reference model on ``DEVICE`` with decode steps on the kernel (no graphs: they are set up
-    by each test)."""
+    """The fp32 Qwen-1 reference model on ``DEVICE`` with the CUDA step's Triton kernels: decode on the paged
+    kernel, every step's RoPE, logN and cache write on the fused kernel, RMSNorm and SwiGLU on theirs (no graphs:
+    they are set up by each test)."""
     llm = LLM(str(QWEN1_MODEL), dtype="float32", device=DEVICE,
               config=EngineConfig(enforce_eager=True, kv_cache_dtype=kv_cache_dtype))
-    c = llm.engine.model_config
-    llm.engine.runner.model.use_paged_decode(lambda: TritonPagedAttention(c.num_heads, c.num_kv_heads, c.head_dim,
-                                                                          BLOCK))
+    llm.engine.runner.model.use_triton_kernels(BLOCK)
     return llm
 
 
@@ -106,7 +106,9 @@ def test_paged_decode_gives_the_oracle_logits_and_tokens(qwen1_logits, case):
     """Every decode step through the kernel (Qwen-1's logN and dynamic NTK included), within the reference tests'
     1e-4 of the recorded logits (CUDA: 1e-3)."""
     engine = paged_qwen1().engine
-    assert engine.runner.model.uses_paged_decode
+    layer = engine.runner.model.layers[0]
+    assert engine.runner.model.uses_paged_decode and layer.attn.rope_store is not None
+    assert layer.attn_norm.triton and layer.mlp.triton
     tokens, logits = decode_alone(engine, case["prompt_ids"], GREEDY)
     assert tokens == case["new_ids"]
     torch.testing.assert_close(logits.cpu(), qwen1_logits[case["decode_logits_key"]], atol=LOGITS_ATOL,
@@ -153,9 +155,27 @@ def test_an_int8_cache_decodes_alike_through_the_kernel_and_the_padded_path():
     int8 = EngineConfig(enforce_eager=True, kv_cache_dtype="int8")
     padded = LLM(str(QWEN1_MODEL), dtype="float32", device=DEVICE, config=int8)
     padded.engine.runner.model.use_paged_decode(None)
+    padded.engine.runner.model.use_triton_elementwise(True)  # the same norms and activations: only attention differs
     paged = paged_qwen1(kv_cache_dtype="int8")
     for case in CASES:
         tokens, logits = decode_alone(paged.engine, case["prompt_ids"], GREEDY)
         reference_tokens, reference_logits = decode_alone(padded.engine, case["prompt_ids"], GREEDY)
         assert tokens == reference_tokens
         torch.testing.assert_close(logits, reference_logits, atol=LOGITS_ATOL, rtol=LOGITS_ATOL)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_gqa_and_head_norm_checkpoints_decode_through_the_kernels_as_transformers(tmp_path, arch):
+    """A GQA Qwen2 (q/k/v biases) and a Qwen3 (head norms) on the CUDA step's Triton kernels: greedy tokens of
+    transformers, alone and batched with shorter prompts."""
+    reference = write_checkpoint(tmp_path, CONFIGS[arch](), seed=3)
+    llm = LLM(str(tmp_path), dtype="float32", device=DEVICE, config=EngineConfig(enforce_eager=True))
+    llm.engine.runner.model.use_triton_kernels(BLOCK)
+    prompt = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompts = [prompt, prompt[:23], prompt[:7]]
+    with torch.inference_mode():
+        expected = [reference.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
+                                       pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert llm.generate([prompt], params)[0].token_ids == expected[0]
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
