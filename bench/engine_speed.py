@@ -101,7 +101,7 @@ def shape_report(args: argparse.Namespace) -> None:
     kernel = (args.int4_kernel or int4_kernel_for(device, dtype, args.cpu_isa)) if args.weights == "int4" else None
     if args.weights == "int4" and kernel is None:
         raise SystemExit(f"no int4 kernel for {dtype} on {device}")
-    loaded = random_qwen_7b(device, dtype, args.layers, int4_kernel=kernel)
+    loaded = random_qwen_7b(device, dtype, args.layers, int4_kernel=kernel, act_order=args.act_order)
     weight_bytes = streamed_bytes(loaded.model)
     engine = LLMEngine(loaded, EngineConfig(max_model_len=2048, enforce_eager=args.enforce_eager,
                                             scheduler=SchedulerConfig(max_num_seqs=max(args.concurrency, 1))))
@@ -117,7 +117,9 @@ def shape_report(args: argparse.Namespace) -> None:
     attention = "flash-attn varlen" if loaded.model.uses_varlen else "SDPA"
     if loaded.model.uses_paged_decode:
         attention += " prefill, Triton paged decode" + (", eager" if args.enforce_eager else ", CUDA graphs")
-    linear = type(loaded.model.layers[0].mlp.gate_up).__name__
+    gate_up = loaded.model.layers[0].mlp.gate_up
+    inner = getattr(gate_up, "linear", None)
+    linear = type(gate_up).__name__ + ("" if inner is None else f" of {type(inner).__name__}")
     print(f"Qwen-7B-Chat shapes ({loaded.config.num_layers} layers, random weights), {dtype}, {linear}, {name}, "
           f"{attention} attention; {weight_bytes / 1e9:.2f} GB read per decode step, {n} new tokens per request")
     print(f"batch-1 decode: {decode_rate:7.1f} tok/s; bandwidth bound {bound:7.1f} tok/s "
@@ -141,6 +143,8 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="--shape qwen-7b on CUDA: no CUDA graphs")
     parser.add_argument("--weights", choices=["dense", "int4"], default="dense",
                         help="--shape qwen-7b: dense matrices, or 4-bit ones (as Qwen-7B-Chat-Int4) on the int4 kernel")
+    parser.add_argument("--act-order", action="store_true",
+                        help="--weights int4: GPTQ act-order's input orders (inputs gathered before each product)")
     args = parser.parse_args()
     if args.shape == "qwen-7b":
         return shape_report(args)

@@ -32,7 +32,7 @@ MORE_SHAPES = {"qwen2-7b qkv": (4608, 3584), "qwen2-7b o_proj": (3584, 3584), "q
 GROUP = 128
 TILES = [(n, k, s) for n, k, s in itertools.product((64, 128, 256, 512), (32, 64, 128), (1, 4, 8, 16, 32))
          if n * k <= 32768]
-LAUNCH = [(w, st, m) for w, st, m in itertools.product((2, 4, 8), (1, 3), (True, False))]
+LAUNCH = list(itertools.product((2, 4, 8), (1, 3), (True, False), (True, False)))  # warps, stages, magic, factored
 FLUSH_BYTES = 256 << 20  # weight copies cycled through: over twice an H200's 60 MB of L2
 
 
@@ -91,7 +91,8 @@ def best_config(out_features: int, in_features: int, device: torch.device) -> tu
     tiles = [GemvConfig(block_n=n, block_k=k, split_k=s) for n, k, s in TILES]
     ranked = sorted(((gemv_time(ops, c), c) for c in tiles if c.fits(in_features, out_features, GROUP)),
                     key=lambda pair: pair[0])
-    finalists = [replace(c, num_warps=w, num_stages=st, magic=m) for _, c in ranked[:2] for w, st, m in LAUNCH]
+    finalists = [replace(c, num_warps=w, num_stages=st, magic=m, factored=f) for _, c in ranked[:2]
+                 for w, st, m, f in LAUNCH]
     best_us, best = min(((gemv_time(ops, c), c) for c in finalists), key=lambda pair: pair[0])
     return best, best_us, tinygemm
 

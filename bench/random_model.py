@@ -29,6 +29,8 @@ def random_fill(what: str, shape: tuple[int, ...], dtype: torch.dtype, device: t
     those outputs near unit variance too (w = (q - 8) * scale)."""
     if what == "int4.q":
         return torch.randint(0, 16, shape, dtype=dtype, device=device)
+    if what == "int4.order":
+        return torch.randperm(shape[0], device=device)
     if what in ("int4.scale", "int4.offset"):
         scale = torch.rand(shape, device=device) * (4 / 15) / (shape[1] * GROUP_SIZE) ** 0.5
         return scale if what == "int4.scale" else -8 * scale
@@ -38,12 +40,13 @@ def random_fill(what: str, shape: tuple[int, ...], dtype: torch.dtype, device: t
 
 
 def random_qwen_7b(device: torch.device, dtype: torch.dtype, layers: int | None = None, *,
-                   int4_kernel: str | None = None) -> LoadedModel:
+                   int4_kernel: str | None = None, act_order: bool = False) -> LoadedModel:
     """Qwen-7B-Chat's shapes (``layers`` fewer for a quick run), random weights, no tokenizer; with ``int4_kernel``
-    the layers' matrices are 4-bit and stay packed on that kernel."""
+    the layers' matrices are 4-bit and stay packed on that kernel (``act_order``: with GPTQ act-order's input
+    orders, random permutations)."""
     raw = {**QWEN_7B, "num_hidden_layers": layers or QWEN_7B["num_hidden_layers"]}
     config = ModelConfig.from_hf(raw)
     source = ShapeSource(config, QWEN1_NAMES, device, dtype, fill=random_fill,
-                         int4_group_size=GROUP_SIZE if int4_kernel is not None else None)
+                         int4_group_size=GROUP_SIZE if int4_kernel is not None else None, act_order=act_order)
     model = ModelBuilder(config, source, QWEN1_NAMES, dtype, device, int4_kernel=int4_kernel).build()
     return LoadedModel("qwen-7b-random", Path("."), config, model, None)

@@ -39,6 +39,17 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     return simulated if simulated is not None else torch.cuda.get_device_capability(device)
 
 
+FP8_CAPABILITY = (8, 9)  # the first CUDA cards with fp8 conversions (Ada)
+
+
+def reads_fp8(device: torch.device) -> bool:
+    """Whether an fp8 KV cache can be read here: on CPU (torch's conversions) always, on a CUDA card (or the one a
+    dry run simulates) from sm89 on."""
+    if device.type == "cuda" or _SIMULATED_CAPABILITY.get() is not None:
+        return cuda_capability(device) >= FP8_CAPABILITY
+    return True
+
+
 @contextmanager
 def simulated_capability(capability: tuple[int, int]) -> Iterator[None]:
     """Within: every choice that depends on the CUDA card is made for one of ``capability`` (dry runs, where the

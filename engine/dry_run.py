@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from engine.config import ModelConfig
@@ -45,11 +46,18 @@ def fake_model(config: ModelConfig, *, dtype: torch.dtype, quantization: dict | 
     group = None
     if quantization:
         scheme = QuantScheme.from_config(quantization)
-        if scheme.bits == 4 and not quantization.get("desc_act", False):  # act-order groups load dense
+        if scheme.bits == 4:  # act-order too: its groups are made contiguous at load
             group = scheme.group_size
-    source = ShapeSource(config, names, STAND_IN, dtype, int4_group_size=group)
+    act_order = bool(quantization and quantization.get("desc_act", False))
+    source = ShapeSource(config, names, STAND_IN, dtype, int4_group_size=group, act_order=act_order)
     kernel = int4_kernel_for(CUDA, dtype) if group is not None else None
     return ModelBuilder(config, source, names, dtype, STAND_IN, int4_kernel=kernel).build()
+
+
+def kernel_name(linear: nn.Module) -> str:
+    """The module's class, and the wrapped linear's where it gathers its inputs first (act-order)."""
+    inner = getattr(linear, "linear", None)
+    return type(linear).__name__ + ("" if inner is None else f"({type(inner).__name__})")
 
 
 @dataclass(frozen=True)
@@ -104,8 +112,8 @@ def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: in
         layer = model.layers[0]
         mlp = layer.mlp.experts[0] if isinstance(layer.mlp, SparseMoE) else layer.mlp
         paged = triton_decode.available() and triton_decode.fits(config.head_dim, EngineConfig.block_size)
-        modules = {"attention qkv": type(layer.attn.qkv).__name__, "attention out": type(layer.attn.o_proj).__name__,
-                   "mlp gate/up": type(mlp.gate_up).__name__, "mlp down": type(mlp.down).__name__,
+        modules = {"attention qkv": kernel_name(layer.attn.qkv), "attention out": kernel_name(layer.attn.o_proj),
+                   "mlp gate/up": kernel_name(mlp.gate_up), "mlp down": kernel_name(mlp.down),
                    "lm head": type(model.lm_head).__name__ if model.lm_head is not None else "tied embedding",
                    "decode attention": ("TritonPagedAttention, " + ("CUDA graphs" if model.graph_safe else
                                         "eager (routed experts)")) if paged else "SDPA"}

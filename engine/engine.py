@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from engine.cuda_graphs import DecodeGraphs
-from engine.device import select_device, select_dtype
+from engine.device import reads_fp8, select_device, select_dtype
 from engine.kernels import triton_decode
 from engine.kv_cache import BlockManager
 from engine.kv_store import kv_bytes_per_token
@@ -41,7 +41,7 @@ class EngineConfig:
     max_model_len: int | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     enforce_eager: bool = False  # CUDA: no graphs for decode steps
-    kv_cache_dtype: str = "auto"  # "int8": keys and values in int8 with a scale per slot and head
+    kv_cache_dtype: str = "auto"  # "int8"/"fp8": keys and values in 8 bits with a scale per slot and head
 
 
 @dataclass
@@ -115,6 +115,9 @@ class LLMEngine:
         self.dtype = model.dtype
         self.max_model_len = min(self.config.max_model_len or loaded.config.max_model_len,
                                  loaded.config.max_model_len)
+        if self.config.kv_cache_dtype == "fp8" and not reads_fp8(self.device):
+            raise ValueError("kv_cache_dtype fp8 needs a CUDA card that reads fp8 (sm89: Ada, Hopper and later); "
+                             "use int8 on this one")
         num_blocks = self._num_blocks()
         self.blocks = BlockManager(num_blocks, self.config.block_size)
         self.runner = ModelRunner(model, model.config, num_blocks, self.config.block_size, self.device, self.dtype,

@@ -103,6 +103,19 @@ class TritonInt4Linear(nn.Module):
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
+class ReorderedInputs(nn.Module):
+    """A linear whose 4-bit weight holds its inputs in another order (GPTQ act-order, its groups made contiguous at
+    load): the inputs are gathered into that order first, one small copy of the activations."""
+
+    def __init__(self, order: torch.Tensor, linear: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("order", order)
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.index_select(-1, self.order))
+
+
 class NativeLinear(nn.Module):
     """A linear on a native CPU kernel (``matmul``), which can apply the preceding RMSNorm itself."""
 

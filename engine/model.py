@@ -115,7 +115,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: StepInputs, cache: LayerCache) -> torch.Tensor:
         layout = step.layout
         qkv = self.qkv(x)
-        if isinstance(layout, PaddedLayout) and layout.query_index is None and self.decode_attention is not None:
+        native = self.decode_attention is not None and not cache.fp8  # the native kernel reads int8 or 16-bit rows
+        if isinstance(layout, PaddedLayout) and layout.query_index is None and native:
             return self.o_proj(self.decode_attention(qkv, step.cos, step.sin, step.logn, step.write_slots, cache,
                                                      layout.kv_slots, layout.kv_lens))
         if self.rope_store is not None and not cache.quantized:

@@ -66,9 +66,10 @@ class Settings(BaseSettings):
         default="auto", description="4-bit weights on a bf16 CPU: the native int4 x int8 kernels built for avx512 or "
         "avx2 (auto: the fastest this CPU runs), or torch's weight-only kernel (bf16 activations)")
     kv_cache_memory: int | None = Field(default=None, description="bytes for the KV cache, e.g. 2GiB")
-    kv_cache_dtype: Literal["auto", "int8"] = Field(
-        default=_ENGINE.kv_cache_dtype, description="keys and values in the model's dtype, or int8 with a scale per "
-        "token and head (~1.9x the tokens of bf16 at the same memory)")
+    kv_cache_dtype: Literal["auto", "int8", "fp8"] = Field(
+        default=_ENGINE.kv_cache_dtype, description="keys and values in the model's dtype, or int8 or fp8 (e4m3; CUDA "
+        "sm89+, or CPU without the native decode kernel) with a scale per token and head (~1.9x the tokens of bf16 at "
+        "the same memory)")
     enforce_eager: bool = Field(default=_ENGINE.enforce_eager,
                                 description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     tool_call_format: str = Field(default="auto", description="how the model writes function calls: "

@@ -4,10 +4,11 @@ decoding spends most of its time in (CUDA; the tests run it on CPU tensors under
 It reads the same GPTQ packing as ``triton_int4`` (``qweight`` int32 [in / 8, out], scales and offsets [groups,
 out]), but without tensor cores: each program loads a [BLOCK_K / 8, BLOCK_N] tile of packed words once, unpacks the
 eight nibbles of each word in registers, and accumulates x * (q * scale + offset) in fp32, reducing over the input
-axis only at the end. One row per program along the grid's third axis (rows reread the tile from L2); the input
-axis may be split over ``split_k`` programs that add into an fp32 output. ``magic`` turns a nibble into a float by
-OR-ing it into the mantissa of 2^23 instead of an int-to-float conversion (a quarter-rate instruction on NVIDIA
-chips).
+axis only at the end (or, ``factored``, sums x * q over each tile and applies the tile's group scale and offset to
+that sum: one multiply-add fewer per weight, one reduction per tile). One row per program along the grid's third
+axis (rows reread the tile from L2); the input axis may be split over ``split_k`` programs that add into an fp32
+output. ``magic`` turns a nibble into a float by OR-ing it into the mantissa of 2^23 instead of an int-to-float
+conversion (a quarter-rate instruction on NVIDIA chips).
 
 Which tile sizes win depends on the chip and the matrix, so they come from a table measured on each card by
 ``bench/int4_gemv_tune.py`` (``int4_gemv_tuned.json`` beside this file, keyed by the device's name and the matrix
@@ -37,6 +38,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 2
     magic: bool = True
+    factored: bool = False
 
     def fits(self, in_features: int, out_features: int, group_size: int) -> bool:
         """Tiles inside one group, whole tiles along both axes, enough tiles along the input for the split."""
@@ -118,7 +120,7 @@ def _kernel() -> Any:
     @triton.jit
     def int4_gemv(x_ptr, qweight_ptr, scales_ptr, offsets_ptr, out_ptr, in_features, stride_xm, stride_qk, stride_sg,
                   stride_om, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  SPLIT_K: tl.constexpr, MAGIC: tl.constexpr):
+                  SPLIT_K: tl.constexpr, MAGIC: tl.constexpr, FACTORED: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         row = tl.program_id(2)
@@ -127,6 +129,7 @@ def _kernel() -> Any:
         nibbles = tl.arange(0, 8)
         shifts = (nibbles * 4)[None, :, None]
         acc = tl.zeros((BLOCK_K // 8, 8, BLOCK_N), tl.float32)
+        sums = tl.zeros((BLOCK_N,), tl.float32)
         for start in range(pid_k * BLOCK_K, in_features, BLOCK_K * SPLIT_K):
             packed = tl.load(qweight_ptr + (start // 8 + words)[:, None] * stride_qk + offs_n[None, :])
             q = (packed[:, None, :] >> shifts) & 0xF
@@ -138,8 +141,12 @@ def _kernel() -> Any:
             scale = tl.load(scales_ptr + group * stride_sg + offs_n).to(tl.float32)
             offset = tl.load(offsets_ptr + group * stride_sg + offs_n).to(tl.float32)
             x = tl.load(x_ptr + row * stride_xm + start + words[:, None] * 8 + nibbles[None, :]).to(tl.float32)
-            acc += x[:, :, None] * (value * scale[None, None, :] + offset[None, None, :])
-        total = tl.sum(tl.sum(acc, axis=1), axis=0)
+            if FACTORED:  # the tile lies in one group: sum_k x q s + x o = s sum_k x q + o sum_k x
+                dot = tl.sum(tl.sum(x[:, :, None] * value, axis=1), axis=0)
+                sums += dot * scale + tl.sum(tl.sum(x, axis=1), axis=0) * offset
+            else:
+                acc += x[:, :, None] * (value * scale[None, None, :] + offset[None, None, :])
+        total = sums if FACTORED else tl.sum(tl.sum(acc, axis=1), axis=0)
         out = out_ptr + row * stride_om + offs_n
         if SPLIT_K == 1:
             tl.store(out, total.to(out_ptr.dtype.element_ty))
@@ -161,6 +168,6 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
     grid = (out_features // config.block_n, config.split_k, rows)
     _kernel()[grid](x, qweight, scales, offsets, out, in_features, x.stride(0), qweight.stride(0), scales.stride(0),
                     out.stride(0), GROUP_SIZE=group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                    SPLIT_K=config.split_k, MAGIC=config.magic, num_warps=config.num_warps,
+                    SPLIT_K=config.split_k, MAGIC=config.magic, FACTORED=config.factored, num_warps=config.num_warps,
                     num_stages=config.num_stages)
     return out if config.split_k == 1 else out.to(x.dtype)

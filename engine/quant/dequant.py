@@ -53,9 +53,20 @@ def groups_are_contiguous(g_idx: torch.Tensor | None, group_size: int) -> bool:
     return g_idx is None or torch.equal(g_idx.long(), torch.arange(len(g_idx)) // group_size)
 
 
-def as_int4(parts: dict[str, torch.Tensor], scheme: QuantScheme) -> Int4Weight:
-    """A 4-bit weight with contiguous groups as ``Int4Weight``: w = q * scale + zero per group of inputs."""
+def group_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """GPTQ act-order: the input rows sorted by group (stable), when that makes every group ``group_size``
+    consecutive rows, as GPTQ's act-order writes them; else None."""
+    order = torch.argsort(g_idx.long(), stable=True)
+    contiguous = torch.arange(len(g_idx)) // group_size
+    return order if torch.equal(g_idx.long()[order], contiguous) else None
+
+
+def as_int4(parts: dict[str, torch.Tensor], scheme: QuantScheme, order: torch.Tensor | None = None) -> Int4Weight:
+    """A 4-bit weight as ``Int4Weight``: w = q * scale + zero per group of inputs. ``order``: the input rows in the
+    order that makes the groups contiguous (act-order, from ``group_order``), kept with the weight."""
     codes, zeros, _ = codes_zeros_groups(parts, scheme)
+    if order is not None:
+        codes = codes[order]
     scales = parts["scales"].float()
     return Int4Weight(codes.T.to(torch.uint8).contiguous(), scales.T.contiguous(),
-                      (-zeros.float() * scales).T.contiguous(), scheme.group_size)
+                      (-zeros.float() * scales).T.contiguous(), scheme.group_size, order)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.quant.dequant import as_int4, dequantize, groups_are_contiguous
+from engine.quant.dequant import as_int4, dequantize, group_order, groups_are_contiguous
 from engine.quant.scheme import QuantScheme
 from engine.weights.int4 import Int4Weight
 from engine.weights.sources import SafetensorsSource
@@ -44,11 +44,14 @@ class QuantizedSource:
         return None
 
     def int4(self, name: str) -> Int4Weight | None:
-        """4-bit weights with contiguous groups, for the packed int4 CPU kernel."""
+        """4-bit weights for the packed int4 kernels; act-order layers with their input rows sorted by group (None
+        where the groups cannot be made contiguous: read dense)."""
         prefix = self._packed_prefix(name)
         if prefix is None or self.scheme.bits != 4:
             return None
         g_idx = self.inner.dense(f"{prefix}.g_idx") if f"{prefix}.g_idx" in self.inner else None
-        if not groups_are_contiguous(g_idx, self.scheme.group_size):
-            return None  # act-order: permuted groups, read dense (before unpacking anything)
-        return as_int4(self._parts(prefix), self.scheme)
+        if groups_are_contiguous(g_idx, self.scheme.group_size):
+            return as_int4(self._parts(prefix), self.scheme)
+        assert g_idx is not None
+        order = group_order(g_idx, self.scheme.group_size)
+        return None if order is None else as_int4(self._parts(prefix), self.scheme, order)

@@ -17,6 +17,7 @@ from engine.layers import (
     NativeLinear,
     Q4Q8Linear,
     Q8Linear,
+    ReorderedInputs,
     RMSNorm,
     TritonInt4Linear,
 )
@@ -142,6 +143,22 @@ class ModelBuilder:
             layer.mlp_norm = self._fused_norm(layer.mlp_norm, mlp.gate_up)
         return layer
 
+    def _packed_linear(self, fused: Int4Weight, bias: torch.Tensor | None) -> nn.Module | None:
+        """The 4-bit weight on the int4 kernel chosen for this device, or None where that kernel does not fit it."""
+        if self.int4_kernel == CUDA_INT4:
+            if not fused.fits_cuda():
+                return None
+            packed, scales_and_zeros = fused.pack_for_cuda(self.device)
+            return CudaInt4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
+        if self.int4_kernel == TRITON_INT4:
+            if not triton_int4.fits(fused):
+                return None
+            return TritonInt4Linear(*triton_int4.pack(fused, self.device, self.dtype), fused.group_size, bias)
+        if self.isa is not None and q4q8.fits(fused):
+            return Q4Q8Linear(q4q8.pack(fused), bias, isa=self.isa, dtype=self.dtype)
+        packed, scales_and_zeros = fused.pack_for_cpu(self.dtype)
+        return Int4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
+
     def _mlp(self, i: int) -> MLP | SparseMoE:
         c = self.config
         if not c.sparse_layer(i):
@@ -178,20 +195,13 @@ class ModelBuilder:
         if quantized and all(q is not None for q in quantized):
             weights = [q if (order := self._row_order(p)) is None else q.rows(order)
                        for p, q in zip(parts, quantized, strict=True)]
-            fused = Int4Weight.cat(weights)
-            bias = self._fused_bias(biases, [w.out_features for w in weights])
-            if self.int4_kernel == CUDA_INT4:
-                if fused.fits_cuda():
-                    packed, scales_and_zeros = fused.pack_for_cuda(self.device)
-                    return CudaInt4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
-            elif self.int4_kernel == TRITON_INT4:
-                if triton_int4.fits(fused):
-                    return TritonInt4Linear(*triton_int4.pack(fused, self.device, self.dtype), fused.group_size, bias)
-            elif self.isa is not None and q4q8.fits(fused):
-                return Q4Q8Linear(q4q8.pack(fused), bias, isa=self.isa, dtype=self.dtype)
-            else:
-                packed, scales_and_zeros = fused.pack_for_cpu(self.dtype)
-                return Int4Linear(packed, scales_and_zeros, fused.group_size, fused.out_features, bias)
+            if Int4Weight.stackable(weights):
+                fused = Int4Weight.cat(weights)
+                linear = self._packed_linear(fused, self._fused_bias(biases, [w.out_features for w in weights]))
+                if linear is not None and fused.input_order is not None:
+                    return ReorderedInputs(fused.input_order.to(self.device), linear)
+                if linear is not None:
+                    return linear
         dense = []
         for part, name in zip(parts, names, strict=True):
             if self._stacked_part(part, expert):

@@ -14,12 +14,15 @@ CUDA_INNER_K_TILES = 8  # tinygemm's tiling of the input axis: inputs must be a 
 
 @dataclass
 class Int4Weight:
-    """``q``: uint8 [out, in] in 0..15; ``scale``/``zero``: fp32 [out, in // group_size]."""
+    """``q``: uint8 [out, in] in 0..15; ``scale``/``zero``: fp32 [out, in // group_size]. ``input_order``: None, or
+    the inputs in the order ``q``'s columns hold them (GPTQ act-order, sorted by group at load): column j is input
+    ``input_order[j]``, so the layer computes x[..., input_order] times this weight."""
 
     q: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     group_size: int
+    input_order: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -30,16 +33,25 @@ class Int4Weight:
         return (groups * self.scale[..., None] + self.zero[..., None]).view(self.q.shape)
 
     def rows(self, index: torch.Tensor) -> Int4Weight:
-        return Int4Weight(self.q[index], self.scale[index], self.zero[index], self.group_size)
+        return Int4Weight(self.q[index], self.scale[index], self.zero[index], self.group_size, self.input_order)
+
+    @staticmethod
+    def stackable(parts: list[Int4Weight]) -> bool:
+        """Whether the parts read their inputs in one order, so that one fused product serves them all."""
+        first = parts[0].input_order
+        return all(p.input_order is first
+                   or (p.input_order is not None and first is not None and torch.equal(p.input_order, first))
+                   for p in parts)
 
     @staticmethod
     def cat(parts: list[Int4Weight]) -> Int4Weight:
-        """Stack along the output axis (fusing q/k/v or gate/up)."""
+        """Stack along the output axis (fusing q/k/v or gate/up; the parts must be ``stackable``)."""
         return Int4Weight(
             torch.cat([p.q for p in parts]),
             torch.cat([p.scale for p in parts]),
             torch.cat([p.zero for p in parts]),
             parts[0].group_size,
+            parts[0].input_order,
         )
 
     def pack_for_cpu(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

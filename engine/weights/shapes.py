@@ -12,6 +12,8 @@ from engine.weights.int4 import Int4Weight
 
 Fill = Callable[[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor]  # (what, shape, dtype, device)
 MATRICES = ("qkv", "q", "k", "v", "o", "gate", "up", "down")  # the parts a 4-bit checkpoint stores 4-bit
+INPUT_OF = {"qkv": "attention", "q": "attention", "k": "attention", "v": "attention", "o": "attention output",
+            "gate": "mlp", "up": "mlp", "down": "mlp output"}  # matrices that read one input share its act-order
 BIASES = ("qkv_bias", "q_bias", "k_bias", "v_bias")
 
 
@@ -49,11 +51,14 @@ class ShapeSource:
     a canonical part, or "int4.q", "int4.scale", "int4.offset"; shape, dtype, device) when the builder asks:
     uninitialized by default (on a fake or meta device nothing is allocated).
     With ``int4_group_size`` the layers' matrices come 4-bit (contiguous groups of that many inputs: 4-bit values as
-    uint8, fp32 scales and offsets), as a GPTQ or AWQ checkpoint stores them."""
+    uint8, fp32 scales and offsets), as a GPTQ or AWQ checkpoint stores them; with ``act_order`` too, each with
+    an input order (one per layer and input, shared by the matrices that read it, as GPTQ's act-order gives)."""
 
     def __init__(self, config: ModelConfig, names: dict[str, str], device: torch.device, dtype: torch.dtype, *,
-                 int4_group_size: int | None = None, fill: Fill = empty) -> None:
+                 int4_group_size: int | None = None, act_order: bool = False, fill: Fill = empty) -> None:
         self.device, self.dtype, self.group_size, self.fill = device, dtype, int4_group_size, fill
+        self.act_order = act_order
+        self.orders: dict[tuple[str, str], torch.Tensor] = {}
         self.shapes = part_shapes(config)
         skipped = set(BIASES) if not config.qkv_bias else set()
         if not config.qk_norm:
@@ -91,9 +96,15 @@ class ShapeSource:
             return None
         out_features, in_features = self.shapes[part]
         groups = (out_features, in_features // self.group_size)
+        order = None
+        if self.act_order:
+            key = (name.rsplit(".", 2)[0], INPUT_OF[part])  # the module path above the matrix, and its input
+            if key not in self.orders:
+                self.orders[key] = self.fill("int4.order", (in_features,), torch.int64, self.device)
+            order = self.orders[key]
         return Int4Weight(self.fill("int4.q", (out_features, in_features), torch.uint8, self.device),
                           self.fill("int4.scale", groups, torch.float32, self.device),
-                          self.fill("int4.offset", groups, torch.float32, self.device), self.group_size)
+                          self.fill("int4.offset", groups, torch.float32, self.device), self.group_size, order)
 
     def int8(self, name: str) -> None:
         return None

@@ -28,8 +28,8 @@ def on_stand_in(*tensors: torch.Tensor) -> None:
 
 
 class PagedDecodeContract:
-    """The Triton paged-decode kernel's contract: [B, heads, D] queries in the cache's dtype (or an int8 cache with
-    fp32 scales per slot and head), caches with unit stride in D, int32 block tables and key counts of B rows, all
+    """The Triton paged-decode kernel's contract: [B, heads, D] queries in the cache's dtype (or an int8/fp8 cache
+    with fp32 scales per slot and head), caches with unit stride in D, int32 block tables and key counts of B rows, all
     on the card."""
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int) -> None:
@@ -41,7 +41,7 @@ class PagedDecodeContract:
         batch = q.shape[0]
         assert q.shape == (batch, self.heads, self.head_dim)
         if cache.quantized:
-            assert cache.k.dtype == cache.v.dtype == torch.int8
+            assert cache.k.dtype == cache.v.dtype and cache.k.dtype in (torch.int8, torch.float8_e4m3fn)
             assert cache.k_scale.dtype == cache.v_scale.dtype == torch.float32
             assert cache.k_scale.shape == cache.k.shape[:2]
             on_stand_in(cache.k_scale, cache.v_scale)
@@ -96,7 +96,7 @@ class VarlenContract:
 
 
 @pytest.fixture(params=[("qwen-7b-chat", "auto"), ("qwen-7b-chat-int4", "auto"), ("qwen2-7b-instruct", "auto"),
-                        ("qwen2-7b-instruct", "int8")], ids=lambda p: "-".join(p))
+                        ("qwen2-7b-instruct", "int8"), ("qwen2-7b-instruct", "fp8")], ids=lambda p: "-".join(p))
 def card(request) -> Iterator[tuple[LLMEngine, PagedDecodeContract, RopeStoreContract]]:
     """The engine over the model built for an sm90 card (a KV cache in bf16 or int8), decode steps on the
     paged-decode contract, RoPE and the cache write on the fused kernel's."""
@@ -137,10 +137,21 @@ def test_prefill_and_decode_steps_run_on_the_card(card):
         assert step.shape == (len(PROMPTS), vocab) and step.dtype == torch.float32
     assert paged.calls == DECODE_STEPS * engine.model_config.num_layers  # every decode layer on the paged kernel
     assert engine.runner.kv_cache.data.device == STAND_IN
-    quantized = engine.config.kv_cache_dtype == "int8"
-    assert engine.runner.kv_cache.data.dtype == (torch.int8 if quantized else torch.bfloat16)
-    # every step's keys go through the fused kernel, except into an int8 cache (torch ops quantize them)
+    quantized = engine.config.kv_cache_dtype != "auto"
+    assert engine.runner.kv_cache.data.dtype == {"auto": torch.bfloat16, "int8": torch.int8,
+                                                 "fp8": torch.float8_e4m3fn}[engine.config.kv_cache_dtype]
+    # every step's keys go through the fused kernel, except into an 8-bit cache (torch ops quantize them)
     assert rope.calls == (0 if quantized else (DECODE_STEPS + 1) * engine.model_config.num_layers)
+
+
+def test_an_fp8_cache_is_refused_before_ada():
+    """sm80 (A100) has no fp8 conversions: the engine refuses at start, naming the way out."""
+    config = model_config("qwen2-7b-instruct")
+    with simulated_cuda((8, 0)):
+        model = fake_model(config, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match=r"fp8 needs .* \(sm89.*use int8"):
+            LLMEngine(LoadedModel("qwen2", Path("qwen2"), config, model, None),
+                      EngineConfig(kv_cache_memory=1 << 30, max_model_len=1024, kv_cache_dtype="fp8"))
 
 
 def test_the_varlen_path_passes_flash_attn_its_contract(card):

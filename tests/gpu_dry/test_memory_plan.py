@@ -3,6 +3,7 @@ shapes, and the packed layout read from the built modules themselves."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -103,3 +104,17 @@ def test_a_qwen3_moe_plan_counts_every_expert_and_runs_decode_eagerly():
     assert plan.weights_bytes == 2 * parameters and 30e9 < parameters < 31e9
     assert plan.modules["mlp"] == "SparseMoE: 128 experts, 8 per token"
     assert plan.modules["decode attention"] == "TritonPagedAttention, eager (routed experts)"
+
+
+def test_an_act_order_plan_keeps_the_layers_packed_behind_their_input_orders(tmp_path):
+    """GPTQ act-order (desc_act): the same 4-bit layers, each behind the gather into its sorted input order; one
+    int64 order per layer and input (q/k/v share one, gate/up another) on top of the Int4 plan."""
+    raw = raw_config("qwen-7b-chat-int4")
+    raw["quantization_config"]["desc_act"] = True
+    (tmp_path / "act-order").mkdir()
+    (tmp_path / "act-order" / "config.json").write_text(json.dumps(raw))
+    plan, contiguous = plan_memory(tmp_path / "act-order"), plan_memory(CONFIGS / "qwen-7b-chat-int4")
+    c = model_config("qwen-7b-chat-int4")
+    assert plan.modules["attention qkv"] == plan.modules["mlp down"] == "ReorderedInputs(CudaInt4Linear)"
+    orders = c.num_layers * (3 * c.hidden_size + c.intermediate_size) * 8
+    assert plan.weights_bytes == contiguous.weights_bytes + orders

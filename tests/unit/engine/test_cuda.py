@@ -121,7 +121,7 @@ def test_int4_kernel_choice_on_this_card():
 
 @pytest.mark.parametrize("kernel,linear", [(CUDA_INT4, CudaInt4Linear), (TRITON_INT4, TritonInt4Linear)])
 @pytest.mark.parametrize("name,packed", [("gptq-4bit-g128", True), ("awq-4bit-g128-gemm", True),
-                                         ("gptq-8bit-g128", False)])
+                                         ("gptq-4bit-g128-actorder", True), ("gptq-8bit-g128", False)])
 def test_bf16_int4_checkpoints_stay_packed_on_cuda(kernel, linear, name, packed):
     """4-bit checkpoints keep their weights at 4 bits on either CUDA kernel; logits within the bf16 tolerance of
     the fp32 reference (the CPU int4 test's 0.3)."""

@@ -56,25 +56,28 @@ def on_device(cache: LayerCache) -> LayerCache:
     return LayerCache(*(None if t is None else t.to(DEVICE) for t in (cache.k, cache.v, cache.k_scale, cache.v_scale)))
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["model-dtype-cache", "int8-cache"])
+@pytest.mark.parametrize("eight_bit", [None, torch.int8, torch.float8_e4m3fn], ids=["model-dtype", "int8", "fp8"])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-6), (torch.bfloat16, 2**-8)])
 @pytest.mark.parametrize("heads,kv_heads,dim,programs", [(4, 4, 16, triton_decode.TARGET_PROGRAMS), (8, 2, 64, 80),
                                                          (4, 1, 128, 1)])
-def test_kernel_matches_fp64_attention_over_scattered_pages(dtype, bound, heads, kv_heads, dim, programs, int8,
+def test_kernel_matches_fp64_attention_over_scattered_pages(dtype, bound, heads, kv_heads, dim, programs, eight_bit,
                                                             monkeypatch):
     """Lengths of one key, around a tile edge and over several tiles; pages in random order; a cache in the queries'
-    dtype or int8 with a scale per slot and head (the CPU layout); keys split in 16, 2 or 1 shares; relative error
-    against fp64 attention over what the cache holds: under 1e-6 for fp32 queries, 2^-8 (the output rounding) for
-    bf16."""
+    dtype, or int8 or fp8 with a scale per slot and head (the CPU layout); keys split in 16, 2 or 1 shares; relative
+    error against fp64 attention over what the cache holds: under 1e-6 for fp32 queries, 2^-8 (the output rounding)
+    for bf16."""
     monkeypatch.setattr(triton_decode, "TARGET_PROGRAMS", programs)
     monkeypatch.setattr(triton_decode, "MAX_SPLITS", 16)
     generator = torch.Generator().manual_seed(heads * dim)
     lens = torch.tensor([1, TILE - 1, TILE, TILE + 1, 3 * TILE + 7], dtype=torch.int32)
     pages = 40
     tables = torch.stack([torch.randperm(pages, generator=generator)[:16] for _ in lens]).int()
-    if int8:
+    if eight_bit == torch.int8:
         rows = [torch.randint(-127, 128, (pages * BLOCK, kv_heads, dim), dtype=torch.int8, generator=generator)
                 for _ in range(2)]
+        cache = LayerCache(*rows, *(torch.rand(pages * BLOCK, kv_heads, generator=generator) * 0.02 for _ in "kv"))
+    elif eight_bit is not None:
+        rows = [(torch.randn(pages * BLOCK, kv_heads, dim, generator=generator) * 50).to(eight_bit) for _ in "kv"]
         cache = LayerCache(*rows, *(torch.rand(pages * BLOCK, kv_heads, generator=generator) * 0.02 for _ in "kv"))
     else:
         cache = LayerCache(*(torch.randn(pages * BLOCK, kv_heads, dim, generator=generator).to(dtype) for _ in "kv"))
@@ -149,14 +152,15 @@ def test_decode_graphs_take_decode_steps_of_at_most_the_largest_bucket(paged_llm
         engine.abort(str(index))
 
 
-def test_an_int8_cache_decodes_alike_through_the_kernel_and_the_padded_path():
-    """The kernel's int8 reads against the padded path's dequantized gather over the same int8 cache: decode logits
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_an_8bit_cache_decodes_alike_through_the_kernel_and_the_padded_path(kv_cache_dtype):
+    """The kernel's 8-bit reads against the padded path's dequantized gather over the same cache: decode logits
     within the reference tests' 1e-4 (1e-3 on CUDA) and the same tokens, for every fixture prompt."""
-    int8 = EngineConfig(enforce_eager=True, kv_cache_dtype="int8")
-    padded = LLM(str(QWEN1_MODEL), dtype="float32", device=DEVICE, config=int8)
+    eight_bit = EngineConfig(enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
+    padded = LLM(str(QWEN1_MODEL), dtype="float32", device=DEVICE, config=eight_bit)
     padded.engine.runner.model.use_paged_decode(None)
     padded.engine.runner.model.use_triton_elementwise(True)  # the same norms and activations: only attention differs
-    paged = paged_qwen1(kv_cache_dtype="int8")
+    paged = paged_qwen1(kv_cache_dtype=kv_cache_dtype)
     for case in CASES:
         tokens, logits = decode_alone(paged.engine, case["prompt_ids"], GREEDY)
         reference_tokens, reference_logits = decode_alone(padded.engine, case["prompt_ids"], GREEDY)

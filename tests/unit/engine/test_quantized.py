@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.quant import QuantizedSource, QuantScheme
+from engine.quant.dequant import as_int4, dequantize, group_order
 from engine.weights.loader import load_model
 from engine.weights.sources import SafetensorsSource
 from tests.conftest import FIXTURES
@@ -84,16 +85,47 @@ def test_unsupported_schemes_are_refused_clearly(tmp_path, config, fragment):
         load_model(str(folder), dtype=torch.float32, device=torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name,packed,down_packed", [
-    ("gptq-4bit-g128", True, True), ("awq-4bit-g128-gemm", True, True),
-    ("gptq-4bit-g128-actorder", True, False),  # down_proj's 3 groups are permuted; one-group layers are not
+@pytest.mark.parametrize("name,packed,reordered", [
+    ("gptq-4bit-g128", True, False), ("awq-4bit-g128-gemm", True, False),
+    ("gptq-4bit-g128-actorder", True, True),  # down_proj's 3 groups are permuted: sorted at load, inputs gathered
     ("gptq-8bit-g128", False, False)])
-def test_bf16_cpu_keeps_contiguous_4bit_weights_packed(name, packed, down_packed):
-    """4-bit weights with contiguous groups stay 4-bit on the int4 CPU kernel (permuted groups and 8-bit: dense);
-    the logits stay within bf16 tolerance of the fp32 reference (the source README's 0.25, with margin)."""
-    from engine.layers import Int4Linear
+def test_bf16_cpu_keeps_4bit_weights_packed(name, packed, reordered):
+    """4-bit weights stay 4-bit on the int4 CPU kernel, act-order ones with their input rows sorted by group and
+    the activations gathered into that order (8-bit: dense); the logits stay within bf16 tolerance of the fp32
+    reference (the source README's 0.25, with margin)."""
+    from engine.layers import Int4Linear, ReorderedInputs
 
     loaded = load_model(str(QUANT / name), dtype=torch.bfloat16, device=torch.device("cpu"), int4_kernel="torch")
     assert any(isinstance(m, Int4Linear) for m in loaded.model.modules()) == packed
-    assert all(isinstance(layer.mlp.down, Int4Linear) == down_packed for layer in loaded.model.layers)
+    for layer in loaded.model.layers:
+        down = layer.mlp.down
+        assert isinstance(down, ReorderedInputs) == reordered
+        assert isinstance(down.linear if reordered else down, Int4Linear) == packed
     assert logit_error(loaded, name) < 0.3
+
+
+def test_act_order_groups_are_sorted_only_when_each_has_group_size_rows():
+    g_idx = torch.tensor([1, 0, 1, 0, 2, 2])
+    order = group_order(g_idx, 2)
+    assert order is not None and torch.equal(g_idx[order], torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert torch.equal(order, torch.tensor([1, 3, 0, 2, 4, 5]))  # stable within a group
+    assert group_order(torch.tensor([0, 0, 0, 1, 1, 2]), 2) is None  # a group of three: read dense
+
+
+def test_an_act_order_weight_computes_the_stored_product():
+    """The reordered weight behind gathered inputs gives x @ W^T of the weight as stored (fp64 reference from the
+    unsorted rows); fp32 within the kernel's summation-order rounding."""
+    from engine.layers import Int4Linear, ReorderedInputs
+
+    parts = {n: load_file(QUANT / "gptq-4bit-g128-actorder" / "model.safetensors")[f"model.layers.0.mlp.down_proj.{n}"]
+             for n in ("qweight", "qzeros", "scales", "g_idx")}
+    scheme = QuantScheme.from_config(json.loads((QUANT / "gptq-4bit-g128-actorder" / "config.json").read_text())
+                                     ["quantization_config"])
+    order = group_order(parts["g_idx"], scheme.group_size)
+    assert order is not None and not torch.equal(order, torch.arange(len(order)))
+    weight = as_int4(parts, scheme, order)
+    linear = ReorderedInputs(order, Int4Linear(*weight.pack_for_cpu(torch.float32), weight.group_size,
+                                               weight.out_features, None))
+    x = torch.randn(3, len(order), generator=torch.Generator().manual_seed(0))
+    expected = x.double() @ dequantize(parts, scheme).double().T
+    assert ((linear(x).double() - expected).norm() / expected.norm()).item() < 1e-5

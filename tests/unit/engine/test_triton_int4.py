@@ -3,16 +3,20 @@ it was given, and GPTQ/AWQ checkpoints running on it against the libraries' fp32
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first built
 
 from engine.kernels import triton_decode, triton_int4, triton_int4_gemv
-from engine.layers import TritonInt4Linear
+from engine.layers import ReorderedInputs, TritonInt4Linear
+from engine.quant import QuantScheme
+from engine.quant.dequant import as_int4, dequantize, group_order
 from engine.weights.int4 import TRITON_INT4, Int4Weight
 from engine.weights.loader import load_model
 from tests.unit.engine.test_quantized import QUANT, logit_error
@@ -63,7 +67,7 @@ def test_few_rows_split_the_input_axis_and_many_do_not():
 
 
 @pytest.mark.parametrize("name,packed", [("gptq-4bit-g128", True), ("awq-4bit-g128-gemm", True),
-                                         ("gptq-8bit-g128", False)])
+                                         ("gptq-4bit-g128-actorder", True), ("gptq-8bit-g128", False)])
 def test_bf16_checkpoints_run_packed_on_the_triton_kernel(name, packed):
     """4-bit checkpoints keep their weights at 4 bits on the kernel (8-bit ones load dense); logits within the
     bf16 tolerance of the fp32 reference that the other int4 kernels meet (0.3)."""
@@ -72,10 +76,12 @@ def test_bf16_checkpoints_run_packed_on_the_triton_kernel(name, packed):
     assert logit_error(loaded, name) < 0.3
 
 
-GEMV_CONFIGS = [  # each kernel variant: split input axis or not, nibbles through 2^23's mantissa or converted
+GEMV_CONFIGS = [  # each kernel variant: split input axis or not, nibbles through 2^23's mantissa or converted,
+    # group scales per weight or per tile sum
     triton_int4_gemv.GemvConfig(block_n=64, block_k=64, split_k=4, magic=True),
     triton_int4_gemv.GemvConfig(block_n=32, block_k=128, split_k=1, magic=False),
     triton_int4_gemv.GemvConfig(block_n=128, block_k=32, split_k=2, magic=False),
+    triton_int4_gemv.GemvConfig(block_n=64, block_k=128, split_k=2, magic=True, factored=True),
 ]
 
 
@@ -128,3 +134,23 @@ def test_tuned_configs_are_read_per_card_and_shape_with_a_rule_of_thumb_elsewher
         assert triton_int4_gemv.max_rows(torch.device("cpu")) == 1
     finally:
         triton_int4_gemv.tuned_tables.cache_clear()
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_an_act_order_weight_on_the_triton_kernels_computes_the_stored_product(rows):
+    """Act-order rows sorted by group at load, the inputs gathered in front of the kernel: the product of the
+    weight as stored (fp64 from the unsorted rows) within the kernels' bf16 bound, on the matrix-vector kernel (one
+    row) and the tile kernel."""
+    parts = {n: load_file(QUANT / "gptq-4bit-g128-actorder" / "model.safetensors")[f"model.layers.0.mlp.down_proj.{n}"]
+             for n in ("qweight", "qzeros", "scales", "g_idx")}
+    scheme = QuantScheme.from_config(json.loads((QUANT / "gptq-4bit-g128-actorder" / "config.json").read_text())
+                                     ["quantization_config"])
+    order = group_order(parts["g_idx"], scheme.group_size)
+    assert order is not None
+    weight = as_int4(parts, scheme, order)
+    linear = ReorderedInputs(order.to(DEVICE), TritonInt4Linear(*triton_int4.pack(weight, DEVICE, torch.bfloat16),
+                                                                 weight.group_size, None))
+    x = torch.randn(rows, len(order), generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    expected = x.double() @ dequantize(parts, scheme).double().T
+    out = linear(x.to(DEVICE))
+    assert ((out.cpu().double() - expected).norm() / expected.norm()).item() < 1e-2
