@@ -104,6 +104,7 @@ def shape_report(args: argparse.Namespace) -> None:
     loaded = random_qwen_7b(device, dtype, args.layers, int4_kernel=kernel, act_order=args.act_order)
     weight_bytes = streamed_bytes(loaded.model)
     engine = LLMEngine(loaded, EngineConfig(max_model_len=2048, enforce_eager=args.enforce_eager,
+                                            kv_cache_dtype=args.kv_cache_dtype,
                                             scheduler=SchedulerConfig(max_num_seqs=max(args.concurrency, 1))))
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 150000, (128,), generator=generator).tolist() for _ in range(args.concurrency)]
@@ -121,7 +122,8 @@ def shape_report(args: argparse.Namespace) -> None:
     inner = getattr(gate_up, "linear", None)
     linear = type(gate_up).__name__ + ("" if inner is None else f" of {type(inner).__name__}")
     print(f"Qwen-7B-Chat shapes ({loaded.config.num_layers} layers, random weights), {dtype}, {linear}, {name}, "
-          f"{attention} attention; {weight_bytes / 1e9:.2f} GB read per decode step, {n} new tokens per request")
+          f"{attention} attention, KV cache {args.kv_cache_dtype}; {weight_bytes / 1e9:.2f} GB read per decode step, "
+          f"{n} new tokens per request")
     print(f"batch-1 decode: {decode_rate:7.1f} tok/s; bandwidth bound {bound:7.1f} tok/s "
           f"({decode_rate / bound:.0%} of it)")
     print(f"{args.concurrency} concurrent requests: {aggregate:7.1f} tok/s aggregate")
@@ -143,6 +145,8 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="--shape qwen-7b on CUDA: no CUDA graphs")
     parser.add_argument("--weights", choices=["dense", "int4"], default="dense",
                         help="--shape qwen-7b: dense matrices, or 4-bit ones (as Qwen-7B-Chat-Int4) on the int4 kernel")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "int8", "fp8"], default="auto",
+                        help="--shape qwen-7b: keys and values in the model's dtype or in 8 bits")
     parser.add_argument("--act-order", action="store_true",
                         help="--weights int4: GPTQ act-order's input orders (inputs gathered before each product)")
     args = parser.parse_args()

@@ -30,7 +30,8 @@ if [[ $parts == *tune* ]]; then
     cp engine/kernels/int4_gemv_tuned.json "$out/"
 fi
 if [[ $parts == *bench* ]]; then
-    for weights in "dense" "int4 --int4-kernel triton" "int4 --int4-kernel tinygemm"; do
+    for weights in "dense" "dense --kv-cache-dtype fp8" "int4 --int4-kernel triton" "int4 --int4-kernel tinygemm" \
+        "int4 --int4-kernel tinygemm --act-order"; do
         # shellcheck disable=SC2086  # the options are meant to split
         timeout 180 python3 bench/engine_speed.py --device cuda --shape qwen-7b --weights $weights 2>&1 \
             | tee -a "$out/bench.log"
