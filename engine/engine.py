@@ -146,12 +146,14 @@ class LLMEngine:
     @classmethod
     def from_model(cls, model: str | None = None, *, dtype: str | torch.dtype | None = None,
                    device: str | torch.device | None = None, config: EngineConfig | None = None,
-                   cpu_isa: str = "auto", progress=None, tensor_parallel_size: int = 1) -> LLMEngine:
+                   cpu_isa: str = "auto", cuda_int4_kernel: str = "auto", progress=None,
+                   tensor_parallel_size: int = 1) -> LLMEngine:
         """Load ``model`` (hub id, folder, ``.gguf``; None = the embedded default) and build an engine.
         ``cpu_isa`` (bf16 on CPU): "avx512" or "avx2" runs that build of the native kernels (int4 x int8 linears, the
         Q8_0 head, decode attention), "auto" the fastest build the CPU runs, "torch" torch's weight-only int4 kernel
-        (slower, closer to fp32). ``tensor_parallel_size`` > 1 splits the model over that many processes (this one
-        rank 0; ``engine.tensor_parallel``)."""
+        (slower, closer to fp32). ``cuda_int4_kernel``: 4-bit weights on CUDA on "tinygemm" (fastest at batch 1) or
+        "triton" (more throughput at many streams); "auto" tinygemm where it runs. ``tensor_parallel_size`` > 1
+        splits the model over that many processes (this one rank 0; ``engine.tensor_parallel``)."""
         torch_device = select_device(device)
         torch_dtype = select_dtype(dtype, torch_device)
         if tensor_parallel_size > 1:
@@ -163,7 +165,8 @@ class LLMEngine:
             except BaseException:
                 leader.abandon()
                 raise
-        kernel = int4_kernel_for(torch_device, torch_dtype, cpu_isa, dtype_chosen=dtype in (None, "auto"))
+        kernel = int4_kernel_for(torch_device, torch_dtype, cpu_isa, dtype_chosen=dtype in (None, "auto"),
+                                 cuda_kernel=cuda_int4_kernel)
         loaded = load_model(model, dtype=torch_dtype, device=torch_device, int4_kernel=kernel, progress=progress)
         return cls(loaded, config)
 
@@ -375,8 +378,9 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, config: EngineConfig | None = None,
-                 cpu_isa: str = "auto", tensor_parallel_size: int = 1) -> None:
+                 cpu_isa: str = "auto", cuda_int4_kernel: str = "auto", tensor_parallel_size: int = 1) -> None:
         self.engine = LLMEngine.from_model(model, dtype=dtype, device=device, config=config, cpu_isa=cpu_isa,
+                                           cuda_int4_kernel=cuda_int4_kernel,
                                            tensor_parallel_size=tensor_parallel_size)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

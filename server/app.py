@@ -39,7 +39,8 @@ def build_engine(settings: Settings, progress=None) -> AsyncEngine:
                                   max_waiting=settings.max_waiting),
     )
     llm = LLMEngine.from_model(settings.model, dtype=settings.dtype, device=settings.device, config=config,
-                               cpu_isa=settings.cpu_isa, progress=progress,
+                               cpu_isa=settings.cpu_isa,
+                               cuda_int4_kernel=settings.cuda_int4_kernel, progress=progress,
                                tensor_parallel_size=settings.tensor_parallel_size)
     return AsyncEngine(llm)
 

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
         default="auto", description="4-bit weights on a bf16 CPU: the native int4 x int8 kernels built for avx512 or "
         "avx2 (auto: the fastest this CPU runs), or torch's weight-only kernel (bf16 activations)")
     kv_cache_memory: int | None = Field(default=None, description="bytes for the KV cache, e.g. 2GiB")
+    cuda_int4_kernel: Literal["auto", "tinygemm", "triton"] = Field(
+        default="auto", description="4-bit GPTQ/AWQ weights on CUDA: torch's tinygemm (fastest at batch 1; bf16, "
+        "sm80+) or the Triton kernels (about twice tinygemm's throughput at 64 streams); auto: tinygemm where it runs")
     kv_cache_dtype: Literal["auto", "int8", "fp8"] = Field(
         default=_ENGINE.kv_cache_dtype, description="keys and values in the model's dtype, or int8 or fp8 (e4m3; CUDA "
         "sm89+, or CPU without the native decode kernel) with a scale per token and head (~1.9x the tokens of bf16 at "

@@ -8,6 +8,7 @@ import torch
 
 CUDA_INT4 = "tinygemm"  # the int4_kernel name of torch's CUDA int4 weight-only kernel
 TRITON_INT4 = "triton"  # ... and of the Triton kernel (engine/kernels/triton_int4.py)
+CUDA_INT4_KERNELS = ("auto", CUDA_INT4, TRITON_INT4)  # what a user may ask for on CUDA
 CUDA_GROUP_SIZES = (32, 64, 128, 256)
 CUDA_INNER_K_TILES = 8  # tinygemm's tiling of the input axis: inputs must be a multiple of 16 times this
 

@@ -19,7 +19,7 @@ from engine.quant import QuantizedSource, QuantScheme
 from engine.weights.builder import ModelBuilder
 from engine.weights.embedded import SMOLLM2_GGUF, asset_path
 from engine.weights.gguf_tensors import GGUFTensors
-from engine.weights.int4 import CUDA_INT4, TRITON_INT4
+from engine.weights.int4 import CUDA_INT4, CUDA_INT4_KERNELS, TRITON_INT4
 from engine.weights.sources import (
     GGUF_NAMES,
     HF_NAMES,
@@ -68,12 +68,13 @@ def resolve_model_path(model: str | None) -> Path:
 
 
 def int4_kernel_for(device: torch.device, dtype: torch.dtype, cpu_isa: str = "auto", *,
-                    dtype_chosen: bool = False) -> str | None:
+                    dtype_chosen: bool = False, cuda_kernel: str = "auto") -> str | None:
     """Which kernel keeps 4-bit weights packed, or None to dequantize them as they load.
 
-    CUDA: torch's int4 kernel (tinygemm) for bf16 on sm80+ (on an H200: 239 tok/s at batch 1 against the Triton
-    kernel's ~150, though 1,510 against 2,812 at 64 streams), else the Triton kernel for bf16/fp16 where Triton
-    imports, else dense.
+    CUDA (``cuda_kernel`` "auto"): torch's int4 kernel (tinygemm) for bf16 on sm80+ (Qwen-7B shapes on an H200:
+    315 tok/s at batch 1 against the Triton kernels' 263, though 1,569 against 3,329 at 64 streams), else the
+    Triton kernels for bf16/fp16 where Triton imports, else dense; "tinygemm" or "triton" asks for that one (an
+    error where it cannot run).
 
     bf16: the native kernels built for ``cpu_isa`` ("avx512", "avx2"; "auto": the fastest build this CPU runs, else
     torch's) or torch's weight-only kernel ("torch"). fp32: the native kernels with fp32 activations when a build
@@ -85,9 +86,17 @@ def int4_kernel_for(device: torch.device, dtype: torch.dtype, cpu_isa: str = "au
         raise ValueError(f"cpu_isa {cpu_isa!r}: this CPU or toolchain cannot run that build of the native kernels")
     best = native.isas()[0] if native.isas() else None
     if device.type == "cuda":
-        if dtype == torch.bfloat16 and cuda_capability(device) >= (8, 0):
-            return CUDA_INT4
-        return TRITON_INT4 if dtype in (torch.bfloat16, torch.float16) and triton_decode.available() else None
+        tinygemm = dtype == torch.bfloat16 and cuda_capability(device) >= (8, 0)
+        triton = dtype in (torch.bfloat16, torch.float16) and triton_decode.available()
+        if cuda_kernel not in CUDA_INT4_KERNELS:
+            raise ValueError(f"unknown cuda_int4_kernel {cuda_kernel!r}; use {', '.join(CUDA_INT4_KERNELS)}")
+        if cuda_kernel == CUDA_INT4 and not tinygemm:
+            raise ValueError("cuda_int4_kernel tinygemm needs bf16 on an sm80 (Ampere) or later card; use triton")
+        if cuda_kernel == TRITON_INT4 and not triton:
+            raise ValueError("cuda_int4_kernel triton needs Triton and bf16 or fp16 weights")
+        if cuda_kernel != "auto":
+            return cuda_kernel
+        return CUDA_INT4 if tinygemm else TRITON_INT4 if triton else None
     if device.type != "cpu":
         return None
     if dtype == torch.bfloat16:

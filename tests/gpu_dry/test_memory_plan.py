@@ -10,9 +10,11 @@ import sys
 import pytest
 import torch
 
+from engine.device import simulated_capability
 from engine.dry_run import STAND_IN, fake_model, plan_memory, simulated_cuda
 from engine.layers import CudaInt4Linear, DenseLinear, TritonInt4Linear
-from engine.weights.int4 import CUDA_INNER_K_TILES
+from engine.weights.int4 import CUDA_INNER_K_TILES, CUDA_INT4, TRITON_INT4
+from engine.weights.loader import int4_kernel_for
 from tests.gpu_dry.conftest import CONFIGS, model_config, raw_config
 
 
@@ -118,3 +120,17 @@ def test_an_act_order_plan_keeps_the_layers_packed_behind_their_input_orders(tmp
     assert plan.modules["attention qkv"] == plan.modules["mlp down"] == "ReorderedInputs(CudaInt4Linear)"
     orders = c.num_layers * (3 * c.hidden_size + c.intermediate_size) * 8
     assert plan.weights_bytes == contiguous.weights_bytes + orders
+
+
+def test_the_cuda_int4_kernel_is_tinygemm_unless_asked_for_and_refused_where_it_cannot_run():
+    cuda = torch.device("cuda")
+    with simulated_capability((9, 0)):
+        assert int4_kernel_for(cuda, torch.bfloat16) == CUDA_INT4
+        assert int4_kernel_for(cuda, torch.bfloat16, cuda_kernel="triton") == TRITON_INT4
+        assert int4_kernel_for(cuda, torch.float16, cuda_kernel="auto") == TRITON_INT4
+        with pytest.raises(ValueError, match="tinygemm needs bf16"):
+            int4_kernel_for(cuda, torch.float16, cuda_kernel="tinygemm")
+        with pytest.raises(ValueError, match="unknown cuda_int4_kernel"):
+            int4_kernel_for(cuda, torch.bfloat16, cuda_kernel="marlin")
+    with simulated_capability((7, 5)), pytest.raises(ValueError, match=r"sm80 \(Ampere\)"):
+        int4_kernel_for(cuda, torch.bfloat16, cuda_kernel="tinygemm")
