@@ -94,8 +94,7 @@ class Attention(nn.Module):
     for padded-layout steps where every sequence has one new token (set by the builder where the native kernels
     run); ``varlen_attention``: flash-attn's varlen kernel, for every step of a ``VarlenLayout``; ``paged_attention``:
     a kernel over the block tables of a ``PagedLayout`` (decode steps on CUDA); otherwise gather + masked SDPA.
-    ``rope_store``: one kernel for the head norms, RoPE, logN and the cache write (CUDA; caches in the model's
-    dtype), else torch ops."""
+    ``rope_store``: one kernel for the head norms, RoPE, logN and the cache write (CUDA), else torch ops."""
 
     def __init__(self, config: ModelConfig, qkv: nn.Module, o_proj: nn.Module) -> None:
         super().__init__()
@@ -119,7 +118,7 @@ class Attention(nn.Module):
         if isinstance(layout, PaddedLayout) and layout.query_index is None and native:
             return self.o_proj(self.decode_attention(qkv, step.cos, step.sin, step.logn, step.write_slots, cache,
                                                      layout.kv_slots, layout.kv_lens))
-        if self.rope_store is not None and not cache.quantized:
+        if self.rope_store is not None:
             q = self.rope_store(qkv, step.cos, step.sin, step.logn, step.write_slots, cache, self.q_norm, self.k_norm)
         else:
             q = self.rotate_and_store(qkv, step, cache)

@@ -57,7 +57,8 @@ class PagedDecodeContract:
 class RopeStoreContract:
     """The fused RoPE/cache-write kernel's contract: [N, (heads + 2 kv_heads) * D] q/k/v with unit feature stride,
     rotary factors [N, 1, D] and logN [N, 1, 1] in its dtype, int64 slots of N tokens, a cache in that dtype with keys
-    and values laid out alike, all on the card; it returns the queries [N, heads, D]."""
+    and values laid out alike (or 8-bit with fp32 scales per slot and head), all on the card; it returns the
+    queries [N, heads, D]."""
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int) -> None:
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
@@ -70,7 +71,13 @@ class RopeStoreContract:
         assert cos.shape == sin.shape == (tokens, 1, self.head_dim) and cos.dtype == sin.dtype == qkv.dtype
         assert logn is None or (logn.shape == (tokens, 1, 1) and logn.dtype == qkv.dtype)
         assert slots.dtype == torch.int64 and slots.shape == (tokens,)
-        assert not cache.quantized and cache.k.dtype == cache.v.dtype == qkv.dtype
+        if cache.quantized:
+            assert cache.k.dtype == cache.v.dtype and cache.k.dtype in (torch.int8, torch.float8_e4m3fn)
+            assert cache.k_scale.dtype == cache.v_scale.dtype == torch.float32
+            assert cache.k_scale.stride() == cache.v_scale.stride() and cache.k_scale.shape == cache.k.shape[:2]
+            on_stand_in(cache.k_scale, cache.v_scale)
+        else:
+            assert cache.k.dtype == cache.v.dtype == qkv.dtype
         assert cache.k.stride() == cache.v.stride() and cache.k.stride(-1) == 1
         assert (q_norm is None) == (k_norm is None)
         self.calls += 1
@@ -137,11 +144,9 @@ def test_prefill_and_decode_steps_run_on_the_card(card):
         assert step.shape == (len(PROMPTS), vocab) and step.dtype == torch.float32
     assert paged.calls == DECODE_STEPS * engine.model_config.num_layers  # every decode layer on the paged kernel
     assert engine.runner.kv_cache.data.device == STAND_IN
-    quantized = engine.config.kv_cache_dtype != "auto"
     assert engine.runner.kv_cache.data.dtype == {"auto": torch.bfloat16, "int8": torch.int8,
                                                  "fp8": torch.float8_e4m3fn}[engine.config.kv_cache_dtype]
-    # every step's keys go through the fused kernel, except into an 8-bit cache (torch ops quantize them)
-    assert rope.calls == (0 if quantized else (DECODE_STEPS + 1) * engine.model_config.num_layers)
+    assert rope.calls == (DECODE_STEPS + 1) * engine.model_config.num_layers  # every step's keys, 8-bit caches too
 
 
 def test_an_fp8_cache_is_refused_before_ada():

@@ -27,6 +27,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BLOCK = 16
 LOGITS_ATOL = 1e-4 if DEVICE.type == "cpu" else 1e-3  # the CUDA tests' bound: other summation orders, TF32 off
+EIGHT_BIT_LOGITS_ATOL = 1e-2  # one 8-bit rounding step flipped by float rounding below it (see the 8-bit test)
 
 
 @pytest.fixture(autouse=True)
@@ -154,18 +155,25 @@ def test_decode_graphs_take_decode_steps_of_at_most_the_largest_bucket(paged_llm
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
 def test_an_8bit_cache_decodes_alike_through_the_kernel_and_the_padded_path(kv_cache_dtype):
-    """The kernel's 8-bit reads against the padded path's dequantized gather over the same cache: decode logits
-    within the reference tests' 1e-4 (1e-3 on CUDA) and the same tokens, for every fixture prompt."""
+    """The kernel's 8-bit reads against the padded path's dequantized gather over caches written by the same code
+    (the fused kernel, or torch ops for fp8 under the interpreter, whose fp8 conversion is wrong): the same tokens
+    for every fixture prompt, and decode logits within 1e-2. Not the fp32 bound: the two paths' float rounding
+    (~1e-6) below a cache write can put an element on the other side of an 8-bit rounding boundary, one step
+    (1/127 of the row's peak) apart, which moves a logit by up to a few 1e-3 (seen: 3.3e-3). The kernel's own reads
+    are held to the fp32 bound by the kernel test above."""
     eight_bit = EngineConfig(enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
     padded = LLM(str(QWEN1_MODEL), dtype="float32", device=DEVICE, config=eight_bit)
-    padded.engine.runner.model.use_paged_decode(None)
-    padded.engine.runner.model.use_triton_elementwise(True)  # the same norms and activations: only attention differs
+    padded.engine.runner.model.use_triton_kernels(BLOCK)
+    padded.engine.runner.model.use_paged_decode(None)  # the same writes, norms and activations: only reads differ
     paged = paged_qwen1(kv_cache_dtype=kv_cache_dtype)
+    if kv_cache_dtype == "fp8" and DEVICE.type == "cpu":
+        for llm in (padded, paged):
+            llm.engine.runner.model.use_rope_store(None)
     for case in CASES:
         tokens, logits = decode_alone(paged.engine, case["prompt_ids"], GREEDY)
         reference_tokens, reference_logits = decode_alone(padded.engine, case["prompt_ids"], GREEDY)
         assert tokens == reference_tokens
-        torch.testing.assert_close(logits, reference_logits, atol=LOGITS_ATOL, rtol=LOGITS_ATOL)
+        torch.testing.assert_close(logits, reference_logits, atol=EIGHT_BIT_LOGITS_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
