@@ -16,9 +16,10 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from engine.config import ModelConfig
-from engine.device import select_dtype, simulated_capability
+from engine.device import reads_fp8, select_dtype, simulated_capability
 from engine.engine import EngineConfig
 from engine.kernels import triton_decode
+from engine.kv_store import kv_bytes_per_token
 from engine.model import DecoderModel, SparseMoE
 from engine.quant import QuantScheme
 from engine.weights.builder import ModelBuilder
@@ -39,9 +40,11 @@ def simulated_cuda(capability: tuple[int, int] = ASSUMED_CAPABILITY) -> Iterator
         yield mode
 
 
-def fake_model(config: ModelConfig, *, dtype: torch.dtype, quantization: dict | None = None) -> DecoderModel:
+def fake_model(config: ModelConfig, *, dtype: torch.dtype, quantization: dict | None = None,
+               cuda_int4_kernel: str = "auto") -> DecoderModel:
     """``config``'s model built on ``STAND_IN`` (call within ``simulated_cuda``) with the kernels the engine would
-    choose on the card: 4-bit matrices of a GPTQ/AWQ ``quantization`` config stay packed where a kernel takes them."""
+    choose on the card: 4-bit matrices of a GPTQ/AWQ ``quantization`` config stay packed where a kernel takes them
+    (``cuda_int4_kernel`` as the setting of that name)."""
     names = QWEN1_NAMES if config.arch == "qwen" else HF_NAMES
     group = None
     if quantization:
@@ -50,7 +53,7 @@ def fake_model(config: ModelConfig, *, dtype: torch.dtype, quantization: dict | 
             group = scheme.group_size
     act_order = bool(quantization and quantization.get("desc_act", False))
     source = ShapeSource(config, names, STAND_IN, dtype, int4_group_size=group, act_order=act_order)
-    kernel = int4_kernel_for(CUDA, dtype) if group is not None else None
+    kernel = int4_kernel_for(CUDA, dtype, cuda_kernel=cuda_int4_kernel) if group is not None else None
     return ModelBuilder(config, source, names, dtype, STAND_IN, int4_kernel=kernel).build()
 
 
@@ -69,6 +72,7 @@ class MemoryPlan:
     dtype: torch.dtype
     modules: dict[str, str]  # layer kind -> the module (kernel) that runs it
     weights_bytes: int
+    kv_cache_dtype: str
     kv_bytes_per_token: int
     max_model_len: int
     kv_cache_memory: int | None
@@ -90,14 +94,17 @@ class MemoryPlan:
                 *(f"{kind}: {module}" for kind, module in self.modules.items()),
                 f"weights: {self.weights_bytes / gib:.2f} GiB",
                 f"weights_bytes: {self.weights_bytes}",
+                f"kv_cache_dtype: {self.kv_cache_dtype}",
                 f"kv_bytes_per_token: {self.kv_bytes_per_token}",
                 f"kv_cache: {budget}"]
 
 
 def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: int | None = None,
-                kv_cache_memory: int | None = None, capability: tuple[int, int] | None = None) -> MemoryPlan:
+                kv_cache_memory: int | None = None, kv_cache_dtype: str = "auto", cuda_int4_kernel: str = "auto",
+                capability: tuple[int, int] | None = None) -> MemoryPlan:
     """The plan for the model folder ``model_dir`` (only ``config.json`` is read) on one CUDA card: this machine's
-    when it has one, else one of ``capability`` (default sm90)."""
+    when it has one, else one of ``capability`` (default sm90); the other arguments as the settings of their
+    names."""
     folder = Path(model_dir)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -108,7 +115,10 @@ def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: in
         capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else ASSUMED_CAPABILITY
     with simulated_cuda(capability):
         torch_dtype = select_dtype(None if dtype == "auto" else dtype, CUDA)
-        model = fake_model(config, dtype=torch_dtype, quantization=raw.get("quantization_config"))
+        if kv_cache_dtype == "fp8" and not reads_fp8(CUDA):
+            raise ValueError(f"kv_cache_dtype fp8 needs sm89 or later; this card is sm{capability[0]}{capability[1]}")
+        model = fake_model(config, dtype=torch_dtype, quantization=raw.get("quantization_config"),
+                           cuda_int4_kernel=cuda_int4_kernel)
         layer = model.layers[0]
         mlp = layer.mlp.experts[0] if isinstance(layer.mlp, SparseMoE) else layer.mlp
         paged = triton_decode.available() and triton_decode.fits(config.head_dim, EngineConfig.block_size)
@@ -120,6 +130,6 @@ def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: in
         if isinstance(layer.mlp, SparseMoE):
             modules["mlp"] = f"SparseMoE: {config.num_experts} experts, {config.experts_per_token} per token"
         weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    kv_per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * torch_dtype.itemsize
-    return MemoryPlan(folder.name, capability, torch_dtype, modules, weights, kv_per_token,
+    return MemoryPlan(folder.name, capability, torch_dtype, modules, weights, kv_cache_dtype,
+                      kv_bytes_per_token(config, torch_dtype, kv_cache_dtype),
                       min(max_model_len or config.max_model_len, config.max_model_len), kv_cache_memory)

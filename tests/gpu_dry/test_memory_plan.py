@@ -134,3 +134,24 @@ def test_the_cuda_int4_kernel_is_tinygemm_unless_asked_for_and_refused_where_it_
             int4_kernel_for(cuda, torch.bfloat16, cuda_kernel="marlin")
     with simulated_capability((7, 5)), pytest.raises(ValueError, match=r"sm80 \(Ampere\)"):
         int4_kernel_for(cuda, torch.bfloat16, cuda_kernel="tinygemm")
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_an_8bit_cache_plan_counts_a_byte_and_a_scale_per_element_row(kv_cache_dtype):
+    """Qwen2-7B with an 8-bit cache: per layer, k and v, KV head, D bytes and one fp32 scale (132 bytes against 256
+    at bf16), so the same budget seats 1.9x the sequences."""
+    c = model_config("qwen2-7b-instruct")
+    budget = 20 << 30
+    plan = plan_memory(CONFIGS / "qwen2-7b-instruct", kv_cache_memory=budget, kv_cache_dtype=kv_cache_dtype)
+    bf16 = plan_memory(CONFIGS / "qwen2-7b-instruct", kv_cache_memory=budget)
+    assert plan.kv_bytes_per_token == c.num_layers * 2 * c.num_kv_heads * (c.head_dim + 4)
+    assert plan.seats is not None and bf16.seats is not None and plan.seats >= 1.9 * bf16.seats - 1
+    assert f"kv_cache_dtype: {kv_cache_dtype}" in plan.lines()
+
+
+def test_an_fp8_cache_plan_is_refused_before_ada_and_the_triton_kernels_are_planned_when_asked_for():
+    with pytest.raises(ValueError, match="fp8 needs sm89"):
+        plan_memory(CONFIGS / "qwen2-7b-instruct", kv_cache_dtype="fp8", capability=(8, 0))
+    plan = plan_memory(CONFIGS / "qwen-7b-chat-int4", cuda_int4_kernel="triton")
+    assert plan.modules["attention qkv"] == plan.modules["mlp down"] == TritonInt4Linear.__name__
+    assert plan.weights_bytes <= 6e9
