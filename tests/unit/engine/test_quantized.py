@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.quant import QuantizedSource, QuantScheme
 from engine.quant.dequant import as_int4, dequantize, group_order
+from engine.weights.int4 import Int4Weight
 from engine.weights.loader import load_model
 from engine.weights.sources import SafetensorsSource
 from tests.conftest import FIXTURES
@@ -112,20 +113,28 @@ def test_act_order_groups_are_sorted_only_when_each_has_group_size_rows():
     assert group_order(torch.tensor([0, 0, 0, 1, 1, 2]), 2) is None  # a group of three: read dense
 
 
+def act_order_layer() -> tuple[Int4Weight, torch.Tensor]:
+    """The act-order fixture's down_proj (its 3 groups permuted) as loaded, rows sorted by group, and its weight as
+    stored, dense in fp64 [out, in]."""
+    folder = QUANT / "gptq-4bit-g128-actorder"
+    tensors = load_file(folder / "model.safetensors")
+    parts = {n: tensors[f"model.layers.0.mlp.down_proj.{n}"] for n in ("qweight", "qzeros", "scales", "g_idx")}
+    scheme = QuantScheme.from_config(json.loads((folder / "config.json").read_text())["quantization_config"])
+    order = group_order(parts["g_idx"], scheme.group_size)
+    assert order is not None and not torch.equal(order, torch.arange(len(order)))
+    return as_int4(parts, scheme, order), dequantize(parts, scheme).double()
+
+
 def test_an_act_order_weight_computes_the_stored_product():
     """The reordered weight behind gathered inputs gives x @ W^T of the weight as stored (fp64 reference from the
     unsorted rows); fp32 within the kernel's summation-order rounding."""
     from engine.layers import Int4Linear, ReorderedInputs
 
-    parts = {n: load_file(QUANT / "gptq-4bit-g128-actorder" / "model.safetensors")[f"model.layers.0.mlp.down_proj.{n}"]
-             for n in ("qweight", "qzeros", "scales", "g_idx")}
-    scheme = QuantScheme.from_config(json.loads((QUANT / "gptq-4bit-g128-actorder" / "config.json").read_text())
-                                     ["quantization_config"])
-    order = group_order(parts["g_idx"], scheme.group_size)
-    assert order is not None and not torch.equal(order, torch.arange(len(order)))
-    weight = as_int4(parts, scheme, order)
+    weight, stored = act_order_layer()
+    order = weight.input_order
+    assert order is not None
     linear = ReorderedInputs(order, Int4Linear(*weight.pack_for_cpu(torch.float32), weight.group_size,
                                                weight.out_features, None))
     x = torch.randn(3, len(order), generator=torch.Generator().manual_seed(0))
-    expected = x.double() @ dequantize(parts, scheme).double().T
+    expected = x.double() @ stored.T
     assert ((linear(x).double() - expected).norm() / expected.norm()).item() < 1e-5

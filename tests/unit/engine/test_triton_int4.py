@@ -3,23 +3,19 @@ it was given, and GPTQ/AWQ checkpoints running on it against the libraries' fp32
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first built
 
 from engine.kernels import triton_decode, triton_int4, triton_int4_gemv
 from engine.layers import ReorderedInputs, TritonInt4Linear
-from engine.quant import QuantScheme
-from engine.quant.dequant import as_int4, dequantize, group_order
 from engine.weights.int4 import TRITON_INT4, Int4Weight
 from engine.weights.loader import load_model
-from tests.unit.engine.test_quantized import QUANT, logit_error
+from tests.unit.engine.test_quantized import QUANT, act_order_layer, logit_error
 
 pytestmark = pytest.mark.skipif(not triton_decode.available(), reason="needs triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,16 +141,12 @@ def test_an_act_order_weight_on_the_triton_kernels_computes_the_stored_product(r
     """Act-order rows sorted by group at load, the inputs gathered in front of the kernel: the product of the
     weight as stored (fp64 from the unsorted rows) within the kernels' bf16 bound, on the matrix-vector kernel (one
     row) and the tile kernel."""
-    parts = {n: load_file(QUANT / "gptq-4bit-g128-actorder" / "model.safetensors")[f"model.layers.0.mlp.down_proj.{n}"]
-             for n in ("qweight", "qzeros", "scales", "g_idx")}
-    scheme = QuantScheme.from_config(json.loads((QUANT / "gptq-4bit-g128-actorder" / "config.json").read_text())
-                                     ["quantization_config"])
-    order = group_order(parts["g_idx"], scheme.group_size)
+    weight, stored = act_order_layer()
+    order = weight.input_order
     assert order is not None
-    weight = as_int4(parts, scheme, order)
     linear = ReorderedInputs(order.to(DEVICE), TritonInt4Linear(*triton_int4.pack(weight, DEVICE, torch.bfloat16),
                                                                  weight.group_size, None))
     x = torch.randn(rows, len(order), generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
-    expected = x.double() @ dequantize(parts, scheme).double().T
+    expected = x.double() @ stored.T
     out = linear(x.to(DEVICE))
     assert ((out.cpu().double() - expected).norm() / expected.norm()).item() < 1e-2
