@@ -15,7 +15,6 @@ import torch
 
 from engine.cuda_graphs import DecodeGraphs
 from engine.device import reads_fp8, select_device, select_dtype
-from engine.kernels import triton_decode
 from engine.kv_cache import BlockManager
 from engine.kv_store import kv_bytes_per_token
 from engine.layers import qwen_ntk_alpha
@@ -180,7 +179,7 @@ class LLMEngine:
         """On CUDA, the model's Triton kernels (``DecoderModel.use_triton_kernels``) and, unless ``enforce_eager``,
         decode steps replayed from CUDA graphs."""
         model = self.runner.model
-        if self.device.type != "cuda" or not triton_decode.available():
+        if self.device.type != "cuda":
             return
         model.use_triton_kernels(self.config.block_size)
         if not model.uses_paged_decode:

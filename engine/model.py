@@ -266,7 +266,10 @@ class DecoderModel(nn.Module):
 
     def use_triton_kernels(self, block_size: int) -> None:
         """The CUDA step's Triton kernels: decode attention over the paged cache, one kernel for each layer's head
-        norms, RoPE, logN and cache write, RMSNorms and SwiGLU activations (each where the shapes fit it)."""
+        norms, RoPE, logN and cache write, RMSNorms and SwiGLU activations (each where the shapes fit it; none where
+        Triton does not import)."""
+        if not triton_decode.available():
+            return
         c = self.config
         if triton_decode.fits(c.head_dim, block_size):
             self.use_paged_decode(lambda: TritonPagedAttention(c.num_heads, c.num_kv_heads, c.head_dim, block_size))

@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 from engine.device import select_dtype
-from engine.kernels import triton_decode
 from engine.parallel import Shard
 from engine.runner import Command, ModelRunner
 from engine.tensor_parallel import Rendezvous, join, receive, worker_device
@@ -29,7 +28,7 @@ def serve(model: str | None, dtype: str, device: str) -> None:
     num_blocks, block_size, kv_cache_dtype = receive()
     runner = ModelRunner(loaded.model, loaded.model.config, num_blocks, block_size, torch_device, torch_dtype,
                          kv_cache_dtype)
-    if torch_device.type == "cuda" and triton_decode.available():  # the kernels rank 0's engine installs
+    if torch_device.type == "cuda":  # the kernels rank 0's engine installs
         loaded.model.use_triton_kernels(block_size)
     with torch.inference_mode():
         while True:

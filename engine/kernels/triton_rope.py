@@ -98,16 +98,15 @@ class TritonRopeStore:
         ``k_norm`` Qwen3's head norms or None. Returns the queries [N, heads, D]."""
         tokens = qkv.shape[0]
         q = qkv.new_empty((tokens, self.num_heads, self.head_dim))
-        norm = q_norm is not None and k_norm is not None
-        weights = (q_norm.weight, k_norm.weight) if q_norm is not None and k_norm is not None else (cos, cos)
+        norms = (q_norm, k_norm) if q_norm is not None and k_norm is not None else None
         assert cache.k.stride() == cache.v.stride(), "keys and values are laid out alike"
         scales = (cache.k_scale, cache.v_scale) if cache.k_scale is not None and cache.v_scale is not None else None
-        largest = LARGEST[cache.k.dtype] if scales is not None else 0.0
-        k_scale, v_scale = scales if scales is not None else (cos, cos)  # any pointer: unused without 8 bits
+        k_scale, v_scale = scales or (cos, cos)  # any pointer: unused without 8 bits
         _kernel()[(tokens, self.num_heads + self.num_kv_heads)](
-            qkv, cos, sin, cos if logn is None else logn, slots, *weights, q, cache.k, cache.v, k_scale, v_scale,
-            q_norm.eps if q_norm is not None else 0.0, qkv.stride(0), cos.stride(0), q.stride(0), cache.k.stride(0),
+            qkv, cos, sin, cos if logn is None else logn, slots,
+            *((norms[0].weight, norms[1].weight) if norms else (cos, cos)), q, cache.k, cache.v, k_scale, v_scale,
+            norms[0].eps if norms else 0.0, qkv.stride(0), cos.stride(0), q.stride(0), cache.k.stride(0),
             cache.k.stride(1), k_scale.stride(0), HEADS=self.num_heads, KV_HEADS=self.num_kv_heads,
-            HEAD_DIM=self.head_dim, NORM=norm, LOGN=logn is not None, LARGEST=largest,
-            INT8=cache.k.dtype == torch.int8)
+            HEAD_DIM=self.head_dim, NORM=norms is not None, LOGN=logn is not None,
+            LARGEST=LARGEST[cache.k.dtype] if scales else 0.0, INT8=cache.k.dtype == torch.int8)
         return q
