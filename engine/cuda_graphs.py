@@ -45,7 +45,7 @@ class DecodeGraphs:
     def fits(self, batch: list[Sequence]) -> bool:
         """A decode step (one new token each) of at most the largest bucket's rows."""
         return (len(batch) <= self.buckets[-1]
-                and all(len(s) - s.num_computed == 1 and len(s.block_table) <= self.width for s in batch))
+                and all(s.step_end - s.num_computed == 1 and len(s.block_table) <= self.width for s in batch))
 
     def run(self, batch: list[Sequence]) -> torch.Tensor:
         """fp32 logits [len(batch), vocab] of the step (a view of the graph's output, valid until the next step).

@@ -303,34 +303,47 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """One batched forward pass and a token for every scheduled sequence. A failure in one row's sampling or
-        grammar ends that request (``finish_reason`` "error") and no other; a failure of the forward pass itself
-        is not any one request's and propagates."""
+        """One batched forward pass and a token for every scheduled sequence whose tokens are all computed (a chunk
+        of a long prompt samples nothing). A failure in one row's sampling or grammar ends that request
+        (``finish_reason`` "error") and no other; a failure of the forward pass itself is not any one request's
+        and propagates."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
         logits = self.runner.run(batch)
-        rows = [SampleRequest(s.params, s.prompt_ids, s.output_ids, s.stop_ids, s.generator, s.matcher, s.penalties)
-                for s in batch]
+        rows = [row for row, seq in enumerate(batch) if not seq.prefilling]
+        outputs = self._sample(batch, logits, rows) if rows else []
+        for seq in batch:
+            if seq.prefilling:
+                seq.num_computed = seq.step_end
+        return outputs
+
+    def _sample(self, batch: list[Sequence], logits: torch.Tensor, rows: list[int]) -> list[StepOutput]:
+        """A token for each of ``batch``'s ``rows`` (the sequences whose tokens are all computed)."""
+        sampled = [batch[row] for row in rows]
+        if len(rows) < len(batch):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        requests = [SampleRequest(s.params, s.prompt_ids, s.output_ids, s.stop_ids, s.generator, s.matcher,
+                                  s.penalties) for s in sampled]
         try:
-            picks: list[Pick] = list(self._picks(self.sampler(logits, rows)))
+            picks: list[Pick] = list(self._picks(self.sampler(logits, requests)))
         except Exception:
-            log.warning("sampling a batch of %d failed; sampling its rows one by one", len(batch), exc_info=True)
-            picks = self._sample_rows_alone(batch, rows)
-        return [self._advance(seq, pick) for seq, pick in zip(batch, picks, strict=True)]
+            log.warning("sampling a batch of %d failed; sampling its rows one by one", len(rows), exc_info=True)
+            picks = self._sample_rows_alone(batch, rows, requests)
+        return [self._advance(seq, pick) for seq, pick in zip(sampled, picks, strict=True)]
 
     @staticmethod
     def _picks(result: SampleResult) -> zip:
         return zip(result.token_ids, result.logprobs, strict=True)
 
-    def _sample_rows_alone(self, batch: list[Sequence], rows: list[SampleRequest]) -> list[Pick]:
+    def _sample_rows_alone(self, batch: list[Sequence], rows: list[int], requests: list[SampleRequest]) -> list[Pick]:
         """The failure path: the forward pass again (it rewrites the same cache slots with the same values), then
         each row sampled on its own, so the rows that fail are known."""
         logits = self.runner.run(batch)
         picks: list[Pick] = []
-        for index, row in enumerate(rows):
+        for row, request in zip(rows, requests, strict=True):
             try:
-                picks.extend(self._picks(self.sampler(logits[index : index + 1].clone(), [row])))
+                picks.extend(self._picks(self.sampler(logits[row : row + 1].clone(), [request])))
             except Exception as exc:
                 picks.append(f"sampling failed for this request: {exc!r}")
         return picks

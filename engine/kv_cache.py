@@ -87,9 +87,8 @@ class BlockManager:
         table = list(hits)
         for _ in range(fresh_needed):
             table.append(self._take_fresh())
-        for index in range(len(hits), len(hashes)):
-            self._register(table[index], hashes[index], self._block_tokens(seq, index * self.block_size))
         seq.block_table = table
+        seq.registered_blocks = len(hits)
         seq.num_computed = len(hits) * self.block_size
         self.prefix_queries += len(seq)
         self.prefix_hits += seq.num_computed
@@ -99,14 +98,22 @@ class BlockManager:
         """Whether ``seq`` can get a slot for one more token."""
         return len(seq.block_table) >= self.blocks_needed(len(seq)) or self.num_free > 0
 
-    def append_slot(self, seq: Sequence, extra: Hashable = None) -> None:
-        """Make room for ``seq``'s newest token; register the block it completes."""
+    def append_slot(self, seq: Sequence) -> None:
+        """Make room for ``seq``'s newest token."""
         if len(seq.block_table) < self.blocks_needed(len(seq)):
             seq.block_table.append(self._take_fresh())
-        if len(seq) % self.block_size == 0:
-            chain = self._chain(seq, extra)
-            start = (len(chain) - 1) * self.block_size
-            self._register(seq.block_table[len(chain) - 1], chain[-1], self._block_tokens(seq, start))
+
+    def register(self, seq: Sequence, extra: Hashable = None) -> None:
+        """Offer ``seq``'s full blocks up to ``step_end`` for sharing: call once the step that computes them is
+        scheduled, so no other sequence can hit a block before its keys are written (a sequence scheduled in the
+        same step reads them after they are written, layer by layer)."""
+        full = min(seq.step_end // self.block_size, len(seq.block_table))
+        if full <= seq.registered_blocks:
+            return
+        chain = self._chain(seq, extra)
+        for index in range(seq.registered_blocks, full):
+            self._register(seq.block_table[index], chain[index], self._block_tokens(seq, index * self.block_size))
+        seq.registered_blocks = full
 
     def free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):
@@ -115,6 +122,7 @@ class BlockManager:
                 self._free[block] = None
         seq.block_table = []
         seq.num_computed = 0
+        seq.registered_blocks = 0
 
     def _take(self, block: int) -> None:
         if self._refs[block] == 0:

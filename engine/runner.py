@@ -47,7 +47,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[Sequence], all_logits: bool = False) -> torch.Tensor:
-        """Compute every sequence's tokens from ``num_computed`` on; fp32 logits of each last token."""
+        """Compute every sequence's tokens from ``num_computed`` to ``step_end``; fp32 logits of each last one."""
         if not all_logits and self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)
         return self.execute(Command.RUN, *self.plan(batch), all_logits)
@@ -86,7 +86,7 @@ class ModelRunner:
         at position 0 in the scratch page) for a captured step of that many rows. Filled in one int64 array: a
         captured step's tables are ``rows`` x the longest context's pages, mostly padding."""
         rows = rows or len(batch)
-        q_lens = [len(s) - s.num_computed for s in batch]
+        q_lens = [s.step_end - s.num_computed for s in batch]
         n = sum(q_lens) + rows - len(batch)
         ints = np.empty(2 * n + 3 * rows + rows * width, dtype=np.int64)
         tokens, positions, q_len_t, kv_len_t, alpha_t, tables = np.split(ints, np.cumsum([n, n, rows, rows, rows]))
@@ -94,9 +94,10 @@ class ModelRunner:
         tables.fill(self.scratch_page)
         at = 0
         for row, (seq, q_len) in enumerate(zip(batch, q_lens, strict=True)):
-            tokens[at : at + q_len] = seq.token_ids[seq.num_computed :] if q_len > 1 else seq.token_at(len(seq) - 1)
-            positions[at : at + q_len] = np.arange(seq.num_computed, len(seq))
-            q_len_t[row], kv_len_t[row], alpha_t[row] = q_len, len(seq), self.alpha_index[seq.ntk_alpha]
+            end = seq.step_end
+            tokens[at : at + q_len] = seq.token_ids[seq.num_computed : end] if q_len > 1 else seq.token_at(end - 1)
+            positions[at : at + q_len] = np.arange(seq.num_computed, end)
+            q_len_t[row], kv_len_t[row], alpha_t[row] = q_len, end, self.alpha_index[seq.ntk_alpha]
             tables[row, : len(seq.block_table)] = seq.block_table
             at += q_len
         tokens[at:], positions[at:] = 0, 0  # padding rows: one token at position 0, one key, the first alpha
@@ -105,8 +106,8 @@ class ModelRunner:
 
     def plan(self, batch: list[Sequence]) -> tuple[np.ndarray, StepShape]:
         """Every integer of the step (``host_ints``) and its shape: all any rank needs to run it."""
-        q_lens = [len(s) - s.num_computed for s in batch]
-        kv_lens = [len(s) for s in batch]
+        q_lens = [s.step_end - s.num_computed for s in batch]
+        kv_lens = [s.step_end for s in batch]
         width = max(len(s.block_table) for s in batch)
         shape = StepShape(tokens=sum(q_lens), rows=len(batch), width=width, max_q=max(q_lens), kv_lens=kv_lens)
         return self.host_ints(batch, width), shape

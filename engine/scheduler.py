@@ -17,12 +17,18 @@ class QueueFullError(RuntimeError):
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = 2048  # tokens computed in one step: decodes, prompts and prompt chunks
     max_waiting: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens <= self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must exceed max_num_seqs "
+                             f"({self.max_num_seqs}): every running sequence decodes in each step")
 
 
 class Scheduler:
-    """Running sequences decode every step; waiting ones join as soon as there is room (tokens, blocks, seats).
+    """Running sequences decode every step; waiting ones join as soon as there is room (blocks, seats, a token of
+    the step's budget); prompts longer than the budget are computed a chunk a step.
 
     When the cache runs out of blocks, the newest running sequence is preempted: its blocks are freed and it
     goes back to the head of the queue to be recomputed later (prompt and output so far).
@@ -51,10 +57,19 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[Sequence]:
-        """The sequences of the next step; each computes its tokens from ``num_computed`` on."""
-        batch: list[Sequence] = []
+        """The sequences of the next step, each computing from ``num_computed`` to its ``step_end``.
+
+        Every running decode comes first (one token each), then waiting prompts that fit the token budget whole
+        (admitted in order as seats and blocks allow), then prompts too long for what is left, oldest first, take
+        the rest of the budget as a chunk. A long prompt is thus prefilled over several steps (chunked prefill): it
+        never holds the queue behind it, and decodes and short prompts keep flowing while it is computed."""
+        decodes: list[Sequence] = []
+        prefilling: list[Sequence] = []
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
+                continue
+            if len(seq) - seq.num_computed > 1:  # blocks for the whole prompt were taken at admission
+                prefilling.append(seq)
                 continue
             while not self.blocks.can_append(seq):
                 victim = self.running[-1]
@@ -62,13 +77,13 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                self.blocks.append_slot(seq, self.cache_key(seq))
-                batch.append(seq)
-        budget = self.config.max_num_batched_tokens - len(batch)
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
+                self.blocks.append_slot(seq)
+                self._take(seq, 1)
+                decodes.append(seq)
+        batch = decodes
+        budget = self.config.max_num_batched_tokens - len(decodes)
+        while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            if batch and len(seq) > budget:
-                break
             if not self.blocks.allocate(seq, self.cache_key(seq)):
                 break
             self.waiting.popleft()
@@ -76,9 +91,26 @@ class Scheduler:
                 seq.num_cached_prompt_tokens = seq.num_computed
             seq.status = Status.RUNNING
             self.running.append(seq)
+            if len(seq) - seq.num_computed > budget:
+                prefilling.append(seq)  # chunked below, after the prompts that fit whole
+                continue
+            budget -= self._take(seq, budget)
             batch.append(seq)
-            budget -= len(seq) - seq.num_computed
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            if seq.status is Status.RUNNING:
+                budget -= self._take(seq, budget)
+                batch.append(seq)
         return batch
+
+    def _take(self, seq: Sequence, budget: int) -> int:
+        """Schedule at most ``budget`` of ``seq``'s uncomputed tokens and offer the blocks they complete for
+        sharing (a sequence scheduled later in the same step reads them after they are written); how many."""
+        remaining = len(seq) - seq.num_computed
+        seq.chunk_end = None if remaining <= budget else seq.num_computed + budget
+        self.blocks.register(seq, self.cache_key(seq))
+        return min(remaining, budget)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -40,6 +40,8 @@ class Sequence:
     matcher: TokenMatcher | None = None
     penalties: PenaltyState | None = None
     block_hashes: list[bytes] = field(default_factory=list)
+    registered_blocks: int = 0  # leading blocks of ``block_table`` whose digests the block manager registered
+    chunk_end: int | None = None  # where this step's computation stops (chunked prefill); None: at ``len(self)``
 
     def __post_init__(self) -> None:
         if self.params.grammar is not None:
@@ -47,6 +49,16 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def step_end(self) -> int:
+        """The position this step computes up to: the end of a prefill chunk, else every token."""
+        return len(self) if self.chunk_end is None else self.chunk_end
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether this step leaves tokens uncomputed (a chunk of a long prompt): nothing is sampled for it."""
+        return self.step_end < len(self)
 
     @property
     def token_ids(self) -> list[int]:

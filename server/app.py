@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine import AsyncEngine, EngineConfig, LLMEngine, SchedulerConfig
 from server import __version__
 from server.app_state import AppState
+from server.bodies import install_body_schemas
 from server.errors import error_response, install_error_handlers
 from server.playground import is_page, mount_playground
 from server.routes import chat, completions, models, system, tokenize
@@ -106,6 +107,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app = FastAPI(title="qwen-serve", version=__version__, lifespan=lifespan)
     app.state.qwen = state
     install_error_handlers(app)
+    install_body_schemas(app)
     for module in (chat, completions, models, system, tokenize):
         app.include_router(module.router)
     if settings.ui:

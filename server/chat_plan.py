@@ -33,6 +33,7 @@ class ChatPlan:
 def plan_chat(service: ModelService, body: ChatCompletionRequest, limits: Limits) -> ChatPlan:
     """Everything ``body`` needs before the engine sees it; raises ``APIError`` (4xx) for what it cannot run.
     The grammar compiles last, after every cheaper check."""
+    limits.check_chat(body, service.vocab_size, service.max_model_len)
     kwargs = template_kwargs(service, body)
     plan = ToolPlan.of(body, service.tool_format)
     if plan is None:
@@ -41,7 +42,7 @@ def plan_chat(service: ModelService, body: ChatCompletionRequest, limits: Limits
         stops = body.stop
     else:
         check_tool_schemas(plan, limits)
-        plan.check_no_control_tokens(service.tokenizer, body.messages)
+        plan.format.check_tools(plan.tools)
         turns, open_last = plan.messages(body.messages)
         prompt = service.chat_prompt(turns, add_generation_prompt=not open_last, continue_final_message=open_last,
                                      template_kwargs={**kwargs, **plan.template_kwargs})

@@ -40,20 +40,25 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+def invalid_field(error: dict) -> APIError:
+    """A 400 for one validation error (pydantic's shape), naming the field: ``param`` is its dotted location."""
+    location = [str(part)[:80] for part in error.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    message = str(error.get("msg", "invalid request"))[:500]
+    return APIError(400, f"{param}: {message}" if param else message, param=param, code=error.get("type"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-        location = [str(part)[:80] for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(location) or None
-        message = str(first.get("msg", "invalid request"))[:500]
-        if param:
-            message = f"{param}: {message}"
-        return error_response(400, message, param=param, code=first.get("type"))
+    async def invalid_parameter(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """Path and query parameters (bodies are validated off the loop: ``server.bodies``)."""
+        errors = exc.errors()
+        error = invalid_field(errors[0] if errors else {"msg": "invalid request"})
+        return error_response(400, error.message, param=error.param, code=error.code)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:

@@ -17,7 +17,7 @@ from server.errors import APIError
 from server.protocol import SEED_LIMIT, SamplingFields
 from server.tool_formats import ToolFormat, choose_format
 from tokenizer import ChatMessage, IncrementalDetokenizer, Prompt, StopStringMatcher, Tokenizer, build_prompt
-from tokenizer.chat import ChatTemplateError, chat_stop_token_ids, template_variables
+from tokenizer.chat import ChatTemplateError, ControlTokenError, chat_stop_token_ids, template_variables
 from tokenizer.reasoning import THINK_OPEN
 
 T = TypeVar("T")
@@ -148,6 +148,8 @@ class ModelService:
                                   template_kwargs=template_kwargs)
         except ChatTemplateError as exc:
             raise APIError(400, f"the chat template refused the conversation: {exc}", param="messages") from exc
+        except ControlTokenError as exc:
+            raise APIError(400, str(exc), param=exc.field, code="control_token") from exc
         return prompt
 
     def text_prompt_ids(self, prompt: str | list[int]) -> list[int]:

@@ -5,6 +5,7 @@ what the engine can represent are in ``server.protocol``. Every refusal is a 400
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -13,6 +14,7 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFi
 from server.settings import Settings
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+CHARS_PER_CONTEXT_TOKEN = 16  # default text bound: a prompt longer than this many characters a token cannot fit
 SCHEMA_BOUNDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
 
 
@@ -30,6 +32,7 @@ class Limits:
     max_schema_depth: int
     max_schema_refs: int
     max_schema_repeat: int
+    max_prompt_chars: int | None
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
@@ -49,14 +52,29 @@ class Limits:
         if body.top_k is not None and body.top_k > vocab_size:
             raise APIError(400, f"top_k must be -1, 0 or at most the vocabulary size {vocab_size}", param="top_k")
 
-    def check_chat(self, body: ChatCompletionRequest, vocab_size: int) -> None:
-        """Counts and names of a chat request (cheap: the schemas are walked by ``check_schema``)."""
+    def check_text(self, texts: Iterable[str | list[int]], context: int, param: str) -> None:
+        """The characters of a request's text (token-id prompts aside) against ``max_prompt_chars``, before any of
+        it is tokenized."""
+        limit = self.max_prompt_chars or CHARS_PER_CONTEXT_TOKEN * context
+        total = sum(len(text) for text in texts if isinstance(text, str))
+        if total > limit:
+            raise APIError(400, f"the prompt has {total} characters; this server tokenizes at most {limit} "
+                                f"(max_prompt_chars) for a context of {context} tokens", param=param,
+                           code="context_length_exceeded")
+
+    def check_chat(self, body: ChatCompletionRequest, vocab_size: int, context: int) -> None:
+        """Counts, names and text size of a chat request (the schemas are walked by ``check_schema``)."""
         self.check_sampling(body, vocab_size)
         if len(body.messages) > self.max_messages:
             raise APIError(400, f"at most {self.max_messages} messages", param="messages")
         specs = body.function_specs
         if len(specs) > self.max_tools:
             raise APIError(400, f"at most {self.max_tools} tools", param="tools")
+        texts = [m.text() for m in body.messages]
+        texts += [call.function.arguments for m in body.messages for call in m.tool_calls or []]
+        texts += [m.function_call.arguments for m in body.messages if m.function_call is not None]
+        texts += [spec.description + (spec.description_for_model or "") for spec in specs]
+        self.check_text(texts, context, "messages")
         names = [spec.model_name for spec in specs]
         names += [call.function.name for m in body.messages for call in m.tool_calls or []]
         names += [m.function_call.name for m in body.messages if m.function_call is not None]

@@ -20,6 +20,9 @@ from pydantic import (
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
 MAX_INT = 2**31 - 1  # counts and token ids fit an int32
+# Ceilings on list lengths, checked before any item is validated (the settings' finer bounds come after):
+MAX_ITEMS = 1 << 14  # messages, tools, parts, stop strings, texts, map entries
+MAX_TOKEN_IDS = 1 << 20  # token ids in one list
 SEED_LIMIT = 2**64  # seeds are unsigned 64-bit integers
 TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,10}")
 
@@ -35,6 +38,16 @@ def encodable(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(encodable)]
 Identifier = Annotated[str, Field(max_length=256), AfterValidator(encodable)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT)]
+
+
+def items(limit: int = MAX_ITEMS) -> Any:
+    """A list bound: its length is checked before its items, and validation stops at the first bad item (a body of
+    a million bad items costs one error, not a million)."""
+    return Field(max_length=limit, fail_fast=True)
+
+
+TokenIds = Annotated[list[TokenId], items(MAX_TOKEN_IDS)]
 
 
 class Request(BaseModel):
@@ -57,17 +70,31 @@ class ToolCallIn(Request):
     function: FunctionCallIn
 
 
-class FunctionSpec(Request):
-    """An OpenAI function, or Qwen's own form (``name_for_model``, ``name_for_human``, ``description_for_model``)."""
+class QwenParameter(Request):
+    """One entry of Qwen's list-shaped ``parameters``: ``{"name", "description", "required", "schema"}``."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    name: Identifier | None = None
+    name: Identifier
     description: Text = ""
-    parameters: dict[str, Any] | list[Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    required: bool = False
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+
+
+class FunctionSpec(Request):
+    """An OpenAI function, or Qwen's own form (``name_for_model``, ``name_for_human``, ``description_for_model``,
+    ``parameters`` as a list of ``QwenParameter``)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    name: Identifier | None = None
+    name_for_model: Identifier | None = None
+    name_for_human: Identifier | None = None
+    description: Text = ""
+    description_for_model: Text | None = None
+    parameters: dict[str, Any] | Annotated[list[QwenParameter], items()] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}})
 
     @model_validator(mode="after")
     def _named_with_object_schema(self) -> FunctionSpec:
-        if not (self.name or (self.model_extra or {}).get("name_for_model")):
+        if not (self.name or self.name_for_model):
             raise ValueError("every function needs a name")
         if isinstance(self.parameters, dict):
             kind = self.parameters.get("type", "object")
@@ -82,7 +109,14 @@ class FunctionSpec(Request):
 
     @property
     def model_name(self) -> str:
-        return (self.model_extra or {}).get("name_for_model") or self.name or ""
+        return self.name_for_model or self.name or ""
+
+    @property
+    def described_parameters(self) -> dict[str, Any] | list[dict[str, Any]]:
+        """The parameters as the request gave them (Qwen's list form as plain dicts), for prompts that show them."""
+        if isinstance(self.parameters, dict):
+            return self.parameters
+        return [p.model_dump(by_alias=True) for p in self.parameters]
 
 
 class ToolSpec(Request):
@@ -101,9 +135,9 @@ class NamedToolChoice(Request):
 
 class ChatMessageIn(Request):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Text | list[TextPart] | None = None
+    content: Text | Annotated[list[TextPart], items()] | None = None
     name: Identifier | None = None
-    tool_calls: list[ToolCallIn] | None = None
+    tool_calls: Annotated[list[ToolCallIn], items()] | None = None
     tool_call_id: Identifier | None = None
     function_call: FunctionCallIn | None = None
 
@@ -158,12 +192,12 @@ class SamplingFields(Request):
     top_k: int | None = Field(default=None, ge=-1, le=MAX_INT)
     min_p: float | None = Field(default=None, ge=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
-    stop: list[Text] = Field(default_factory=list)
+    stop: Annotated[list[Text], items()] = Field(default_factory=list)
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(default=None, max_length=MAX_ITEMS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Identifier | None = None
@@ -197,7 +231,7 @@ MAX_TEMPLATE_KWARGS = 16
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessageIn] = Field(min_length=1)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_ITEMS, fail_fast=True)
     chat_template_kwargs: dict[Identifier, TemplateValue] | None = Field(default=None,
                                                                           max_length=MAX_TEMPLATE_KWARGS)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
@@ -205,9 +239,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
-    tools: list[ToolSpec] | None = None
+    tools: Annotated[list[ToolSpec], items()] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    functions: list[FunctionSpec] | None = None
+    functions: Annotated[list[FunctionSpec], items()] | None = None
     function_call: Literal["none", "auto"] | NamedFunction | None = None
     response_format: ResponseFormat | None = None
     parallel_tool_calls: bool = True
@@ -287,8 +321,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[Text] | list[Annotated[int, Field(ge=0, le=MAX_INT)]] | list[
-        list[Annotated[int, Field(ge=0, le=MAX_INT)]]] = Field(min_length=0)
+    prompt: Text | Annotated[list[Text], items()] | TokenIds | Annotated[list[TokenIds], items()]
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -315,7 +348,7 @@ class CompletionRequest(SamplingFields):
 class TokenizeRequest(Request):
     model: Identifier | None = None
     prompt: Text | None = None
-    messages: list[ChatMessageIn] | None = None
+    messages: Annotated[list[ChatMessageIn], items()] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -328,7 +361,7 @@ class TokenizeRequest(Request):
 
 class DetokenizeRequest(Request):
     model: Identifier | None = None
-    tokens: list[Annotated[int, Field(ge=0, le=MAX_INT)]]
+    tokens: TokenIds
 
 
 # --- responses ---------------------------------------------------------------------------------------------

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     max_messages: int = Field(default=1024, ge=1, description="messages in one chat request")
     max_tools: int = Field(default=128, ge=0, description="tools or functions in one chat request")
     max_prompt_choices: int = Field(default=64, ge=1, description="completions: prompts times n in one request")
+    max_prompt_chars: int | None = Field(default=None, ge=1, description="characters of text in one request's "
+                                         "prompt (contents, call arguments, tool descriptions), checked before it is "
+                                         "tokenized; default: 16 per token of the context")
     max_logit_bias: int = Field(default=1024, ge=0, description="logit_bias entries in one request")
     max_stop: int = Field(default=16, ge=0, description="stop strings in one request")
     max_stop_chars: int = Field(default=256, ge=1, description="characters in one stop string")

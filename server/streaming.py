@@ -1,10 +1,11 @@
 """Server-sent events: JSON chunks, then ``[DONE]``; the first event is awaited before the response starts,
-so that errors found up front (queue full, bad request) still get their HTTP status. An error after that ends
+so that errors found up front (queue full, bad request) still get their HTTP status. Any error after that ends
 the stream with an event in OpenAI's error envelope (then ``[DONE]``), never a cut connection."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
@@ -14,6 +15,7 @@ from sse_starlette import EventSourceResponse
 from server.errors import APIError, error_body
 
 T = TypeVar("T")
+log = logging.getLogger("qwen_serve")
 
 
 async def prepend(first: T | None, rest: AsyncIterator[T]) -> AsyncIterator[T]:
@@ -36,6 +38,9 @@ async def sse_response(chunks: AsyncIterator[BaseModel | dict]) -> EventSourceRe
                 yield {"data": data}
         except APIError as exc:
             yield {"data": json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}
+        except Exception:  # a fault of this request's stream: it ends well-formed, the server goes on
+            log.exception("a stream failed after it started")
+            yield {"data": json.dumps(error_body(500, "the reply failed while it streamed", code="stream_failed"))}
         finally:
             await iterator.aclose()  # type: ignore[attr-defined]
         yield {"data": "[DONE]"}

@@ -38,11 +38,13 @@ def reply_grammar(request: ChatCompletionRequest, plan: ToolPlan | None, limits:
 
 
 def check_tool_schemas(plan: ToolPlan, limits: Limits) -> None:
-    """Every OpenAI-style parameter schema must be a valid JSON schema within the limits (Qwen's list form is
-    free text)."""
+    """Every OpenAI-style parameter schema must be a valid JSON schema within the limits; Qwen's list form (shown to
+    the model as text) within the same size and nesting bounds."""
     for tool in plan.tools:
         if isinstance(tool.parameters, dict):
             _checked(tool.parameters, f"tools[{tool.name}].parameters", limits)
+        else:
+            limits.check_schema(tool.parameters, f"tools[{tool.name}].parameters")
 
 
 class SchemaGrammars:

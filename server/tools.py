@@ -8,7 +8,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from server.errors import APIError
 from server.protocol import (
     ChatCompletionRequest,
     ChatDelta,
@@ -21,9 +20,9 @@ from server.protocol import (
 )
 from server.tool_formats import ToolFormat
 from server.tool_formats.base import CallStreamParser
-from tokenizer import ChatMessage, Tokenizer
+from tokenizer import ChatMessage
 from tokenizer.call_pieces import CallPiece, FunctionCall
-from tokenizer.react import ReactError, Tool
+from tokenizer.react import Tool
 
 
 @dataclass
@@ -59,15 +58,10 @@ class ToolPlan:
             return None
         tools = []
         if request.calls_allowed:
-            try:
-                tools = [Tool.from_function(spec.model_dump()) for spec in request.function_specs]
-            except ReactError as exc:
-                raise APIError(400, str(exc), param="tools") from exc
+            tools = [Tool(spec.model_name, spec.description, spec.described_parameters, spec.name_for_human,
+                          spec.description_for_model) for spec in request.function_specs]
         return ToolPlan(tools, request.call_required, request.forced_function, request.legacy_functions,
                         tool_format, single_call=request.legacy_functions or not request.parallel_tool_calls)
-
-    def check_no_control_tokens(self, tokenizer: Tokenizer, messages: Sequence[ChatMessageIn]) -> None:
-        self.format.check_no_control_tokens(tokenizer, messages, self.tools)
 
     def messages(self, messages: Sequence[ChatMessageIn]) -> tuple[list[ChatMessage], bool]:
         """The conversation as the prompt's turns, and whether the last assistant turn is left open."""

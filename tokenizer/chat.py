@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +20,7 @@ from jinja2 import TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tokenizer.base import Tokenizer
+from tokenizer.json_values import path_text, strings
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IM_START = "<|im_start|>"
@@ -50,6 +52,16 @@ class Prompt:
 
 class ChatTemplateError(ValueError):
     """The chat template refused the conversation (e.g. its own ``raise_exception``)."""
+
+
+class ControlTokenError(ValueError):
+    """Text the chat template renders as its own (tools, calls, names, template variables) spells a control
+    token; ``field`` says where."""
+
+    def __init__(self, token: str, field: str) -> None:
+        super().__init__(f"{field} may not contain the control token {token!r}: the chat template renders it as "
+                         "prompt text")
+        self.token, self.field = token, field
 
 
 def build_prompt(
@@ -155,9 +167,6 @@ def _special_id(tokenizer: Tokenizer, surface: str) -> int:
 
 # --- chat templates --------------------------------------------------------------------------------------
 
-_SENTINEL = re.compile("\ue000(\\d+)\ue001")
-
-
 def build_template_prompt(
     tokenizer: Tokenizer,
     messages: Sequence[ChatMessage],
@@ -168,13 +177,18 @@ def build_template_prompt(
 ) -> Prompt:
     """Render the model's jinja chat template; message contents are encoded as plain text.
 
-    The template is rendered with a private-use sentinel in place of every message content; the contents are
-    put back afterwards. Special tokens are recognised only in the template's own text; the text between two
-    of them (template text and contents alike) is encoded in one piece, as ``transformers`` would.
+    The template is rendered with a sentinel in place of every message content (private-use characters around a
+    random nonce drawn for this render, so no text can forge one); the contents are put back afterwards. Special
+    tokens are recognised only in the template's own text; the text between two of them (template text and
+    contents alike) is encoded in one piece, as ``transformers`` would. Everything else the template renders
+    (calls, names, tools, template variables) becomes its text, so a control token spelled anywhere in it is
+    refused (``ControlTokenError``), after every decoding this side has done (call arguments are parsed JSON).
     """
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template")
-    stand_ins = [m.as_template_dict(f"\ue000{i}\ue001") for i, m in enumerate(messages)]
+    nonce = secrets.token_hex(8)
+    stand_ins = [m.as_template_dict(f"\ue000{nonce}:{i}\ue001") for i, m in enumerate(messages)]
+    refuse_control_tokens(tokenizer, {"messages": [m.extra for m in messages], **template_kwargs})
     rendered = render_chat_template(
         tokenizer.chat_template,
         stand_ins,
@@ -184,17 +198,29 @@ def build_template_prompt(
         **template_kwargs,
     )
     if continue_final_message and messages:
-        last = f"\ue000{len(messages) - 1}\ue001"
+        last = f"\ue000{nonce}:{len(messages) - 1}\ue001"
         rendered = rendered[: rendered.rindex(last) + len(last)]  # the last turn stays open
     pieces: list[tuple[str, bool]] = []
     position = 0
-    for match in _SENTINEL.finditer(rendered):
+    for match in re.finditer(f"\ue000{nonce}:(\\d+)\ue001", rendered):
         pieces.append((rendered[position : match.start()], True))
         pieces.append((messages[int(match.group(1))].content, False))
         position = match.end()
     pieces.append((rendered[position:], True))
     text = "".join(piece for piece, _ in pieces)
     return Prompt(text, encode_trusted_specials(tokenizer, pieces), tail=rendered[position:])
+
+
+def refuse_control_tokens(tokenizer: Tokenizer, values: Any) -> None:
+    """``ControlTokenError`` for the first string (object keys included) of ``values`` that spells a special
+    token; walked without recursion."""
+    specials = _special_pattern(tuple(sorted(tokenizer.special_tokens, key=len, reverse=True)))
+    if specials is None:
+        return
+    for path, text in strings(values):
+        found = specials.search(text)
+        if found:
+            raise ControlTokenError(found.group(), path_text(path)[:200])
 
 
 def encode_trusted_specials(tokenizer: Tokenizer, pieces: Sequence[tuple[str, bool]]) -> list[int]:
@@ -228,6 +254,8 @@ def render_chat_template(template: str, messages: list[dict[str, Any]], **contex
                                                                          if v is not None})
     except TemplateError as exc:
         raise ChatTemplateError(str(exc)) from exc
+    except (TypeError, ValueError, LookupError, AttributeError, RecursionError) as exc:  # request data it cannot take
+        raise ChatTemplateError(f"{type(exc).__name__}: {exc}"[:300]) from exc
 
 
 def _raise_exception(message: str) -> None:

@@ -53,6 +53,9 @@ def _unicode_to_byte() -> dict[str, int]:
     return mapping
 
 
+
+GIL_FREE_CHARS = 4096  # texts longer than this are encoded without holding the GIL
+
 class HFTokenizer(Tokenizer):
     """A byte-level BPE vocabulary held by HF ``tokenizers``."""
 
@@ -143,7 +146,11 @@ class HFTokenizer(Tokenizer):
         return len(self._id_bytes)
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Token ids of ``text``. Long texts go through ``encode_batch``, which lets go of the GIL while it works
+        (``encode`` holds it throughout: seconds for megabytes, during which no other thread runs)."""
         encoder = self._raw if allow_special else self._plain
+        if len(text) > GIL_FREE_CHARS:
+            return encoder.encode_batch([text], add_special_tokens=False)[0].ids
         return encoder.encode(text, add_special_tokens=False).ids
 
     def token_bytes(self, token_id: int) -> bytes:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from tokenizer.call_pieces import CallPiece, FunctionCall, TrimmedText, assemble, hold_partial
+from tokenizer.json_values import loads_strict
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -34,13 +35,13 @@ def read_block(body: str, complete: bool) -> FunctionCall | None:
     """The call in one block's text, or None when it is not one (``complete``: the block was closed)."""
     if complete:
         try:
-            value = json.loads(body)
-        except json.JSONDecodeError:
-            value = None
-        if isinstance(value, dict) and isinstance(value.get("name"), str) and value["name"]:
-            arguments = value.get("arguments", {})
-            text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-            return FunctionCall(value["name"], text)
+            value = loads_strict(body)
+            if isinstance(value, dict) and isinstance(value.get("name"), str) and value["name"]:
+                arguments = value.get("arguments", {})
+                text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+                return FunctionCall(value["name"], text)
+        except (ValueError, RecursionError):  # not JSON we could write back out: the block stays text
+            pass
         return None
     match = _PARTIAL_NAME.match(body)
     return FunctionCall(match.group(1), match.group(2).strip()) if match else None

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tokenizer.call_pieces import CallPiece, FunctionCall, TrimmedText, assemble, hold_partial
+from tokenizer.json_values import loads_strict
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -54,8 +55,8 @@ def convert_value(raw: str, schema: Any) -> Any:
             return text.lower() == "true"
         if kind in ("integer", "number", "object", "array"):
             try:
-                value = json.loads(text)
-            except (json.JSONDecodeError, RecursionError):
+                value = loads_strict(text)  # 1e999 or NaN stay text: the arguments must stay JSON
+            except ValueError:
                 continue
             if _is_kind(value, kind):
                 return value
@@ -168,7 +169,11 @@ class XmlToolCallStreamParser:
                               else None)
         opening = "{" if self._written == 0 else ", "
         self._written += 1
-        text = f"{opening}{json.dumps(self._parameter, ensure_ascii=False)}: {json.dumps(value, ensure_ascii=False)}"
+        try:
+            written = json.dumps(value, ensure_ascii=False)
+        except RecursionError:  # nested deeper than it can be written back: the text itself
+            written = json.dumps(_value_text(raw), ensure_ascii=False)
+        text = f"{opening}{json.dumps(self._parameter, ensure_ascii=False)}: {written}"
         return [CallPiece(arguments=text, index=self._calls - 1)]
 
     def _in_after(self) -> list[CallPiece] | None:

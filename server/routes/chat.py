@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from server.app_state import state_of
+from server.bodies import body_schema, json_reply, parse_body
 from server.chat_plan import ChatPlan, plan_chat
 from server.chat_reply import StreamedChatReply, whole_reply
 from server.generation import ChoiceResult, Generation, ModelService, collect_choices
 from server.logprobs import chat_logprobs
-from server.preparation import Preparer
 from server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -31,28 +31,28 @@ from server.usage import UsageTracker
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+@router.post("/v1/chat/completions", response_model=None, openapi_extra=body_schema(ChatCompletionRequest))
+async def chat_completions(request: Request):
+    body = await parse_body(request, ChatCompletionRequest)
     state = state_of(request)
     service = ready_service(request, body.model)
-    state.limits.check_chat(body, service.vocab_size)
     planned = await until_disconnected(request, state.preparer.run(lambda: plan_chat(service, body, state.limits)))
     generation = Generation(new_id("chatcmpl"), planned.prompt_ids, planned.params, planned.stop_strings, body.n)
     log_start(request, generation.request_id, len(planned.prompt_ids))
     tracker = UsageTracker(state.metrics, len(planned.prompt_ids), body.n, shared_prompt=True)
     if body.stream:
         return await sse_response(_chunks(service, generation, body, planned, tracker))
-    return await until_disconnected(request, _complete(service, generation, body, planned, tracker,
-                                                       state.preparer))
+    return await until_disconnected(request, _complete(request, service, generation, body, planned, tracker))
 
 
-async def _complete(service: ModelService, generation: Generation, body: ChatCompletionRequest,
-                    plan: ChatPlan, tracker: UsageTracker, preparer: Preparer) -> ChatCompletionResponse:
+async def _complete(request: Request, service: ModelService, generation: Generation, body: ChatCompletionRequest,
+                    plan: ChatPlan, tracker: UsageTracker) -> Response:
     results = await collect_choices(tracker.track(service.stream(generation)), body.n)
-    # parsing replies and spelling out logprobs grows with the reply: off the loop, like the request's preparation
-    choices = await preparer.run(lambda: _choices(service, body, plan, results))
-    return ChatCompletionResponse(id=generation.request_id, created=now(), model=service.name, choices=choices,
-                                  usage=tracker.usage())
+    usage = tracker.usage()
+    # parsing replies, spelling out logprobs and serializing grow with the reply: off the loop
+    return await json_reply(request, lambda: ChatCompletionResponse(
+        id=generation.request_id, created=now(), model=service.name,
+        choices=_choices(service, body, plan, results), usage=usage))
 
 
 def _choices(service: ModelService, body: ChatCompletionRequest, plan: ChatPlan,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from server.app_state import state_of
+from server.bodies import body_schema, json_reply, parse_body
 from server.errors import APIError
 from server.generation import ChoiceEvent, ChoiceResult, Generation, ModelService, collect_choices, interleave
+from server.limits import Limits
 from server.logprobs import completion_logprobs
 from server.preparation import Preparer
 from server.protocol import (
@@ -27,13 +29,14 @@ from server.usage import UsageTracker
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request):
+@router.post("/v1/completions", response_model=None, openapi_extra=body_schema(CompletionRequest))
+async def completions(request: Request):
+    body = await parse_body(request, CompletionRequest)
     state = state_of(request)
     service = ready_service(request, body.model)
-    state.limits.check_completion(body, service.vocab_size)
     completion_id = new_id("cmpl")
-    generations = await until_disconnected(request, state.preparer.run(lambda: _plan(service, body, completion_id)))
+    generations = await until_disconnected(request, state.preparer.run(
+        lambda: _plan(service, body, completion_id, state.limits)))
     log_start(request, completion_id, sum(len(g.prompt_ids) for g in generations))
     tracker = UsageTracker(state.metrics, sum(len(g.prompt_ids) for g in generations) * body.n,
                            len(generations) * body.n, shared_prompt=False)
@@ -41,11 +44,13 @@ async def completions(body: CompletionRequest, request: Request):
     job = _Job(completion_id, service, generations, body, state.preparer)
     if body.stream:
         return await sse_response(_chunks(job, events, tracker))
-    return await until_disconnected(request, _complete(job, events, tracker))
+    return await until_disconnected(request, _complete(request, job, events, tracker))
 
 
-def _plan(service: ModelService, body: CompletionRequest, request_id: str) -> list[Generation]:
+def _plan(service: ModelService, body: CompletionRequest, request_id: str, limits: Limits) -> list[Generation]:
     """One engine request per prompt (tokenized here, on a preparation thread)."""
+    limits.check_completion(body, service.vocab_size)
+    limits.check_text(body.prompts(), service.max_model_len, "prompt")
     prompts = [service.text_prompt_ids(p) for p in body.prompts()]
     if any(not ids for ids in prompts):
         raise APIError(400, "prompt must not be empty", param="prompt")
@@ -89,13 +94,14 @@ class _Job:
         return self._done[prompt]
 
 
-async def _complete(job: _Job, events: AsyncIterator[ChoiceEvent], tracker: UsageTracker) -> CompletionResponse:
+async def _complete(request: Request, job: _Job, events: AsyncIterator[ChoiceEvent],
+                    tracker: UsageTracker) -> Response:
     service, generations, body = job.service, job.generations, job.body
     results = await collect_choices(events, len(generations) * body.n)
     echoes = [await job.echo(index) for index in range(len(results))] if body.echo else []
-    choices = await job.preparer.run(lambda: _choices(service, body, results, echoes))
-    return CompletionResponse(id=job.id, created=now(), model=service.name, choices=choices,
-                              usage=tracker.usage())
+    usage = tracker.usage()
+    return await json_reply(request, lambda: CompletionResponse(
+        id=job.id, created=now(), model=service.name, choices=_choices(service, body, results, echoes), usage=usage))
 
 
 def _choices(service: ModelService, body: CompletionRequest, results: list[ChoiceResult],

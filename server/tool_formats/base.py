@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Protocol
 
 from engine.grammar import GrammarSpec
 from server.protocol import ChatMessageIn
-from tokenizer import ChatMessage, Tokenizer
+from tokenizer import ChatMessage
 from tokenizer.call_pieces import CallPiece, FunctionCall, assemble
 from tokenizer.react import Tool
 
@@ -48,10 +48,8 @@ class ToolFormat(ABC):
         """What the chat template gets besides the messages."""
         return {}
 
-    @abstractmethod
-    def check_no_control_tokens(self, tokenizer: Tokenizer, messages: Sequence[ChatMessageIn],
-                                tools: Sequence[Tool]) -> None:
-        """Raise a 400 ``APIError`` when request text would become a control token in the prompt."""
+    def check_tools(self, tools: Sequence[Tool]) -> None:  # noqa: B027 (a hook: most formats write any tool)
+        """Raise a 400 ``APIError`` for a tool whose calls this format cannot write."""
 
     @abstractmethod
     def call_prefix(self, forced: str | None) -> str:

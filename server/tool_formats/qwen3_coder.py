@@ -7,16 +7,42 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.grammar import Concat, GrammarSpec, RegexGrammar, Union, literal_grammar
+from server.errors import APIError
 from server.tool_formats.base import ArgumentGrammars
 from server.tool_formats.template import TemplateToolFormat
 from tokenizer.react import Tool
-from tokenizer.xml_tool_calls import CLOSE, FUNCTION, OPEN, PARAMETER, PARAMETER_END, XmlToolCallStreamParser
+from tokenizer.xml_tool_calls import (
+    CLOSE,
+    FUNCTION,
+    MAX_NAME,
+    OPEN,
+    PARAMETER,
+    PARAMETER_END,
+    XmlToolCallStreamParser,
+)
 
 TEXT_VALUE = "[^<]*"  # a text parameter under a grammar: anything up to the next tag
 
 
 class Qwen3CoderFormat(TemplateToolFormat):
     name = "qwen3_coder"
+
+    def check_tools(self, tools: Sequence[Tool]) -> None:
+        """XML has no escapes here: a parameter name is the text between ``<parameter=`` and ``>`` on one line, and
+        a text value ends at the next tag. Names that break that, and enum values that hold a ``<`` or start or
+        end with a line break, cannot be written: refused."""
+        for tool in tools:
+            for name, schema in _properties(tool):
+                if not name or name != name.strip() or any(c in name for c in "<>\r\n") or len(name) > MAX_NAME:
+                    raise APIError(400, f"tool {tool.name}: parameter name {name[:80]!r} cannot be written in XML "
+                                        "calls (no <, >, line breaks or outer spaces; 1 to 256 characters)",
+                                   param="tools")
+                choices = schema.get("enum") if isinstance(schema, dict) else None
+                for choice in choices if isinstance(choices, list) else ():
+                    if isinstance(choice, str) and ("<" in choice or choice != choice.strip("\r\n")):
+                        raise APIError(400, f"tool {tool.name}: enum value {choice[:80]!r} of {name!r} cannot be "
+                                            "written in XML calls (no < and no line break at either end)",
+                                       param="tools")
 
     def call_prefix(self, forced: str | None) -> str:
         return f"{OPEN}\n" + (f"{FUNCTION}{forced}>\n" if forced is not None else "")

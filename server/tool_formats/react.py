@@ -10,7 +10,7 @@ from server.errors import APIError
 from server.messages import calls_of, role_of
 from server.protocol import ChatMessageIn
 from server.tool_formats.base import ArgumentGrammars, ToolFormat
-from tokenizer import ChatMessage, Tokenizer
+from tokenizer import ChatMessage
 from tokenizer.react import (
     STOP_STRINGS,
     ReactError,
@@ -41,10 +41,6 @@ class ReactFormat(ToolFormat):
         else:
             turns.append(ChatMessage("assistant", prefix))
         return turns, True
-
-    def check_no_control_tokens(self, tokenizer: Tokenizer, messages: Sequence[ChatMessageIn],
-                                tools: Sequence[Tool]) -> None:
-        """Nothing to refuse: tools and calls become message contents, which are always encoded as plain text."""
 
     def call_prefix(self, forced: str | None) -> str:
         return forced_call_prefix(forced)
