@@ -36,11 +36,12 @@ async def parse_body(request: Request, model: type[M]) -> M:
 
 def validate_body(model: type[M], raw: bytes) -> M:
     """Lists are bounded before their items and stop at the first bad one (``protocol.items``), so the errors
-    are few; only the first is reported."""
+    are few; one is reported: the first that is not merely a union member of another type."""
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        raise invalid_field(exc.errors(include_url=False, include_input=False)[0]) from None
+        errors = exc.errors(include_url=False, include_input=False)
+        raise invalid_field(next((e for e in errors if not e["type"].endswith("_type")), errors[0])) from None
 
 
 async def json_reply(request: Request, build: Callable[[], BaseModel | dict]) -> Response:

@@ -6,7 +6,7 @@ from server.errors import APIError
 from server.protocol import ChatMessageIn
 from tokenizer import ChatMessage
 from tokenizer.call_pieces import FunctionCall
-from tokenizer.json_values import loads_strict, walk
+from tokenizer.json_values import JsonTooDeepError, loads_strict, walk
 
 ROLE_ALIASES = {"developer": "system"}
 MAX_ARGUMENT_DEPTH = 64  # nesting of a past call's arguments, which chat templates render (recursively)
@@ -49,9 +49,11 @@ def _json_or_text(arguments: str) -> object:
     """A past call's arguments as the JSON value they spell (templates render them), else the text itself."""
     try:
         value = loads_strict(arguments)
+    except JsonTooDeepError:
+        value = None
     except ValueError:
         return arguments
-    if any(len(path) > MAX_ARGUMENT_DEPTH for path, _ in walk(value)):
+    if value is None or any(len(path) > MAX_ARGUMENT_DEPTH for path, _ in walk(value)):
         raise APIError(400, f"tool call arguments may be nested at most {MAX_ARGUMENT_DEPTH} levels deep",
                        param="messages")
     return value

@@ -10,6 +10,10 @@ from typing import Any
 Path = tuple[str | int, ...]
 
 
+class JsonTooDeepError(ValueError):
+    """JSON nested deeper than Python's parser can follow."""
+
+
 def loads_strict(text: str) -> Any:
     """``text`` as a JSON value that can be written back as JSON: ``ValueError`` for invalid JSON, ``NaN`` and
     ``Infinity`` (or numbers that overflow to them), integers past Python's digit limit and nesting too deep to
@@ -17,7 +21,7 @@ def loads_strict(text: str) -> Any:
     try:
         return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+        raise JsonTooDeepError("JSON nested too deeply") from None
 
 
 def _no_constant(name: str) -> Any:
