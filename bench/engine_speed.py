@@ -115,7 +115,7 @@ def shape_report(args: argparse.Namespace) -> None:
     our_rate(engine, prompts, 2, concurrent=True)  # warm-up at full width (kernel builds, graph capture)
     aggregate = our_rate(engine, prompts, n, concurrent=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    attention = "flash-attn varlen" if loaded.model.uses_varlen else "SDPA"
+    attention = "varlen" if loaded.model.uses_varlen(2) else "SDPA"
     if loaded.model.uses_paged_decode:
         attention += " prefill, Triton paged decode" + (", eager" if args.enforce_eager else ", CUDA graphs")
     gate_up = loaded.model.layers[0].mlp.gate_up

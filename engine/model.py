@@ -247,6 +247,7 @@ class DecoderModel(nn.Module):
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = lm_head
         self.vocab_parallel: VocabParallel | None = None  # tensor parallelism: this rank's rows of embed and head
+        self.varlen_prompts_only = False
 
     @property
     def graph_safe(self) -> bool:
@@ -288,13 +289,15 @@ class DecoderModel(nn.Module):
         for layer in self.layers:
             layer.attn.rope_store = None if make is None else make()
 
-    @property
-    def uses_varlen(self) -> bool:
-        """Whether attention runs on a varlen kernel (the runner then builds a ``VarlenLayout``)."""
-        return self.layers[0].attn.varlen_attention is not None
+    def uses_varlen(self, max_q: int) -> bool:
+        """Whether a step whose sequences have at most ``max_q`` new tokens runs on the varlen kernel (the runner
+        then builds a ``VarlenLayout``)."""
+        return self.layers[0].attn.varlen_attention is not None and (max_q > 1 or not self.varlen_prompts_only)
 
-    def use_varlen_attention(self, kernel: VarlenKernel | None) -> None:
-        """Run attention on ``kernel`` (``flash_attn_varlen_func``'s signature), or on the padded path (None)."""
+    def use_varlen_attention(self, kernel: VarlenKernel | None, prompts_only: bool = False) -> None:
+        """Run attention on ``kernel`` (``flash_attn_varlen_func``'s signature), or on the padded path (None);
+        ``prompts_only``: decode-only steps stay on the padded path (and the native decode kernel)."""
+        self.varlen_prompts_only = prompts_only
         for layer in self.layers:
             layer.attn.varlen_attention = None if kernel is None else VarlenAttention(kernel, self.config.head_dim)
 

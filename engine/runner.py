@@ -137,7 +137,7 @@ class ModelRunner:
         else:
             assert shape.kv_lens is not None, "the padded and varlen layouts need the key counts on the host"
             slots = (tables[:, :, None] * block_size + torch.arange(block_size, device=device)).view(b, -1)
-            if self.model.uses_varlen:
+            if self.model.uses_varlen(shape.max_q):
                 layout = varlen_layout(slots, q_len_t, kv_len_t, shape.max_q, shape.kv_lens)
             else:
                 layout = padded_layout(slots, q_len_t, kv_len_t, starts, row_of_token, shape.max_q,

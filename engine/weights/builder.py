@@ -10,6 +10,7 @@ from engine.config import ModelConfig
 from engine.device import head_dtype
 from engine.kernels import attention as attention_kernel
 from engine.kernels import flash, native, q4q8, q8head, triton_int4
+from engine.kernels.sequential_attention import sequential_varlen
 from engine.layers import (
     CudaInt4Linear,
     DenseLinear,
@@ -77,6 +78,8 @@ class ModelBuilder:
             model.final_norm = self._fused_norm(model.final_norm, lm_head)
         if flash.fits(self.device, self.dtype, self.config.head_dim):
             model.use_varlen_attention(flash.flash_kernel())
+        elif self.device.type == "cpu":
+            model.use_varlen_attention(sequential_varlen, prompts_only=True)
         return model.eval()
 
     def _q8_head(self, part: str) -> Q8Linear | None:

@@ -135,7 +135,7 @@ def test_flash_varlen_path_gives_the_tokens_of_the_sdpa_path():
     flash = LLM(str(QWEN1_MODEL), dtype="bfloat16", device="cuda")
     sdpa = LLM(str(QWEN1_MODEL), dtype="bfloat16", device="cuda")
     sdpa.engine.runner.model.use_varlen_attention(None)
-    assert flash.engine.runner.model.uses_varlen and not sdpa.engine.runner.model.uses_varlen
+    assert flash.engine.runner.model.uses_varlen(2) and not sdpa.engine.runner.model.uses_varlen(2)
     prompts = [c["prompt_ids"] for c in CASES]
     for prompt in prompts:
         torch.testing.assert_close(flash.engine.prompt_logits(prompt), sdpa.engine.prompt_logits(prompt),

@@ -8,11 +8,14 @@ checked by ``test_cuda.py`` where a GPU and the package are present.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from engine.kernels.sequential_attention import sequential_varlen
 from engine.runner import varlen_layout
 from tests.conftest import load_fixture
 from tests.unit.engine.conftest import QWEN1_MODEL, qwen1_engine, run_requests
@@ -44,13 +47,38 @@ def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 def on_varlen(llm_or_engine):
     engine = getattr(llm_or_engine, "engine", llm_or_engine)
     engine.runner.model.use_varlen_attention(reference_varlen)
-    assert engine.runner.model.uses_varlen
+    assert engine.runner.model.uses_varlen(1)
     return llm_or_engine
+
+
+def on_padded(engine: LLMEngine) -> LLMEngine:
+    engine.runner.model.use_varlen_attention(None)
+    assert not engine.runner.model.uses_varlen(2)
+    return engine
 
 
 @pytest.fixture(scope="module")
 def varlen_llm() -> LLM:
     return on_varlen(LLM(str(QWEN1_MODEL), dtype="float32", device="cpu"))
+
+
+@pytest.mark.parametrize("lengths", [[(5, 5), (1, 20), (3, 12)], [(7, 30), (7, 7), (1, 1)]])
+def test_the_cpu_kernel_follows_the_varlen_contract(lengths):
+    """``sequential_varlen`` (the CPU's kernel for steps with prompts) against the contract's reference: prompts,
+    chunks over earlier keys, decode rows, grouped heads."""
+    generator = torch.Generator().manual_seed(3)
+    q_lens, k_lens = zip(*lengths, strict=True)
+    q = torch.randn(sum(q_lens), 4, 16, generator=generator)
+    k, v = (torch.randn(sum(k_lens), 2, 16, generator=generator) for _ in range(2))
+    offsets = [torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32) for n in (q_lens, k_lens)]
+    args = (q, k, v, *offsets, max(q_lens), max(k_lens))
+    torch.testing.assert_close(sequential_varlen(*args, softmax_scale=0.25, causal=True),
+                               reference_varlen(*args, softmax_scale=0.25, causal=True), rtol=0, atol=1e-6)
+
+
+def test_cpu_models_run_prompts_on_it_and_decodes_on_the_padded_path():
+    model = LLM(str(QWEN1_MODEL), dtype="float32", device="cpu").engine.runner.model
+    assert model.uses_varlen(2) and not model.uses_varlen(1)
 
 
 def test_layout_packs_each_sequence_keys_in_order():
@@ -96,7 +124,7 @@ def test_varlen_grouped_query_attention_equals_the_padded_path(tmp_path):
         return LLMEngine.from_model(str(tmp_path), dtype="float32", device="cpu",
                                     config=EngineConfig(kv_cache_memory=8 << 20))
 
-    padded, varlen = engine(), on_varlen(engine())
+    padded, varlen = on_padded(engine()), on_varlen(engine())
     torch.testing.assert_close(varlen.prompt_logits(prompts[2]), padded.prompt_logits(prompts[2]),
                                atol=1e-5, rtol=1e-5)
     assert (run_requests(varlen, prompts, params, staggered=True)
