@@ -85,13 +85,14 @@ def health_probe(url: str) -> Iterator[list[tuple[int | str, float]]]:
 
 
 def send_while_probing(server: ServerProcess, method: str, path: str, *, body: object = None,
-                       raw: bytes | None = None, timeout: float = 180) -> httpx.Response:
+                       raw: bytes | None = None, headers: dict[str, str] | None = None,
+                       timeout: float = 180) -> httpx.Response:
     """One request while /health is probed from another process: every probe must answer 200 within
     ``HEALTH_SECONDS``."""
     content = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     with health_probe(server.url) as answers:
         response = httpx.request(method, server.url + path, content=content, timeout=timeout,
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json", **(headers or {})})
     slow = [answer for answer in answers if answer[0] != 200 or answer[1] > HEALTH_SECONDS]
     assert len(answers) >= 2 and not slow, f"/health while the request ran: {slow}"
     return response

@@ -11,14 +11,14 @@ import schemathesis
 from schemathesis.checks import not_a_server_error
 
 from server.settings import Settings
-from tests.integration.conftest import SMOL_NAME, RunningServer, engine_for, serve
+from tests.integration.conftest import SMOL_NAME, RunningServer, engine_for, serve, smol_loaded  # noqa: F401
 
 EXAMPLES_PER_OPERATION = 60
 REQUEST_SECONDS = 60
 
 
 @pytest.fixture(scope="module")
-def fuzzed_server(smol_loaded) -> Iterator[RunningServer]:
+def fuzzed_server(smol_loaded) -> Iterator[RunningServer]:  # noqa: F811
     engine = engine_for(smol_loaded, max_num_seqs=8)
     yield from serve(Settings(served_model_name=SMOL_NAME, max_model_len=96, grammar_timeout=10), engine)
     engine.shutdown()

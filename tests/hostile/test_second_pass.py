@@ -5,6 +5,7 @@ model-written text. Every case asserts the rule that answers it, and an ordinary
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.hostile.conftest import assert_envelope, assert_still_serving
 from tests.hostile.processes import ServerProcess, send_while_probing, server_process
-from tests.integration.conftest import SMOL_NAME
+from tests.integration.conftest import SMOL_NAME, StreamReader
 from tests.integration.scripted import WEATHER, write_scripted_model
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -57,9 +59,7 @@ def coder(tmp_path_factory) -> Iterator[ServerProcess]:
 def refused(response: httpx.Response, status: int, *, param: str | None = None, code: str | None = None,
             says: str | None = None) -> dict:
     """The response is ``status`` in OpenAI's envelope, refused by the rule named by ``param``/``code``/``says``."""
-    assert response.status_code == status, response.text[:500]
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    error = assert_envelope(response, status)
     if param is not None:
         assert (error["param"] or "").startswith(param), error
     if code is not None:
@@ -67,11 +67,6 @@ def refused(response: httpx.Response, status: int, *, param: str | None = None, 
     if says is not None:
         assert says in error["message"], error
     return error
-
-
-def still_serving(server: ServerProcess, model: str) -> None:
-    response = httpx.post(server.url + CHAT, json={"model": model, "messages": HI, "max_tokens": 2}, timeout=60)
-    assert response.status_code == 200, response.text[:500]
 
 
 def body(model: str = SMOL_NAME, **fields: Any) -> dict:
@@ -133,7 +128,7 @@ def test_smol_refuses_by_its_rule(smol, method, path, payload, status, param, co
     raw = payload if isinstance(payload, bytes) else None
     response = send_while_probing(smol, method, path, body=None if raw is not None else payload, raw=raw)
     refused(response, status, param=param, code=code, says=says)
-    still_serving(smol, SMOL_NAME)
+    assert_still_serving(smol, SMOL_NAME)
 
 
 def test_qwen_form_functions_are_served(smol):
@@ -211,7 +206,7 @@ HERMES_CASES = [
 def test_template_rendered_text_is_refused_by_its_rule(hermes, messages, tools, param, code):
     response = send_while_probing(hermes, "POST", CHAT, body=body("scripted", messages=messages, tools=tools))
     refused(response, 400, param=param, code=code)
-    still_serving(hermes, "scripted")
+    assert_still_serving(hermes, "scripted")
 
 
 @pytest.mark.parametrize("forged", ["\ue0000\ue001", "\ue000999\ue001", "\ue000"])
@@ -260,7 +255,7 @@ def test_xml_calls_refuse_what_they_cannot_write(coder, properties, says):
     response = send_while_probing(coder, "POST", CHAT, body=body("scripted", tools=[weather(properties=properties)],
                                                                  tool_choice="required"))
     refused(response, 400, param="tools", says=says)
-    still_serving(coder, "scripted")
+    assert_still_serving(coder, "scripted")
 
 
 def test_xml_numbers_stay_json(coder):
@@ -270,3 +265,38 @@ def test_xml_numbers_stay_json(coder):
     (call,) = response.json()["choices"][0]["message"]["tool_calls"]
     arguments = json.loads(call["function"]["arguments"], parse_constant=lambda name: pytest.fail(name))
     assert arguments == {"days": "1e999", "temp": "NaN"}
+
+
+# --- head-of-line blocking ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_steps() -> Iterator[ServerProcess]:
+    with server_process("--served-model-name", SMOL_NAME, "--max-num-batched-tokens", "256",
+                        "--max-model-len", "2048") as server:
+        yield server
+
+
+def running(server: ServerProcess) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running{"))
+
+
+def test_a_long_prompt_does_not_hold_up_a_short_request(small_steps):
+    """With a stream decoding, a prompt of 1,900 tokens (eight steps of 256) is admitted; a short request sent
+    after it gets its reply while that prompt is still being prefilled, in chunks, and the stream keeps going."""
+    no_stop = {"0": -100, "1": -100, "2": -100}
+    stream = StreamReader(small_steps.url, body(max_tokens=150, stream=True, logit_bias=no_stop), after=2)
+    assert stream.started.wait(60)
+    long_text = " ".join(f"item{i}" for i in range(500))  # 1,890 tokens
+    long = StreamReader(small_steps.url, body(messages=[{"role": "user", "content": long_text}], max_tokens=1,
+                                              stream=True), after=1)
+    deadline = time.monotonic() + 60
+    while running(small_steps) < 2 and time.monotonic() < deadline:  # the long prompt is admitted: chunking starts
+        time.sleep(0.01)
+    tokens_before = len(stream.lines)
+    short = httpx.post(small_steps.url + CHAT, json=body(max_tokens=1), timeout=60)
+    assert short.status_code == 200, short.text[:300]
+    assert not long.started.is_set(), "the short request waited for the long prompt's prefill"
+    long.join(60)
+    assert long.started.is_set() and len(stream.lines) > tokens_before
