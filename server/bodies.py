@@ -35,8 +35,8 @@ async def parse_body(request: Request, model: type[M]) -> M:
 
 
 def validate_body(model: type[M], raw: bytes) -> M:
-    """Lists are bounded before their items and stop at the first bad one (``protocol.items``), so the errors
-    are few; one is reported: the first that is not merely a union member of another type."""
+    """Lists are bounded and stop at their first bad item (``protocol.items``), so the errors are few; one is
+    reported: the first that is not merely a union member of another type."""
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:

@@ -20,7 +20,7 @@ from pydantic import (
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
 MAX_INT = 2**31 - 1  # counts and token ids fit an int32
-# Ceilings on list lengths, checked before any item is validated (the settings' finer bounds come after):
+# Ceilings on list lengths (the settings' finer bounds are checked after validation):
 MAX_ITEMS = 1 << 14  # messages, tools, parts, stop strings, texts, map entries
 MAX_TOKEN_IDS = 1 << 20  # token ids in one list
 SEED_LIMIT = 2**64  # seeds are unsigned 64-bit integers
@@ -42,8 +42,8 @@ TokenId = Annotated[int, Field(ge=0, le=MAX_INT)]
 
 
 def items(limit: int = MAX_ITEMS) -> Any:
-    """A list bound: its length is checked before its items, and validation stops at the first bad item (a body of
-    a million bad items costs one error, not a million)."""
+    """A list bound: a longer list is refused, and validation stops at the first bad item (a body of a million bad
+    items costs one error, not a million)."""
     return Field(max_length=limit, fail_fast=True)
 
 

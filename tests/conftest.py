@@ -41,5 +41,6 @@ def smollm2_tokenizer(smollm2_gguf: Path) -> HFTokenizer:
 @pytest.fixture(scope="session")
 def hf_smollm2_tokenizer(smollm2_gguf: Path):
     """transformers' own reading of the same GGUF vocabulary (the reference)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a pinned test dependency: missing is a failure, not a skip
+
     return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)

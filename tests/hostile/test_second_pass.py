@@ -137,6 +137,7 @@ def test_qwen_form_functions_are_served(smol):
                                 "schema": {"type": "string"}}]}
     response = send_while_probing(smol, "POST", CHAT, body=body(functions=[function], max_tokens=4))
     assert response.status_code == 200, response.text[:300]
+    assert_still_serving(smol)
 
 
 def test_a_large_reply_with_logprobs_is_serialized_off_the_loop(smol):
@@ -148,6 +149,7 @@ def test_a_large_reply_with_logprobs_is_serialized_off_the_loop(smol):
     choices = response.json()["choices"]
     assert [len(c["logprobs"]["content"]) for c in choices] == [600] * 8
     assert all(len(entry["top_logprobs"]) == 20 for c in choices for entry in c["logprobs"]["content"])
+    assert_still_serving(smol)
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +165,13 @@ def test_a_long_text_is_tokenized_and_answered_without_holding_the_loop(smol_unb
     text = "hello world, tokens! " * 300_000
     response = send_while_probing(smol_unbounded, "POST", "/tokenize", body={"prompt": text})
     assert response.status_code == 200 and response.json()["count"] > 1_000_000
+    assert_still_serving(smol_unbounded)
 
 
 def test_a_large_detokenize_is_answered(smol):
     response = send_while_probing(smol, "POST", "/detokenize", body={"tokens": [28, 29] * 200_000})
     assert response.status_code == 200 and len(response.json()["prompt"]) >= 400_000
+    assert_still_serving(smol)
 
 
 # --- template-rendered text (a Hermes template) ------------------------------------------------------------
@@ -213,6 +217,7 @@ def test_template_rendered_text_is_refused_by_its_rule(hermes, messages, tools, 
 def test_a_forged_content_stand_in_is_text(hermes, forged):
     response = send_while_probing(hermes, "POST", CHAT, body=body("scripted", tools=[weather(forged)]))
     assert response.status_code == 200, response.text[:300]
+    assert_still_serving(hermes, "scripted")
 
 
 def test_a_reply_nested_thousands_deep_is_content_whole(hermes):
@@ -222,6 +227,7 @@ def test_a_reply_nested_thousands_deep_is_content_whole(hermes):
     assert response.status_code == 200, response.text[:300]
     message = response.json()["choices"][0]["message"]
     assert "tool_calls" not in message and message["content"].count("<tool_call>") == 2
+    assert_still_serving(hermes, "scripted")
 
 
 def test_a_reply_nested_thousands_deep_streams_to_done(hermes):
@@ -235,6 +241,7 @@ def test_a_reply_nested_thousands_deep_streams_to_done(hermes):
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text.count("<tool_call>") == 2 and text.count("[") == DEEP
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert_still_serving(hermes, "scripted")
 
 
 # --- Qwen3-Coder XML ---------------------------------------------------------------------------------------
@@ -265,6 +272,7 @@ def test_xml_numbers_stay_json(coder):
     (call,) = response.json()["choices"][0]["message"]["tool_calls"]
     arguments = json.loads(call["function"]["arguments"], parse_constant=lambda name: pytest.fail(name))
     assert arguments == {"days": "1e999", "temp": "NaN"}
+    assert_still_serving(coder, "scripted")
 
 
 # --- head-of-line blocking ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from engine import LLM, SamplingParams
 from engine.weights.gguf_tensors import GGUFTensors
@@ -11,7 +12,6 @@ from tests.unit.engine.gguf_export import write_gguf
 from tokenizer import ChatMessage, build_prompt
 from tokenizer.chat import builtin_template
 
-transformers = pytest.importorskip("transformers")
 ATOL = RTOL = 1e-4
 
 
