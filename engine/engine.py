@@ -114,6 +114,9 @@ class LLMEngine:
         self.dtype = model.dtype
         self.max_model_len = min(self.config.max_model_len or loaded.config.max_model_len,
                                  loaded.config.max_model_len)
+        if self.config.max_model_len and self.config.max_model_len > loaded.config.max_model_len:
+            log.warning("max_model_len %d is more than this model supports: serving %d tokens of context (the "
+                        "model's max_position_embeddings)", self.config.max_model_len, loaded.config.max_model_len)
         if self.config.kv_cache_dtype == "fp8" and not reads_fp8(self.device):
             raise ValueError("kv_cache_dtype fp8 needs a CUDA card that reads fp8 (sm89: Ada, Hopper and later); "
                              "use int8 on this one")

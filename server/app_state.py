@@ -42,7 +42,8 @@ class AppState:
                                            cache_limit_bytes=settings.grammar_cache_bytes)
         self.metrics = Metrics(engine, settings.model_name)
         self.service = ModelService(engine, settings.model_name, grammars, tool_call_format=settings.tool_call_format,
-                                    enable_thinking=settings.enable_thinking)
+                                    enable_thinking=settings.enable_thinking,
+                                    clamp_max_tokens=settings.clamp_max_tokens)
         engine.on_failure.append(self._engine_failed)
 
     def load_failed(self, error: BaseException) -> None:

@@ -115,7 +115,7 @@ class ModelService:
     ``AsyncEngine``'s narrow surface (``info``, ``stats``, ``generate``, ``prompt_logprobs``)."""
 
     def __init__(self, engine: AsyncEngine, name: str, grammars: IsolatedGrammarCompiler, *, tool_call_format: str,
-                 enable_thinking: bool) -> None:
+                 enable_thinking: bool, clamp_max_tokens: bool = True) -> None:
         info = engine.info
         if info.tokenizer is None:
             raise ValueError("the model has no tokenizer; the server needs one")
@@ -131,6 +131,7 @@ class ModelService:
         self.tool_format: ToolFormat = choose_format(tool_call_format, template)
         self.thinks = THINK_OPEN in (template or "")  # the template teaches (or opens) <think>...</think> replies
         self.enable_thinking = enable_thinking
+        self.clamp_max_tokens = clamp_max_tokens
         self.template_variables = template_variables(template)
 
     def _configured_stop_ids(self) -> frozenset[int]:
@@ -182,7 +183,9 @@ class ModelService:
                                 f"has {prompt_len} tokens.", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
         limit = request.token_limit  # type: ignore[attr-defined]
-        if limit is not None and prompt_len + limit > self.max_model_len:
+        if limit is not None and prompt_len + limit > self.max_model_len and self.clamp_max_tokens:
+            limit = room  # clients sized for larger contexts: the reply ends with "length" where the context does
+        elif limit is not None and prompt_len + limit > self.max_model_len:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
                                 f"you requested {prompt_len + limit} tokens ({prompt_len} in the prompt, {limit} "
                                 f"in the completion).", param="max_tokens", code="context_length_exceeded")

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
                                   f"{', '.join(FORMATS)} (auto: read from its chat template)")
     enable_thinking: bool = Field(default=True, description="thinking models think unless a request turns it off "
                                   "(chat_template_kwargs.enable_thinking, reasoning_effort none)")
+    clamp_max_tokens: bool = Field(default=True, description="a max_tokens beyond what the context leaves after "
+                                   "the prompt is cut to it (the reply ends with 'length'); off: a 400, as OpenAI "
+                                   "answers")
     max_request_bytes: int = Field(default=8 << 20, ge=1024, description="larger bodies get 413")
     max_messages: int = Field(default=1024, ge=1, description="messages in one chat request")
     max_tools: int = Field(default=128, ge=0, description="tools or functions in one chat request")

@@ -61,7 +61,7 @@ CASES: list[tuple[str, str, str, Any, int]] = [
     ("temperature-Infinity", "POST", CHAT,
      raw_chat(b'"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity'), 400),
     ("max_tokens-2^40", "POST", CHAT, chat(max_tokens=2**40), 400),
-    ("max_tokens-over-context", "POST", CHAT, chat(max_tokens=10**6), 400),
+    ("prompt-over-context", "POST", CHAT, chat(messages=[{"role": "user", "content": "word " * 9000}]), 400),
     ("n-huge", "POST", CHAT, chat(n=10**9), 400),
     ("top_logprobs-huge", "POST", CHAT, chat(logprobs=True, top_logprobs=10**6), 400),
     ("presence_penalty-huge", "POST", CHAT, chat(presence_penalty=1e308), 400),

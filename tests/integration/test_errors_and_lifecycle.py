@@ -68,13 +68,37 @@ def test_unknown_model_gets_404(smol_server):
     assert httpx.get(smol_server.url + f"/v1/models/{SMOL_NAME}").json()["id"] == SMOL_NAME
 
 
-def test_context_overflow_names_both_numbers(smol_server):
-    response = httpx.post(smol_server.url + CHAT, json={"model": SMOL_NAME, "messages": HELLO, "max_tokens": 5000})
+@pytest.fixture(scope="module")
+def strict_server(smol_server):
+    """A max_tokens beyond the context is a 400 here, as OpenAI answers it."""
+    yield from serve(Settings(served_model_name=SMOL_NAME, clamp_max_tokens=False), smol_server.engine)
+
+
+def test_context_overflow_names_both_numbers(strict_server):
+    response = httpx.post(strict_server.url + CHAT, json={"model": SMOL_NAME, "messages": HELLO, "max_tokens": 5000})
     error = assert_error(response, 400, "2048")
-    prompt_tokens = httpx.post(smol_server.url + "/tokenize", json={"messages": HELLO}).json()["count"]
+    prompt_tokens = httpx.post(strict_server.url + "/tokenize", json={"messages": HELLO}).json()["count"]
     assert str(prompt_tokens + 5000) in error["message"]
+
+
+def test_a_prompt_over_the_context_is_refused_whatever_the_setting(smol_server, strict_server):
     long = [{"role": "user", "content": "word " * 3000}]
-    assert_error(httpx.post(smol_server.url + CHAT, json={"model": SMOL_NAME, "messages": long}), 400, "2048")
+    for server in (smol_server, strict_server):
+        assert_error(httpx.post(server.url + CHAT, json={"model": SMOL_NAME, "messages": long}), 400, "2048")
+
+
+def test_max_tokens_sized_for_a_larger_context_is_cut_to_what_is_left(smol_server):
+    """Coding agents send max_tokens of 8,000-32,000: the reply may fill the context and ends with "length"."""
+    messages = [{"role": "user", "content": "word " * 1990}]
+    prompt_tokens = httpx.post(smol_server.url + "/tokenize", json={"messages": messages}).json()["count"]
+    assert 1900 < prompt_tokens < 2048
+    no_stop = {"0": -100, "1": -100, "2": -100}  # SmolLM2's end tokens: the reply runs until the context is full
+    response = httpx.post(smol_server.url + CHAT, timeout=120, json={
+        "model": SMOL_NAME, "messages": messages, "max_tokens": 32_000, "temperature": 0, "logit_bias": no_stop})
+    assert response.status_code == 200, response.text[:300]
+    reply = response.json()
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert reply["usage"]["completion_tokens"] == 2048 - prompt_tokens
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +142,9 @@ def test_full_queue_gets_429_with_retry_after(smol_loaded):
                 assert first.status_code == 200
                 lines = first.iter_lines()
                 assert next(line for line in lines if '"content":"' in line and '"role"' not in line)
+                deadline = time.monotonic() + 30  # the engine publishes its stats just after handing the token out
+                while engine.stats.running != 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 assert engine.stats.running == 1
                 response = httpx.post(server.url + CHAT, json={"model": SMOL_NAME, "messages": HELLO, "max_tokens": 2},
                                       timeout=60)
