@@ -45,7 +45,8 @@ def test_a_terminal_chat_streams_stops_and_keeps_going(smol_server, tmp_path):
         chat.expect("› ")
 
         chat.sendline("Write a very long story about a dragon.")  # greedy: longer than 1,500 tokens
-        chat.expect("dragon")
+        chat.expect("dragon")  # the terminal's echo of the line
+        chat.expect("dragon")  # the reply, streaming
         wait_for(lambda: smol_server.metric("vllm:num_requests_running") == 1)
         chat.sendintr()
         chat.expect_exact("[stopped]")
