@@ -109,19 +109,20 @@ def generate(client: ChatClient, body: dict, console: Console) -> Reply:
     """Stream one reply onto the console; Ctrl-C stops it."""
     reply = Reply()
     chunks = client.stream(body)
-    with Live(reply.view(), console=console, refresh_per_second=12, vertical_overflow="visible") as live:
-        try:
-            for chunk in chunks:
-                for choice in chunk["choices"]:
-                    delta = choice["delta"]
-                    reply.content += delta.get("content") or ""
-                    reply.reasoning += delta.get("reasoning_content") or ""
-                live.update(reply.view())
-        except KeyboardInterrupt:
-            reply.stopped = True
-        finally:
-            chunks.close()
-        live.update(reply.view())
+    try:  # a Ctrl-C while the reply is on screen stops it, also while its last part is still being drawn
+        with Live(reply.view(), console=console, refresh_per_second=12, vertical_overflow="visible") as live:
+            try:
+                for chunk in chunks:
+                    for choice in chunk["choices"]:
+                        delta = choice["delta"]
+                        reply.content += delta.get("content") or ""
+                        reply.reasoning += delta.get("reasoning_content") or ""
+                    live.update(reply.view())
+            finally:
+                chunks.close()
+            live.update(reply.view())
+    except KeyboardInterrupt:
+        reply.stopped = True
     if reply.stopped:
         console.print("[stopped]", style="yellow", markup=False)
     return reply
