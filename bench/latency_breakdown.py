@@ -1,8 +1,8 @@
-"""Where one stream's time per token goes, on the embedded SmolLM2: the engine's decode step alone, the same
-through the engine thread and asyncio (``AsyncEngine``), and the same through HTTP and SSE (a real server and a
-streaming client); the differences are the hand-offs and the serving layer.
+"""Where one stream's time per token goes (the embedded SmolLM2, or ``--model``): the engine's decode step alone,
+the same through the engine thread and asyncio (``AsyncEngine``), and the same through HTTP and SSE (a real server
+and a streaming client); the differences are the hand-offs and the serving layer.
 
-Usage: python bench/latency_breakdown.py [--cpu-isa auto|avx512|avx2] [--dtype auto|float32|bfloat16]
+Usage: python bench/latency_breakdown.py [--cpu-isa auto|avx512|avx2] [--dtype auto|float32|bfloat16] [--model F]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 from servers import wait_healthy
@@ -75,10 +76,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-isa", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--model", default=str(asset_path(SMOLLM2_GGUF)))
     args = parser.parse_args()
     loaded: list[LLMEngine] = []
     loader = threading.Thread(target=lambda: loaded.append(LLMEngine.from_model(
-        str(asset_path(SMOLLM2_GGUF)), dtype=args.dtype, cpu_isa=args.cpu_isa, device="cpu",
+        args.model, dtype=args.dtype, cpu_isa=args.cpu_isa, device="cpu",
         config=EngineConfig(max_model_len=1024))))
     loader.start()  # as the server loads: off the thread that will wait on the engine
     loader.join()
@@ -97,8 +99,8 @@ def main() -> None:
     finally:
         wrapped.shutdown()
     stepped, threaded = statistics.median(stepped_gaps), statistics.median(threaded_gaps)
-    served = statistics.median(http_gaps(["--cpu-isa", args.cpu_isa, "--dtype", args.dtype]))
-    print(f"SmolLM2-135M-Instruct, one stream, {TOKENS} tokens, --cpu-isa {args.cpu_isa} --dtype {args.dtype}: "
+    served = statistics.median(http_gaps(["--cpu-isa", args.cpu_isa, "--dtype", args.dtype, "--model", args.model]))
+    print(f"{Path(args.model).stem}, one stream, {TOKENS} tokens, --cpu-isa {args.cpu_isa} --dtype {args.dtype}: "
           f"median ms per token")
     print(f"engine step alone        {stepped * 1e3:6.2f}")
     print(f"+ engine thread, asyncio {threaded * 1e3:6.2f}  (+{(threaded - stepped) * 1e3:.2f})")

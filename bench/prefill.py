@@ -2,7 +2,8 @@
 first token of 1K, 2K and 4K-token prompts (one output token, no prompt cache on either side), and what a
 prefix-cache hit saves (a second request sharing a 1K-token prefix, on both servers' caches).
 
-Usage: python bench/prefill.py [--llama-server PATH] [--qwen-args "--cpu-isa avx2"]
+Usage: python bench/prefill.py [--llama-server PATH] [--model FILE.gguf] [--sizes 1024,2048,4096]
+       [--qwen-args "--cpu-isa avx2"]
 The peers are those ../shared/bench/setup-llama-server.sh builds under ~/.cache/qwen-peers (llama.cpp-build, or
 llama.cpp-build-avx2 for an AVX2-only build).
 """
@@ -69,13 +70,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-server", default=str(PEERS / "llama.cpp-build" / "bin" / "llama-server"))
     parser.add_argument("--model", default=str(PEERS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="prompt lengths in tokens")
     parser.add_argument("--qwen-args", default="", help="extra qwen-serve flags, e.g. --cpu-isa avx2")
     args = parser.parse_args()
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     llama = subprocess.Popen([args.llama_server, "-m", args.model, "--host", "127.0.0.1", "--port", str(LLAMA_PORT),
                               "-c", "8192", "-np", "1", "-t", "2", "-tb", "2"], **quiet)
-    qwen = subprocess.Popen([".venv/bin/qwen-serve", "--port", str(QWEN_PORT), "--served-model-name", "bench",
-                             "--max-model-len", "8192", "--kv-cache-memory", "1GiB", "--log-level", "warning",
+    qwen = subprocess.Popen([".venv/bin/qwen-serve", "--model", args.model, "--port", str(QWEN_PORT),
+                             "--served-model-name", "bench", "--max-model-len", "8192", "--kv-cache-memory", "2GiB",
+                             "--log-level", "warning",
                              *shlex.split(args.qwen_args)], **quiet)
     try:
         wait_healthy(f"http://127.0.0.1:{LLAMA_PORT}", llama)
@@ -85,7 +88,7 @@ def main() -> None:
         print(f"prompt processing, one request at a time (qwen-serve {args.qwen_args or 'defaults'}; "
               f"{Path(args.llama_server).parent.parent.name})")
         print(f"{'prompt':>7} {'qwen-serve':>22} {'llama-server':>22} {'ratio':>6}")
-        for size in SIZES:
+        for size in map(int, args.sizes.split(",")):
             prompt = text(size, seed=size)
             (q_seconds, q_tokens), (l_seconds, l_tokens) = ask_qwen(prompt), ask_llama(prompt)
             q_rate, l_rate = q_tokens / q_seconds, l_tokens / l_seconds

@@ -110,7 +110,7 @@ class LLMEngine:
         self.tokenizer: Tokenizer | None = loaded.tokenizer
         self.config = config or EngineConfig()
         self.leader = leader
-        self.device = next(model.parameters()).device
+        self.device = model.device
         self.dtype = model.dtype
         self.max_model_len = min(self.config.max_model_len or loaded.config.max_model_len,
                                  loaded.config.max_model_len)

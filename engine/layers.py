@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.kernels import triton_int4, triton_int4_gemv, triton_norm
+from engine.kernels import gguf_matmul, triton_int4, triton_int4_gemv, triton_norm
+from engine.kernels.gguf_matmul import GGUFMatmul, StoredMatrix
 from engine.kernels.native import RowKernel
 from engine.kernels.q4q8 import PackedQ4, Q4Q8Matmul
 from engine.kernels.q8head import Q8Matmul
@@ -153,6 +154,31 @@ class Q8Linear(NativeLinear):
         self.matmul = Q8Matmul(q, scale, isa)
         self.register_buffer("q", self.matmul.q)
         self.register_buffer("scale", self.matmul.scale)
+
+
+class StoredLinear(NativeLinear):
+    """A linear over GGUF matrices used in place from the mapped file (fused parts stacked along the outputs, each in
+    its own type), on the native kernel built for ``isa``; ``out_dtype`` fp32 for an LM head."""
+
+    def __init__(self, matrices: list[StoredMatrix], columns: list[torch.Tensor | None], bias: torch.Tensor | None,
+                 *, isa: str, dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.matmul = GGUFMatmul(matrices, columns, bias, isa, dtype, out_dtype)
+
+
+class StoredRows(nn.Module):
+    """An embedding table used in place from the mapped GGUF file: the rows a step looks up are dequantized."""
+
+    def __init__(self, matrix: StoredMatrix, isa: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.matrix, self.isa, self.dtype = matrix, isa, dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.out_features, self.matrix.in_features
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return gguf_matmul.rows(self.matrix, token_ids, self.isa).to(self.dtype)
 
 
 def qwen_ntk_alpha(prompt_len: int, seq_length: int) -> float:

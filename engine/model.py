@@ -10,6 +10,7 @@ a Triton kernel; fixed shapes, so CUDA graphs can capture the step). Linear laye
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from engine.kernels.flash import VarlenAttention, VarlenKernel
 from engine.kernels.triton_decode import TritonPagedAttention
 from engine.kernels.triton_rope import TritonRopeStore
 from engine.kv_store import LayerCache
-from engine.layers import RMSNorm, apply_rotary
+from engine.layers import RMSNorm, StoredRows, apply_rotary
 from engine.parallel import VocabParallel
 
 
@@ -236,18 +237,25 @@ class DecoderModel(nn.Module):
     greedy picks.
     """
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, embed: torch.Tensor, layers: list[DecoderLayer],
-                 lm_head: nn.Module | None) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, embed: torch.Tensor | StoredRows,
+                 layers: list[DecoderLayer], lm_head: nn.Module | None) -> None:
+        """``embed``: the table, or its rows looked up in a mapped GGUF file (then ``lm_head`` is given)."""
         super().__init__()
         self.config = config
         self.dtype = dtype
         self.head_dtype = embed.dtype
-        self.embed = nn.Parameter(embed, requires_grad=False)
+        self.embed = embed if isinstance(embed, StoredRows) else nn.Parameter(embed, requires_grad=False)
         self.layers = nn.ModuleList(layers)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = lm_head
         self.vocab_parallel: VocabParallel | None = None  # tensor parallelism: this rank's rows of embed and head
         self.varlen_prompts_only = False
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (one used in place from a mapped GGUF file may hold no tensors: the CPU)."""
+        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return torch.device("cpu") if tensor is None else tensor.device
 
     @property
     def graph_safe(self) -> bool:
@@ -310,7 +318,9 @@ class DecoderModel(nn.Module):
 
     def hidden(self, token_ids: torch.Tensor, step: StepInputs, caches: Sequence[LayerCache]) -> torch.Tensor:
         """The last layer's output for every packed token (before the final norm)."""
-        if self.vocab_parallel is None:
+        if isinstance(self.embed, StoredRows):
+            x = self.embed(token_ids).to(self.dtype)
+        elif self.vocab_parallel is None:
             x = F.embedding(token_ids, self.embed).to(self.dtype)
         else:
             x = self.vocab_parallel.embed(token_ids, self.embed).to(self.dtype)

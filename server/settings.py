@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QWEN_SERVE_", extra="forbid", validate_default=True)
 
     model: str | None = Field(default=None, description="hub id, local folder or .gguf file; default: embedded")
-    served_model_name: str | None = Field(default=None, description="name clients use (default: --model)")
+    served_model_name: str | None = Field(default=None,
+                                          description="name clients use (default: the model file's stem or folder)")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted Bearer keys")
@@ -124,7 +125,16 @@ class Settings(BaseSettings):
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model or "SmolLM2-135M-Instruct"
+        """``--served-model-name``; else a local model's file stem or folder name (as llama-server names it; never
+        a path of this host), a hub id as given, or the embedded model's name."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model is None:
+            return "SmolLM2-135M-Instruct"
+        path = Path(self.model).expanduser()
+        if path.suffix == ".gguf" or path.exists() or self.model.startswith((".", "/", "~")):
+            return path.stem if path.suffix == ".gguf" else path.name
+        return self.model
 
 
 def load_settings(overrides: dict[str, Any] | None = None, config_file: str | Path | None = None) -> Settings:

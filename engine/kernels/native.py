@@ -1,4 +1,5 @@
-"""The native CPU kernels (``quant_matmul.cpp`` over ``simd.h``): built once per instruction set, loaded with ctypes.
+"""The native CPU kernels (``quant_matmul.cpp`` and ``gguf_matmul.cpp`` over ``simd.h``): built once per instruction
+set into one library, loaded with ctypes.
 
 One source, two builds: ``avx512`` (AVX512 F/BW/VL with VNNI and BF16) and ``avx2`` (AVX2 with FMA), which compute
 the same bits. Each is compiled with the system's C++ compiler (``$CXX``, else ``g++``) and cached next to the
@@ -25,14 +26,14 @@ import torch
 from engine.device import cpu_flags
 from engine.weights.embedded import cache_dir
 
-SOURCE = Path(__file__).with_name("quant_matmul.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "gguf_matmul.cpp"))
 HEADER = Path(__file__).with_name("simd.h")
 # per build: the CPU flags it needs, and the compiler flags for exactly those (not -march=native: a build, e.g. in
 # an image, runs on any CPU that has them)
 ISAS = {
-    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"),
-               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma"]),
-    "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c"),
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma", "-mf16c"]),
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 }
 COMMON_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -68,6 +69,13 @@ def library(isa: str) -> ctypes.CDLL | None:
     lib.q8_head.restype = None
     lib.paged_decode_attention.argtypes = [pointer] * 11 + [size] * 5 + [eps, ctypes.c_int, pointer, threads]
     lib.paged_decode_attention.restype = None
+    lib.gguf_linear.argtypes = [pointer, size, size, size, ctypes.c_int, pointer, ctypes.c_int, pointer, size,
+                                pointer, eps, pointer, threads]
+    lib.gguf_linear.restype = None
+    lib.gguf_rows.argtypes = [pointer, size, size, pointer, size, pointer]
+    lib.gguf_rows.restype = None
+    lib.gguf_dequantize.argtypes = [pointer, size, size, size, pointer, pointer, threads]
+    lib.gguf_dequantize.restype = None
     return lib
 
 
@@ -79,7 +87,8 @@ def available() -> bool:
 def build(isa: str) -> Path | None:
     """The kernels compiled for ``isa`` (built now when missing), or None when they cannot be built here."""
     flags = [*COMMON_FLAGS, *ISAS[isa][1]]
-    key = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + HEADER.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"quant_matmul-{isa}-{key}.so"
     if target.exists():
         return target
@@ -91,7 +100,7 @@ def build(isa: str) -> Path | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True,
+            result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], capture_output=True,
                                     text=True)
             if result.returncode != 0:
                 log.warning("native kernels not built, using torch's: %s", result.stderr.strip()[-2000:])

@@ -1,4 +1,4 @@
-// 16-lane vectors for quant_matmul.cpp, on AVX512 (one zmm) or AVX2 (two ymm), chosen by the compiler flags.
+// 16-lane vectors for quant_matmul.cpp and gguf_matmul.cpp, on AVX512 (one zmm) or AVX2 (two ymm), chosen by the compiler flags.
 //
 // Every operation gives the same bits on both: lane-wise arithmetic is the same IEEE operation (FMA on both),
 // integer dots are exact, rounding is to nearest even, and reductions add in the same tree order
@@ -63,6 +63,58 @@ struct Pairs { __m512i v; };
 inline Pairs load_pairs(const int8_t* p) { return {_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p))}; }
 // acc[o] += w[o, 0] * x[0] + w[o, 1] * x[1] over 16-bit x (vpdpwssd).
 inline I16 dot2(I16 acc, Pairs w, int32_t x2) { return {_mm512_dpwssd_epi32(acc.v, w.v, _mm512_set1_epi32(x2))}; }
+
+// 64 bytes: a GGUF block's weight codes (unsigned) or activations (signed) for the integer dots of gguf_matmul.cpp.
+struct Bytes { __m512i v; };
+inline Bytes bytes_load(const void* p) { return {_mm512_loadu_si512(p)}; }
+inline Bytes bytes_load2(const void* a, const void* b) {  // 32 bytes from a, then 32 from b
+    return {_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
+                               _mm256_loadu_si256((const __m256i*)b), 1)};
+}
+inline Bytes bytes_dup(const void* p) { return bytes_load2(p, p); }  // 32 bytes at p, twice
+inline Bytes bytes_set1(uint8_t x) { return {_mm512_set1_epi8((char)x)}; }
+inline Bytes bytes_and(Bytes a, Bytes b) { return {_mm512_and_si512(a.v, b.v)}; }
+inline Bytes bytes_or(Bytes a, Bytes b) { return {_mm512_or_si512(a.v, b.v)}; }
+inline Bytes bytes_sub(Bytes a, Bytes b) { return {_mm512_sub_epi8(a.v, b.v)}; }
+// 16-bit lanes shifted right by lo bits in the first 32 bytes and hi bits in the last 32 (callers mask the bytes)
+inline Bytes bytes_shr(Bytes a, int lo, int hi) {
+    return {_mm512_srlv_epi16(a.v, _mm512_inserti64x4(_mm512_set1_epi16((short)lo), _mm256_set1_epi16((short)hi), 1))};
+}
+inline Bytes bytes_shl4(Bytes a) { return {_mm512_slli_epi16(a.v, 4)}; }  // bytes below 16 only
+inline Bytes bytes_abs(Bytes a) { return {_mm512_abs_epi8(a.v)}; }
+inline Bytes bytes_sign(Bytes x, Bytes s) {  // x negated where s < 0 (where s is 0, the caller's |s| is 0 too)
+    return {_mm512_mask_sub_epi8(x.v, _mm512_movepi8_mask(s.v), _mm512_setzero_si512(), x.v)};
+}
+// Two blocks of 32 4-bit codes, 16 bytes each (Q4_0/Q4_1: low nibbles are codes 0-15, high nibbles 16-31): a's codes
+// then b's, one byte each.
+inline Bytes nibble_blocks(const uint8_t* a, const uint8_t* b) {
+    const __m256i first = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)a));
+    const __m256i second = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)b));
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1);
+    const __m512i counts = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0, 0,
+                                            0x0004000400040004, 0x0004000400040004, 0, 0);
+    return {_mm512_and_si512(_mm512_srlv_epi16(both, counts), _mm512_set1_epi8(0x0F))};
+}
+// 32 int16 factors: bytes 16i..16i+15 of a dot are scaled by factor f_i of eight (spread<f_0, f_1, f_2, f_3>).
+struct Scales { __m512i v; };
+template <int A, int B, int C, int D>
+inline Scales spread(__m128i eight) {
+    constexpr int64_t a = A * 0x0001000100010001, b = B * 0x0001000100010001, c = C * 0x0001000100010001,
+                      d = D * 0x0001000100010001;
+    return {_mm512_permutexvar_epi16(_mm512_set_epi64(d, d, c, c, b, b, a, a), _mm512_castsi128_si512(eight))};
+}
+// acc[i] += sum over bytes 4i..4i+3 of u * s, each pair of products times its byte range's factor (vpmaddubsw cannot
+// saturate for u <= 128 and |s| <= 127, the callers' ranges; vpmaddwd then scales and adds the pairs exactly).
+inline I16 dot_bytes(I16 acc, Bytes u, Bytes s, Scales k) {
+    return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(_mm512_maddubs_epi16(u.v, s.v), k.v))};
+}
+inline F16 halves(float a, float b) { return {_mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a), _mm512_set1_ps(b))}; }
+inline F16 halves(const float* p) {  // p[0] in lanes 0-7, p[1] in 8-15
+    const __m512i index = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return {_mm512_permutexvar_ps(index, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)p))))};
+}
+// acc[i] += the sum of bytes 4i..4i+3 of u * s (vpdpbusd)
+inline I16 dot_bytes(I16 acc, Bytes u, Bytes s) { return {_mm512_dpbusd_epi32(acc.v, u.v, s.v)}; }
 
 #elif defined(__AVX2__) && defined(__FMA__)
 
@@ -175,8 +227,64 @@ inline I16 dot2(I16 acc, Pairs w, int32_t x2) {
     return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(w.lo, x)), _mm256_add_epi32(acc.hi, _mm256_madd_epi16(w.hi, x))};
 }
 
+struct Bytes { __m256i lo, hi; };
+inline Bytes bytes_load(const void* p) {
+    return {_mm256_loadu_si256((const __m256i*)p), _mm256_loadu_si256((const __m256i*)((const uint8_t*)p + 32))};
+}
+inline Bytes bytes_load2(const void* a, const void* b) {
+    return {_mm256_loadu_si256((const __m256i*)a), _mm256_loadu_si256((const __m256i*)b)};
+}
+inline Bytes bytes_dup(const void* p) { return bytes_load2(p, p); }
+inline Bytes bytes_set1(uint8_t x) { return {_mm256_set1_epi8((char)x), _mm256_set1_epi8((char)x)}; }
+inline Bytes bytes_and(Bytes a, Bytes b) { return {_mm256_and_si256(a.lo, b.lo), _mm256_and_si256(a.hi, b.hi)}; }
+inline Bytes bytes_or(Bytes a, Bytes b) { return {_mm256_or_si256(a.lo, b.lo), _mm256_or_si256(a.hi, b.hi)}; }
+inline Bytes bytes_sub(Bytes a, Bytes b) { return {_mm256_sub_epi8(a.lo, b.lo), _mm256_sub_epi8(a.hi, b.hi)}; }
+inline Bytes bytes_shr(Bytes a, int lo, int hi) {
+    return {_mm256_srl_epi16(a.lo, _mm_cvtsi32_si128(lo)), _mm256_srl_epi16(a.hi, _mm_cvtsi32_si128(hi))};
+}
+inline Bytes bytes_shl4(Bytes a) { return {_mm256_slli_epi16(a.lo, 4), _mm256_slli_epi16(a.hi, 4)}; }
+inline Bytes bytes_abs(Bytes a) { return {_mm256_abs_epi8(a.lo), _mm256_abs_epi8(a.hi)}; }
+inline Bytes bytes_sign(Bytes x, Bytes s) { return {_mm256_sign_epi8(x.lo, s.lo), _mm256_sign_epi8(x.hi, s.hi)}; }
+inline __m256i nibble_block(const uint8_t* p) {
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_and_si256(_mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0x0F));
+}
+inline Bytes nibble_blocks(const uint8_t* a, const uint8_t* b) { return {nibble_block(a), nibble_block(b)}; }
+struct Scales { __m256i lo, hi; };
+template <int F>
+inline __m128i broadcast_factor(__m128i eight) {  // int16 lane F of eight, in all 8 lanes
+    return _mm_shuffle_epi8(eight, _mm_set1_epi16((short)(2 * F | (2 * F + 1) << 8)));
+}
+template <int A, int B, int C, int D>
+inline Scales spread(__m128i eight) {
+    return {_mm256_setr_m128i(broadcast_factor<A>(eight), broadcast_factor<B>(eight)),
+            _mm256_setr_m128i(broadcast_factor<C>(eight), broadcast_factor<D>(eight))};
+}
+inline I16 dot_bytes(I16 acc, Bytes u, Bytes s, Scales k) {
+    return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(u.lo, s.lo), k.lo)),
+            _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(u.hi, s.hi), k.hi))};
+}
+inline F16 halves(float a, float b) { return {_mm256_set1_ps(a), _mm256_set1_ps(b)}; }
+inline F16 halves(const float* p) { return {_mm256_broadcast_ss(p), _mm256_broadcast_ss(p + 1)}; }
+inline I16 dot_bytes(I16 acc, Bytes u, Bytes s) {  // vpmaddubsw cannot saturate for u <= 128, |s| <= 127
+    const __m256i ones = _mm256_set1_epi16(1);
+    return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(u.lo, s.lo), ones)),
+            _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(u.hi, s.hi), ones))};
+}
+
 #else
 #error "quant_matmul.cpp needs AVX512 (F, BW, VL, VNNI, BF16) or AVX2 with FMA"
 #endif
+
+
+// Both builds (AVX2 instructions, the same bits): int16 dots of at most 16 factors with 16 sums, and 4-lane floats.
+inline __m128i madd16(__m256i a, __m256i b) {  // the 8 pair sums of a * b, folded to 4 int32 lanes
+    const __m256i pairs = _mm256_madd_epi16(a, b);
+    return _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
+}
+inline float reduce_add4(__m128 a) {
+    const __m128 two = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
 
 }  // namespace simd

@@ -43,6 +43,9 @@ class QuantizedSource:
     def int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
+    def stored(self, name: str) -> None:
+        return None
+
     def int4(self, name: str) -> Int4Weight | None:
         """4-bit weights for the packed int4 kernels; act-order layers with their input rows sorted by group (None
         where the groups cannot be made contiguous: read dense)."""

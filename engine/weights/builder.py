@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -9,7 +12,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.device import head_dtype
 from engine.kernels import attention as attention_kernel
-from engine.kernels import flash, native, q4q8, q8head, triton_int4
+from engine.kernels import flash, gguf_matmul, native, q4q8, q8head, triton_int4
 from engine.kernels.sequential_attention import sequential_varlen
 from engine.layers import (
     CudaInt4Linear,
@@ -20,12 +23,16 @@ from engine.layers import (
     Q8Linear,
     ReorderedInputs,
     RMSNorm,
+    StoredLinear,
+    StoredRows,
     TritonInt4Linear,
 )
 from engine.model import MLP, Attention, DecoderLayer, DecoderModel, SparseMoE
 from engine.parallel import RowParallel, Shard, VocabParallel
 from engine.weights.int4 import CUDA_INT4, TRITON_INT4, Int4Weight
 from engine.weights.sources import WeightSource
+
+log = logging.getLogger(__name__)
 
 
 class ModelBuilder:
@@ -58,6 +65,7 @@ class ModelBuilder:
         self.int4_kernel, self.rope_permuted = int4_kernel, rope_permuted
         self.isa = int4_kernel if int4_kernel in native.ISAS else None  # the native build, if any
         self._stacked: dict[str, torch.Tensor] = {}  # the layer's experts stored as one tensor per part (GGUF)
+        self._unread: Counter[str] = Counter()  # bytes of quantized GGUF matrices dequantized, per type: no kernel
 
     def build(self, progress=None) -> DecoderModel:
         layers = []
@@ -65,16 +73,24 @@ class ModelBuilder:
             layers.append(self._layer(i))
             if progress is not None:
                 progress(i + 1, self.config.num_layers)
-        embed = self._tensor("embed", dtype=self.head_dtype)
         head_part = "embed" if self.config.tie_word_embeddings else "lm_head"
-        lm_head = self._q8_head(head_part)
+        lm_head = self._q8_head(head_part) or self._stored_head(head_part)
+        embed = self._stored_rows("embed")
+        if embed is None:
+            embed = self._tensor("embed", dtype=self.head_dtype)
+        elif lm_head is None and self.config.tie_word_embeddings:
+            lm_head = DenseLinear(self._tensor("embed", dtype=self.head_dtype), None)
         if lm_head is None and not self.config.tie_word_embeddings:
             lm_head = DenseLinear(self._tensor("lm_head", dtype=self.head_dtype), None)
         model = DecoderModel(self.config, self.dtype, embed, layers, lm_head)
+        if self._unread:
+            log.warning("no native kernel for %s: those matrices were dequantized to %s (%.0f MiB)",
+                        ", ".join(sorted(self._unread)), str(self.dtype).removeprefix("torch."),
+                        sum(self._unread.values()) / 2**20)
         if self.shard is not None:
             model.vocab_parallel = VocabParallel(self.shard, self.full.vocab_size, self.group)
         model.final_norm.weight = self._parameter("final_norm", dtype=self.head_dtype)
-        if isinstance(lm_head, Q8Linear):
+        if isinstance(lm_head, Q8Linear | StoredLinear):
             model.final_norm = self._fused_norm(model.final_norm, lm_head)
         if flash.fits(self.device, self.dtype, self.config.head_dim):
             model.use_varlen_attention(flash.flash_kernel())
@@ -87,6 +103,27 @@ class ModelBuilder:
         if self.isa is None or (stored := self.source.int8(self._name(part))) is None:
             return None
         return Q8Linear(*stored, isa=self.isa) if q8head.fits(stored[0]) else None
+
+    def _stored(self, name: str) -> gguf_matmul.StoredMatrix | None:
+        """A GGUF matrix the native kernels compute on as stored (never under tensor parallelism)."""
+        if self.isa is None or self.shard is not None or (stored := self.source.stored(name)) is None:
+            return None
+        if not gguf_matmul.fits(stored):
+            self._unread[stored.type.name] += stored.out_features * stored.in_features * self.dtype.itemsize
+            return None
+        return stored
+
+    def _stored_head(self, part: str) -> StoredLinear | None:
+        """The LM head on the native kernels, in the type the file stores it (Q6_K in Q4_K_M files)."""
+        stored = self._stored(self._name(part))
+        if stored is None:
+            return None
+        return StoredLinear([stored], [None], None, isa=self.isa, dtype=self.head_dtype, out_dtype=torch.float32)
+
+    def _stored_rows(self, part: str) -> StoredRows | None:
+        """The embedding table looked up in the mapped file, when it is stored quantized in a type the kernels read."""
+        stored = self._stored(self._name(part))
+        return None if stored is None else StoredRows(stored, self.isa, self.head_dtype)
 
     def _name(self, part: str, layer: int | None = None, expert: int | None = None) -> str:
         return self.names[part].format(i=layer, j=expert)
@@ -140,9 +177,9 @@ class ModelBuilder:
         layer = DecoderLayer(self.config, self.dtype, attention, mlp)
         layer.attn_norm.weight = self._parameter("attn_norm", i)
         layer.mlp_norm.weight = self._parameter("mlp_norm", i)
-        if isinstance(attention.qkv, Q4Q8Linear):
+        if isinstance(attention.qkv, Q4Q8Linear | StoredLinear):
             layer.attn_norm = self._fused_norm(layer.attn_norm, attention.qkv)
-        if isinstance(mlp, MLP) and isinstance(mlp.gate_up, Q4Q8Linear):
+        if isinstance(mlp, MLP) and isinstance(mlp.gate_up, Q4Q8Linear | StoredLinear):
             layer.mlp_norm = self._fused_norm(layer.mlp_norm, mlp.gate_up)
         return layer
 
@@ -205,6 +242,9 @@ class ModelBuilder:
                     return ReorderedInputs(fused.input_order.to(self.device), linear)
                 if linear is not None:
                     return linear
+        stored = [] if stacked else [self._stored(n) for n in names]
+        if stored and all(s is not None for s in stored):
+            return self._stored_linear(parts, stored, biases)
         dense = []
         for part, name in zip(parts, names, strict=True):
             if self._stacked_part(part, expert):
@@ -216,6 +256,17 @@ class ModelBuilder:
             dense.append(weight.to(device=self.device, dtype=self.dtype))
         bias = self._fused_bias(biases, [w.shape[0] for w in dense])
         return DenseLinear(dense[0] if len(dense) == 1 else torch.cat(dense), bias)
+
+    def _stored_linear(self, parts: list[str], stored: list[gguf_matmul.StoredMatrix],
+                       biases: list[torch.Tensor | None]) -> StoredLinear:
+        """Fused parts as the file stores them; llama.cpp's permuted q/k rows are written to their model order."""
+        columns, start = [], 0
+        for part, matrix in zip(parts, stored, strict=True):
+            order = self._row_order(part)
+            columns.append(None if order is None else start + torch.argsort(order))
+            start += matrix.out_features
+        bias = self._fused_bias(biases, [m.out_features for m in stored])
+        return StoredLinear(stored, columns, bias, isa=self.isa, dtype=self.dtype)
 
     def _fused_bias(self, biases: list[torch.Tensor | None], rows: list[int]) -> torch.Tensor | None:
         """One bias for fused parts; a part without one contributes zeros."""

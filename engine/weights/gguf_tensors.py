@@ -1,5 +1,5 @@
-"""Tensors of a GGUF file: dense ones dequantized with the ``gguf`` library, Q4_0/Q4_1 kept as 4-bit, Q8_0 as
-8-bit."""
+"""Tensors of a GGUF file (memory-mapped by the ``gguf`` library's reader): as stored, for the native kernels that
+compute on GGUF blocks; dense ones dequantized with the ``gguf`` library; Q4_0/Q4_1 as 4-bit, Q8_0 as 8-bit."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from engine.kernels.gguf_matmul import StoredMatrix
 from engine.weights.int4 import Int4Weight
+from tokenizer.gguf_metadata import MappedReader
 
 _BLOCK = 32  # inputs per block of Q4_0, Q4_1 and Q8_0
 _Q4_BYTES = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}
@@ -20,7 +22,7 @@ class GGUFTensors:
     """Named access to the tensors of one GGUF file."""
 
     def __init__(self, path: str | Path) -> None:
-        self.reader = GGUFReader(str(path))
+        self.reader = MappedReader(str(path))
         self._tensors = {t.name: t for t in self.reader.tensors}
 
     def __contains__(self, name: str) -> bool:
@@ -28,6 +30,17 @@ class GGUFTensors:
 
     def is_int4(self, name: str) -> bool:
         return self._tensors[name].tensor_type in _Q4_BYTES
+
+    def stored(self, name: str) -> StoredMatrix | None:
+        """A quantized matrix as the file stores it (a view of the mapped file, nothing read yet); None for dense
+        tensors and for stacks of experts."""
+        tensor = self._tensors[name]
+        if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+            return None
+        if len(tensor.shape) != 2:
+            return None
+        rows, in_features = int(tensor.shape[1]), int(tensor.shape[0])
+        return StoredMatrix(np.asarray(tensor.data).reshape(rows, -1), tensor.tensor_type, in_features)
 
     def dense(self, name: str) -> torch.Tensor:
         """The tensor as fp32, in PyTorch layout ([out, in] for matrices)."""

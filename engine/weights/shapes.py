@@ -108,3 +108,6 @@ class ShapeSource:
 
     def int8(self, name: str) -> None:
         return None
+
+    def stored(self, name: str) -> None:
+        return None

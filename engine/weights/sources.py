@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 from safetensors import safe_open
 
+from engine.kernels.gguf_matmul import StoredMatrix
 from engine.weights.gguf_tensors import GGUFTensors
 from engine.weights.int4 import Int4Weight
 
@@ -27,6 +28,9 @@ class WeightSource(Protocol):
 
     def int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The tensor kept 8-bit (values, scale per block of 32) when the checkpoint stores it so, else None."""
+
+    def stored(self, name: str) -> StoredMatrix | None:
+        """A quantized GGUF matrix as the file stores it, else None."""
 
 
 class SafetensorsSource:
@@ -64,9 +68,13 @@ class SafetensorsSource:
     def int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
+    def stored(self, name: str) -> StoredMatrix | None:
+        return None
+
 
 class GGUFSource:
-    """A ``.gguf`` file: Q4_0/Q4_1 matrices can stay 4-bit, everything else is dequantized."""
+    """A ``.gguf`` file: quantized matrices can stay as stored (native kernels) or 4-bit (Q4_0/Q4_1, other int4
+kernels); everything else is dequantized."""
 
     def __init__(self, tensors: GGUFTensors) -> None:
         self._tensors = tensors
@@ -85,6 +93,9 @@ class GGUFSource:
 
     def int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self._tensors.int8(name)
+
+    def stored(self, name: str) -> StoredMatrix | None:
+        return self._tensors.stored(name)
 
 
 # Canonical parts of a decoder and their names in each checkpoint layout ({i}: layer index, {j}: expert index).

@@ -23,8 +23,15 @@ def vocabulary(size: int) -> list[str]:
     return [*symbols, "ĠĠ", *(f"<filler_{i}>" for i in range(size - len(symbols) - 1))]
 
 
-def write_gguf(model, path: Path) -> Path:
-    """``model`` (a transformers causal LM, fp32) as a GGUF file at ``path``; Qwen3-MoE experts stacked per part."""
+def llama_row_order(heads: int, head_dim: int) -> np.ndarray:
+    """llama.cpp's q/k rows: stored row ``order[i]`` is the model's row i (the loader undoes it)."""
+    return np.arange(heads * head_dim).reshape(heads, head_dim // 2, 2).transpose(0, 2, 1).reshape(-1)
+
+
+def write_gguf(model, path: Path, raw: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None) -> Path:
+    """``model`` (a transformers causal LM, fp32) as a GGUF file at ``path``; Qwen3-MoE experts stacked per part;
+    llama's q/k rows in llama.cpp's order. ``raw``: tensors written as these blocks instead (GGUF names; already in
+    the file's row order)."""
     config = model.config
     arch = GGUF_ARCH[config.model_type]
     writer = gguf.GGUFWriter(str(path), arch)
@@ -51,7 +58,15 @@ def write_gguf(model, path: Path) -> Path:
     writer.add_token_merges(["Ġ Ġ"])
     writer.add_eos_token_id(config.vocab_size - 1)
     for name, tensor in _tensors(model):
-        writer.add_tensor(name, np.ascontiguousarray(tensor.detach().float().numpy()))
+        if raw and name in raw:
+            blocks, kind = raw[name]
+            writer.add_tensor(name, blocks, raw_dtype=kind)
+            continue
+        values = tensor.detach().float().numpy()
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
+            values = values[np.argsort(llama_row_order(heads, head_dim))]
+        writer.add_tensor(name, np.ascontiguousarray(values))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,0 +1,452 @@
+// Matmuls over GGUF matrices as the file stores them (each output's row a run of blocks; the file memory-mapped, so
+// nothing is repacked or copied): Q4_0, Q4_1, Q8_0 (blocks of 32) and the K-quants Q4_K, Q5_K, Q6_K (super-blocks of
+// 256). Written once over simd.h's vectors; the AVX512 and AVX2 builds give the same bits.
+//
+// Activations are quantized per row the way llama.cpp's dots take them: to int8 per block of 32 with an fp32 scale
+// (amax / 127) for the 32-blocks, per super-block of 256 for the K-quants, with the sums of every 16 codes for the
+// offset terms. A block's integer dot is exact; its scale is applied in fp32, lane by lane, and a row's lanes are
+// added once at its end, so a result never depends on the other rows of the call.
+//
+// Per block, with dx the activation scale and q the activation codes:
+//   Q4_0  d (c - 8) . q dx          Q4_1  (d c + m) . q dx              Q8_0  d c . q dx
+//   Q4_K  sum_j (d s_j c - dmin m_j) . q dx, over 8 sub-blocks of 32 with 6-bit s_j, m_j
+//   Q5_K  as Q4_K with 5-bit codes  Q6_K  sum_j d s_j (c - 32) . q dx, over 16 sub-blocks of 16 with int8 s_j
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+enum Type : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };  // ggml's type numbers
+
+constexpr int kMaxRows = 8;  // activation rows that share one decoded weight block
+constexpr int64_t kTile = 16;  // output rows a thread takes at a time
+
+int64_t block_size(int64_t type) { return type >= Q4_K ? 256 : 32; }
+
+int64_t block_bytes(int64_t type) {
+    switch (type) {
+        case Q4_0: return 18;
+        case Q4_1: return 20;
+        case Q8_0: return 34;
+        case Q4_K: return 144;
+        case Q5_K: return 176;
+        default: return 210;  // Q6_K
+    }
+}
+
+float half_to_float(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return _cvtsh_ss(h);  // exact
+}
+
+float load_float(const float* p, int64_t i) { return p[i]; }
+float load_float(const uint16_t* p, int64_t i) {
+    const uint32_t bits = (uint32_t)p[i] << 16;
+    float value;
+    std::memcpy(&value, &bits, 4);
+    return value;
+}
+simd::F16 load_lanes(const float* p) { return simd::load(p); }
+simd::F16 load_lanes(const uint16_t* p) { return simd::load_bf16(p); }
+
+uint16_t float_to_bf16(float x) {  // round to nearest even, as vcvtneps2bf16 does for numbers
+    uint32_t bits;
+    std::memcpy(&bits, &x, 4);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// Rows quantized to int8 per block (32 or 256 inputs): codes, one scale a block, and the sum of every 16 codes.
+struct Quantized {
+    int64_t block = 0;
+    std::vector<int8_t> q;       // [rows, k]
+    std::vector<float> d;        // [rows, k / block]
+    std::vector<int16_t> sums;   // [rows, k / 16]
+    std::vector<int16_t> sums32; // [rows, k / 32]
+};
+
+template <typename T>
+void quantize(const T* x, int64_t rows, int64_t k, const float* norm, float eps, int64_t block, Quantized& out) {
+    const int64_t blocks = k / block;
+    out.block = block;
+    out.q.resize(rows * k);
+    out.d.assign(rows * blocks + 1, 0.0f);  // one past the end: a last odd block's pair reads it (at weight 0)
+    out.sums.resize(rows * k / 16);
+    out.sums32.resize(rows * k / 32);
+    std::vector<float> v(k);
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* row = x + r * k;
+        float inverse_norm = 1.0f;
+        if (norm) {
+            simd::F16 squares = simd::zero();
+            for (int64_t i = 0; i < k; i += 16) {
+                const simd::F16 lanes = load_lanes(row + i);
+                squares = simd::fmadd(lanes, lanes, squares);
+            }
+            inverse_norm = 1.0f / std::sqrt(simd::reduce_add(squares) / (float)k + eps);
+        }
+        for (int64_t i = 0; i < k; i += 16) {
+            simd::F16 lanes = load_lanes(row + i);
+            if (norm) lanes = simd::mul(simd::mul(lanes, simd::set1(inverse_norm)), simd::load(norm + i));
+            simd::store(v.data() + i, lanes);
+        }
+        for (int64_t b = 0; b < blocks; ++b) {
+            const float* values = v.data() + b * block;
+            simd::F16 amax = simd::zero();
+            for (int64_t i = 0; i < block; i += 16) amax = simd::max(amax, simd::abs(simd::load(values + i)));
+            const float largest = simd::reduce_max(amax);
+            const float scale = largest / 127.0f, inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+            out.d[r * blocks + b] = scale;
+            int8_t* codes = out.q.data() + r * k + b * block;
+            for (int64_t i = 0; i < block; i += 16) {
+                simd::store_int8(codes + i, simd::round_to_int(simd::mul(simd::load(values + i), simd::set1(inverse))));
+                int sum = 0;
+                for (int j = 0; j < 16; ++j) sum += codes[i + j];
+                out.sums[(r * k + b * block + i) / 16] = (int16_t)sum;
+            }
+        }
+        for (int64_t i = 0; i < k / 32; ++i) {
+            const int16_t* pair = out.sums.data() + r * k / 16 + 2 * i;
+            out.sums32[r * k / 32 + i] = (int16_t)(pair[0] + pair[1]);
+        }
+    }
+}
+
+// R activation rows of a Quantized, resolved once: their codes, block scales and code sums.
+template <int R>
+struct Rows {
+    const int8_t* q[R];
+    const float* d[R];
+    const int16_t* sums[R];    // per 16 codes
+    const int16_t* sums32[R];  // per 32 codes
+
+    Rows(const Quantized& x, int64_t k, int64_t first) {
+        for (int r = 0; r < R; ++r) {
+            q[r] = x.q.data() + (first + r) * k;
+            d[r] = x.d.data() + (first + r) * (k / x.block);
+            sums[r] = x.sums.data() + (first + r) * (k / 16);
+            sums32[r] = x.sums32.data() + (first + r) * (k / 32);
+        }
+    }
+};
+
+// Every kernel below computes `n` consecutive output rows of weights `w` (row_bytes apart) against R activation
+// rows, into y[i * R + r]. Per output row, acc[r] gathers lane-wise products and offset[r] (4 lanes) the per-block
+// terms subtracted at the end; a row's sums never depend on the other rows.
+template <int R>
+void finish(const simd::F16* acc, const __m128* offset, float* y) {
+    for (int r = 0; r < R; ++r) y[r] = simd::reduce_add(acc[r]) - simd::reduce_add4(offset[r]);
+}
+
+// Blocks of 32, two at a time (a last odd block pairs with itself at scale 0): signed weights c (Q8_0, Q4_0 - 8)
+// as |c| times sign-carrying activations; Q4_1's unsigned codes directly, its offset from the code sums.
+template <int R>
+void dot_blocks32(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, int64_t k, const Rows<R>& x, float* y) {
+    const int64_t blocks = k / 32, bytes = block_bytes(type);
+    const bool is_signed = type != Q4_1;
+    for (int64_t i = 0; i < n; ++i, w += row_bytes, y += R) {
+        simd::F16 acc[R];
+        __m128 offset[R];
+        for (int r = 0; r < R; ++r) {
+            acc[r] = simd::zero();
+            offset[r] = _mm_setzero_ps();
+        }
+        for (int64_t b = 0; b < blocks; b += 2) {
+            const bool pair = b + 1 < blocks;
+            const uint8_t* first = w + b * bytes;
+            const uint8_t* second = pair ? first + bytes : first;
+            simd::Bytes codes;
+            if (type == Q8_0) {
+                codes = simd::bytes_load2(first + 2, second + 2);
+            } else {
+                const int64_t at = type == Q4_1 ? 4 : 2;
+                codes = simd::nibble_blocks(first + at, second + at);
+                if (type == Q4_0) codes = simd::bytes_sub(codes, simd::bytes_set1(8));
+            }
+            const simd::Bytes magnitude = is_signed ? simd::bytes_abs(codes) : codes;
+            const float d0 = half_to_float(first), d1 = pair ? half_to_float(second) : 0.0f;
+            const simd::F16 weight_scales = simd::halves(d0, d1);
+            for (int r = 0; r < R; ++r) {
+                const int8_t* q = x.q[r] + b * 32;
+                simd::Bytes activations = pair ? simd::bytes_load(q) : simd::bytes_dup(q);
+                if (is_signed) activations = simd::bytes_sign(activations, codes);
+                const simd::I16 sums = simd::dot_bytes(simd::izero(), magnitude, activations);
+                const float* scales = x.d[r] + b;
+                acc[r] = simd::fmadd(simd::to_float(sums), simd::mul(weight_scales, simd::halves(scales)), acc[r]);
+                if (type == Q4_1) {  // minus: the offset term adds here
+                    const int16_t* s = x.sums32[r] + b;
+                    const float m0 = half_to_float(first + 2) * scales[0];
+                    const float m1 = pair ? half_to_float(second + 2) * scales[1] : 0.0f;
+                    const __m128 terms = _mm_mul_ps(_mm_setr_ps(m0, m1, 0.0f, 0.0f), _mm_setr_ps(s[0], pair ? s[1] : 0, 0, 0));
+                    offset[r] = _mm_sub_ps(offset[r], terms);
+                }
+            }
+        }
+        finish<R>(acc, offset, y);
+    }
+}
+
+// Q4_K/Q5_K's 12 bytes of 6-bit scales and mins, as llama.cpp packs them: sub-blocks 0-3 in the low 6 bits of bytes
+// 0-3 (scales) and 4-7 (mins); 4-7 in the nibbles of bytes 8-11 with their top 2 bits in the tops of bytes 0-7.
+// Returned as 16 bytes: the 8 scales, then the 8 mins.
+__m128i scales_and_mins(const uint8_t* p) {
+    uint32_t word[3];
+    std::memcpy(word, p, 12);
+    const uint32_t low6 = 0x3F3F3F3F, low4 = 0x0F0F0F0F, low2 = 0x03030303;
+    return _mm_setr_epi32((int)(word[0] & low6),                                          // scales 0-3
+                          (int)((word[2] & low4) | (((word[0] >> 6) & low2) << 4)),       // scales 4-7
+                          (int)(word[1] & low6),                                          // mins 0-3
+                          (int)(((word[2] >> 4) & low4) | (((word[1] >> 6) & low2) << 4)));  // mins 4-7
+}
+
+// Q4_K and Q5_K: per super-block, 4 steps of 64 inputs = sub-blocks 2j (low nibbles of 32 bytes) and 2j + 1 (high).
+template <int R>
+void dot_q4k_q5k(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, int64_t k, const Rows<R>& x, float* y) {
+    const int64_t blocks = k / 256, bytes = block_bytes(type);
+    const simd::Bytes low4 = simd::bytes_set1(0x0F), bit = simd::bytes_set1(1);
+    for (int64_t i = 0; i < n; ++i, w += row_bytes, y += R) {
+        simd::F16 acc[R];
+        __m128 offset[R];
+        for (int r = 0; r < R; ++r) {
+            acc[r] = simd::zero();
+            offset[r] = _mm_setzero_ps();
+        }
+        for (int64_t b = 0; b < blocks; ++b) {
+            const uint8_t* block = w + b * bytes;
+            const float d = half_to_float(block), dmin = half_to_float(block + 2);
+            const __m128i packed_scales = scales_and_mins(block + 4);
+            const __m128i scales = _mm_cvtepu8_epi16(packed_scales);
+            const __m128i mins = _mm_cvtepu8_epi16(_mm_srli_si128(packed_scales, 8));
+            const uint8_t* qs = block + (type == Q4_K ? 16 : 48);
+            simd::Bytes codes[4];
+            for (int j = 0; j < 4; ++j) {
+                codes[j] = simd::bytes_and(simd::bytes_shr(simd::bytes_dup(qs + 32 * j), 0, 4), low4);
+                if (type == Q5_K) {  // the fifth bit of sub-block i: bit i of the 32 bytes at 16
+                    const simd::Bytes high = simd::bytes_and(simd::bytes_shr(simd::bytes_dup(block + 16), 2 * j, 2 * j + 1), bit);
+                    codes[j] = simd::bytes_or(codes[j], simd::bytes_shl4(high));
+                }
+            }
+            const simd::Scales factors[4] = {simd::spread<0, 0, 1, 1>(scales), simd::spread<2, 2, 3, 3>(scales),
+                                             simd::spread<4, 4, 5, 5>(scales), simd::spread<6, 6, 7, 7>(scales)};
+            for (int r = 0; r < R; ++r) {
+                const int8_t* q = x.q[r] + b * 256;
+                simd::I16 sums = simd::izero();
+                for (int j = 0; j < 4; ++j) sums = simd::dot_bytes(sums, codes[j], simd::bytes_load(q + 64 * j), factors[j]);
+                const float dx = x.d[r][b];
+                acc[r] = simd::fmadd(simd::to_float(sums), simd::set1(d * dx), acc[r]);
+                const __m128i offsets = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i*)(x.sums32[r] + 8 * b)));
+                offset[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(offsets), _mm_set1_ps(dmin * dx), offset[r]);
+            }
+        }
+        finish<R>(acc, offset, y);
+    }
+}
+
+// Q6_K: per super-block two halves of 128 inputs, each 64 bytes of low nibbles (inputs 0-63, then 64-127 in the high
+// nibbles) and 32 bytes of 2-bit tops (bits 0-1: inputs 0-31, 2-3: 32-63, 4-5: 64-95, 6-7: 96-127).
+template <int R>
+void dot_q6k(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k, const Rows<R>& x, float* y) {
+    const int64_t blocks = k / 256;
+    const simd::Bytes low4 = simd::bytes_set1(0x0F), low2 = simd::bytes_set1(3);
+    for (int64_t i = 0; i < n; ++i, w += row_bytes, y += R) {
+        simd::F16 acc[R];
+        __m128 offset[R];
+        for (int r = 0; r < R; ++r) {
+            acc[r] = simd::zero();
+            offset[r] = _mm_setzero_ps();
+        }
+        for (int64_t b = 0; b < blocks; ++b) {
+            const uint8_t* block = w + b * 210;
+            const __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(block + 192)));  // 16 int8
+            const __m128i halves[2] = {_mm256_castsi256_si128(scales), _mm256_extracti128_si256(scales, 1)};
+            const float d = half_to_float(block + 208);
+            simd::Bytes codes[4];
+            for (int h = 0; h < 2; ++h) {
+                const simd::Bytes low = simd::bytes_load(block + 64 * h);
+                const simd::Bytes tops = simd::bytes_dup(block + 128 + 32 * h);
+                for (int c = 0; c < 2; ++c) {
+                    const simd::Bytes nibbles = simd::bytes_and(c == 0 ? low : simd::bytes_shr(low, 4, 4), low4);
+                    const simd::Bytes top = simd::bytes_and(simd::bytes_shr(tops, 4 * c, 4 * c + 2), low2);
+                    codes[2 * h + c] = simd::bytes_or(nibbles, simd::bytes_shl4(top));
+                }
+            }
+            const simd::Scales factors[4] = {simd::spread<0, 1, 2, 3>(halves[0]), simd::spread<4, 5, 6, 7>(halves[0]),
+                                             simd::spread<0, 1, 2, 3>(halves[1]), simd::spread<4, 5, 6, 7>(halves[1])};
+            for (int r = 0; r < R; ++r) {
+                const int8_t* q = x.q[r] + b * 256;
+                simd::I16 sums = simd::izero();
+                for (int j = 0; j < 4; ++j) sums = simd::dot_bytes(sums, codes[j], simd::bytes_load(q + 64 * j), factors[j]);
+                const float dx = x.d[r][b];
+                acc[r] = simd::fmadd(simd::to_float(sums), simd::set1(d * dx), acc[r]);
+                const __m128i offsets = simd::madd16(scales, _mm256_loadu_si256((const __m256i*)(x.sums[r] + 16 * b)));
+                offset[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(offsets), _mm_set1_ps(32.0f * d * dx), offset[r]);
+            }
+        }
+        finish<R>(acc, offset, y);
+    }
+}
+
+// Outputs [n][R] of `n` weight rows of `type` against activation rows first .. first + R - 1.
+template <int R>
+void dot(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, int64_t k, const Quantized& quantized,
+         int64_t first, float* y) {
+    const Rows<R> x(quantized, k, first);
+    if (type == Q4_K || type == Q5_K) {
+        dot_q4k_q5k<R>(w, row_bytes, n, type, k, x, y);
+    } else if (type == Q6_K) {
+        dot_q6k<R>(w, row_bytes, n, k, x, y);
+    } else {
+        dot_blocks32<R>(w, row_bytes, n, type, k, x, y);
+    }
+}
+
+void dot_some_rows(int rows, const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, int64_t k,
+                   const Quantized& quantized, int64_t first, float* y) {
+    switch (rows) {
+        case 1: dot<1>(w, row_bytes, n, type, k, quantized, first, y); break;
+        case 2: dot<2>(w, row_bytes, n, type, k, quantized, first, y); break;
+        case 3: dot<3>(w, row_bytes, n, type, k, quantized, first, y); break;
+        case 4: dot<4>(w, row_bytes, n, type, k, quantized, first, y); break;
+        case 5: dot<5>(w, row_bytes, n, type, k, quantized, first, y); break;
+        case 6: dot<6>(w, row_bytes, n, type, k, quantized, first, y); break;
+        case 7: dot<7>(w, row_bytes, n, type, k, quantized, first, y); break;
+        default: dot<8>(w, row_bytes, n, type, k, quantized, first, y); break;
+    }
+}
+
+// One row of `k` inputs dequantized to fp32 (the numbers llama.cpp's dequantize_row_* gives).
+void dequantize_row(const uint8_t* row, int64_t type, int64_t k, float* y) {
+    const int64_t size = block_size(type), bytes = block_bytes(type), blocks = k / size;
+    for (int64_t b = 0; b < blocks; ++b, y += size) {
+        const uint8_t* block = row + b * bytes;
+        if (type == Q8_0 || type == Q4_0 || type == Q4_1) {
+            const float d = half_to_float(block);
+            for (int i = 0; i < 32; ++i) {
+                if (type == Q8_0) {
+                    y[i] = d * (float)(int8_t)block[2 + i];
+                } else {
+                    const uint8_t* qs = block + (type == Q4_1 ? 4 : 2);
+                    const int code = i < 16 ? qs[i] & 0x0F : qs[i - 16] >> 4;
+                    y[i] = type == Q4_1 ? d * (float)code + half_to_float(block + 2) : d * (float)(code - 8);
+                }
+            }
+        } else if (type == Q6_K) {
+            const float d = half_to_float(block + 208);
+            for (int i = 0; i < 256; ++i) {
+                const int h = i / 128, e = i % 128, l = e % 64, quarter = e / 32;
+                const int nibble = (block[64 * h + l] >> (e < 64 ? 0 : 4)) & 0x0F;
+                const int top = (block[128 + 32 * h + e % 32] >> (2 * quarter)) & 3;
+                y[i] = d * (float)((const int8_t*)(block + 192))[8 * h + e / 16] * (float)((nibble | (top << 4)) - 32);
+            }
+        } else {
+            const float d = half_to_float(block), dmin = half_to_float(block + 2);
+            uint8_t scale_min[16];
+            _mm_storeu_si128((__m128i*)scale_min, scales_and_mins(block + 4));
+            const uint8_t *scale = scale_min, *min = scale_min + 8;
+            const uint8_t* qs = block + (type == Q4_K ? 16 : 48);
+            for (int i = 0; i < 256; ++i) {
+                const int sub = i / 32, j = i / 64, l = i % 32;
+                int code = (qs[32 * j + l] >> (sub % 2 ? 4 : 0)) & 0x0F;
+                if (type == Q5_K) code |= ((block[16 + l] >> sub) & 1) << 4;
+                y[i] = d * (float)scale[sub] * (float)code - dmin * (float)min[sub];
+            }
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// One matrix of a fused product: `rows` outputs of GGML type `type` at `data` (each row k / block_size blocks),
+// written to output columns `column + i`, or `index[i]` when index is not null (llama.cpp's permuted q/k rows).
+struct GGUFMatrix {
+    const uint8_t* data;
+    int64_t type;
+    int64_t rows;
+    int64_t column;
+    const int32_t* index;
+};
+
+// out [m, n] = norm?(x) [m, k] @ W^T (+ bias [n]) for the matrices stacked along the outputs (n: their rows in all).
+// x: bf16 (in_fp32 0) or fp32; out: bf16 (out_fp32 0) or fp32; norm: fp32 RMSNorm weight [k], or null.
+void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k, int in_fp32, const float* bias,
+                 int out_fp32, const void* x, int64_t m, const float* norm, float eps, void* out, int threads) {
+    Quantized blocks32, blocks256;
+    bool need32 = false, need256 = false;
+    for (int64_t i = 0; i < count; ++i) (block_size(matrices[i].type) == 256 ? need256 : need32) = true;
+    for (auto [need, size, target] : {std::tuple{need32, 32, &blocks32}, std::tuple{need256, 256, &blocks256}}) {
+        if (!need) continue;
+        if (in_fp32) {
+            quantize((const float*)x, m, k, norm, eps, size, *target);
+        } else {
+            quantize((const uint16_t*)x, m, k, norm, eps, size, *target);
+        }
+    }
+    // work items: tiles of up to kTile outputs of one matrix, in order; threads take contiguous ranges of them
+    struct Tile { int64_t matrix, row, count; };
+    std::vector<Tile> tiles;
+    for (int64_t i = 0; i < count; ++i)
+        for (int64_t row = 0; row < matrices[i].rows; row += kTile)
+            tiles.push_back({i, row, std::min<int64_t>(kTile, matrices[i].rows - row)});
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (size_t t = 0; t < tiles.size(); ++t) {
+        const Tile& tile = tiles[t];
+        const GGUFMatrix& matrix = matrices[tile.matrix];
+        const int64_t row_bytes = k / block_size(matrix.type) * block_bytes(matrix.type);
+        const Quantized& quantized = block_size(matrix.type) == 256 ? blocks256 : blocks32;
+        float results[kTile * kMaxRows];
+        for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+            const int rows = (int)std::min<int64_t>(kMaxRows, m - r0);
+            dot_some_rows(rows, matrix.data + tile.row * row_bytes, row_bytes, tile.count, matrix.type, k, quantized,
+                          r0, results);
+            for (int64_t i = 0; i < tile.count; ++i) {
+                const int64_t row = tile.row + i;
+                const int64_t column = matrix.index ? matrix.index[row] : matrix.column + row;
+                for (int r = 0; r < rows; ++r) {
+                    float y = results[i * rows + r];
+                    if (bias) y += bias[column];
+                    const int64_t at = (r0 + r) * n + column;
+                    if (out_fp32) {
+                        ((float*)out)[at] = y;
+                    } else {
+                        ((uint16_t*)out)[at] = float_to_bf16(y);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Rows `ids` of one matrix, dequantized to fp32 (out [count, k]): embedding lookups from a quantized table.
+void gguf_rows(const uint8_t* data, int64_t type, int64_t k, const int64_t* ids, int64_t count, float* out) {
+    const int64_t row_bytes = k / block_size(type) * block_bytes(type);
+    for (int64_t t = 0; t < count; ++t) dequantize_row(data + ids[t] * row_bytes, type, k, out + t * k);
+}
+
+// A whole matrix dequantized to bf16 (out [rows, k]), row i written to out row index[i] (or i): the weight of a
+// many-row step's dense matmul.
+void gguf_dequantize(const uint8_t* data, int64_t type, int64_t k, int64_t rows, const int32_t* index, uint16_t* out,
+                     int threads) {
+    const int64_t row_bytes = k / block_size(type) * block_bytes(type);
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> values(k);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; ++i) {
+            dequantize_row(data + i * row_bytes, type, k, values.data());
+            uint16_t* y = out + (index ? index[i] : i) * k;
+            for (int64_t j = 0; j < k; j += 16) simd::store_bf16(y + j, simd::load(values.data() + j));
+        }
+    }
+}
+
+}  // extern "C"

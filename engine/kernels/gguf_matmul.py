@@ -1,0 +1,107 @@
+"""Matmuls and row lookups over GGUF matrices as the file stores them (``gguf_matmul.cpp``): the weights stay in the
+memory-mapped file, in their own blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from engine.kernels import native
+
+BLOCK_SIZES = {T.Q4_0: 32, T.Q4_1: 32, T.Q8_0: 32, T.Q4_K: 256, T.Q5_K: 256, T.Q6_K: 256}
+# Steps with at least this many rows (prompts) dequantize the weight to bf16 and run torch's GEMM: above it the
+# GEMM's throughput pays for writing the weight out once (SmolLM2-1.7B Q4_K_M, Zen 4: 64-row products break even).
+DENSE_ROWS = 64
+
+
+@dataclass(frozen=True)
+class StoredMatrix:
+    """A matrix as a GGUF file holds it: ``blocks`` uint8 [out, bytes per row] (a view of the mapped file, never
+    copied) of GGML type ``type`` over ``in_features`` inputs."""
+
+    blocks: np.ndarray
+    type: T
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.blocks.shape[0]
+
+
+def fits(matrix: StoredMatrix) -> bool:
+    """Whether the kernels compute with this type (a file's rows are whole blocks)."""
+    block = BLOCK_SIZES.get(matrix.type)
+    return block is not None and matrix.in_features % block == 0
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("type", ctypes.c_int64), ("rows", ctypes.c_int64),
+                ("column", ctypes.c_int64), ("index", ctypes.c_void_p)]
+
+
+class GGUFMatmul(native.RowKernel):
+    """``y = norm?(x) @ W^T (+ bias)`` for rows ``x`` [M, in] -> [M, out] over ``matrices`` stacked along the outputs
+    (fused q/k/v or gate/up; their types may differ). ``columns``: per matrix, None (its outputs in order) or where
+    each of its rows goes among the outputs. ``dtype``: the activations' (bf16, or fp32 for an fp32 model);
+    ``out_dtype``: the result's."""
+
+    def __init__(self, matrices: list[StoredMatrix], columns: list[torch.Tensor | None], bias: torch.Tensor | None,
+                 isa: str, dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None) -> None:
+        out_dtype = out_dtype or dtype
+        k = matrices[0].in_features
+        assert all(m.in_features == k and fits(m) for m in matrices)
+        self.columns = [None if c is None else c.to(torch.int32).contiguous() for c in columns]
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.matrices = matrices  # the views the pointers below point into
+        table, start = [], 0
+        for matrix, column in zip(matrices, self.columns, strict=True):
+            assert matrix.blocks.flags.c_contiguous
+            table.append(_Matrix(matrix.blocks.ctypes.data, int(matrix.type), matrix.out_features, start,
+                                 None if column is None else column.data_ptr()))
+            start += matrix.out_features
+        self.table = (_Matrix * len(table))(*table)
+        self._isa, self._dtype = isa, dtype
+        super().__init__(native.library(isa).gguf_linear,
+                         (ctypes.addressof(self.table), len(table), start, k, int(dtype == torch.float32),
+                          None if self.bias is None else self.bias.data_ptr(), int(out_dtype == torch.float32)),
+                         start, dtype, out_dtype)
+
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < DENSE_ROWS or self._dtype != torch.bfloat16:
+            return super().__call__(x)
+        if self.norm is not None:  # the kernel's fused RMSNorm, in fp32
+            eps = self._norm_args[1]
+            values = x.float()
+            x = values * torch.rsqrt(values.pow(2).mean(-1, keepdim=True) + eps) * self.norm
+        y = torch.nn.functional.linear(x.to(torch.bfloat16), self.dense_weight(), None)
+        return (y if self.bias is None else y.float() + self.bias).to(self.out_dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The stacked weight dequantized to bf16 [out, in], each row at its output column."""
+        lib = native.library(self._isa)
+        out = torch.empty((self.out_features, self.matrices[0].in_features), dtype=torch.bfloat16)
+        for matrix, entry in zip(self.matrices, self.table, strict=True):
+            index = entry.index
+            if index is None:
+                target, index = out[entry.column : entry.column + matrix.out_features], None
+            else:
+                target = out
+            lib.gguf_dequantize(matrix.blocks.ctypes.data, int(matrix.type), matrix.in_features, matrix.out_features,
+                                index, target.data_ptr(), self._threads)
+        return out
+
+
+def rows(matrix: StoredMatrix, ids: torch.Tensor, isa: str) -> torch.Tensor:
+    """Rows ``ids`` of ``matrix`` dequantized to fp32 [len(ids), in] (an embedding lookup)."""
+    ids = ids.to(torch.int64).contiguous()
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < matrix.out_features:
+        raise IndexError("row id out of range")
+    out = torch.empty((ids.numel(), matrix.in_features), dtype=torch.float32)
+    native.library(isa).gguf_rows(matrix.blocks.ctypes.data, int(matrix.type), matrix.in_features, ids.data_ptr(),
+                                  ids.numel(), out.data_ptr())
+    return out

@@ -1,0 +1,164 @@
+"""The native kernels over GGUF blocks as stored (``gguf_matmul.cpp``) against the math they claim, for every type
+and every build this CPU runs: rows dequantized exactly as the ``gguf`` library dequantizes them; products equal to
+float64 products of those weights with the activations as the kernel quantizes them (int8 per block of 32, or of
+256 for the K-quants, scale amax / 127, round half to even), up to float32 accumulation; the builds bit-equal.
+
+Weights are random bytes: every bit pattern of a block's codes and sub-block scales is a valid weight, so random
+blocks reach every code and scale a file can hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+from engine.kernels import gguf_matmul, native
+from engine.kernels.gguf_matmul import BLOCK_SIZES, GGUFMatmul, StoredMatrix
+
+BLOCK_BYTES = {T.Q4_0: 18, T.Q4_1: 20, T.Q8_0: 34, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}
+HALF_FLOATS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q8_0: [0], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}  # d, m/dmin
+TYPES = list(BLOCK_BYTES)
+# float32 accumulation over the blocks, relative to sum |x_hat| |w| (measured: at most 6e-8 over these cases)
+ACCUMULATION = 2.0**-21
+
+
+@pytest.fixture(params=list(native.ISAS))
+def isa(request) -> str:
+    if request.param not in native.isas():
+        pytest.fail(f"this CPU runs no {request.param} build of the native kernels")  # test_environment says why
+    return request.param
+
+
+def random_matrix(kind: T, rows: int, in_features: int, seed: int = 0, scale: float = 0.01) -> StoredMatrix:
+    """Random blocks: random codes and sub-block scales, the block's fp16 factors uniform in +-``scale``."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, in_features // BLOCK_SIZES[kind], BLOCK_BYTES[kind]), dtype=np.uint8)
+    for at in HALF_FLOATS[kind]:
+        factors = rng.uniform(-scale, scale, blocks.shape[:2]).astype(np.float16)
+        blocks[..., at : at + 2] = factors[..., None].view(np.uint8)
+    return StoredMatrix(np.ascontiguousarray(blocks.reshape(rows, -1)), kind, in_features)
+
+
+def library_weight(matrix: StoredMatrix) -> np.ndarray:
+    """The ``gguf`` library's dequantization, float64 [out, in]."""
+    return dequantize(matrix.blocks, matrix.type).reshape(matrix.out_features, matrix.in_features).astype(np.float64)
+
+
+def quantized_activations(x: torch.Tensor, block: int) -> np.ndarray:
+    """The activations the kernel's integer dots see: int8 codes per block times the block's scale (float32 math)."""
+    values = x.float().numpy().reshape(x.shape[0], -1, block)
+    amax = np.abs(values).max(-1, keepdims=True)
+    inverse = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    codes = np.rint((values * inverse).astype(np.float32))
+    return (codes * (amax / np.float32(127.0))).reshape(x.shape).astype(np.float64)
+
+
+def assert_computes_its_product(y: torch.Tensor, x: torch.Tensor, weight: np.ndarray, block: int,
+                                bias: np.ndarray | None = None, one_code: bool = False) -> None:
+    """``one_code``: ``x`` is only close to the kernel's input (its own float32 norm, summed in another order), so
+    any activation code may be one step off."""
+    x_hat = quantized_activations(x, block)
+    expected = x_hat @ weight.T + (0 if bias is None else bias)
+    size = np.abs(x_hat) @ np.abs(weight).T + (0 if bias is None else np.abs(bias))
+    bound = np.abs(expected) * (2.0**-8 if y.dtype == torch.bfloat16 else 2.0**-24) + ACCUMULATION * size
+    if one_code:
+        steps = np.abs(x.double().numpy().reshape(x.shape[0], -1, block)).max(-1, keepdims=True) / 127
+        bound += np.broadcast_to(steps, (x.shape[0], x.shape[1] // block, block)).reshape(x.shape) @ np.abs(weight).T
+    error = np.abs(y.double().numpy() - expected)
+    assert (error <= bound).all(), (error - bound).max()
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
+def test_rows_are_the_library_dequantization(kind, isa):
+    matrix = random_matrix(kind, 40, 512, seed=3)
+    ids = torch.tensor([39, 0, 7, 7])
+    assert np.array_equal(gguf_matmul.rows(matrix, ids, isa).numpy(), library_weight(matrix)[ids].astype(np.float32))
+
+
+def test_row_ids_are_bounded(isa):
+    matrix = random_matrix(T.Q4_K, 8, 256)
+    for ids in ([8], [-1]):
+        with pytest.raises(IndexError):
+            gguf_matmul.rows(matrix, torch.tensor(ids), isa)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17])
+@pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
+def test_kernel_computes_its_quantized_product(kind, rows, dtype, isa):
+    in_features = 768 if BLOCK_SIZES[kind] == 256 else 96 * 8 + 32  # an odd count of 32-blocks: the last unpaired
+    matrix = random_matrix(kind, 48, in_features, seed=rows)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    y = GGUFMatmul([matrix], [None], None, isa, dtype)(x)
+    assert y.dtype == dtype and y.shape == (rows, 48)
+    assert_computes_its_product(y, x, library_weight(matrix), BLOCK_SIZES[kind])
+
+
+def test_fused_matrices_of_several_types_with_placed_rows_a_bias_and_a_norm(isa):
+    """q/k/v-like parts of different types in one call; the second part's rows written to permuted columns (GGUF
+    llama's q/k order), a bias over the outputs, and an RMSNorm applied to each row before quantizing."""
+    parts = [random_matrix(T.Q4_K, 32, 512, 1), random_matrix(T.Q6_K, 16, 512, 2), random_matrix(T.Q8_0, 16, 512, 3)]
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(4))
+    bias = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    kernel = GGUFMatmul(parts, [None, 32 + order, None], bias, isa, torch.float32)
+    norm = torch.rand(512, generator=torch.Generator().manual_seed(6)) + 0.5
+    kernel.fuse_norm(norm, 1e-6)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(7))
+    y = kernel(x)
+    normalized = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm
+    weights = [library_weight(p) for p in parts]
+    placed = weights[1].copy()
+    placed[order.numpy()] = weights[1]
+    for columns, weight, block in ((slice(0, 32), weights[0], 256), (slice(32, 48), placed, 256),
+                                   (slice(48, 64), weights[2], 32)):
+        # the norm is applied in float32 inside the kernel: compare against its own quantization of those rows
+        assert_computes_its_product(y[:, columns], normalized, weight, block, bias[columns].double().numpy(),
+                                    one_code=True)
+
+
+def test_rows_do_not_depend_on_the_rest_of_the_batch(isa):
+    matrix = random_matrix(T.Q4_K, 64, 1024, seed=9)
+    x = torch.randn(11, 1024, generator=torch.Generator().manual_seed(10)).bfloat16()
+    kernel = GGUFMatmul([matrix], [None], None, isa)
+    together = kernel(x)
+    for row in (0, 5, 10):
+        assert torch.equal(kernel(x[row : row + 1]), together[row : row + 1])
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
+def test_the_builds_compute_the_same_bits(kind):
+    if set(native.ISAS) - set(native.isas()):
+        pytest.fail("this CPU should run both builds")  # the CI machine does; test_environment names the flags
+    matrix = random_matrix(kind, 64, 768, seed=11)
+    x = torch.randn(9, 768, generator=torch.Generator().manual_seed(12)).bfloat16()
+    results = [GGUFMatmul([matrix], [None], None, isa, torch.bfloat16, torch.float32)(x) for isa in native.ISAS]
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
+def test_many_row_steps_run_the_dequantized_weight(kind, isa):
+    """From ``DENSE_ROWS`` rows the weight is dequantized to bf16 (each part's rows at their columns) and torch's
+    GEMM runs on it, with the fused norm applied first and the bias in float32."""
+    parts = [random_matrix(kind, 32, 512, 13), random_matrix(kind, 16, 512, 14)]
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(15)) + 32
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(16))
+    kernel = GGUFMatmul(parts, [None, order], bias, isa)
+    weight = torch.zeros(48, 512, dtype=torch.float64)
+    weight[:32] = torch.from_numpy(library_weight(parts[0]))
+    weight[order] = torch.from_numpy(library_weight(parts[1]))
+    assert torch.equal(kernel.dense_weight(), weight.to(torch.bfloat16))
+    norm = torch.rand(512, generator=torch.Generator().manual_seed(17)) + 0.5
+    kernel.fuse_norm(norm, 1e-5)
+    x = torch.randn(gguf_matmul.DENSE_ROWS, 512, generator=torch.Generator().manual_seed(18)).bfloat16()
+    normalized = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * norm).bfloat16()
+    expected = (torch.nn.functional.linear(normalized, weight.to(torch.bfloat16)).float() + bias).bfloat16()
+    assert torch.equal(kernel(x), expected)
+
+
+def test_types_without_a_kernel_are_refused():
+    assert not gguf_matmul.fits(StoredMatrix(np.zeros((4, 2 * 22), np.uint8), T.Q5_0, 64))
+    assert not gguf_matmul.fits(StoredMatrix(np.zeros((4, 136), np.uint8), T.IQ4_XS, 256))
+    assert all(gguf_matmul.fits(StoredMatrix(np.zeros((4, BLOCK_BYTES[t] * 8 // (BLOCK_SIZES[t] // 32)), np.uint8), t,
+                                             256)) for t in TYPES)
