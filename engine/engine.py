@@ -149,16 +149,19 @@ class LLMEngine:
     def from_model(cls, model: str | None = None, *, dtype: str | torch.dtype | None = None,
                    device: str | torch.device | None = None, config: EngineConfig | None = None,
                    cpu_isa: str = "auto", cuda_int4_kernel: str = "auto", progress=None,
-                   tensor_parallel_size: int = 1) -> LLMEngine:
+                   tensor_parallel_size: int = 1, quantization: str | None = None) -> LLMEngine:
         """Load ``model`` (hub id, folder, ``.gguf``; None = the embedded default) and build an engine.
         ``cpu_isa`` (bf16 on CPU): "avx512" or "avx2" runs that build of the native kernels (int4 x int8 linears, the
         Q8_0 head, decode attention), "auto" the fastest build the CPU runs, "torch" torch's weight-only int4 kernel
         (slower, closer to fp32). ``cuda_int4_kernel``: 4-bit weights on CUDA on "tinygemm" (fastest at batch 1) or
         "triton" (more throughput at many streams); "auto" tinygemm where it runs. ``tensor_parallel_size`` > 1
-        splits the model over that many processes (this one rank 0; ``engine.tensor_parallel``)."""
+        splits the model over that many processes (this one rank 0; ``engine.tensor_parallel``). ``quantization``
+        ("q8_0", "q4_0"): a dense checkpoint's layers quantized while loading, for the native CPU kernels."""
         torch_device = select_device(device)
         torch_dtype = select_dtype(dtype, torch_device)
         if tensor_parallel_size > 1:
+            if quantization is not None:
+                raise ValueError("--quantization runs in one process: drop --tensor-parallel-size")
             leader = Leader.start(model, torch_dtype, torch_device, tensor_parallel_size)
             try:
                 loaded = load_model(model, dtype=torch_dtype, device=worker_device(torch_device, 0),
@@ -169,7 +172,8 @@ class LLMEngine:
                 raise
         kernel = int4_kernel_for(torch_device, torch_dtype, cpu_isa, dtype_chosen=dtype in (None, "auto"),
                                  cuda_kernel=cuda_int4_kernel)
-        loaded = load_model(model, dtype=torch_dtype, device=torch_device, int4_kernel=kernel, progress=progress)
+        loaded = load_model(model, dtype=torch_dtype, device=torch_device, int4_kernel=kernel, progress=progress,
+                            quantization=quantization)
         return cls(loaded, config)
 
     def close(self) -> None:
@@ -393,9 +397,10 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, config: EngineConfig | None = None,
-                 cpu_isa: str = "auto", cuda_int4_kernel: str = "auto", tensor_parallel_size: int = 1) -> None:
+                 cpu_isa: str = "auto", cuda_int4_kernel: str = "auto", tensor_parallel_size: int = 1,
+                 quantization: str | None = None) -> None:
         self.engine = LLMEngine.from_model(model, dtype=dtype, device=device, config=config, cpu_isa=cpu_isa,
-                                           cuda_int4_kernel=cuda_int4_kernel,
+                                           cuda_int4_kernel=cuda_int4_kernel, quantization=quantization,
                                            tensor_parallel_size=tensor_parallel_size)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

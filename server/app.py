@@ -42,7 +42,8 @@ def build_engine(settings: Settings, progress=None) -> AsyncEngine:
     llm = LLMEngine.from_model(settings.model, dtype=settings.dtype, device=settings.device, config=config,
                                cpu_isa=settings.cpu_isa,
                                cuda_int4_kernel=settings.cuda_int4_kernel, progress=progress,
-                               tensor_parallel_size=settings.tensor_parallel_size)
+                               tensor_parallel_size=settings.tensor_parallel_size,
+                               quantization=None if settings.quantization == "none" else settings.quantization)
     return AsyncEngine(llm)
 
 

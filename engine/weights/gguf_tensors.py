@@ -65,13 +65,18 @@ class GGUFTensors:
         """A Q4_0/Q4_1 matrix without dequantizing: the same numbers ``dense`` would give, kept packed."""
         tensor = self._tensors[name]
         out_features, in_features = (int(d) for d in reversed(tensor.shape))
-        blocks = np.asarray(tensor.data).reshape(out_features, in_features // _BLOCK, -1)
-        scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        if tensor.tensor_type == GGMLQuantizationType.Q4_1:
-            zero = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-            packed = blocks[..., 4:]
-        else:
-            zero = -8.0 * scale
-            packed = blocks[..., 2:]
-        q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(out_features, in_features)
-        return Int4Weight(torch.from_numpy(q.copy()), torch.from_numpy(scale), torch.from_numpy(zero), _BLOCK)
+        return int4_from_blocks(np.asarray(tensor.data), tensor.tensor_type, out_features, in_features)
+
+
+def int4_from_blocks(data: np.ndarray, kind: GGMLQuantizationType, out_features: int, in_features: int) -> Int4Weight:
+    """Q4_0/Q4_1 blocks as ``Int4Weight``: codes, and per block of 32 the scale and offset (Q4_0: -8 x scale)."""
+    blocks = data.reshape(out_features, in_features // _BLOCK, -1)
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if kind == GGMLQuantizationType.Q4_1:
+        zero = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        packed = blocks[..., 4:]
+    else:
+        zero = -8.0 * scale
+        packed = blocks[..., 2:]
+    q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(out_features, in_features)
+    return Int4Weight(torch.from_numpy(q.copy()), torch.from_numpy(scale), torch.from_numpy(zero), _BLOCK)

@@ -16,6 +16,7 @@ from engine.kernels import native, triton_decode
 from engine.model import DecoderModel
 from engine.parallel import Shard
 from engine.quant import QuantizedSource, QuantScheme
+from engine.quant.at_load import QuantizingSource
 from engine.weights.builder import ModelBuilder
 from engine.weights.embedded import SMOLLM2_GGUF, asset_path
 from engine.weights.gguf_tensors import GGUFTensors
@@ -107,14 +108,22 @@ def int4_kernel_for(device: torch.device, dtype: torch.dtype, cpu_isa: str = "au
 
 
 def load_model(model: str | None, *, dtype: torch.dtype, device: torch.device, int4_kernel: str | None = None,
-               progress=None, shard: Shard | None = None, group: dist.ProcessGroup | None = None) -> LoadedModel:
-    """``shard``: load only this rank's slices (tensor parallelism over ``group``)."""
+               progress=None, shard: Shard | None = None, group: dist.ProcessGroup | None = None,
+               quantization: str | None = None) -> LoadedModel:
+    """``shard``: load only this rank's slices (tensor parallelism over ``group``). ``quantization`` ("q8_0",
+    "q4_0"): a dense checkpoint folder's layer matrices quantized as they load, for the native CPU kernels."""
     path = resolve_model_path(model)
     name = model or SMOLLM2_GGUF.filename.removesuffix(".gguf")
     split = {"shard": shard, "group": group}
+    if quantization is not None:
+        if path.suffix == ".gguf":
+            raise ValueError("--quantization applies to checkpoint folders; a GGUF file is served as quantized")
+        if int4_kernel not in native.ISAS or shard is not None:
+            raise ValueError("--quantization runs on the native CPU kernels: a CPU with AVX2 or AVX512, --cpu-isa "
+                             "auto/avx512/avx2, one process")
     if path.suffix == ".gguf":
         return _load_gguf(name, path, dtype, device, int4_kernel, progress, split)
-    return _load_folder(name, path, dtype, device, int4_kernel, progress, split)
+    return _load_folder(name, path, dtype, device, int4_kernel, progress, split, quantization)
 
 
 def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, int4_kernel: str | None,
@@ -131,7 +140,7 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, 
 
 
 def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.device, int4_kernel: str | None,
-                 progress, split: dict[str, Any]) -> LoadedModel:
+                 progress, split: dict[str, Any], quantization: str | None = None) -> LoadedModel:
     raw_config = json.loads((folder / "config.json").read_text())
     config = ModelConfig.from_hf(raw_config)
     names = QWEN1_NAMES if config.arch == "qwen" else HF_NAMES
@@ -142,8 +151,12 @@ def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.devi
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
     source: WeightSource = SafetensorsSource(folder)
+    if scheme is not None and quantization is not None:
+        raise ValueError(f"{name} is already quantized ({scheme.method}); --quantization is for dense checkpoints")
     if scheme is not None:
         source = QuantizedSource(source, scheme)
+    if quantization is not None:
+        source = QuantizingSource(source, quantization, keep={names["embed"], names["lm_head"]})
     model = ModelBuilder(config, source, names, dtype, device, int4_kernel=int4_kernel, **split).build(progress)
     generation_path = folder / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}

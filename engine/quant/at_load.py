@@ -1,0 +1,52 @@
+"""Quantizing a dense checkpoint while it loads (``--quantization``): its layers' matrices become GGUF blocks in
+memory, rounded to nearest as llama.cpp's ``llama-quantize`` does without an importance matrix (the ``gguf``
+library's quantizer, which gives the same bytes for Q8_0 and Q4_0), and run on the native kernels as a GGUF file's
+would."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
+
+from engine.kernels.gguf_matmul import StoredMatrix
+from engine.weights.gguf_tensors import int4_from_blocks
+from engine.weights.int4 import Int4Weight
+from engine.weights.sources import WeightSource
+
+TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
+
+
+class QuantizingSource:
+    """``inner``'s layer matrices (every 2-D tensor but ``keep``: the embedding and LM head) quantized to ``kind`` as
+    the builder asks for them, one at a time; 4-bit ones also as ``Int4Weight`` for the repacked 4-bit kernel."""
+
+    def __init__(self, inner: WeightSource, kind: str, keep: set[str]) -> None:
+        self.inner, self.type, self.keep = inner, TYPES[kind], keep
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.inner
+
+    def dense(self, name: str) -> torch.Tensor:
+        return self.inner.dense(name)
+
+    def dense_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return self.inner.dense_slice(name, dim, start, stop)
+
+    def int8(self, name: str) -> None:
+        return None
+
+    def stored(self, name: str) -> StoredMatrix | None:
+        if name in self.keep or not name.endswith(".weight"):
+            return None
+        weight = self.inner.dense(name)
+        if weight.dim() != 2 or weight.shape[1] % 32:
+            return None
+        blocks = quantize(np.ascontiguousarray(weight.float().numpy()), self.type)
+        return StoredMatrix(blocks, self.type, weight.shape[1])
+
+    def int4(self, name: str) -> Int4Weight | None:
+        if self.type != GGMLQuantizationType.Q4_0 or (stored := self.stored(name)) is None:
+            return None
+        return int4_from_blocks(stored.blocks, stored.type, stored.out_features, stored.in_features)
