@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -65,7 +64,7 @@ class ModelBuilder:
         self.int4_kernel, self.rope_permuted = int4_kernel, rope_permuted
         self.isa = int4_kernel if int4_kernel in native.ISAS else None  # the native build, if any
         self._stacked: dict[str, torch.Tensor] = {}  # the layer's experts stored as one tensor per part (GGUF)
-        self._unread: Counter[str] = Counter()  # bytes of quantized GGUF matrices dequantized, per type: no kernel
+        self._unread: dict[str, tuple[str, int]] = {}  # quantized GGUF matrices without a kernel: type, dense bytes
 
     def build(self, progress=None) -> DecoderModel:
         layers = []
@@ -84,9 +83,9 @@ class ModelBuilder:
             lm_head = DenseLinear(self._tensor("lm_head", dtype=self.head_dtype), None)
         model = DecoderModel(self.config, self.dtype, embed, layers, lm_head)
         if self._unread:
-            log.warning("no native kernel for %s: those matrices were dequantized to %s (%.0f MiB)",
-                        ", ".join(sorted(self._unread)), str(self.dtype).removeprefix("torch."),
-                        sum(self._unread.values()) / 2**20)
+            log.warning("no native kernel for %s: %d matrices were dequantized to %s (%.0f MiB)",
+                        ", ".join(sorted({kind for kind, _ in self._unread.values()})), len(self._unread),
+                        str(self.dtype).removeprefix("torch."), sum(size for _, size in self._unread.values()) / 2**20)
         if self.shard is not None:
             model.vocab_parallel = VocabParallel(self.shard, self.full.vocab_size, self.group)
         model.final_norm.weight = self._parameter("final_norm", dtype=self.head_dtype)
@@ -109,7 +108,7 @@ class ModelBuilder:
         if self.isa is None or self.shard is not None or (stored := self.source.stored(name)) is None:
             return None
         if not gguf_matmul.fits(stored):
-            self._unread[stored.type.name] += stored.out_features * stored.in_features * self.dtype.itemsize
+            self._unread[name] = (stored.type.name, stored.out_features * stored.in_features * self.dtype.itemsize)
             return None
         return stored
 
@@ -230,7 +229,7 @@ class ModelBuilder:
     def _linear(self, parts: list[str], i: int, biases: list[torch.Tensor | None],
                  expert: int | None = None) -> nn.Module:
         names = [self._name(p, i, expert) for p in parts]
-        stacked = any(self._stacked_part(p, expert) for p in parts)  # such experts are dequantized
+        stacked = any(self._stacked_part(p, expert) for p in parts)  # experts stored as one tensor per part
         quantized = [self.source.int4(n) for n in names] if self.int4_kernel and not stacked else []
         if quantized and all(q is not None for q in quantized):
             weights = [q if (order := self._row_order(p)) is None else q.rows(order)
@@ -242,8 +241,8 @@ class ModelBuilder:
                     return ReorderedInputs(fused.input_order.to(self.device), linear)
                 if linear is not None:
                     return linear
-        stored = [] if stacked else [self._stored(n) for n in names]
-        if stored and all(s is not None for s in stored):
+        stored = [self._stored_rows_of(p, n, expert) for p, n in zip(parts, names, strict=True)]
+        if all(s is not None for s in stored):
             return self._stored_linear(parts, stored, biases)
         dense = []
         for part, name in zip(parts, names, strict=True):
@@ -256,6 +255,15 @@ class ModelBuilder:
             dense.append(weight.to(device=self.device, dtype=self.dtype))
         bias = self._fused_bias(biases, [w.shape[0] for w in dense])
         return DenseLinear(dense[0] if len(dense) == 1 else torch.cat(dense), bias)
+
+    def _stored_rows_of(self, part: str, name: str, expert: int | None) -> gguf_matmul.StoredMatrix | None:
+        """``name`` as stored; for one expert of a stacked part, that expert's rows of the stack."""
+        stored = self._stored(name)
+        if stored is None or not self._stacked_part(part, expert):
+            return stored
+        rows = stored.out_features // self.config.num_experts
+        return gguf_matmul.StoredMatrix(stored.blocks[expert * rows : (expert + 1) * rows], stored.type,
+                                        stored.in_features)
 
     def _stored_linear(self, parts: list[str], stored: list[gguf_matmul.StoredMatrix],
                        biases: list[torch.Tensor | None]) -> StoredLinear:

@@ -32,14 +32,15 @@ class GGUFTensors:
         return self._tensors[name].tensor_type in _Q4_BYTES
 
     def stored(self, name: str) -> StoredMatrix | None:
-        """A quantized matrix as the file stores it (a view of the mapped file, nothing read yet); None for dense
-        tensors and for stacks of experts."""
+        """A quantized matrix as the file stores it (a view of the mapped file, nothing read yet); a stack of experts
+        [E, out, in] as its E * out rows; None for dense tensors."""
         tensor = self._tensors[name]
         if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
             return None
-        if len(tensor.shape) != 2:
+        if len(tensor.shape) not in (2, 3):
             return None
-        rows, in_features = int(tensor.shape[1]), int(tensor.shape[0])
+        in_features = int(tensor.shape[0])
+        rows = int(np.prod([int(d) for d in tensor.shape[1:]]))
         return StoredMatrix(np.asarray(tensor.data).reshape(rows, -1), tensor.tensor_type, in_features)
 
     def dense(self, name: str) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""GGUF files whose matrices are K-quants (and Q8_0), served from the mapped file by the native kernels, against
-transformers running the same weights dequantized to fp32.
+"""GGUF files whose matrices are K-quants (and Q8_0; Qwen3-MoE experts stacked per part), served from the mapped
+file by the native kernels, against transformers running the same weights dequantized to fp32.
 
 Each matrix gets random blocks of its type (every code and sub-block scale a file can hold), the transformers model
 gets their dequantization, and the file stores the blocks: the dense fp32 path must match transformers to
@@ -29,11 +29,18 @@ CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(  # q/k/v biases, its own head
         vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(  # experts in layer 0 (stacked per part), a dense MLP in 1
+        vocab_size=320, hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1], max_position_embeddings=512,
+        rope_theta=1000000.0, tie_word_embeddings=False),
 }
+EXPERT_KINDS = {"gate": T.Q4_K, "up": T.Q8_0, "down": T.Q8_0}  # down's 64 inputs: blocks of 32 only
 # mean KL per position from fp32 transformers, as measured (the same on both builds); the bound is twice that.
 # The error is the activations' int8 quantization, so fp32 activations are no closer than bf16 ones.
 MEAN_KL = {("llama", "bfloat16"): 1.06e-2, ("llama", "float32"): 1.35e-2,
-           ("qwen2", "bfloat16"): 2.95e-2, ("qwen2", "float32"): 3.17e-2}
+           ("qwen2", "bfloat16"): 2.95e-2, ("qwen2", "float32"): 3.17e-2,
+           ("qwen3_moe", "bfloat16"): 1.70e-2, ("qwen3_moe", "float32"): 1.16e-2}
 
 
 def quantized_twin(arch: str, path) -> tuple[transformers.PreTrainedModel, str]:
@@ -64,6 +71,21 @@ def quantized_twin(arch: str, path) -> tuple[transformers.PreTrainedModel, str]:
             weight = weight[llama_row_order(heads, head_dim)]
         state[key].copy_(weight)
         raw[f"{name}.weight"] = (matrix.blocks, kind)
+    for i, layer in enumerate(model.model.layers):
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None:
+            continue
+        count, twice, hidden = experts.gate_up_proj.shape
+        for seed, (part, parameter) in enumerate((("gate", experts.gate_up_proj), ("up", experts.gate_up_proj),
+                                                  ("down", experts.down_proj)), start=100 * (i + 1)):
+            rows, in_features = (twice // 2, hidden) if part != "down" else parameter.shape[1:]
+            kind = EXPERT_KINDS[part]
+            probe = library_weight(random_matrix(kind, count * rows, in_features, seed, scale=1.0))
+            matrix = random_matrix(kind, count * rows, in_features, seed, scale=0.12 / probe.std())
+            weight = torch.from_numpy(library_weight(matrix)).float().view(count, rows, in_features)
+            target = parameter.data if part == "down" else parameter.data.narrow(1, 0 if part == "gate" else rows, rows)
+            target.copy_(weight)
+            raw[f"blk.{i}.ffn_{part}_exps.weight"] = (matrix.blocks.reshape(count, rows, -1), kind)
     for key, value in state.items():
         if value.dim() == 1:  # norms near 1, biases small
             value.copy_(torch.randn_like(value) * 0.1 + (1.0 if "norm" in key else 0.0))
@@ -96,9 +118,13 @@ def test_the_native_path_computes_on_the_mapped_blocks(twin, isa, dtype):
     llm = LLM(path, dtype=dtype, device="cpu", cpu_isa=isa)
     model = llm.engine.runner.model
     assert isinstance(model.embed, StoredRows) and isinstance(model.lm_head, StoredLinear)
-    assert all(isinstance(layer.attn.qkv, StoredLinear) and isinstance(layer.mlp.gate_up, StoredLinear)
-               and isinstance(layer.mlp.down, StoredLinear) for layer in model.layers)
-    assert next(model.parameters(), None) is None  # no weight was copied out of the file
+    mlps = [m for layer in model.layers for m in getattr(layer.mlp, "experts", [layer.mlp])]
+    assert all(isinstance(layer.attn.qkv, StoredLinear) for layer in model.layers)
+    assert all(isinstance(m.gate_up, StoredLinear) and isinstance(m.down, StoredLinear) for m in mlps)
+    # no matrix was copied out of the file: what the model holds is norms (Qwen3's per-head ones, the MoE layer's)
+    # and the experts' router
+    experts = getattr(reference.config, "num_experts", None)
+    assert all(p.dim() == 1 or p.shape[0] == experts for p in model.parameters())
     ids = prompt()
     with torch.inference_mode():
         exact = reference(torch.tensor([ids])).logits[0].log_softmax(-1)
