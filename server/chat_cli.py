@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import socket
 import threading
 import time
@@ -241,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
+    # Ctrl-C stops a reply even when this process was started with SIGINT ignored (a parent's disposition is
+    # inherited, and Python then installs no handler of its own): without one, the reply ran to its end
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     console = Console(highlight=False)
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(local_server(args.model)) if args.model else args.url

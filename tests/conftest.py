@@ -1,11 +1,18 @@
-"""Shared fixtures: the real Qwen vocabulary and the embedded SmolLM2 model fetched by `make assets`."""
+"""Shared fixtures: the real Qwen vocabulary and the embedded SmolLM2 model fetched by `make assets`. Without a GPU,
+Triton kernels run under its interpreter: ``TRITON_INTERPRET`` is set here, before any test module imports Triton
+(it reads the variable once, at import, and some torch modules import it)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.weights.embedded import QWEN_TIKTOKEN, SMOLLM2_GGUF, asset_path
 from tokenizer import QwenTokenizer

@@ -9,9 +9,6 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first built
-
 from engine import LLM, EngineConfig, SamplingParams
 from engine.cuda_graphs import DecodeGraphs
 from engine.kernels import triton_decode
@@ -22,6 +19,7 @@ from tests.unit.engine.conftest import QWEN1_MODEL, decode_alone
 from tests.unit.engine.test_models_vs_transformers import CONFIGS, write_checkpoint
 
 pytestmark = pytest.mark.skipif(not triton_decode.available(), reason="needs triton")
+assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py sets it
 CASES = load_fixture("qwen1/cases.json")["cases"]
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
