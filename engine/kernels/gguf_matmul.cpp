@@ -142,9 +142,20 @@ struct Rows {
 // rows, into y[i * R + r]. Per output row, acc[r] gathers lane-wise products and offset[r] (4 lanes) the per-block
 // terms subtracted at the end; a row's sums never depend on the other rows.
 template <int R>
-void finish(const simd::F16* acc, const __m128* offset, float* y) {
-    for (int r = 0; r < R; ++r) y[r] = simd::reduce_add(acc[r]) - simd::reduce_add4(offset[r]);
-}
+struct Sums {
+    simd::F16 acc[R];
+    __m128 offset[R];
+
+    Sums() {
+        for (int r = 0; r < R; ++r) {
+            acc[r] = simd::zero();
+            offset[r] = _mm_setzero_ps();
+        }
+    }
+    void finish(float* y) const {
+        for (int r = 0; r < R; ++r) y[r] = simd::reduce_add(acc[r]) - simd::reduce_add4(offset[r]);
+    }
+};
 
 // Blocks of 32, two at a time (a last odd block pairs with itself at scale 0): signed weights c (Q8_0, Q4_0 - 8)
 // as |c| times sign-carrying activations; Q4_1's unsigned codes directly, its offset from the code sums.
@@ -153,12 +164,7 @@ void dot_blocks32(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, 
     const int64_t blocks = k / 32, bytes = block_bytes(type);
     const bool is_signed = type != Q4_1;
     for (int64_t i = 0; i < n; ++i, w += row_bytes, y += R) {
-        simd::F16 acc[R];
-        __m128 offset[R];
-        for (int r = 0; r < R; ++r) {
-            acc[r] = simd::zero();
-            offset[r] = _mm_setzero_ps();
-        }
+        Sums<R> sums;
         for (int64_t b = 0; b < blocks; b += 2) {
             const bool pair = b + 1 < blocks;
             const uint8_t* first = w + b * bytes;
@@ -178,19 +184,19 @@ void dot_blocks32(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, 
                 const int8_t* q = x.q[r] + b * 32;
                 simd::Bytes activations = pair ? simd::bytes_load(q) : simd::bytes_dup(q);
                 if (is_signed) activations = simd::bytes_sign(activations, codes);
-                const simd::I16 sums = simd::dot_bytes(simd::izero(), magnitude, activations);
+                const simd::I16 dots = simd::dot_bytes(simd::izero(), magnitude, activations);
                 const float* scales = x.d[r] + b;
-                acc[r] = simd::fmadd(simd::to_float(sums), simd::mul(weight_scales, simd::halves(scales)), acc[r]);
+                sums.acc[r] = simd::fmadd(simd::to_float(dots), simd::mul(weight_scales, simd::halves(scales)), sums.acc[r]);
                 if (type == Q4_1) {  // minus: the offset term adds here
                     const int16_t* s = x.sums32[r] + b;
                     const float m0 = half_to_float(first + 2) * scales[0];
                     const float m1 = pair ? half_to_float(second + 2) * scales[1] : 0.0f;
                     const __m128 terms = _mm_mul_ps(_mm_setr_ps(m0, m1, 0.0f, 0.0f), _mm_setr_ps(s[0], pair ? s[1] : 0, 0, 0));
-                    offset[r] = _mm_sub_ps(offset[r], terms);
+                    sums.offset[r] = _mm_sub_ps(sums.offset[r], terms);
                 }
             }
         }
-        finish<R>(acc, offset, y);
+        sums.finish(y);
     }
 }
 
@@ -207,90 +213,87 @@ __m128i scales_and_mins(const uint8_t* p) {
                           (int)(((word[2] >> 4) & low4) | (((word[1] >> 6) & low2) << 4)));  // mins 4-7
 }
 
-// Q4_K and Q5_K: per super-block, 4 steps of 64 inputs = sub-blocks 2j (low nibbles of 32 bytes) and 2j + 1 (high).
-template <int R>
-void dot_q4k_q5k(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, int64_t k, const Rows<R>& x, float* y) {
-    const int64_t blocks = k / 256, bytes = block_bytes(type);
-    const simd::Bytes low4 = simd::bytes_set1(0x0F), bit = simd::bytes_set1(1);
-    for (int64_t i = 0; i < n; ++i, w += row_bytes, y += R) {
-        simd::F16 acc[R];
-        __m128 offset[R];
-        for (int r = 0; r < R; ++r) {
-            acc[r] = simd::zero();
-            offset[r] = _mm_setzero_ps();
+// A K-quant super-block decoded: its 256 codes in 4 steps of 64 bytes with their sub-block factors, the scale of
+// the integer dots (d), and the offset term: `offset_scale` times the int16 `offset_weights` dotted with the
+// activations' 16 code sums (Q4_K/Q5_K: each min twice, one per half of its sub-block of 32; Q6_K: 32 x its scales).
+struct SuperBlock {
+    simd::Bytes codes[4];
+    simd::Scales factors[4];
+    float d, offset_scale;
+    __m256i offset_weights;
+};
+
+// Q4_K and Q5_K: 4 steps of 64 inputs = sub-blocks 2j (low nibbles of 32 bytes) and 2j + 1 (high nibbles).
+template <int64_t type>
+__attribute__((always_inline)) inline SuperBlock decode_q4k_q5k(const uint8_t* block) {
+    SuperBlock s;
+    s.d = half_to_float(block);
+    s.offset_scale = half_to_float(block + 2);
+    const __m128i packed = scales_and_mins(block + 4);
+    const __m128i scales = _mm_cvtepu8_epi16(packed), mins = _mm_srli_si128(packed, 8);
+    s.offset_weights = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+    const uint8_t* qs = block + (type == Q4_K ? 16 : 48);
+    for (int j = 0; j < 4; ++j) {
+        s.codes[j] = simd::bytes_and(simd::bytes_shr(simd::bytes_dup(qs + 32 * j), 0, 4), simd::bytes_set1(0x0F));
+        if constexpr (type == Q5_K) {  // the fifth bit of sub-block i: bit i of the 32 bytes at 16
+            const simd::Bytes high = simd::bytes_shr(simd::bytes_dup(block + 16), 2 * j, 2 * j + 1);
+            s.codes[j] = simd::bytes_or(s.codes[j], simd::bytes_shl4(simd::bytes_and(high, simd::bytes_set1(1))));
         }
-        for (int64_t b = 0; b < blocks; ++b) {
-            const uint8_t* block = w + b * bytes;
-            const float d = half_to_float(block), dmin = half_to_float(block + 2);
-            const __m128i packed_scales = scales_and_mins(block + 4);
-            const __m128i scales = _mm_cvtepu8_epi16(packed_scales);
-            const __m128i mins = _mm_cvtepu8_epi16(_mm_srli_si128(packed_scales, 8));
-            const uint8_t* qs = block + (type == Q4_K ? 16 : 48);
-            simd::Bytes codes[4];
-            for (int j = 0; j < 4; ++j) {
-                codes[j] = simd::bytes_and(simd::bytes_shr(simd::bytes_dup(qs + 32 * j), 0, 4), low4);
-                if (type == Q5_K) {  // the fifth bit of sub-block i: bit i of the 32 bytes at 16
-                    const simd::Bytes high = simd::bytes_and(simd::bytes_shr(simd::bytes_dup(block + 16), 2 * j, 2 * j + 1), bit);
-                    codes[j] = simd::bytes_or(codes[j], simd::bytes_shl4(high));
-                }
-            }
-            const simd::Scales factors[4] = {simd::spread<0, 0, 1, 1>(scales), simd::spread<2, 2, 3, 3>(scales),
-                                             simd::spread<4, 4, 5, 5>(scales), simd::spread<6, 6, 7, 7>(scales)};
-            for (int r = 0; r < R; ++r) {
-                const int8_t* q = x.q[r] + b * 256;
-                simd::I16 sums = simd::izero();
-                for (int j = 0; j < 4; ++j) sums = simd::dot_bytes(sums, codes[j], simd::bytes_load(q + 64 * j), factors[j]);
-                const float dx = x.d[r][b];
-                acc[r] = simd::fmadd(simd::to_float(sums), simd::set1(d * dx), acc[r]);
-                const __m128i offsets = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i*)(x.sums32[r] + 8 * b)));
-                offset[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(offsets), _mm_set1_ps(dmin * dx), offset[r]);
-            }
-        }
-        finish<R>(acc, offset, y);
     }
+    s.factors[0] = simd::spread<0, 0, 1, 1>(scales);
+    s.factors[1] = simd::spread<2, 2, 3, 3>(scales);
+    s.factors[2] = simd::spread<4, 4, 5, 5>(scales);
+    s.factors[3] = simd::spread<6, 6, 7, 7>(scales);
+    return s;
 }
 
-// Q6_K: per super-block two halves of 128 inputs, each 64 bytes of low nibbles (inputs 0-63, then 64-127 in the high
-// nibbles) and 32 bytes of 2-bit tops (bits 0-1: inputs 0-31, 2-3: 32-63, 4-5: 64-95, 6-7: 96-127).
-template <int R>
-void dot_q6k(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k, const Rows<R>& x, float* y) {
-    const int64_t blocks = k / 256;
-    const simd::Bytes low4 = simd::bytes_set1(0x0F), low2 = simd::bytes_set1(3);
-    for (int64_t i = 0; i < n; ++i, w += row_bytes, y += R) {
-        simd::F16 acc[R];
-        __m128 offset[R];
-        for (int r = 0; r < R; ++r) {
-            acc[r] = simd::zero();
-            offset[r] = _mm_setzero_ps();
+// Q6_K: two halves of 128 inputs, each 64 bytes of low nibbles (inputs 0-63, then 64-127 in the high nibbles) and
+// 32 bytes of 2-bit tops (bits 0-1: inputs 0-31, 2-3: 32-63, 4-5: 64-95, 6-7: 96-127); codes are c - 32.
+__attribute__((always_inline)) inline SuperBlock decode_q6k(const uint8_t* block) {
+    SuperBlock s;
+    s.d = half_to_float(block + 208);
+    s.offset_scale = 32.0f * s.d;
+    s.offset_weights = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(block + 192)));  // 16 int8 scales
+    const __m128i halves[2] = {_mm256_castsi256_si128(s.offset_weights), _mm256_extracti128_si256(s.offset_weights, 1)};
+    for (int h = 0; h < 2; ++h) {
+        const simd::Bytes low = simd::bytes_load(block + 64 * h);
+        const simd::Bytes tops = simd::bytes_dup(block + 128 + 32 * h);
+        for (int c = 0; c < 2; ++c) {
+            const simd::Bytes nibbles = simd::bytes_and(c == 0 ? low : simd::bytes_shr(low, 4, 4), simd::bytes_set1(0x0F));
+            const simd::Bytes top = simd::bytes_and(simd::bytes_shr(tops, 4 * c, 4 * c + 2), simd::bytes_set1(3));
+            s.codes[2 * h + c] = simd::bytes_or(nibbles, simd::bytes_shl4(top));
         }
+        s.factors[2 * h] = simd::spread<0, 1, 2, 3>(halves[h]);
+        s.factors[2 * h + 1] = simd::spread<4, 5, 6, 7>(halves[h]);
+    }
+    return s;
+}
+
+// The K-quants: per super-block, the integer dots of its 4 steps scaled by d x the activation scale, less the
+// offset term.
+template <int R, int64_t type>
+void dot_super_blocks(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k, const Rows<R>& x, float* y) {
+    const int64_t blocks = k / 256, bytes = block_bytes(type);
+    for (int64_t i = 0; i < n; ++i, w += row_bytes, y += R) {
+        Sums<R> sums;
         for (int64_t b = 0; b < blocks; ++b) {
-            const uint8_t* block = w + b * 210;
-            const __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(block + 192)));  // 16 int8
-            const __m128i halves[2] = {_mm256_castsi256_si128(scales), _mm256_extracti128_si256(scales, 1)};
-            const float d = half_to_float(block + 208);
-            simd::Bytes codes[4];
-            for (int h = 0; h < 2; ++h) {
-                const simd::Bytes low = simd::bytes_load(block + 64 * h);
-                const simd::Bytes tops = simd::bytes_dup(block + 128 + 32 * h);
-                for (int c = 0; c < 2; ++c) {
-                    const simd::Bytes nibbles = simd::bytes_and(c == 0 ? low : simd::bytes_shr(low, 4, 4), low4);
-                    const simd::Bytes top = simd::bytes_and(simd::bytes_shr(tops, 4 * c, 4 * c + 2), low2);
-                    codes[2 * h + c] = simd::bytes_or(nibbles, simd::bytes_shl4(top));
-                }
+            SuperBlock s;
+            if constexpr (type == Q6_K) {
+                s = decode_q6k(w + b * bytes);
+            } else {
+                s = decode_q4k_q5k<type>(w + b * bytes);
             }
-            const simd::Scales factors[4] = {simd::spread<0, 1, 2, 3>(halves[0]), simd::spread<4, 5, 6, 7>(halves[0]),
-                                             simd::spread<0, 1, 2, 3>(halves[1]), simd::spread<4, 5, 6, 7>(halves[1])};
             for (int r = 0; r < R; ++r) {
                 const int8_t* q = x.q[r] + b * 256;
-                simd::I16 sums = simd::izero();
-                for (int j = 0; j < 4; ++j) sums = simd::dot_bytes(sums, codes[j], simd::bytes_load(q + 64 * j), factors[j]);
+                simd::I16 dots = simd::izero();
+                for (int j = 0; j < 4; ++j) dots = simd::dot_bytes(dots, s.codes[j], simd::bytes_load(q + 64 * j), s.factors[j]);
                 const float dx = x.d[r][b];
-                acc[r] = simd::fmadd(simd::to_float(sums), simd::set1(d * dx), acc[r]);
-                const __m128i offsets = simd::madd16(scales, _mm256_loadu_si256((const __m256i*)(x.sums[r] + 16 * b)));
-                offset[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(offsets), _mm_set1_ps(32.0f * d * dx), offset[r]);
+                sums.acc[r] = simd::fmadd(simd::to_float(dots), simd::set1(s.d * dx), sums.acc[r]);
+                const __m128i offsets = simd::madd16(s.offset_weights, _mm256_loadu_si256((const __m256i*)(x.sums[r] + 16 * b)));
+                sums.offset[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(offsets), _mm_set1_ps(s.offset_scale * dx), sums.offset[r]);
             }
         }
-        finish<R>(acc, offset, y);
+        sums.finish(y);
     }
 }
 
@@ -299,10 +302,12 @@ template <int R>
 void dot(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, int64_t k, const Quantized& quantized,
          int64_t first, float* y) {
     const Rows<R> x(quantized, k, first);
-    if (type == Q4_K || type == Q5_K) {
-        dot_q4k_q5k<R>(w, row_bytes, n, type, k, x, y);
+    if (type == Q4_K) {
+        dot_super_blocks<R, Q4_K>(w, row_bytes, n, k, x, y);
+    } else if (type == Q5_K) {
+        dot_super_blocks<R, Q5_K>(w, row_bytes, n, k, x, y);
     } else if (type == Q6_K) {
-        dot_q6k<R>(w, row_bytes, n, k, x, y);
+        dot_super_blocks<R, Q6_K>(w, row_bytes, n, k, x, y);
     } else {
         dot_blocks32<R>(w, row_bytes, n, type, k, x, y);
     }
