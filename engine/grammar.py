@@ -12,11 +12,21 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import xgrammar as xgr
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
+
+
+def xgrammar() -> ModuleType:
+    """xgrammar, imported on the first grammar: it imports transformers (about a second), which a server start or a
+    request without a grammar never needs."""
+    import xgrammar as module
+
+    return module
 
 
 class GrammarError(ValueError):
@@ -32,7 +42,7 @@ class Grammar:
     def matcher(self, stop_ids: Iterable[int]) -> xgr.GrammarMatcher:
         """A parse that ends on one of ``stop_ids`` once the grammar is complete (with none: ends there)."""
         stops = sorted(stop_ids)
-        return xgr.GrammarMatcher(self.compiled, override_stop_tokens=stops or None,
+        return xgrammar().GrammarMatcher(self.compiled, override_stop_tokens=stops or None,
                                   terminate_without_stop_token=not stops)
 
 
@@ -51,7 +61,7 @@ class SchemaGrammar:
     def build(self) -> xgr.Grammar:
         parsed = json.loads(self.schema)
         try:
-            return xgr.Grammar.from_json_schema(json.dumps(_bounded_strings_as_patterns(parsed)),
+            return xgrammar().Grammar.from_json_schema(json.dumps(_bounded_strings_as_patterns(parsed)),
                                                 any_whitespace=False, strict_mode=True)
         except RuntimeError as exc:
             raise GrammarError(_short(exc)) from exc
@@ -65,7 +75,7 @@ class LiteralGrammar:
 
     def build(self) -> xgr.Grammar:
         escaped = self.text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-        return xgr.Grammar.from_ebnf(f'root ::= "{escaped}"')
+        return xgrammar().Grammar.from_ebnf(f'root ::= "{escaped}"')
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ class RegexGrammar:
 
     def build(self) -> xgr.Grammar:
         try:
-            return xgr.Grammar.from_regex(self.pattern)
+            return xgrammar().Grammar.from_regex(self.pattern)
         except RuntimeError as exc:
             raise GrammarError(_short(exc)) from exc
 
@@ -88,7 +98,7 @@ class Concat:
     parts: tuple[GrammarSpec, ...]
 
     def build(self) -> xgr.Grammar:
-        return xgr.Grammar.concat(*[part.build() for part in self.parts])
+        return xgrammar().Grammar.concat(*[part.build() for part in self.parts])
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,7 @@ class Union:
     options: tuple[GrammarSpec, ...]
 
     def build(self) -> xgr.Grammar:
-        return xgr.Grammar.union(*[option.build() for option in self.options])
+        return xgrammar().Grammar.union(*[option.build() for option in self.options])
 
 
 def json_schema_grammar(schema: str) -> SchemaGrammar:
@@ -118,7 +128,7 @@ def tokenizer_info(tokenizer: Tokenizer, logits_width: int) -> xgr.TokenizerInfo
     """xgrammar's view of a vocabulary: special tokens never match text; logits are ``logits_width`` wide."""
     vocab = [b"" if i in tokenizer.special_ids else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
-    return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=logits_width, stop_token_ids=stop)
+    return xgrammar().TokenizerInfo(vocab, xgrammar().VocabType.RAW, vocab_size=logits_width, stop_token_ids=stop)
 
 
 def compile_spec(compiler: xgr.GrammarCompiler, spec: GrammarSpec) -> xgr.CompiledGrammar:
@@ -134,7 +144,7 @@ class GrammarCompiler:
     (cached per grammar). Grammars from untrusted input go to ``engine.grammar_worker`` instead."""
 
     def __init__(self, tokenizer: Tokenizer, logits_width: int, max_threads: int = 2) -> None:
-        self._compiler = xgr.GrammarCompiler(tokenizer_info(tokenizer, logits_width), max_threads=max_threads)
+        self._compiler = xgrammar().GrammarCompiler(tokenizer_info(tokenizer, logits_width), max_threads=max_threads)
 
     def compile(self, spec: GrammarSpec) -> Grammar:
         return Grammar(compile_spec(self._compiler, spec))

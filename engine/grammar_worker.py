@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
-import xgrammar as xgr
+from engine.grammar import Grammar, GrammarError, GrammarSpec, compile_spec, xgrammar
 
-from engine.grammar import Grammar, GrammarError, GrammarSpec, compile_spec
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 STARTUP_SECONDS = 120.0  # a fresh worker imports xgrammar and reads the vocabulary before its first grammar
 
 
 def _serve(conn: Connection, tokenizer_info_json: str, cache_limit_bytes: int) -> None:
     """A worker's life: compile each spec it is sent, answer ("ok", serialized) or ("error", message)."""
-    info = xgr.TokenizerInfo.deserialize_json(tokenizer_info_json)
-    compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=cache_limit_bytes)
+    info = xgrammar().TokenizerInfo.deserialize_json(tokenizer_info_json)
+    compiler = xgrammar().GrammarCompiler(info, max_threads=1, cache_limit_bytes=cache_limit_bytes)
     conn.send(("ready", ""))
     while (spec := conn.recv()) is not None:
         try:
@@ -89,24 +93,38 @@ class _Worker:
 
 class IsolatedGrammarCompiler:
     """Compiles ``GrammarSpec``s in ``workers`` processes (each started on its first grammar), each grammar within
-    ``timeout`` seconds. ``compile`` blocks its (worker) thread until a process is free."""
+    ``timeout`` seconds. ``compile`` blocks its (worker) thread until a process is free. ``make_info`` builds
+    xgrammar's view of the vocabulary, on the first grammar (so a server starts without importing xgrammar)."""
 
-    def __init__(self, info: xgr.TokenizerInfo, *, workers: int, timeout: float, cache_limit_bytes: int) -> None:
-        self._info = info
-        self._timeout = timeout
+    def __init__(self, make_info: Callable[[], xgr.TokenizerInfo], *, workers: int, timeout: float,
+                 cache_limit_bytes: int) -> None:
+        self._make_info = make_info
+        self._info: xgr.TokenizerInfo | None = None
+        self._timeout, self._count, self._cache_limit_bytes = timeout, workers, cache_limit_bytes
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
-        info_json = info.serialize_json()
-        self._workers = [_Worker(info_json, cache_limit_bytes) for _ in range(workers)]
-        for worker in self._workers:
-            self._idle.put(worker)
+        self._workers: list[_Worker] = []
+        self._started = threading.Lock()
+
+    def _start(self) -> xgr.TokenizerInfo:
+        """The vocabulary's info, and the idle workers that compile against it (made once)."""
+        with self._started:
+            if self._info is None:
+                info = self._make_info()
+                info_json = info.serialize_json()
+                self._workers = [_Worker(info_json, self._cache_limit_bytes) for _ in range(self._count)]
+                for worker in self._workers:
+                    self._idle.put(worker)
+                self._info = info
+            return self._info
 
     def compile(self, spec: GrammarSpec) -> Grammar:
+        info = self._start()
         worker = self._idle.get()
         try:
             serialized = worker.compile(spec, self._timeout)
         finally:
             self._idle.put(worker)
-        return Grammar(xgr.CompiledGrammar.deserialize_json(serialized, self._info))
+        return Grammar(xgrammar().CompiledGrammar.deserialize_json(serialized, info))
 
     def close(self) -> None:
         for worker in self._workers:

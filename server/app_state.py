@@ -37,7 +37,7 @@ class AppState:
         info = engine.info
         assert info.tokenizer is not None, "the server needs a tokenizer"
         settings = self.settings
-        grammars = IsolatedGrammarCompiler(tokenizer_info(info.tokenizer, info.logits_width),
+        grammars = IsolatedGrammarCompiler(lambda: tokenizer_info(info.tokenizer, info.logits_width),
                                            workers=settings.grammar_workers, timeout=settings.grammar_timeout,
                                            cache_limit_bytes=settings.grammar_cache_bytes)
         self.metrics = Metrics(engine, settings.model_name)

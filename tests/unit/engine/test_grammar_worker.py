@@ -26,7 +26,7 @@ def long_strings(length: int) -> str:
 
 @pytest.fixture(scope="module")
 def isolated(smollm2):  # noqa: F811
-    compiler = IsolatedGrammarCompiler(tokenizer_info(smollm2.tokenizer, smollm2.config.vocab_size), workers=1,
+    compiler = IsolatedGrammarCompiler(lambda: tokenizer_info(smollm2.tokenizer, smollm2.config.vocab_size), workers=1,
                                        timeout=5, cache_limit_bytes=16 << 20)
     yield compiler
     compiler.close()
