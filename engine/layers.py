@@ -173,10 +173,6 @@ class StoredRows(nn.Module):
         super().__init__()
         self.matrix, self.isa, self.dtype = matrix, isa, dtype
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.matrix.out_features, self.matrix.in_features
-
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         return gguf_matmul.rows(self.matrix, token_ids, self.isa).to(self.dtype)
 

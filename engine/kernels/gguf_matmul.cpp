@@ -48,16 +48,6 @@ float half_to_float(const uint8_t* p) {
     return _cvtsh_ss(h);  // exact
 }
 
-float load_float(const float* p, int64_t i) { return p[i]; }
-float load_float(const uint16_t* p, int64_t i) {
-    const uint32_t bits = (uint32_t)p[i] << 16;
-    float value;
-    std::memcpy(&value, &bits, 4);
-    return value;
-}
-simd::F16 load_lanes(const float* p) { return simd::load(p); }
-simd::F16 load_lanes(const uint16_t* p) { return simd::load_bf16(p); }
-
 uint16_t float_to_bf16(float x) {  // round to nearest even, as vcvtneps2bf16 does for numbers
     uint32_t bits;
     std::memcpy(&bits, &x, 4);
@@ -84,17 +74,10 @@ void quantize(const T* x, int64_t rows, int64_t k, const float* norm, float eps,
     std::vector<float> v(k);
     for (int64_t r = 0; r < rows; ++r) {
         const T* row = x + r * k;
-        float inverse_norm = 1.0f;
-        if (norm) {
-            simd::F16 squares = simd::zero();
-            for (int64_t i = 0; i < k; i += 16) {
-                const simd::F16 lanes = load_lanes(row + i);
-                squares = simd::fmadd(lanes, lanes, squares);
-            }
-            inverse_norm = 1.0f / std::sqrt(simd::reduce_add(squares) / (float)k + eps);
-        }
+        const float inverse_norm =
+            norm ? simd::inverse_rms([row](int64_t i) { return simd::load_elements(row + i); }, k, eps) : 1.0f;
         for (int64_t i = 0; i < k; i += 16) {
-            simd::F16 lanes = load_lanes(row + i);
+            simd::F16 lanes = simd::load_elements(row + i);
             if (norm) lanes = simd::mul(simd::mul(lanes, simd::set1(inverse_norm)), simd::load(norm + i));
             simd::store(v.data() + i, lanes);
         }

@@ -64,15 +64,14 @@ class GGUFMatmul(native.RowKernel):
                                  None if column is None else column.data_ptr()))
             start += matrix.out_features
         self.table = (_Matrix * len(table))(*table)
-        self._isa, self._dtype = isa, dtype
+        self._isa = isa
         super().__init__(native.library(isa).gguf_linear,
                          (ctypes.addressof(self.table), len(table), start, k, int(dtype == torch.float32),
                           None if self.bias is None else self.bias.data_ptr(), int(out_dtype == torch.float32)),
                          start, dtype, out_dtype)
 
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] < DENSE_ROWS or self._dtype != torch.bfloat16:
+        if x.shape[0] < DENSE_ROWS or self.in_dtype != torch.bfloat16:
             return super().__call__(x)
         if self.norm is not None:  # the kernel's fused RMSNorm, in fp32
             eps = self._norm_args[1]
@@ -86,13 +85,9 @@ class GGUFMatmul(native.RowKernel):
         lib = native.library(self._isa)
         out = torch.empty((self.out_features, self.matrices[0].in_features), dtype=torch.bfloat16)
         for matrix, entry in zip(self.matrices, self.table, strict=True):
-            index = entry.index
-            if index is None:
-                target, index = out[entry.column : entry.column + matrix.out_features], None
-            else:
-                target = out
+            target = out if entry.index else out[entry.column : entry.column + matrix.out_features]
             lib.gguf_dequantize(matrix.blocks.ctypes.data, int(matrix.type), matrix.in_features, matrix.out_features,
-                                index, target.data_ptr(), self._threads)
+                                entry.index, target.data_ptr(), self._threads)
         return out
 
 

@@ -34,29 +34,10 @@ constexpr int kTile = 16;       // outputs per tile (16 int32 / fp32 lanes)
 constexpr int kQuadBytes = 32;  // packed bytes of one 4-input step of a tile: 16 outputs x 4 nibbles
 constexpr int kMaxRows = 8;     // rows that share one unpacked weight step
 
-// Activations, caches and outputs come as bf16 (uint16_t, the bf16 model) or fp32 (float, the fp32 model).
-inline F16 load_elements(const uint16_t* bf16) { return simd::load_bf16(bf16); }
-inline F16 load_elements(const float* p) { return simd::load(p); }
-inline void store_elements(uint16_t* bf16, F16 a) { simd::store_bf16(bf16, a); }
-inline void store_elements(float* p, F16 a) { simd::store(p, a); }
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t bf16) {
-    const uint32_t bits = (uint32_t)bf16 << 16;
-    float value;
-    __builtin_memcpy(&value, &bits, 4);
-    return value;
-}
-
-// 1 / sqrt(mean(x^2) + eps) of one row, the RMSNorm factor a fused norm applies before quantizing.
-template <typename Load>
-float inverse_rms(Load load, int64_t k, float eps) {
-    F16 squares = simd::zero();
-    for (int64_t i = 0; i < k; i += 16) {
-        const F16 v = load(i);
-        squares = simd::fmadd(v, v, squares);
-    }
-    return 1.0f / std::sqrt(simd::reduce_add(squares) / (float)k + eps);
-}
+using simd::inverse_rms;
+using simd::load_elements;
+using simd::store_elements;
+using simd::to_float;
 
 struct Activations {
     std::vector<int8_t> q;  // [rows, K]

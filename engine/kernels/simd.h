@@ -6,6 +6,7 @@
 #pragma once
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace simd {
@@ -276,6 +277,30 @@ inline I16 dot_bytes(I16 acc, Bytes u, Bytes s) {  // vpmaddubsw cannot saturate
 #error "quant_matmul.cpp needs AVX512 (F, BW, VL, VNNI, BF16) or AVX2 with FMA"
 #endif
 
+
+// Activations, caches and outputs come as bf16 (uint16_t, the bf16 model) or fp32 (float, the fp32 model).
+inline F16 load_elements(const uint16_t* bf16) { return load_bf16(bf16); }
+inline F16 load_elements(const float* p) { return load(p); }
+inline void store_elements(uint16_t* bf16, F16 a) { store_bf16(bf16, a); }
+inline void store_elements(float* p, F16 a) { store(p, a); }
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t bf16) {
+    const uint32_t bits = (uint32_t)bf16 << 16;
+    float value;
+    __builtin_memcpy(&value, &bits, 4);
+    return value;
+}
+
+// 1 / sqrt(mean(x^2) + eps) of one row, the RMSNorm factor a fused norm applies before quantizing.
+template <typename Load>
+float inverse_rms(Load load, int64_t k, float eps) {
+    F16 squares = zero();
+    for (int64_t i = 0; i < k; i += 16) {
+        const F16 v = load(i);
+        squares = fmadd(v, v, squares);
+    }
+    return 1.0f / std::sqrt(reduce_add(squares) / (float)k + eps);
+}
 
 // Both builds (AVX2 instructions, the same bits): int16 dots of at most 16 factors with 16 sums, and 4-lane floats.
 inline __m128i madd16(__m256i a, __m256i b) {  // the 8 pair sums of a * b, folded to 4 int32 lanes

@@ -74,11 +74,9 @@ class ModelBuilder:
                 progress(i + 1, self.config.num_layers)
         head_part = "embed" if self.config.tie_word_embeddings else "lm_head"
         lm_head = self._q8_head(head_part) or self._stored_head(head_part)
-        embed = self._stored_rows("embed")
+        embed = self._stored_rows("embed")  # stored tied: ``_stored_head`` made the same tensor the head
         if embed is None:
             embed = self._tensor("embed", dtype=self.head_dtype)
-        elif lm_head is None and self.config.tie_word_embeddings:
-            lm_head = DenseLinear(self._tensor("embed", dtype=self.head_dtype), None)
         if lm_head is None and not self.config.tie_word_embeddings:
             lm_head = DenseLinear(self._tensor("lm_head", dtype=self.head_dtype), None)
         model = DecoderModel(self.config, self.dtype, embed, layers, lm_head)

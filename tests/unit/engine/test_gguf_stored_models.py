@@ -16,7 +16,7 @@ from engine import LLM, SamplingParams
 from engine.kernels import native
 from engine.layers import StoredLinear, StoredRows
 from tests.unit.engine.gguf_export import llama_row_order, write_gguf
-from tests.unit.engine.test_gguf_kernels import library_weight, random_matrix
+from tests.unit.engine.test_gguf_kernels import library_weight, random_matrix, runnable
 
 ATOL = 1e-4
 # Q4_K_M's mix: Q4_K matrices, Q6_K for v and down, the embedding/head Q6_K; plus Q5_K and Q8_0 in o and gate
@@ -113,8 +113,7 @@ def test_the_dense_path_reads_the_blocks_as_transformers_runs_them(twin):
 @pytest.mark.parametrize("isa", list(native.ISAS))
 def test_the_native_path_computes_on_the_mapped_blocks(twin, isa, dtype):
     arch, reference, path = twin
-    if isa not in native.isas():
-        pytest.fail(f"this CPU runs no {isa} build")
+    runnable(isa)
     llm = LLM(path, dtype=dtype, device="cpu", cpu_isa=isa)
     model = llm.engine.runner.model
     assert isinstance(model.embed, StoredRows) and isinstance(model.lm_head, StoredLinear)
