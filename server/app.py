@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import re
@@ -21,7 +22,7 @@ from server.app_state import AppState
 from server.bodies import install_body_schemas
 from server.errors import error_response, install_error_handlers
 from server.playground import is_page, mount_playground
-from server.routes import chat, completions, models, system, tokenize
+from server.routes import chat, completions, messages, models, responses, system, tokenize
 from server.settings import Settings
 
 log = logging.getLogger("qwen_serve")
@@ -85,7 +86,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await error_response(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
+        await error_response(413, f"request body larger than {self.limit} bytes", path=scope["path"])(
+            scope, receive, send)
 
 
 def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI:
@@ -109,7 +111,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app.state.qwen = state
     install_error_handlers(app)
     install_body_schemas(app)
-    for module in (chat, completions, models, system, tokenize):
+    for module in (chat, completions, messages, models, responses, system, tokenize):
         app.include_router(module.router)
     if settings.ui:
         mount_playground(app)
@@ -146,21 +148,33 @@ class Guard:
         path = scope["path"]
         settings = self.settings
         open_path = path in settings.open_paths or (settings.ui and is_page(path))
-        if settings.api_key and not open_path and not _authorized(headers, settings.api_key):
+        key = _presented_key(headers, settings.api_key)
+        scope["state"]["key_owner"] = key_owner(key)
+        if settings.api_key and not open_path and key is None:
             response = error_response(401, "missing or invalid API key", code="invalid_api_key",
-                                      headers={"WWW-Authenticate": "Bearer"})
+                                      headers={"WWW-Authenticate": "Bearer"}, path=path)
             return await response(scope, receive, send_with_id)
         if self.state.draining and path.startswith("/v1/"):
-            return await error_response(503, "the server is shutting down", code="draining")(
+            return await error_response(503, "the server is shutting down", code="draining", path=path)(
                 scope, receive, send_with_id)
         await self.app(scope, receive, send_with_id)
 
 
-def _authorized(headers: dict[str, str], keys: list[str]) -> bool:
+def _presented_key(headers: dict[str, str], keys: list[str]) -> str | None:
+    """The configured key the request presents (``Authorization: Bearer`` or Anthropic's ``x-api-key``), if any."""
     scheme, _, token = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
-    return any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
+    tokens = [token] if scheme.lower() == "bearer" and token else []
+    tokens += [headers["x-api-key"]] if headers.get("x-api-key") else []
+    for token in tokens:
+        for key in keys:
+            if hmac.compare_digest(token.encode(), key.encode()):
+                return key
+    return None
+
+
+def key_owner(key: str | None) -> str | None:
+    """Who owns what a request stores: a digest of its API key (None without keys)."""
+    return None if key is None else hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _load_in_background(state: AppState) -> None:

@@ -13,18 +13,20 @@ from server.generation import ModelService
 from server.limits import Limits
 from server.metrics import Metrics
 from server.preparation import Preparer
+from server.response_store import ResponseStore
 from server.settings import Settings
 
 
 class AppState:
     """What the routes share: the served model (None while loading), request limits, the preparation pool,
-    metrics, and the server's condition (draining, or failed for good: ``failure``)."""
+    metrics, stored responses, and the server's condition (draining, or failed for good: ``failure``)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.limits = Limits.of(settings)
         self.preparer = Preparer(settings.prep_workers, settings.prep_timeout,
                                  max_pending=settings.max_waiting + settings.max_num_seqs)
+        self.responses = ResponseStore(settings.response_store_bytes, settings.response_store_age)
         self.service: ModelService | None = None
         self.metrics: Metrics | None = None
         self.load_error: BaseException | None = None

@@ -17,6 +17,7 @@ from server.messages import plain_messages
 from server.protocol import ChatCompletionRequest
 from server.structured import check_tool_schemas, reply_grammar
 from server.tools import ToolPlan
+from tokenizer import Prompt
 from tokenizer.reasoning import prompt_opens_thought
 
 
@@ -33,20 +34,7 @@ class ChatPlan:
 def plan_chat(service: ModelService, body: ChatCompletionRequest, limits: Limits) -> ChatPlan:
     """Everything ``body`` needs before the engine sees it; raises ``APIError`` (4xx) for what it cannot run.
     The grammar compiles last, after every cheaper check."""
-    limits.check_chat(body, service.vocab_size, service.max_model_len)
-    kwargs = template_kwargs(service, body)
-    plan = ToolPlan.of(body, service.tool_format)
-    if plan is None:
-        prompt = service.chat_prompt(plain_messages(body.messages), add_generation_prompt=body.add_generation_prompt,
-                                     template_kwargs=kwargs)
-        stops = body.stop
-    else:
-        check_tool_schemas(plan, limits)
-        plan.format.check_tools(plan.tools)
-        turns, open_last = plan.messages(body.messages)
-        prompt = service.chat_prompt(turns, add_generation_prompt=not open_last, continue_final_message=open_last,
-                                     template_kwargs={**kwargs, **plan.template_kwargs})
-        stops = [*body.stop, *plan.stop_strings]
+    prompt, stops, plan = _prompt(service, body, limits)
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = service.sampling_params(body, len(prompt.token_ids), chat=True, logprobs=top)
     grammar = service.compile_grammar(reply_grammar(body, plan, limits))
@@ -55,6 +43,29 @@ def plan_chat(service: ModelService, body: ChatCompletionRequest, limits: Limits
     thinks = service.thinks and not (plan is not None and plan.required)  # a required call starts the reply
     return ChatPlan(prompt.token_ids, stops, params, plan, thinks=thinks,
                     in_thought=thinks and prompt_opens_thought(prompt.tail))
+
+
+def count_prompt_tokens(service: ModelService, body: ChatCompletionRequest, limits: Limits) -> int:
+    """The tokens of the prompt ``body`` would run, checked as ``plan_chat`` checks it (nothing is sampled)."""
+    return len(_prompt(service, body, limits)[0].token_ids)
+
+
+def _prompt(service: ModelService, body: ChatCompletionRequest,
+            limits: Limits) -> tuple[Prompt, list[str], ToolPlan | None]:
+    """The request's bounds checked, its prompt rendered and tokenized; its stop strings and tool plan."""
+    limits.check_chat(body, service.vocab_size, service.max_model_len)
+    kwargs = template_kwargs(service, body)
+    plan = ToolPlan.of(body, service.tool_format)
+    if plan is None:
+        prompt = service.chat_prompt(plain_messages(body.messages), add_generation_prompt=body.add_generation_prompt,
+                                     template_kwargs=kwargs)
+        return prompt, body.stop, None
+    check_tool_schemas(plan, limits)
+    plan.format.check_tools(plan.tools)
+    turns, open_last = plan.messages(body.messages)
+    prompt = service.chat_prompt(turns, add_generation_prompt=not open_last, continue_final_message=open_last,
+                                 template_kwargs={**kwargs, **plan.template_kwargs})
+    return prompt, [*body.stop, *plan.stop_strings], plan
 
 
 def template_kwargs(service: ModelService, body: ChatCompletionRequest) -> dict[str, Any]:

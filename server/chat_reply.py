@@ -24,6 +24,11 @@ class StreamedChatReply:
         self._splitter = ReasoningSplitter(plan.in_thought) if plan.thinks else None
         self._calls = StreamedReply(plan.tools) if plan.tools is not None else None
 
+    @property
+    def in_thought(self) -> bool:
+        """Whether the reply read so far ends inside its thought."""
+        return self._splitter is not None and self._splitter.in_thought
+
     def feed(self, text: str) -> list[ChatDelta]:
         if self._splitter is None:
             return self._answer(text)

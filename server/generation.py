@@ -35,6 +35,7 @@ class ChoiceEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    stop_string: str | None = None  # the stop string that ended the choice
 
 
 @dataclass
@@ -96,6 +97,28 @@ async def interleave(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[T]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_cancelled(events: AsyncIterator[T], cancelled: asyncio.Event) -> AsyncIterator[T]:
+    """The items of ``events`` until ``cancelled`` is set; then ``events`` is closed (aborting its engine
+    requests) and the iteration ends early."""
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        waiter = asyncio.ensure_future(cancelled.wait())
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(events))
+                await asyncio.wait({step, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    step.cancel()
+                    await asyncio.gather(step, return_exceptions=True)
+                    return
+                try:
+                    item = step.result()
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            waiter.cancel()
 
 
 @dataclass
@@ -238,7 +261,8 @@ class ModelService:
                     if matcher.stopped:
                         finish = "stop"
                     yield ChoiceEvent(index, text, out.new_token_ids, out.new_logprobs, finish,
-                                      out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens)
+                                      out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens,
+                                      matcher.matched)
                     if matcher.stopped:
                         return
             except QueueFullError as exc:

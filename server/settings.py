@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     clamp_max_tokens: bool = Field(default=True, description="a max_tokens beyond what the context leaves after "
                                    "the prompt is cut to it (the reply ends with 'length'); off: a 400, as OpenAI "
                                    "answers")
+    model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="other model names the served model answers to (* for any name): "
+        "clients that ask for their own model names, e.g. Claude Code's tiers")
+    response_store_bytes: int = Field(default=128 << 20, ge=0, description="Responses API: bytes of stored "
+                                      "responses (store: true) kept for previous_response_id; oldest evicted first")
+    response_store_age: float = Field(default=86400.0, gt=0, description="Responses API: seconds a stored "
+                                      "response is kept")
     max_request_bytes: int = Field(default=8 << 20, ge=1024, description="larger bodies get 413")
     max_messages: int = Field(default=1024, ge=1, description="messages in one chat request")
     max_tools: int = Field(default=128, ge=0, description="tools or functions in one chat request")
@@ -109,7 +116,7 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(default=30.0, ge=0, description="seconds to finish requests on SIGTERM")
     log_level: str = "info"
 
-    @field_validator("api_key", "open_paths", "cors_origins", mode="before")
+    @field_validator("api_key", "open_paths", "cors_origins", "model_aliases", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _comma_list(value)
@@ -121,7 +128,8 @@ class Settings(BaseSettings):
             raise ValueError(f"tool_call_format must be auto or one of {', '.join(FORMATS)}")
         return value
 
-    @field_validator("kv_cache_memory", "max_request_bytes", "max_schema_bytes", "grammar_cache_bytes", mode="before")
+    @field_validator("kv_cache_memory", "max_request_bytes", "max_schema_bytes", "grammar_cache_bytes",
+                     "response_store_bytes", mode="before")
     @classmethod
     def _bytes(cls, value: Any) -> Any:
         return parse_bytes(value)

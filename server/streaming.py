@@ -1,21 +1,50 @@
-"""Server-sent events: JSON chunks, then ``[DONE]``; the first event is awaited before the response starts,
-so that errors found up front (queue full, bad request) still get their HTTP status. Any error after that ends
-the stream with an event in OpenAI's error envelope (then ``[DONE]``), never a cut connection."""
+"""Server-sent events: each API's chunks or named events; the first is awaited before the response starts, so that
+errors found up front (queue full, bad request) still get their HTTP status. Chat and text completions end with
+``[DONE]``, and an error after the start ends their stream with an event in OpenAI's error envelope, never a cut
+connection; the Responses and Messages APIs render their own ending (``SSEStyle``)."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.errors import APIError, error_body
 
 T = TypeVar("T")
 log = logging.getLogger("qwen_serve")
+
+
+@dataclass(frozen=True)
+class NamedEvent:
+    """An SSE event with an ``event:`` name (the Responses and Messages APIs name every event)."""
+
+    name: str
+    data: dict
+
+
+def openai_error(exc: APIError | None) -> dict:
+    """The error envelope ending a chat or text completion stream (None: a fault of the server)."""
+    if exc is None:
+        return error_body(500, "the reply failed while it streamed", code="stream_failed")
+    return error_body(exc.status, exc.message, exc.param, exc.code)
+
+
+@dataclass(frozen=True)
+class SSEStyle:
+    """How one API ends a stream: the event for an error raised after it started, and whether ``[DONE]`` follows."""
+
+    error: Callable[[APIError | None], dict | NamedEvent] = openai_error
+    done: bool = True
+    ping: Callable[[], ServerSentEvent] | None = None
+
+
+OPENAI_STREAM = SSEStyle()
 
 
 async def prepend(first: T | None, rest: AsyncIterator[T]) -> AsyncIterator[T]:
@@ -26,7 +55,16 @@ async def prepend(first: T | None, rest: AsyncIterator[T]) -> AsyncIterator[T]:
         yield item
 
 
-async def sse_response(chunks: AsyncIterator[BaseModel | dict]) -> EventSourceResponse:
+def _sse(chunk: BaseModel | dict | NamedEvent) -> dict[str, str]:
+    if isinstance(chunk, NamedEvent):
+        return {"event": chunk.name, "data": json.dumps(chunk.data, ensure_ascii=False)}
+    if isinstance(chunk, BaseModel):
+        return {"data": chunk.model_dump_json(exclude_none=False)}
+    return {"data": json.dumps(chunk)}
+
+
+async def sse_response(chunks: AsyncIterator[BaseModel | dict | NamedEvent],
+                       style: SSEStyle = OPENAI_STREAM) -> EventSourceResponse:
     """An SSE response over ``chunks``, started only once the first chunk exists."""
     iterator = aiter(chunks)
     first = await anext(iterator)
@@ -34,15 +72,15 @@ async def sse_response(chunks: AsyncIterator[BaseModel | dict]) -> EventSourceRe
     async def events() -> AsyncIterator[dict[str, str]]:
         try:
             async for chunk in prepend(first, iterator):
-                data = chunk.model_dump_json(exclude_none=False) if isinstance(chunk, BaseModel) else json.dumps(chunk)
-                yield {"data": data}
+                yield _sse(chunk)
         except APIError as exc:
-            yield {"data": json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}
+            yield _sse(style.error(exc))
         except Exception:  # a fault of this request's stream: it ends well-formed, the server goes on
             log.exception("a stream failed after it started")
-            yield {"data": json.dumps(error_body(500, "the reply failed while it streamed", code="stream_failed"))}
+            yield _sse(style.error(None))
         finally:
             await iterator.aclose()  # type: ignore[attr-defined]
-        yield {"data": "[DONE]"}
+        if style.done:
+            yield {"data": "[DONE]"}
 
-    return EventSourceResponse(events(), ping=15)
+    return EventSourceResponse(events(), ping=15, ping_message_factory=style.ping)

@@ -63,6 +63,11 @@ class ReasoningSplitter:
             return self._thought(thought) + self._answer()
         return self._answer()
 
+    @property
+    def in_thought(self) -> bool:
+        """Whether the text fed so far ends inside the thought."""
+        return self._state == "thought"
+
     def finish(self) -> list[ReasoningPiece]:
         if self._state == "thought":
             rest, self._buffer = self._buffer, ""

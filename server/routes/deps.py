@@ -26,7 +26,8 @@ def ready_service(request: Request, model: str | None = None) -> ModelService:
     state = state_of(request)
     if state.service is None:
         raise APIError(503, state.failure or "the model is still loading", code="not_ready")
-    if model is not None and model != state.service.name:
+    aliases = state.settings.model_aliases
+    if model is not None and model != state.service.name and model not in aliases and "*" not in aliases:
         raise APIError(404, f"the model '{model}' does not exist; this server serves '{state.service.name}'",
                        param="model", code="model_not_found")
     return state.service

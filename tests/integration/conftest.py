@@ -7,7 +7,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +59,17 @@ def wait_healthy(url: str, seconds: float) -> bool:
             pass
         time.sleep(0.1)
     return False
+
+
+def wait_for(condition: Callable[[], object], seconds: float = 60, what: str = "condition") -> object:
+    """Poll ``condition`` until it is truthy (its value) or ``seconds`` pass (an assertion error)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 class StreamReader(threading.Thread):

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 
 import pexpect
 import pytest
 
-from tests.integration.conftest import API_KEY, SMOL_NAME
+from tests.integration.conftest import API_KEY, SMOL_NAME, wait_for
 
 
 def spawn(*args: str, sigint_ignored: bool = False) -> pexpect.spawn:
@@ -28,13 +27,6 @@ def exit_status(chat: pexpect.spawn) -> int | None:
     status = chat.wait()
     chat.close()
     return status
-
-
-def wait_for(condition, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("sigint_ignored", [False, True], ids=["sigint-default", "sigint-ignored-by-parent"])

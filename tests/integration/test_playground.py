@@ -9,8 +9,7 @@ import json
 import os
 import shutil
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from server.settings import Settings
-from tests.integration.conftest import API_KEY, SMOL_NAME, engine_for, serve
+from tests.integration.conftest import API_KEY, SMOL_NAME, engine_for, serve, wait_for
 from tests.integration.scripted import scripted_fixture
 from tokenizer.chat import builtin_template
 
@@ -64,16 +63,6 @@ new MutationObserver(() => {
   if (bodies.length) window.replyLengths.push(bodies[bodies.length - 1].innerText.length);
 }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
 """
-
-
-def wait_for(condition: Callable[[], object], seconds: float = 60, what: str = "condition") -> object:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def by_id(driver, element_id: str):
