@@ -13,7 +13,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' $(TORCH)
 	touch $(STAMP)
 
+# The coding agents the tests drive (npm packages, pinned in tests/integration/agents.py) go to a cache directory,
+# so that `make test` runs them without a network.
 install: $(STAMP)
+ifneq ($(shell command -v npm),)
+	$(PY) -m tests.integration.agents
+endif
 
 assets: install
 	$(VENV)/bin/qwen-serve-assets

@@ -6,27 +6,18 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import platform
 import socket
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
-from servers import wait_healthy
+from servers import cpu_model, wait_healthy
 
 FIRST_VISIT = ["/", "/playground/app.js", "/playground/app.css"]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:

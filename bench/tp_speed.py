@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from servers import cpu_model
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine import parallel as parallel_module
@@ -128,13 +129,6 @@ def measure(folder: Path, ranks: int, batches: list[int], tokens: int) -> None:
               f"({timer.calls // max(steps, 1)} per step)")
     print(f"ranks {ranks}: peak RSS per rank after loading {', '.join(f'{m:.0f} MiB' for m in rss)}")
     engine.close()
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

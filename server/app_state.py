@@ -45,7 +45,8 @@ class AppState:
         self.metrics = Metrics(engine, settings.model_name)
         self.service = ModelService(engine, settings.model_name, grammars, tool_call_format=settings.tool_call_format,
                                     enable_thinking=settings.enable_thinking,
-                                    clamp_max_tokens=settings.clamp_max_tokens)
+                                    clamp_max_tokens=settings.clamp_max_tokens,
+                                    generation_defaults=settings.override_generation_config)
         engine.on_failure.append(self._engine_failed)
 
     def load_failed(self, error: BaseException) -> None:

@@ -62,10 +62,15 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
 
 def invalid_field(error: dict) -> APIError:
     """A 400 for one validation error (pydantic's shape), naming the field: ``param`` is its dotted location."""
-    location = [str(part)[:80] for part in error.get("loc", ()) if part != "body"]
+    location = [str(part)[:80] for part in error.get("loc", ()) if part != "body" and not _union_tag(part)]
     param = ".".join(location) or None
     message = str(error.get("msg", "invalid request"))[:500]
     return APIError(400, f"{param}: {message}" if param else message, param=param, code=error.get("type"))
+
+
+def _union_tag(part: object) -> bool:
+    """A location part that names which member of a union was tried (``list[InputItem]``, ``str``), not a field."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
 
 
 def install_error_handlers(app: FastAPI) -> None:

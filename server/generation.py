@@ -15,6 +15,7 @@ from engine.grammar import Grammar, GrammarError, GrammarSpec
 from engine.grammar_worker import IsolatedGrammarCompiler
 from server.errors import APIError
 from server.protocol import SEED_LIMIT, SamplingFields
+from server.settings import GenerationDefaults
 from server.tool_formats import ToolFormat, choose_format
 from tokenizer import ChatMessage, IncrementalDetokenizer, Prompt, StopStringMatcher, Tokenizer, build_prompt
 from tokenizer.chat import ChatTemplateError, ControlTokenError, chat_stop_token_ids, template_variables
@@ -138,7 +139,8 @@ class ModelService:
     ``AsyncEngine``'s narrow surface (``info``, ``stats``, ``generate``, ``prompt_logprobs``)."""
 
     def __init__(self, engine: AsyncEngine, name: str, grammars: IsolatedGrammarCompiler, *, tool_call_format: str,
-                 enable_thinking: bool, clamp_max_tokens: bool = True) -> None:
+                 enable_thinking: bool, clamp_max_tokens: bool = True,
+                 generation_defaults: GenerationDefaults | None = None) -> None:
         info = engine.info
         if info.tokenizer is None:
             raise ValueError("the model has no tokenizer; the server needs one")
@@ -147,7 +149,7 @@ class ModelService:
         self.grammars = grammars
         self.tokenizer: Tokenizer = info.tokenizer
         self.max_model_len = info.max_model_len
-        self.generation_config = info.generation_config
+        self.generation_config = (generation_defaults or GenerationDefaults()).over(info.generation_config)
         self.vocab_size = info.vocab_size
         self.chat_stop_ids = chat_stop_token_ids(self.tokenizer) | self._configured_stop_ids()
         template = self.tokenizer.chat_template

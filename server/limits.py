@@ -90,9 +90,9 @@ class Limits:
         if len(body.prompts()) * body.n > self.max_prompt_choices:
             raise APIError(400, f"prompts times n may be at most {self.max_prompt_choices}", param="prompt")
 
-    def check_schema(self, schema: Any, param: str) -> None:
-        """Size, nesting, ``$ref`` count and repetition bounds of one JSON schema; text must be valid Unicode.
-        Walked without recursion, so no nesting can exhaust the stack."""
+    def check_schema(self, schema: Any, param: str, *, enforced: bool = True) -> None:
+        """Size, nesting, ``$ref`` count and (for a schema a grammar will enforce) repetition bounds of one JSON
+        schema; text must be valid Unicode. Walked without recursion, so no nesting can exhaust the stack."""
         size, refs = 0, 0
         stack: list[tuple[Any, int]] = [(schema, 1)]
         while stack:
@@ -104,7 +104,7 @@ class Limits:
                 for key, value in node.items():
                     size += len(_text(key, param)) + 3
                     refs += key == "$ref"
-                    if key in SCHEMA_BOUNDS and isinstance(value, int) and value > self.max_schema_repeat:
+                    if enforced and key in SCHEMA_BOUNDS and isinstance(value, int) and value > self.max_schema_repeat:
                         raise APIError(400, f"JSON schema {key} may be at most {self.max_schema_repeat}", param=param)
                     stack.append((value, depth + 1))
             elif isinstance(node, list):

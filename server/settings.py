@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -30,6 +31,22 @@ def parse_bytes(value: Any) -> int | None:
     if text and text[-1] in _UNITS:
         return int(float(text[:-1]) * _UNITS[text[-1]])
     return int(float(text))
+
+
+class GenerationDefaults(BaseModel):
+    """What requests that leave a sampling field out get, over the model's own generation config."""
+
+    model_config = ConfigDict(extra="forbid")
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+
+    def over(self, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` with these values in place (a set temperature samples, or is greedy at 0)."""
+        given = self.model_dump(exclude_none=True)
+        return {**config, **given, **({"do_sample": True} if "temperature" in given else {})}
 
 
 def _comma_list(value: Any) -> Any:
@@ -83,6 +100,9 @@ class Settings(BaseSettings):
                                   f"{', '.join(FORMATS)} (auto: read from its chat template)")
     enable_thinking: bool = Field(default=True, description="thinking models think unless a request turns it off "
                                   "(chat_template_kwargs.enable_thinking, reasoning_effort none)")
+    override_generation_config: GenerationDefaults = Field(
+        default_factory=GenerationDefaults, description="JSON over the model's generation config: temperature, "
+        "top_p, top_k, repetition_penalty, max_new_tokens (what a request that leaves a field out gets)")
     clamp_max_tokens: bool = Field(default=True, description="a max_tokens beyond what the context leaves after "
                                    "the prompt is cut to it (the reply ends with 'length'); off: a 400, as OpenAI "
                                    "answers")
@@ -120,6 +140,11 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _comma_list(value)
+
+    @field_validator("override_generation_config", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
 
     @field_validator("tool_call_format")
     @classmethod

@@ -39,12 +39,13 @@ def reply_grammar(request: ChatCompletionRequest, plan: ToolPlan | None, limits:
 
 def check_tool_schemas(plan: ToolPlan, limits: Limits) -> None:
     """Every OpenAI-style parameter schema must be a valid JSON schema within the limits; Qwen's list form (shown to
-    the model as text) within the same size and nesting bounds."""
+    the model as text) within the same size and nesting bounds. Keywords a grammar cannot enforce are refused only
+    where a grammar is built (a required call): a schema the model only reads may use any."""
     for tool in plan.tools:
         if isinstance(tool.parameters, dict):
-            _checked(tool.parameters, f"tools[{tool.name}].parameters", limits)
+            _valid(tool.parameters, f"tools[{tool.name}].parameters", limits, enforced=False)
         else:
-            limits.check_schema(tool.parameters, f"tools[{tool.name}].parameters")
+            limits.check_schema(tool.parameters, f"tools[{tool.name}].parameters", enforced=False)
 
 
 class SchemaGrammars:
@@ -70,7 +71,16 @@ def _grammar(schema: dict[str, Any], param: str, limits: Limits) -> GrammarSpec:
 
 
 def _checked(schema: dict[str, Any], param: str, limits: Limits) -> dict[str, Any]:
-    limits.check_schema(schema, param)
+    """A valid schema within the limits whose every keyword a grammar can enforce."""
+    _valid(schema, param, limits, enforced=True)
+    unsupported = sorted(_keywords(schema) & UNSUPPORTED_KEYWORDS)
+    if unsupported:
+        raise APIError(400, f"unsupported JSON schema keywords: {', '.join(unsupported)}", param=param)
+    return schema
+
+
+def _valid(schema: dict[str, Any], param: str, limits: Limits, *, enforced: bool) -> None:
+    limits.check_schema(schema, param, enforced=enforced)
     if not isinstance(schema.get("$schema", ""), str):
         raise APIError(400, "invalid JSON schema: $schema must be a string (a metaschema URI)", param=param)
     try:
@@ -79,10 +89,6 @@ def _checked(schema: dict[str, Any], param: str, limits: Limits) -> dict[str, An
         raise APIError(400, f"invalid JSON schema: {exc.message}", param=param) from exc
     except (RecursionError, ValueError, TypeError, LookupError) as exc:  # a metaschema that cannot be resolved
         raise APIError(400, f"invalid JSON schema: {type(exc).__name__}", param=param) from exc
-    unsupported = sorted(_keywords(schema) & UNSUPPORTED_KEYWORDS)
-    if unsupported:
-        raise APIError(400, f"unsupported JSON schema keywords: {', '.join(unsupported)}", param=param)
-    return schema
 
 
 def _keywords(schema: Any) -> set[str]:

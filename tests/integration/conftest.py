@@ -108,8 +108,8 @@ def serve(settings: Settings, engine: AsyncEngine) -> Iterator[RunningServer]:
         thread.join(timeout=30)
 
 
-def engine_for(loaded: LoadedModel, **scheduler) -> AsyncEngine:
-    config = EngineConfig(max_model_len=2048, kv_cache_memory=256 << 20,
+def engine_for(loaded: LoadedModel, *, max_model_len: int = 2048, **scheduler) -> AsyncEngine:
+    config = EngineConfig(max_model_len=max_model_len, kv_cache_memory=256 << 20,
                           scheduler=SchedulerConfig(**{"max_num_seqs": 32, **scheduler}))
     return AsyncEngine(LLMEngine(loaded, config))
 

@@ -4,13 +4,15 @@
 The model is a Qwen3 whose layers add nothing (zero output projections) and whose hidden state is the one-hot
 embedding of the current token, so its next token is a fixed function of the current one: every script piece is
 its own (non-special) added token and leads to the next piece, the last to ``<|im_end|>``, any other token to the
-first piece. The pieces must be distinct; text may repeat across pieces of different spelling."""
+first piece. Further scripts (``more``) start where a chat template writes their first piece at the end of a
+prompt (e.g. after a tool result). The pieces must be distinct; text may repeat across pieces of different
+spelling."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -39,19 +41,23 @@ def _byte_alphabet() -> list[str]:
     return pre_tokenizers.ByteLevel.alphabet()
 
 
-def write_scripted_model(folder: Path, script: list[str], chat_template: str) -> Path:
-    """A Qwen3 folder (weights, config, tokenizer, template) whose greedy reply to any prompt is ``script``."""
-    if len(set(script)) != len(script):
+def write_scripted_model(folder: Path, script: list[str], chat_template: str, *, more: Sequence[list[str]] = (),
+                         context: int = 4096) -> Path:
+    """A Qwen3 folder (weights, config, tokenizer, template) whose greedy reply to any prompt is ``script`` (or the
+    rest of a ``more`` script whose first piece ends the prompt)."""
+    pieces = [piece for chain in (script, *more) for piece in chain]
+    if len(set(pieces)) != len(pieces):
         raise ValueError("script pieces must be distinct (spell a repeated text differently)")
     raw = Tokenizer(models.BPE({char: i for i, char in enumerate(sorted(_byte_alphabet()))}, []))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     raw.decoder = decoders.ByteLevel()
     raw.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
-    raw.add_tokens([AddedToken(piece, special=False, normalized=False) for piece in script])
+    raw.add_tokens([AddedToken(piece, special=False, normalized=False) for piece in pieces])
     vocab = raw.get_vocab_size(with_added_tokens=True)
-    ids = [raw.token_to_id(piece) for piece in script]
-    successor = torch.full((vocab,), ids[0])
-    successor[ids] = torch.tensor([*ids[1:], raw.token_to_id("<|im_end|>")])
+    successor = torch.full((vocab,), raw.token_to_id(script[0]))
+    for chain in (script, *more):
+        ids = [raw.token_to_id(piece) for piece in chain]
+        successor[ids] = torch.tensor([*ids[1:], raw.token_to_id("<|im_end|>")])
 
     hidden, heads, kv_heads, head_dim, inner = -(-vocab // 64) * 64, 2, 1, 32, 64
     embed = torch.zeros(vocab, hidden)
@@ -73,7 +79,7 @@ def write_scripted_model(folder: Path, script: list[str], chat_template: str) ->
     (folder / "config.json").write_text(json.dumps({
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": hidden, "intermediate_size":
         inner, "num_hidden_layers": 1, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "head_dim": head_dim, "vocab_size": vocab, "max_position_embeddings": 4096, "rope_theta": 1000000.0,
+        "head_dim": head_dim, "vocab_size": vocab, "max_position_embeddings": context, "rope_theta": 1000000.0,
         "rms_norm_eps": 1e-6, "tie_word_embeddings": False}))
     raw.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
@@ -82,10 +88,13 @@ def write_scripted_model(folder: Path, script: list[str], chat_template: str) ->
 
 
 @contextlib.contextmanager
-def scripted_server(folder: Path, script: list[str], template: str, **settings) -> Iterator[RunningServer]:
-    """Serve a scripted model (``write_scripted_model``) while the context lasts."""
-    write_scripted_model(folder, script, template)
-    engine = engine_for(load_model(str(folder), dtype=torch.float32, device=torch.device("cpu")))
+def scripted_server(folder: Path, script: list[str], template: str, *, more: Sequence[list[str]] = (),
+                    context: int = 2048, **settings) -> Iterator[RunningServer]:
+    """Serve a scripted model (``write_scripted_model``) with a context of ``context`` tokens while the context
+    manager lasts."""
+    write_scripted_model(folder, script, template, more=more, context=max(context, 4096))
+    engine = engine_for(load_model(str(folder), dtype=torch.float32, device=torch.device("cpu")),
+                        max_model_len=context)
     try:
         yield from serve(Settings(served_model_name="scripted", **settings), engine)
     finally:

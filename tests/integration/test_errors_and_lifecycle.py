@@ -234,3 +234,21 @@ def test_every_metric_on_the_grafana_dashboard_is_exported(smol_server):
                for name in re.findall(r"vllm:[a-z0-9_]+", target["expr"])}
     assert len(queried) >= 8
     assert queried <= exported, queried - exported
+
+
+@pytest.fixture(scope="module")
+def defaults_server(smol_server):
+    """The model's generation config overridden: greedy, five tokens unless a request says otherwise."""
+    overrides = {"temperature": 0, "max_new_tokens": 5}
+    yield from serve(Settings(served_model_name=SMOL_NAME, override_generation_config=overrides),
+                     smol_server.engine)
+
+
+def test_generation_defaults_can_be_overridden_for_requests_that_leave_them_out(defaults_server):
+    replies = [httpx.post(defaults_server.url + CHAT, json={"model": SMOL_NAME, "messages": HELLO}, timeout=60).json()
+               for _ in range(2)]
+    assert [r["usage"]["completion_tokens"] for r in replies] == [5, 5]
+    assert replies[0]["choices"][0]["message"] == replies[1]["choices"][0]["message"]  # greedy
+    asked = httpx.post(defaults_server.url + CHAT, json={"model": SMOL_NAME, "messages": HELLO, "max_tokens": 9,
+                                                        "temperature": 0}, timeout=60).json()
+    assert asked["usage"]["completion_tokens"] == 9

@@ -152,6 +152,10 @@ def test_unconstrained_requests_are_untouched_by_constrained_neighbours(qwen1_se
     ({"tools": [tool_for("bad", {"type": "object", "properties": {"a": {"type": 5}}})], "tool_choice": "required"},
      "invalid JSON schema"),
     ({"tools": [tool_for("bad", {"type": "object", "properties": {"a": {"type": 5}}})]}, "invalid JSON schema"),
+    ({"tools": [tool_for("keys", {"type": "object", "propertyNames": {"pattern": "^a"}})], "tool_choice": "required"},
+     "unsupported JSON schema keywords: propertyNames"),
+    ({"tools": [tool_for("long", {"type": "object", "properties": {"a": {"type": "string", "maxLength": 100_000}}})],
+      "tool_choice": "required"}, "maxLength may be at most"),
 ])
 def test_bad_structured_requests_get_400(smol_server, body, fragment):
     response = httpx.post(f"{smol_server.base}/chat/completions", timeout=30,
@@ -160,6 +164,16 @@ def test_bad_structured_requests_get_400(smol_server, body, fragment):
     error = response.json()["error"]
     assert fragment in error["message"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+
+
+def test_a_keyword_no_grammar_enforces_is_fine_where_the_model_only_reads_the_schema(smol_server):
+    """Under ``tool_choice: "auto"`` the schema is shown, not enforced (Claude Code's tools use ``propertyNames`` and
+    bounds past the grammar's repetition limit)."""
+    tool = tool_for("keys", {"type": "object", "propertyNames": {"pattern": "^a"},
+                             "properties": {"a": {"type": "string", "maxLength": 100_000}}})
+    response = httpx.post(f"{smol_server.base}/chat/completions", timeout=60, json={
+        "model": SMOL_NAME, "messages": ask("hi"), "tools": [tool], "max_tokens": 2})
+    assert response.status_code == 200, response.text
 
 
 class Weather(BaseModel):
