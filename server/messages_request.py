@@ -10,7 +10,7 @@ import json
 import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from server.errors import APIError, invalid_field
 from server.protocol import (
@@ -21,6 +21,7 @@ from server.protocol import (
     Request,
     Text,
     items,
+    log_ignored,
 )
 
 log = logging.getLogger("qwen_serve")
@@ -92,6 +93,8 @@ class OutputConfig(Request):
 class CountTokensRequest(Request):
     """``POST /v1/messages/count_tokens``: a conversation without sampling fields."""
 
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
     model: Identifier
     messages: list[MessageIn] = Field(min_length=1, max_length=1 << 14, fail_fast=True)
     system: Text | Annotated[list[SystemBlock], items()] | None = None
@@ -102,7 +105,7 @@ class CountTokensRequest(Request):
 
 class MessagesRequest(CountTokensRequest):
     """``POST /v1/messages``; ``max_tokens`` is required, as Anthropic requires it. Unknown fields (``metadata``,
-    ``cache_control``, ``context_management``, ...) are ignored."""
+    ``context_management``, ...) are ignored (logged at debug)."""
 
     max_tokens: int = Field(ge=1, le=MAX_INT)
     stop_sequences: Annotated[list[Text], items()] = Field(default_factory=list)
@@ -115,6 +118,7 @@ class MessagesRequest(CountTokensRequest):
 
 def to_chat(body: CountTokensRequest) -> ChatCompletionRequest:
     """The chat request that runs ``body``."""
+    log_ignored("messages", body)
     system = [body.system] if isinstance(body.system, str) else [b.text for b in body.system or []]
     messages: list[dict[str, Any]] = []
     calls: dict[str, str] = {}

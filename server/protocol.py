@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -17,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+log = logging.getLogger("qwen_serve")
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
 MAX_INT = 2**31 - 1  # counts and token ids fit an int32
@@ -52,6 +54,13 @@ TokenIds = Annotated[list[TokenId], items(MAX_TOKEN_IDS)]
 
 class Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+def log_ignored(api: str, body: BaseModel) -> None:
+    """A debug line naming the top-level fields of ``body`` that its model does not read (kept as extras)."""
+    if body.model_extra and log.isEnabledFor(logging.DEBUG):
+        names = sorted(repr(name[:64]) for name in body.model_extra)
+        log.debug("%s: ignored fields %s", api, ", ".join(names[:32]))
 
 
 class TextPart(Request):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from server.errors import APIError, invalid_field
 from server.protocol import (
@@ -20,6 +20,7 @@ from server.protocol import (
     Request,
     Text,
     items,
+    log_ignored,
 )
 
 log = logging.getLogger("qwen_serve")
@@ -95,7 +96,9 @@ class ReasoningConfig(Request):
 
 
 class ResponsesRequest(Request):
-    """``POST /v1/responses``; unknown fields are ignored."""
+    """``POST /v1/responses``; unknown fields are ignored (logged at debug)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: Identifier
     input: Text | Annotated[list[InputItem], items()] = Field(default_factory=list)
@@ -161,6 +164,7 @@ def conversation(body: ResponsesRequest, history: list[dict[str, Any]]) -> list[
 
 def to_chat(body: ResponsesRequest, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
     """The chat request that runs ``body`` over ``messages`` (``conversation``)."""
+    log_ignored("responses", body)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     tools = body.function_tools()
     chat: dict[str, Any] = {

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.quant import QuantizedSource, QuantScheme
-from engine.quant.dequant import as_int4, dequantize, group_order
+from engine.quant.dequant import as_int4, group_order
 from engine.weights.int4 import Int4Weight
 from engine.weights.loader import load_model
 from engine.weights.sources import SafetensorsSource
@@ -115,14 +115,14 @@ def test_act_order_groups_are_sorted_only_when_each_has_group_size_rows():
 
 def act_order_layer() -> tuple[Int4Weight, torch.Tensor]:
     """The act-order fixture's down_proj (its 3 groups permuted) as loaded, rows sorted by group, and its weight as
-    stored, dense in fp64 [out, in]."""
-    folder = QUANT / "gptq-4bit-g128-actorder"
-    tensors = load_file(folder / "model.safetensors")
-    parts = {n: tensors[f"model.layers.0.mlp.down_proj.{n}"] for n in ("qweight", "qzeros", "scales", "g_idx")}
-    scheme = QuantScheme.from_config(json.loads((folder / "config.json").read_text())["quantization_config"])
+    gptqmodel dequantizes it (the fixture's reference), dense in fp64 [out, in]."""
+    name = "gptq-4bit-g128-actorder"
+    tensors = load_file(QUANT / name / "model.safetensors")
+    parts = {n: tensors[f"model.layers.1.mlp.down_proj.{n}"] for n in ("qweight", "qzeros", "scales", "g_idx")}
+    scheme = QuantScheme.from_config(json.loads((QUANT / name / "config.json").read_text())["quantization_config"])
     order = group_order(parts["g_idx"], scheme.group_size)
     assert order is not None and not torch.equal(order, torch.arange(len(order)))
-    return as_int4(parts, scheme, order), dequantize(parts, scheme).double()
+    return as_int4(parts, scheme, order), reference(name)["model.layers.1.mlp.down_proj.weight"].double()
 
 
 def test_an_act_order_weight_computes_the_stored_product():

@@ -3,6 +3,8 @@ responses."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from server.errors import APIError
@@ -183,3 +185,12 @@ def test_one_owner_cannot_read_or_delete_anothers_response():
     store.put("r", "alice", *entry(10))
     assert store.get("r", "bob") is None and not store.delete("r", "bob") and store.get("r", None) is None
     assert store.get("r", "alice") is not None and store.delete("r", "alice") and store.get("r", "alice") is None
+
+
+def test_unknown_fields_are_ignored_and_named_at_debug(caplog):
+    caplog.set_level(logging.DEBUG, logger="qwen_serve")
+    request, messages = responses(input="hi", future_field={"x": 1}, service_tier="auto")
+    responses_to_chat(request, messages)
+    messages_to_chat(anthropic(messages=[{"role": "user", "content": "hi"}], context_management={"edits": []}))
+    assert "responses: ignored fields 'future_field', 'service_tier'" in caplog.text
+    assert "messages: ignored fields 'context_management'" in caplog.text
