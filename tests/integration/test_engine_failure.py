@@ -43,7 +43,8 @@ def stream_events(url: str) -> list[str]:
         return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
 
 
-def test_engine_failure_fails_requests_and_health_in_process(smol_loaded):
+def failing_engine(smol_loaded):
+    """An engine whose runner fails from its fifth forward pass on."""
     engine = engine_for(smol_loaded)
     real, steps = engine._engine.runner.run, []
 
@@ -54,7 +55,49 @@ def test_engine_failure_fails_requests_and_health_in_process(smol_loaded):
         return real(batch, all_logits)
 
     engine._engine.runner.run = failing
-    for server in serve(Settings(served_model_name=SMOL_NAME), engine):
+    return engine
+
+
+def named_events(url: str, path: str, body: dict) -> list[tuple[str, dict]]:
+    """A stream of named SSE events (the Responses and Messages APIs), as (event, data) pairs."""
+    events: list[tuple[str, dict]] = []
+    with httpx.stream("POST", url + path, json=body, timeout=60) as response:
+        assert response.status_code == 200
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+def test_a_failure_mid_stream_ends_a_response_with_response_failed(smol_loaded):
+    for server in serve(Settings(served_model_name=SMOL_NAME), failing_engine(smol_loaded)):
+        events = named_events(server.url, "/v1/responses", {
+            "model": SMOL_NAME, "input": "Tell me a story.", "max_output_tokens": 30, "stream": True})
+        names = [name for name, _ in events]
+        assert "response.output_text.delta" in names  # it streamed before the fault
+        assert names[-1] == "response.failed" and names.count("response.failed") == 1
+        assert names[-2] == "response.output_item.done"  # the open message is closed first
+        failed = events[-1][1]["response"]
+        assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+        assert "engine" in failed["error"]["message"]
+
+
+def test_a_failure_mid_stream_ends_a_message_with_an_error_event(smol_loaded):
+    for server in serve(Settings(served_model_name=SMOL_NAME), failing_engine(smol_loaded)):
+        events = named_events(server.url, "/v1/messages", {
+            "model": SMOL_NAME, "max_tokens": 30, "stream": True,
+            "messages": [{"role": "user", "content": "Tell me a story."}]})
+        names = [name for name, _ in events]
+        assert "content_block_delta" in names and "message_stop" not in names
+        assert events[-1] == ("error", {"type": "error", "error": {
+            "type": "overloaded_error", "message": "the engine has failed; the server must be restarted"}})
+
+
+def test_engine_failure_fails_requests_and_health_in_process(smol_loaded):
+    for server in serve(Settings(served_model_name=SMOL_NAME), failing_engine(smol_loaded)):
         events = stream_events(server.url)
         error = json.loads(events[-2])["error"]
         assert events[-1] == "[DONE]" and error["code"] == "engine_dead" and error["type"] == "service_unavailable"
