@@ -17,6 +17,7 @@ from server.protocol import (
     MAX_INT,
     ChatCompletionRequest,
     Identifier,
+    Kind,
     Probability,
     Request,
     Text,
@@ -25,7 +26,6 @@ from server.protocol import (
 )
 
 log = logging.getLogger("qwen_serve")
-Kind = Annotated[str, Field(max_length=64)]
 MEDIA_BLOCKS = frozenset({"image", "document"})
 CLIENT_TOOLS = (None, "custom")
 

@@ -41,6 +41,7 @@ def encodable(text: str) -> str:
 Text = Annotated[str, AfterValidator(encodable)]
 Identifier = Annotated[str, Field(max_length=256), AfterValidator(encodable)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_INT)]
+Kind = Annotated[str, Field(max_length=64)]  # a ``type`` tag of an item, block or tool, known or not
 
 
 def items(limit: int = MAX_ITEMS) -> Any:

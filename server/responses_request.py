@@ -16,6 +16,7 @@ from server.protocol import (
     SEED_LIMIT,
     ChatCompletionRequest,
     Identifier,
+    Kind,
     Probability,
     Request,
     Text,
@@ -24,7 +25,6 @@ from server.protocol import (
 )
 
 log = logging.getLogger("qwen_serve")
-Kind = Annotated[str, Field(max_length=64)]
 MAX_METADATA = 16  # OpenAI's bound on metadata entries
 IMAGE_PARTS = frozenset({"input_image", "input_file", "input_audio"})
 TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal"})

@@ -32,6 +32,19 @@ def assert_envelope(response: httpx.Response, status: int) -> dict:
     return error
 
 
+def refused(response: httpx.Response, status: int, *, param: str | None = None, code: str | None = None,
+            says: str | None = None) -> dict:
+    """The response is ``status`` in OpenAI's envelope, refused by the rule named by ``param``/``code``/``says``."""
+    error = assert_envelope(response, status)
+    if param is not None:
+        assert (error["param"] or "").startswith(param), error
+    if code is not None:
+        assert error["code"] == code, error
+    if says is not None:
+        assert says in error["message"], error
+    return error
+
+
 def assert_still_serving(server: ServerProcess, model: str = SMOL_NAME) -> None:
     """An ordinary request on the same process succeeds afterwards."""
     response = httpx.post(server.url + "/v1/chat/completions", json={**ORDINARY, "model": model}, timeout=60)

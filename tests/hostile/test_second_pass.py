@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.hostile.conftest import assert_envelope, assert_still_serving
+from tests.hostile.conftest import assert_still_serving, refused
 from tests.hostile.processes import ServerProcess, send_while_probing, server_process
 from tests.integration.conftest import SMOL_NAME, StreamReader
 from tests.integration.scripted import WEATHER, write_scripted_model
@@ -54,19 +54,6 @@ def coder(tmp_path_factory) -> Iterator[ServerProcess]:
     yield from scripted(tmp_path_factory, CODER_SCRIPT, "qwen3_coder_template.jinja")
 
 
-
-
-def refused(response: httpx.Response, status: int, *, param: str | None = None, code: str | None = None,
-            says: str | None = None) -> dict:
-    """The response is ``status`` in OpenAI's envelope, refused by the rule named by ``param``/``code``/``says``."""
-    error = assert_envelope(response, status)
-    if param is not None:
-        assert (error["param"] or "").startswith(param), error
-    if code is not None:
-        assert error["code"] == code, error
-    if says is not None:
-        assert says in error["message"], error
-    return error
 
 
 def body(model: str = SMOL_NAME, **fields: Any) -> dict:
