@@ -9,10 +9,14 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.engine import EngineStats, InvalidRequestError, LLMEngine, ModelInfo, StepOutput
 from engine.sampling import SamplingParams
 from engine.scheduler import QueueFullError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("qwen_serve.engine")
 
@@ -155,6 +159,12 @@ class AsyncEngine:
         the engine thread between steps; raises ``InvalidRequestError`` for a prompt it cannot run."""
         ids = list(prompt_ids)
         return await self.call(lambda llm: llm.prompt_logprobs(ids, top))  # type: ignore[return-value]
+
+    async def embed(self, prompts: Seq[Seq[int]], pooling: str) -> torch.Tensor:
+        """Pooled, L2-normalised final hidden states of ``prompts`` from one pass on the engine thread between steps
+        (``LLMEngine.embed``); raises ``InvalidRequestError`` for prompts it cannot run."""
+        batch = [list(p) for p in prompts]
+        return await self.call(lambda llm: llm.embed(batch, pooling))  # type: ignore[return-value]
 
     def shutdown(self) -> None:
         """Stop the engine thread after the step in progress."""

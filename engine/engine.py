@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from engine.cuda_graphs import DecodeGraphs
 from engine.device import reads_fp8, select_device, select_dtype
@@ -69,6 +70,11 @@ class ModelInfo:
     generation_config: Mapping[str, Any]
     max_num_seqs: int
     max_waiting: int
+    hidden_size: int = 0
+    max_num_batched_tokens: int = 0
+
+
+POOLINGS = ("last", "mean", "cls")
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ class LLMEngine:
         scheduler = self.config.scheduler
         self.info = ModelInfo(self.tokenizer, self.max_model_len, self.vocab_size, loaded.config.vocab_size,
                               MappingProxyType(dict(loaded.generation_config)), scheduler.max_num_seqs,
-                              scheduler.max_waiting)
+                              scheduler.max_waiting, loaded.config.hidden_size, scheduler.max_num_batched_tokens)
 
     def stats(self) -> EngineStats:
         """The engine's load now (call on the thread that steps it)."""
@@ -289,22 +295,45 @@ class LLMEngine:
                     entries.append(entry)
         return entries
 
+    def embed(self, prompts: Seq[Seq[int]], pooling: str = "last") -> torch.Tensor:
+        """One pass over ``prompts`` (packed): each one's final hidden states (after the final norm) pooled by
+        ``pooling`` (its last token, the mean of its tokens, or its first) and L2-normalised, fp32 [prompts,
+        hidden]. Nothing is cached: the blocks are held for the pass only."""
+        if pooling not in POOLINGS:
+            raise InvalidRequestError(f"pooling must be one of {', '.join(POOLINGS)}")
+        with self._prompt_pass(*prompts) as hidden:
+            model = self.runner.model
+            rows = model.final_norm(hidden.to(model.head_dtype)).float()
+            pooled, start = [], 0
+            for prompt in prompts:
+                own = rows[start : start + len(prompt)]
+                pooled.append(own[-1] if pooling == "last" else own[0] if pooling == "cls" else own.mean(0))
+                start += len(prompt)
+            return F.normalize(torch.stack(pooled), dim=-1).cpu()
+
     @contextlib.contextmanager
-    def _prompt_pass(self, prompt_ids: Seq[int]):
-        """The last layer's output at every position of ``prompt_ids``, in cache blocks held for the pass."""
-        prompt = list(prompt_ids)
-        if not prompt or len(prompt) > self.max_model_len or min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise InvalidRequestError(f"the prompt must have 1 to {self.max_model_len} ids in [0, {self.vocab_size})")
+    def _prompt_pass(self, *prompts_ids: Seq[int]):
+        """The last layer's output at every position of each prompt (packed in order), in cache blocks held for
+        the pass."""
         c = self.model_config
-        seq = Sequence("prompt-logits", prompt, SamplingParams(), frozenset(), 1,
-                       ntk_alpha=qwen_ntk_alpha(len(prompt), c.seq_length) if c.use_dynamic_ntk else 1.0)
-        if not self.blocks.allocate(seq, share=False):
-            raise InvalidRequestError("not enough free KV-cache blocks for this prompt")
+        seqs = []
+        for prompt in map(list, prompts_ids):
+            if not prompt or len(prompt) > self.max_model_len or min(prompt) < 0 or max(prompt) >= self.vocab_size:
+                raise InvalidRequestError(f"a prompt must have 1 to {self.max_model_len} ids in [0, "
+                                          f"{self.vocab_size})")
+            seqs.append(Sequence("prompt-pass", prompt, SamplingParams(), frozenset(), 1,
+                                 ntk_alpha=qwen_ntk_alpha(len(prompt), c.seq_length) if c.use_dynamic_ntk else 1.0))
+        held: list[Sequence] = []
         try:
+            for seq in seqs:
+                if not self.blocks.allocate(seq, share=False):
+                    raise InvalidRequestError("not enough free KV-cache blocks for this prompt")
+                held.append(seq)
             with torch.inference_mode():
-                yield self.runner.hidden([seq])
+                yield self.runner.hidden(seqs)
         finally:
-            self.blocks.free(seq)
+            for seq in held:
+                self.blocks.free(seq)
 
     # -- the step --------------------------------------------------------------------------------------------
 

@@ -46,7 +46,8 @@ class AppState:
         self.service = ModelService(engine, settings.model_name, grammars, tool_call_format=settings.tool_call_format,
                                     enable_thinking=settings.enable_thinking,
                                     clamp_max_tokens=settings.clamp_max_tokens,
-                                    generation_defaults=settings.override_generation_config)
+                                    generation_defaults=settings.override_generation_config,
+                                    task=settings.task, pooling=settings.pooling)
         engine.on_failure.append(self._engine_failed)
 
     def load_failed(self, error: BaseException) -> None:

@@ -140,7 +140,8 @@ class ModelService:
 
     def __init__(self, engine: AsyncEngine, name: str, grammars: IsolatedGrammarCompiler, *, tool_call_format: str,
                  enable_thinking: bool, clamp_max_tokens: bool = True,
-                 generation_defaults: GenerationDefaults | None = None) -> None:
+                 generation_defaults: GenerationDefaults | None = None, task: str = "generate",
+                 pooling: str = "last") -> None:
         info = engine.info
         if info.tokenizer is None:
             raise ValueError("the model has no tokenizer; the server needs one")
@@ -151,6 +152,9 @@ class ModelService:
         self.max_model_len = info.max_model_len
         self.generation_config = (generation_defaults or GenerationDefaults()).over(info.generation_config)
         self.vocab_size = info.vocab_size
+        self.hidden_size = info.hidden_size
+        self.pass_tokens = info.max_num_batched_tokens  # tokens one embedding pass packs
+        self.task, self.pooling = task, pooling
         self.chat_stop_ids = chat_stop_token_ids(self.tokenizer) | self._configured_stop_ids()
         template = self.tokenizer.chat_template
         self.tool_format: ToolFormat = choose_format(tool_call_format, template)

@@ -25,6 +25,7 @@ class Limits:
     max_messages: int
     max_tools: int
     max_prompt_choices: int
+    max_embedding_inputs: int
     max_logit_bias: int
     max_stop: int
     max_stop_chars: int
@@ -89,6 +90,11 @@ class Limits:
         self.check_sampling(body, vocab_size)
         if len(body.prompts()) * body.n > self.max_prompt_choices:
             raise APIError(400, f"prompts times n may be at most {self.max_prompt_choices}", param="prompt")
+
+    def check_embedding(self, inputs: list[str | list[int]], context: int) -> None:
+        if len(inputs) > self.max_embedding_inputs:
+            raise APIError(400, f"at most {self.max_embedding_inputs} inputs (max_embedding_inputs)", param="input")
+        self.check_text(inputs, context, "input")
 
     def check_schema(self, schema: Any, param: str, *, enforced: bool = True) -> None:
         """Size, nesting, ``$ref`` count and (for a schema a grammar will enforce) repetition bounds of one JSON

@@ -330,17 +330,28 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
+PromptInput = Text | Annotated[list[Text], items()] | TokenIds | Annotated[list[TokenIds], items()]
+
+
+def non_empty(value: Any) -> Any:
+    if isinstance(value, list) and not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def each_prompt(value: str | list) -> list[str | list[int]]:
+    """A text, texts, token ids or lists of token ids: one entry per prompt."""
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(p, int) for p in value):
+        return [list(value)]
+    return list(value)
+
+
 class CompletionRequest(SamplingFields):
-    prompt: Text | Annotated[list[Text], items()] | TokenIds | Annotated[list[TokenIds], items()]
+    prompt: Annotated[PromptInput, AfterValidator(non_empty)]
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-
-    @field_validator("prompt")
-    @classmethod
-    def _non_empty(cls, value: Any) -> Any:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be empty")
-        return value
 
     @property
     def token_limit(self) -> int | None:
@@ -348,11 +359,20 @@ class CompletionRequest(SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if all(isinstance(p, int) for p in self.prompt):
-            return [list(self.prompt)]  # type: ignore[arg-type]
-        return list(self.prompt)  # type: ignore[arg-type]
+        return each_prompt(self.prompt)
+
+
+class EmbeddingRequest(Request):
+    """``POST /v1/embeddings`` (OpenAI's shape)."""
+
+    model: Identifier
+    input: Annotated[PromptInput, AfterValidator(non_empty)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1, le=MAX_INT)
+    user: Identifier | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        return each_prompt(self.input)
 
 
 class TokenizeRequest(Request):

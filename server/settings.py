@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         "the same memory)")
     enforce_eager: bool = Field(default=_ENGINE.enforce_eager,
                                 description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    task: Literal["generate", "embed"] = Field(
+        default="generate", description="what the model serves: chat and text completions, or embeddings "
+        "(/v1/embeddings: its final hidden states pooled by --pooling, L2-normalised)")
+    pooling: Literal["last", "mean", "cls"] = Field(
+        default="last", description="--task embed: the last token's state (Qwen3-Embedding), the mean over the "
+        "input's tokens, or the first token's")
     tool_call_format: str = Field(default="auto", description="how the model writes function calls: "
                                   f"{', '.join(FORMATS)} (auto: read from its chat template)")
     enable_thinking: bool = Field(default=True, description="thinking models think unless a request turns it off "
@@ -117,6 +123,7 @@ class Settings(BaseSettings):
     max_messages: int = Field(default=1024, ge=1, description="messages in one chat request")
     max_tools: int = Field(default=128, ge=0, description="tools or functions in one chat request")
     max_prompt_choices: int = Field(default=64, ge=1, description="completions: prompts times n in one request")
+    max_embedding_inputs: int = Field(default=2048, ge=1, description="embeddings: inputs in one request")
     max_prompt_chars: int | None = Field(default=None, ge=1, description="characters of text in one request's "
                                          "prompt (contents, call arguments, tool descriptions), checked before it is "
                                          "tokenized; default: 16 per token of the context")

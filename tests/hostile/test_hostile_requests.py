@@ -103,7 +103,7 @@ CASES: list[tuple[str, str, str, Any, int, str]] = [
     ("completions-token-negative", "POST", COMPLETIONS, {"model": SMOL_NAME, "prompt": [1, -2], "max_tokens": 1},
      400, "prompt.1|greater_than_equal"),
     ("completions-empty-prompt-list", "POST", COMPLETIONS, {"model": SMOL_NAME, "prompt": [], "max_tokens": 1},
-     400, "prompt must not be empty"),
+     400, "prompt: Value error, must not be empty"),
     ("detokenize-token-huge", "POST", "/detokenize", {"tokens": [10**12]}, 400, "tokens.0|less_than_equal"),
     ("detokenize-token-outside-vocabulary", "POST", "/detokenize", {"tokens": [10**6]}, 400, "token ids must be in"),
     ("tokenize-messages-too-many", "POST", "/tokenize", {"messages": HI * 5000}, 400, "at most 1024 messages"),

@@ -1,0 +1,72 @@
+"""Embeddings: a request's inputs checked and tokenized (texts as plain text: no control tokens), run through the
+engine in passes of at most one step's token budget (each pass between generation steps, so chat keeps going),
+and rendered in OpenAI's shape, floats or base64, cut to ``dimensions`` and re-normalised."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine import EngineDeadError, InvalidRequestError
+from server.errors import APIError
+from server.generation import ModelService
+from server.limits import Limits
+from server.protocol import EmbeddingRequest
+
+
+def embedding_prompts(service: ModelService, body: EmbeddingRequest, limits: Limits) -> list[list[int]]:
+    """Each input's token ids, within the context and the vocabulary (a 400 names the input)."""
+    if service.task != "embed":
+        raise APIError(400, f"'{service.name}' is served for generation; serve an embedding model with --task embed",
+                       param="model", code="wrong_task")
+    if body.dimensions is not None and body.dimensions > service.hidden_size:
+        raise APIError(400, f"dimensions may be at most the model's {service.hidden_size}", param="dimensions")
+    inputs = body.inputs()
+    limits.check_embedding(inputs, service.max_model_len)
+    prompts = []
+    for index, given in enumerate(inputs):
+        ids = service.tokenizer.encode(given) if isinstance(given, str) else given
+        if not ids or len(ids) > service.max_model_len:
+            raise APIError(400, f"input {index} has {len(ids)} tokens; each must have 1 to {service.max_model_len}",
+                           param=f"input.{index}", code="context_length_exceeded")
+        if any(not 0 <= t < service.vocab_size for t in ids):
+            raise APIError(400, f"input {index}: token ids must be in [0, {service.vocab_size})",
+                           param=f"input.{index}")
+        prompts.append(ids)
+    return prompts
+
+
+async def embed(service: ModelService, prompts: list[list[int]]) -> torch.Tensor:
+    """The pooled, normalised vectors of ``prompts``, a pass per step budget's worth of tokens."""
+    vectors, group, tokens = [], [], 0
+    for prompt in [*prompts, None]:
+        if group and (prompt is None or tokens + len(prompt) > service.pass_tokens):
+            try:
+                vectors.append(await service.engine.embed(group, service.pooling))
+            except InvalidRequestError as exc:
+                raise APIError(503, f"the embedding pass did not fit: {exc}", code="embedding_failed",
+                               headers={"Retry-After": "1"}) from exc
+            except EngineDeadError as exc:
+                raise APIError(503, "the engine has failed; the server must be restarted",
+                               code="engine_dead") from exc
+            group, tokens = [], 0
+        if prompt is not None:
+            group.append(prompt)
+            tokens += len(prompt)
+    return torch.cat(vectors)
+
+
+def embedding_response(service: ModelService, body: EmbeddingRequest, vectors: torch.Tensor,
+                       prompt_tokens: int) -> dict[str, Any]:
+    if body.dimensions is not None:
+        vectors = F.normalize(vectors[:, : body.dimensions], dim=-1)
+    if body.encoding_format == "base64":
+        rendered: list[Any] = [base64.b64encode(row.numpy().astype("<f4").tobytes()).decode() for row in vectors]
+    else:
+        rendered = vectors.tolist()
+    return {"object": "list", "model": service.name,
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(rendered)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

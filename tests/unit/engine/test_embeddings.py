@@ -1,0 +1,52 @@
+"""Pooled embeddings (``LLMEngine.embed``) against transformers: a tiny random Qwen3 (the Qwen3-Embedding shape),
+its final hidden states after the final norm pooled by the last token, the mean or the first, L2-normalised;
+each prompt alone and packed with others of other lengths in one pass, fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from engine import LLM
+from engine.engine import InvalidRequestError
+from tests.unit.engine.test_models_vs_transformers import CONFIGS, write_checkpoint
+
+ATOL = 1e-5  # fp32, the issue's bound on an embedding's every component
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[LLM, transformers.PreTrainedModel]:
+    folder = tmp_path_factory.mktemp("qwen3-embedding")
+    reference = write_checkpoint(folder, CONFIGS["qwen3"](), seed=7)
+    return LLM(str(folder), dtype="float32", device="cpu"), reference
+
+
+def expected(reference, prompt: list[int], pooling: str) -> torch.Tensor:
+    with torch.inference_mode():
+        states = reference.model(torch.tensor([prompt])).last_hidden_state[0]
+    pooled = {"last": states[-1], "cls": states[0], "mean": states.mean(0)}[pooling]
+    return F.normalize(pooled, dim=-1)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "cls"])
+def test_pooled_embeddings_match_transformers_alone_and_packed(models, pooling):
+    llm, reference = models
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 320, (n,), generator=generator).tolist() for n in (37, 5, 120, 1)]
+    theirs = torch.stack([expected(reference, p, pooling) for p in prompts])
+    packed = llm.engine.embed(prompts, pooling)
+    alone = torch.cat([llm.engine.embed([p], pooling) for p in prompts])
+    torch.testing.assert_close(packed, theirs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(alone, theirs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(packed.norm(dim=-1), torch.ones(len(prompts)), atol=1e-6, rtol=0)
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks  # nothing kept after the pass
+
+
+def test_prompts_it_cannot_run_are_refused(models):
+    llm, _ = models
+    for prompts, pooling in (([[]], "last"), ([[1, 10**6]], "last"), ([[1]], "max")):
+        with pytest.raises(InvalidRequestError):
+            llm.engine.embed(prompts, pooling)
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
