@@ -166,6 +166,12 @@ class AsyncEngine:
         batch = [list(p) for p in prompts]
         return await self.call(lambda llm: llm.embed(batch, pooling))  # type: ignore[return-value]
 
+    async def last_token_logits(self, prompts: Seq[Seq[int]], token_ids: Seq[int]) -> torch.Tensor:
+        """Logits of ``token_ids`` at each prompt's last position, from one pass between steps
+        (``LLMEngine.last_token_logits``)."""
+        batch, tokens = [list(p) for p in prompts], list(token_ids)
+        return await self.call(lambda llm: llm.last_token_logits(batch, tokens))  # type: ignore[return-value]
+
     def shutdown(self) -> None:
         """Stop the engine thread after the step in progress."""
         self._inbox.put(None)

@@ -311,6 +311,14 @@ class LLMEngine:
                 start += len(prompt)
             return F.normalize(torch.stack(pooled), dim=-1).cpu()
 
+    def last_token_logits(self, prompts: Seq[Seq[int]], token_ids: Seq[int]) -> torch.Tensor:
+        """One pass over ``prompts`` (packed): fp32 logits of ``token_ids`` at each prompt's last position
+        [prompts, len(token_ids)] (a reranker's yes/no judgement)."""
+        with self._prompt_pass(*prompts):
+            ends = torch.tensor([len(p) for p in prompts]).cumsum(0).tolist()
+            rows = torch.cat([self.runner.head(end - 1, end) for end in ends])
+            return rows[:, list(token_ids)].cpu()
+
     @contextlib.contextmanager
     def _prompt_pass(self, *prompts_ids: Seq[int]):
         """The last layer's output at every position of each prompt (packed in order), in cache blocks held for

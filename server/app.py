@@ -22,7 +22,7 @@ from server.app_state import AppState
 from server.bodies import install_body_schemas
 from server.errors import error_response, install_error_handlers
 from server.playground import is_page, mount_playground
-from server.routes import chat, completions, embeddings, messages, models, responses, system, tokenize
+from server.routes import chat, completions, embeddings, messages, models, rerank, responses, system, tokenize
 from server.settings import Settings
 
 log = logging.getLogger("qwen_serve")
@@ -111,7 +111,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app.state.qwen = state
     install_error_handlers(app)
     install_body_schemas(app)
-    for module in (chat, completions, embeddings, messages, models, responses, system, tokenize):
+    for module in (chat, completions, embeddings, messages, models, rerank, responses, system, tokenize):
         app.include_router(module.router)
     if settings.ui:
         mount_playground(app)

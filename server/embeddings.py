@@ -5,6 +5,7 @@ and rendered in OpenAI's shape, floats or base64, cut to ``dimensions`` and re-n
 from __future__ import annotations
 
 import base64
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
@@ -17,11 +18,15 @@ from server.limits import Limits
 from server.protocol import EmbeddingRequest
 
 
+def require_task(service: ModelService, task: str) -> None:
+    if service.task != task:
+        raise APIError(400, f"'{service.name}' is served with --task {service.task}; this endpoint needs a server "
+                            f"started with --task {task}", param="model", code="wrong_task")
+
+
 def embedding_prompts(service: ModelService, body: EmbeddingRequest, limits: Limits) -> list[list[int]]:
     """Each input's token ids, within the context and the vocabulary (a 400 names the input)."""
-    if service.task != "embed":
-        raise APIError(400, f"'{service.name}' is served for generation; serve an embedding model with --task embed",
-                       param="model", code="wrong_task")
+    require_task(service, "embed")
     if body.dimensions is not None and body.dimensions > service.hidden_size:
         raise APIError(400, f"dimensions may be at most the model's {service.hidden_size}", param="dimensions")
     inputs = body.inputs()
@@ -39,15 +44,17 @@ def embedding_prompts(service: ModelService, body: EmbeddingRequest, limits: Lim
     return prompts
 
 
-async def embed(service: ModelService, prompts: list[list[int]]) -> torch.Tensor:
-    """The pooled, normalised vectors of ``prompts``, a pass per step budget's worth of tokens."""
-    vectors, group, tokens = [], [], 0
+async def in_passes(service: ModelService, prompts: list[list[int]],
+                    run: Callable[[list[list[int]]], Awaitable[torch.Tensor]]) -> torch.Tensor:
+    """``run`` over ``prompts`` in passes of at most one step's token budget (a longer prompt alone), its rows
+    joined in order; each pass runs between generation steps."""
+    results, group, tokens = [], [], 0
     for prompt in [*prompts, None]:
         if group and (prompt is None or tokens + len(prompt) > service.pass_tokens):
             try:
-                vectors.append(await service.engine.embed(group, service.pooling))
+                results.append(await run(group))
             except InvalidRequestError as exc:
-                raise APIError(503, f"the embedding pass did not fit: {exc}", code="embedding_failed",
+                raise APIError(503, f"the pass did not fit: {exc}", code="pass_failed",
                                headers={"Retry-After": "1"}) from exc
             except EngineDeadError as exc:
                 raise APIError(503, "the engine has failed; the server must be restarted",
@@ -56,7 +63,12 @@ async def embed(service: ModelService, prompts: list[list[int]]) -> torch.Tensor
         if prompt is not None:
             group.append(prompt)
             tokens += len(prompt)
-    return torch.cat(vectors)
+    return torch.cat(results)
+
+
+async def embed(service: ModelService, prompts: list[list[int]]) -> torch.Tensor:
+    """The pooled, normalised vectors of ``prompts``."""
+    return await in_passes(service, prompts, lambda group: service.engine.embed(group, service.pooling))
 
 
 def embedding_response(service: ModelService, body: EmbeddingRequest, vectors: torch.Tensor,

@@ -26,6 +26,7 @@ class Limits:
     max_tools: int
     max_prompt_choices: int
     max_embedding_inputs: int
+    max_rerank_documents: int
     max_logit_bias: int
     max_stop: int
     max_stop_chars: int
@@ -95,6 +96,13 @@ class Limits:
         if len(inputs) > self.max_embedding_inputs:
             raise APIError(400, f"at most {self.max_embedding_inputs} inputs (max_embedding_inputs)", param="input")
         self.check_text(inputs, context, "input")
+
+    def check_rerank(self, query: str, documents: list[str], context: int) -> None:
+        """The document count, and the text of every judge prompt (the query is in each) before tokenizing."""
+        if len(documents) > self.max_rerank_documents:
+            raise APIError(400, f"at most {self.max_rerank_documents} documents (max_rerank_documents)",
+                           param="documents")
+        self.check_text([query * len(documents), *documents], context, "documents")
 
     def check_schema(self, schema: Any, param: str, *, enforced: bool = True) -> None:
         """Size, nesting, ``$ref`` count and (for a schema a grammar will enforce) repetition bounds of one JSON

@@ -375,6 +375,25 @@ class EmbeddingRequest(Request):
         return each_prompt(self.input)
 
 
+class RerankDocument(Request):
+    text: Text
+
+
+class RerankRequest(Request):
+    """``POST /v1/rerank`` (the Jina/Cohere shape vLLM and llama.cpp serve); ``instruction`` replaces the judge's
+    default task description."""
+
+    model: Identifier
+    query: Text
+    documents: Annotated[list[Text | RerankDocument], items(), AfterValidator(non_empty)]
+    top_n: int | None = Field(default=None, ge=1, le=MAX_INT)
+    return_documents: bool = True
+    instruction: Text | None = None
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
 class TokenizeRequest(Request):
     model: Identifier | None = None
     prompt: Text | None = None

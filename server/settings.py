@@ -96,9 +96,10 @@ class Settings(BaseSettings):
         "the same memory)")
     enforce_eager: bool = Field(default=_ENGINE.enforce_eager,
                                 description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
-    task: Literal["generate", "embed"] = Field(
-        default="generate", description="what the model serves: chat and text completions, or embeddings "
-        "(/v1/embeddings: its final hidden states pooled by --pooling, L2-normalised)")
+    task: Literal["generate", "embed", "rerank"] = Field(
+        default="generate", description="what the model serves: chat and text completions; embeddings "
+        "(/v1/embeddings: its final hidden states pooled by --pooling, L2-normalised); or rerank scores (/v1/rerank: "
+        "a Qwen3-Reranker's yes/no judgement)")
     pooling: Literal["last", "mean", "cls"] = Field(
         default="last", description="--task embed: the last token's state (Qwen3-Embedding), the mean over the "
         "input's tokens, or the first token's")
@@ -124,6 +125,7 @@ class Settings(BaseSettings):
     max_tools: int = Field(default=128, ge=0, description="tools or functions in one chat request")
     max_prompt_choices: int = Field(default=64, ge=1, description="completions: prompts times n in one request")
     max_embedding_inputs: int = Field(default=2048, ge=1, description="embeddings: inputs in one request")
+    max_rerank_documents: int = Field(default=1024, ge=1, description="rerank: documents in one request")
     max_prompt_chars: int | None = Field(default=None, ge=1, description="characters of text in one request's "
                                          "prompt (contents, call arguments, tool descriptions), checked before it is "
                                          "tokenized; default: 16 per token of the context")

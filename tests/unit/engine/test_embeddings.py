@@ -1,6 +1,7 @@
-"""Pooled embeddings (``LLMEngine.embed``) against transformers: a tiny random Qwen3 (the Qwen3-Embedding shape),
-its final hidden states after the final norm pooled by the last token, the mean or the first, L2-normalised;
-each prompt alone and packed with others of other lengths in one pass, fp32."""
+"""Prompt passes against transformers on a tiny random Qwen3 (the Qwen3-Embedding and Qwen3-Reranker shape), fp32:
+pooled embeddings (``LLMEngine.embed``: final hidden states after the final norm pooled by the last token, the mean
+or the first, L2-normalised), each prompt alone and packed with others of other lengths in one pass; and chosen
+tokens' logits at each prompt's last position (``last_token_logits``)."""
 
 from __future__ import annotations
 
@@ -49,4 +50,15 @@ def test_prompts_it_cannot_run_are_refused(models):
     for prompts, pooling in (([[]], "last"), ([[1, 10**6]], "last"), ([[1]], "max")):
         with pytest.raises(InvalidRequestError):
             llm.engine.embed(prompts, pooling)
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+
+
+def test_last_token_logits_of_chosen_tokens_match_transformers(models):
+    """A reranker's judgement: the logits of two tokens at each prompt's last position, packed in one pass."""
+    llm, reference = models
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 320, (n,), generator=generator).tolist() for n in (9, 50, 3)]
+    with torch.inference_mode():
+        theirs = torch.stack([reference(torch.tensor([p])).logits[0, -1, [17, 250]] for p in prompts])
+    torch.testing.assert_close(llm.engine.last_token_logits(prompts, [17, 250]), theirs, atol=1e-4, rtol=0)
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
