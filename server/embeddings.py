@@ -47,7 +47,14 @@ def embedding_prompts(service: ModelService, body: EmbeddingRequest, limits: Lim
 async def in_passes(service: ModelService, prompts: list[list[int]],
                     run: Callable[[list[list[int]]], Awaitable[torch.Tensor]]) -> torch.Tensor:
     """``run`` over ``prompts`` in passes of at most one step's token budget (a longer prompt alone), its rows
-    joined in order; each pass runs between generation steps."""
+    joined in order; each pass runs between generation steps. Requests waiting for passes are bounded as the
+    engine's queue is (429 beyond)."""
+    with service.pooling_slot():
+        return await _passes(service, prompts, run)
+
+
+async def _passes(service: ModelService, prompts: list[list[int]],
+                  run: Callable[[list[list[int]]], Awaitable[torch.Tensor]]) -> torch.Tensor:
     results, group, tokens = [], [], 0
     for prompt in [*prompts, None]:
         if group and (prompt is None or tokens + len(prompt) > service.pass_tokens):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -155,6 +155,8 @@ class ModelService:
         self.hidden_size = info.hidden_size
         self.pass_tokens = info.max_num_batched_tokens  # tokens one embedding pass packs
         self.task, self.pooling = task, pooling
+        self.pooling_capacity = info.max_num_seqs + info.max_waiting
+        self._pooling_requests = 0
         self.chat_stop_ids = chat_stop_token_ids(self.tokenizer) | self._configured_stop_ids()
         template = self.tokenizer.chat_template
         self.tool_format: ToolFormat = choose_format(tool_call_format, template)
@@ -188,6 +190,19 @@ class ModelService:
         if any(not 0 <= t < self.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
         return list(prompt)
+
+    @contextlib.contextmanager
+    def pooling_slot(self) -> Iterator[None]:
+        """A place for one embedding or rerank request among those the engine's queue would hold (else 429);
+        held on the event loop, so the count needs no lock."""
+        if self._pooling_requests >= self.pooling_capacity:
+            raise APIError(429, "the server is at capacity; retry shortly", code="queue_full",
+                           headers={"Retry-After": "1"})
+        self._pooling_requests += 1
+        try:
+            yield
+        finally:
+            self._pooling_requests -= 1
 
     # -- grammars --------------------------------------------------------------------------------------------
 

@@ -86,3 +86,18 @@ def test_a_generative_server_names_the_task(smol_server):
     reply = httpx.post(f"{smol_server.base}/embeddings", json={"model": SMOL_NAME, "input": "hi"}, timeout=30)
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "wrong_task"
     assert "--task embed" in reply.json()["error"]["message"]
+
+
+def test_requests_beyond_what_the_queue_holds_get_429(embedder):
+    service = embedder.app.state.qwen.service
+    held = [service.pooling_slot() for _ in range(service.pooling_capacity)]
+    for slot in held:
+        slot.__enter__()
+    try:
+        reply = httpx.post(f"{embedder.base}/embeddings", json={"model": SMOL_NAME, "input": "hi"}, timeout=30)
+        assert reply.status_code == 429 and reply.headers["retry-after"] == "1"
+        assert reply.json()["error"]["code"] == "queue_full"
+    finally:
+        for slot in held:
+            slot.__exit__(None, None, None)
+    assert httpx.post(f"{embedder.base}/embeddings", json={"model": SMOL_NAME, "input": "hi"}, timeout=30).is_success
