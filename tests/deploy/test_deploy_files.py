@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from server.settings import Settings
 from tests.deploy.dockerfile import final_stage, instructions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +71,10 @@ def test_compose_file_follows_the_compose_spec():
     assert (ROOT / "config" / Path(config).name).exists() and config.startswith("/etc/qwen-serve/")
     assert server["ports"] == ["127.0.0.1:8000:8000"]
     assert spec["services"]["prometheus"]["depends_on"]["qwen-serve"]["condition"] == "service_healthy"
+    embed = spec["services"]["qwen-serve-embed"]  # embeddings in a process of their own, beside the chat model
+    assert embed["image"] == server["image"] and embed["environment"]["QWEN_SERVE_TASK"] == "embed"
+    assert embed["environment"]["QWEN_SERVE_CONFIG"] == config and embed["ports"] == ["127.0.0.1:8001:8000"]
+    Settings(task=embed["environment"]["QWEN_SERVE_TASK"])  # a value the server takes
 
 
 def test_compose_spec_check_has_teeth(tmp_path):
@@ -84,7 +89,7 @@ def test_prometheus_scrapes_the_server():
     config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == ["qwen-serve:8000"]
+    assert job["static_configs"][0]["targets"] == ["qwen-serve:8000", "qwen-serve-embed:8000"]
 
 
 def test_kubernetes_manifests_validate_against_the_api_schemas():
