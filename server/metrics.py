@@ -61,6 +61,11 @@ class Metrics:
                                          registry=self.registry)
         self.finished = Counter("vllm:request_success", "Finished requests by reason.",
                                 [*labels, "finished_reason"], registry=self.registry)
+        self.pooled_tokens = Counter("qwen_serve:pooled_tokens", "Input tokens embedded or judged (--task embed, "
+                                     "rerank).", [*labels, "task"], registry=self.registry)
+
+    def pooled(self, task: str, tokens: int) -> None:
+        self.pooled_tokens.labels(self.model_name, task).inc(tokens)
 
     def request_done(self, prompt_tokens: int, completion_tokens: int, reasons: list[str | None],
                      seconds: float) -> None:

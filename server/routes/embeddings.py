@@ -22,4 +22,6 @@ async def embeddings(request: Request):
         lambda: embedding_prompts(service, body, state.limits)))
     vectors = await until_disconnected(request, embed(service, prompts))
     tokens = sum(map(len, prompts))
+    if state.metrics is not None:
+        state.metrics.pooled("embed", tokens)
     return await json_reply(request, lambda: embedding_response(service, body, vectors, tokens))

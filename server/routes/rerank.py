@@ -22,4 +22,6 @@ async def rerank(request: Request):
     prompts = await until_disconnected(request, state.preparer.run(lambda: judge_prompts(service, body, state.limits)))
     relevance = await until_disconnected(request, scores(service, prompts))
     tokens = sum(map(len, prompts))
+    if state.metrics is not None:
+        state.metrics.pooled("rerank", tokens)
     return await json_reply(request, lambda: rerank_response(service, body, relevance, tokens))

@@ -101,3 +101,9 @@ def test_requests_beyond_what_the_queue_holds_get_429(embedder):
         for slot in held:
             slot.__exit__(None, None, None)
     assert httpx.post(f"{embedder.base}/embeddings", json={"model": SMOL_NAME, "input": "hi"}, timeout=30).is_success
+
+
+def test_pooled_tokens_are_counted(embedder):
+    before = embedder.metric("qwen_serve:pooled_tokens_total")
+    reply = client(embedder).embeddings.create(model=SMOL_NAME, input=TEXTS[:2])
+    assert embedder.metric("qwen_serve:pooled_tokens_total") - before == reply.usage.prompt_tokens
