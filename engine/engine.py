@@ -314,10 +314,13 @@ class LLMEngine:
     def last_token_logits(self, prompts: Seq[Seq[int]], token_ids: Seq[int]) -> torch.Tensor:
         """One pass over ``prompts`` (packed): fp32 logits of ``token_ids`` at each prompt's last position
         [prompts, len(token_ids)] (a reranker's yes/no judgement)."""
-        with self._prompt_pass(*prompts):
+        with self._prompt_pass(*prompts) as hidden:
             ends = torch.tensor([len(p) for p in prompts]).cumsum(0).tolist()
-            rows = torch.cat([self.runner.head(end - 1, end) for end in ends])
-            return rows[:, list(token_ids)].cpu()
+            if self.leader is not None:  # the head is split over ranks: the runner gathers whole rows
+                rows = torch.cat([self.runner.head(end - 1, end) for end in ends])
+                return rows[:, list(token_ids)].cpu()
+            last = hidden[[end - 1 for end in ends]]
+            return self.runner.model.token_logits(last, token_ids).cpu()
 
     @contextlib.contextmanager
     def _prompt_pass(self, *prompts_ids: Seq[int]):

@@ -25,7 +25,7 @@ from engine.kernels.flash import VarlenAttention, VarlenKernel
 from engine.kernels.triton_decode import TritonPagedAttention
 from engine.kernels.triton_rope import TritonRopeStore
 from engine.kv_store import LayerCache
-from engine.layers import RMSNorm, StoredRows, apply_rotary
+from engine.layers import DenseLinear, RMSNorm, StoredRows, apply_rotary
 from engine.parallel import VocabParallel
 
 
@@ -327,6 +327,15 @@ class DecoderModel(nn.Module):
         for layer, cache in zip(self.layers, caches, strict=True):
             x = layer(x, step, cache)
         return x
+
+    def token_logits(self, x: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+        """fp32 logits of ``token_ids`` only (a reranker's answers): their rows of a dense head, else the whole
+        head's columns."""
+        rows = self.embed if self.lm_head is None else (
+            self.lm_head.weight if isinstance(self.lm_head, DenseLinear) and self.lm_head.bias is None else None)
+        if self.vocab_parallel is not None or not isinstance(rows, torch.Tensor):
+            return self.head(x)[:, list(token_ids)]
+        return F.linear(self.final_norm(x.to(self.head_dtype)), rows[list(token_ids)]).float()
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits of hidden states ``x`` (final norm, then the LM head)."""

@@ -53,12 +53,26 @@ def test_prompts_it_cannot_run_are_refused(models):
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
 
 
-def test_last_token_logits_of_chosen_tokens_match_transformers(models):
-    """A reranker's judgement: the logits of two tokens at each prompt's last position, packed in one pass."""
+@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
+def test_last_token_logits_of_chosen_tokens_match_transformers(models, tmp_path, tied):
+    """A reranker's judgement: the logits of two tokens at each prompt's last position, packed in one pass, from
+    those tokens' rows of the head (a separate head, or the embeddings when tied)."""
     llm, reference = models
+    if tied:
+        reference = write_checkpoint(tmp_path, CONFIGS["llama"](), seed=8)
+        llm = LLM(str(tmp_path), dtype="float32", device="cpu")
     generator = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 320, (n,), generator=generator).tolist() for n in (9, 50, 3)]
     with torch.inference_mode():
         theirs = torch.stack([reference(torch.tensor([p])).logits[0, -1, [17, 250]] for p in prompts])
     torch.testing.assert_close(llm.engine.last_token_logits(prompts, [17, 250]), theirs, atol=1e-4, rtol=0)
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+
+
+def test_last_token_logits_agree_with_the_whole_head_on_the_embedded_model(smollm2_gguf):
+    """Whatever form the head has (a GGUF file's, kept as stored), the chosen columns are the whole head's."""
+    llm = LLM(str(smollm2_gguf), dtype="float32", device="cpu")
+    prompt = llm.tokenizer.encode("Is Paris the capital of France? Answer yes or no.")
+    answers = [llm.tokenizer.encode(word)[0] for word in ("yes", "no")]
+    whole = llm.engine.prompt_logits(prompt)[-1, answers]
+    torch.testing.assert_close(llm.engine.last_token_logits([prompt], answers)[0], whole, atol=1e-4, rtol=0)
