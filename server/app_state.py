@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from fastapi import Request
@@ -12,9 +13,12 @@ from engine.grammar_worker import IsolatedGrammarCompiler
 from server.generation import ModelService
 from server.limits import Limits
 from server.metrics import Metrics
+from server.model_task import served_task
 from server.preparation import Preparer
 from server.response_store import ResponseStore
 from server.settings import Settings
+
+log = logging.getLogger("qwen_serve")
 
 
 class AppState:
@@ -43,11 +47,13 @@ class AppState:
                                            workers=settings.grammar_workers, timeout=settings.grammar_timeout,
                                            cache_limit_bytes=settings.grammar_cache_bytes)
         self.metrics = Metrics(engine, settings.model_name)
+        task, pooling = served_task(settings.task, settings.pooling, settings.model)
+        log.info("serving %s for %s%s", settings.model_name, task, f" (pooling: {pooling})" if task == "embed" else "")
         self.service = ModelService(engine, settings.model_name, grammars, tool_call_format=settings.tool_call_format,
                                     enable_thinking=settings.enable_thinking,
                                     clamp_max_tokens=settings.clamp_max_tokens,
                                     generation_defaults=settings.override_generation_config,
-                                    task=settings.task, pooling=settings.pooling)
+                                    task=task, pooling=pooling)
         engine.on_failure.append(self._engine_failed)
 
     def load_failed(self, error: BaseException) -> None:

@@ -96,13 +96,14 @@ class Settings(BaseSettings):
         "the same memory)")
     enforce_eager: bool = Field(default=_ENGINE.enforce_eager,
                                 description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
-    task: Literal["generate", "embed", "rerank"] = Field(
-        default="generate", description="what the model serves: chat and text completions; embeddings "
+    task: Literal["auto", "generate", "embed", "rerank"] = Field(
+        default="auto", description="what the model serves: chat and text completions; embeddings "
         "(/v1/embeddings: its final hidden states pooled by --pooling, L2-normalised); or rerank scores (/v1/rerank: "
-        "a Qwen3-Reranker's yes/no judgement)")
-    pooling: Literal["last", "mean", "cls"] = Field(
-        default="last", description="--task embed: the last token's state (Qwen3-Embedding), the mean over the "
-        "input's tokens, or the first token's")
+        "a Qwen3-Reranker's yes/no judgement); auto: what the checkpoint declares (a sentence-transformers folder, "
+        "a GGUF pooling type), else generate")
+    pooling: Literal["auto", "last", "mean", "cls"] = Field(
+        default="auto", description="embeddings: the last token's state (Qwen3-Embedding), the mean over the "
+        "input's tokens, or the first token's; auto: what the checkpoint declares, else last")
     tool_call_format: str = Field(default="auto", description="how the model writes function calls: "
                                   f"{', '.join(FORMATS)} (auto: read from its chat template)")
     enable_thinking: bool = Field(default=True, description="thinking models think unless a request turns it off "
