@@ -1,4 +1,5 @@
-"""Embeddings: a request's inputs checked and tokenized (texts as plain text: no control tokens), run through the
+"""Embeddings: a request's inputs checked and tokenized (texts as plain text, with what the vocabulary's own
+post-processing adds around an input, e.g. Qwen3-Embedding's closing token), run through the
 engine in passes of at most one step's token budget (each pass between generation steps, so chat keeps going),
 and rendered in OpenAI's shape, floats or base64, cut to ``dimensions`` and re-normalised."""
 
@@ -33,7 +34,7 @@ def embedding_prompts(service: ModelService, body: EmbeddingRequest, limits: Lim
     limits.check_embedding(inputs, service.max_model_len)
     prompts = []
     for index, given in enumerate(inputs):
-        ids = service.tokenizer.encode(given) if isinstance(given, str) else given
+        ids = service.tokenizer.encode_input(given) if isinstance(given, str) else given
         if not ids or len(ids) > service.max_model_len:
             raise APIError(400, f"input {index} has {len(ids)} tokens; each must have 1 to {service.max_model_len}",
                            param=f"input.{index}", code="context_length_exceeded")

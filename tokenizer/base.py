@@ -31,6 +31,11 @@ class Tokenizer(ABC):
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Token ids of ``text``."""
 
+    def encode_input(self, text: str) -> list[int]:
+        """Token ids of a whole model input a user sent (an embedding input): ``text`` as plain text, with the
+        tokens the vocabulary's own post-processing adds around an input (an embedding model's closing token)."""
+        return self.encode(text)
+
     @abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
         """Raw bytes of one token (special tokens: their surface form; unknown ids: U+FFFD)."""

@@ -153,6 +153,11 @@ class HFTokenizer(Tokenizer):
             return encoder.encode_batch([text], add_special_tokens=False)[0].ids
         return encoder.encode(text, add_special_tokens=False).ids
 
+    def encode_input(self, text: str) -> list[int]:
+        if len(text) > GIL_FREE_CHARS:
+            return self._plain.encode_batch([text], add_special_tokens=True)[0].ids
+        return self._plain.encode(text, add_special_tokens=True).ids
+
     def token_bytes(self, token_id: int) -> bytes:
         if 0 <= token_id < len(self._id_bytes):
             return self._id_bytes[token_id]
