@@ -57,8 +57,10 @@ class Limits:
     def check_text(self, texts: Iterable[str | list[int]], context: int, param: str) -> None:
         """The characters of a request's text (token-id prompts aside) against ``max_prompt_chars``, before any of
         it is tokenized."""
+        self.check_chars(sum(len(text) for text in texts if isinstance(text, str)), context, param)
+
+    def check_chars(self, total: int, context: int, param: str) -> None:
         limit = self.max_prompt_chars or CHARS_PER_CONTEXT_TOKEN * context
-        total = sum(len(text) for text in texts if isinstance(text, str))
         if total > limit:
             raise APIError(400, f"the prompt has {total} characters; this server tokenizes at most {limit} "
                                 f"(max_prompt_chars) for a context of {context} tokens", param=param,
@@ -97,12 +99,12 @@ class Limits:
             raise APIError(400, f"at most {self.max_embedding_inputs} inputs (max_embedding_inputs)", param="input")
         self.check_text(inputs, context, "input")
 
-    def check_rerank(self, query: str, documents: list[str], context: int) -> None:
-        """The document count, and the text of every judge prompt (the query is in each) before tokenizing."""
-        if len(documents) > self.max_rerank_documents:
+    def check_rerank(self, pairs: list[tuple[str, str]], context: int) -> None:
+        """The pair count, and the text of every judge prompt (its query and its document) before tokenizing."""
+        if len(pairs) > self.max_rerank_documents:
             raise APIError(400, f"at most {self.max_rerank_documents} documents (max_rerank_documents)",
                            param="documents")
-        self.check_text([query * len(documents), *documents], context, "documents")
+        self.check_chars(sum(len(query) + len(document) for query, document in pairs), context, "documents")
 
     def check_schema(self, schema: Any, param: str, *, enforced: bool = True) -> None:
         """Size, nesting, ``$ref`` count and (for a schema a grammar will enforce) repetition bounds of one JSON

@@ -394,6 +394,26 @@ class RerankRequest(Request):
         return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
+class ScoreRequest(Request):
+    """``POST /v1/score`` (vLLM's shape): ``text_1`` (one query, or one per pair) against ``text_2``."""
+
+    model: Identifier
+    text_1: Text | Annotated[list[Text], items(), AfterValidator(non_empty)]
+    text_2: Text | Annotated[list[Text], items(), AfterValidator(non_empty)]
+    instruction: Text | None = None
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(query, document) pairs: one query against every document, or pairs in order (a 400 when the lists'
+        lengths differ)."""
+        queries = [self.text_1] if isinstance(self.text_1, str) else self.text_1
+        documents = [self.text_2] if isinstance(self.text_2, str) else self.text_2
+        if len(queries) == 1:
+            return [(queries[0], document) for document in documents]
+        if len(queries) != len(documents):
+            raise ValueError("text_1 and text_2 must have as many items, or text_1 just one")
+        return list(zip(queries, documents, strict=True))
+
+
 class TokenizeRequest(Request):
     model: Identifier | None = None
     prompt: Text | None = None

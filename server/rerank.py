@@ -14,7 +14,7 @@ from server.embeddings import in_passes, require_task
 from server.errors import APIError
 from server.generation import ModelService
 from server.limits import Limits
-from server.protocol import RerankRequest
+from server.protocol import RerankRequest, ScoreRequest
 from tokenizer.chat import encode_trusted_specials
 
 JUDGE_SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
@@ -27,14 +27,19 @@ ANSWERS = ("yes", "no")
 
 def judge_prompts(service: ModelService, body: RerankRequest, limits: Limits) -> list[list[int]]:
     """One judge prompt's ids per document (a 400 names a document whose prompt exceeds the context)."""
+    return pair_prompts(service, [(body.query, document) for document in body.texts()], body.instruction, limits)
+
+
+def pair_prompts(service: ModelService, pairs: list[tuple[str, str]], instruction: str | None,
+                 limits: Limits) -> list[list[int]]:
+    """One judge prompt's ids per (query, document) pair."""
     require_task(service, "rerank")
     answer_ids(service)
-    documents = body.texts()
-    limits.check_rerank(body.query, documents, service.max_model_len)
-    instruction = body.instruction or DEFAULT_INSTRUCTION
+    limits.check_rerank(pairs, service.max_model_len)
+    instruction = instruction or DEFAULT_INSTRUCTION
     prompts = []
-    for index, document in enumerate(documents):
-        question = f"<Instruct>: {instruction}\n<Query>: {body.query}\n<Document>: {document}"
+    for index, (query, document) in enumerate(pairs):
+        question = f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
         ids = encode_trusted_specials(service.tokenizer, [(OPENING, True), (question, False), (CLOSING, True)])
         if len(ids) > service.max_model_len:
             raise APIError(400, f"document {index}'s judge prompt has {len(ids)} tokens; the context holds "
@@ -66,4 +71,18 @@ def rerank_response(service: ModelService, body: RerankRequest, relevance: torch
     results = [{"index": i, "relevance_score": relevance[i].item(),
                 **({"document": {"text": documents[i]}} if body.return_documents else {})} for i in order]
     return {"id": f"rerank-{uuid.uuid4().hex}", "model": service.name, "results": results,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
+def score_prompts(service: ModelService, body: ScoreRequest, limits: Limits) -> list[list[int]]:
+    try:
+        pairs = body.pairs()
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="text_2") from None
+    return pair_prompts(service, pairs, body.instruction, limits)
+
+
+def score_response(service: ModelService, relevance: torch.Tensor, prompt_tokens: int) -> dict[str, Any]:
+    return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "model": service.name,
+            "data": [{"index": i, "object": "score", "score": value} for i, value in enumerate(relevance.tolist())],
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

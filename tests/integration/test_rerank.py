@@ -104,3 +104,19 @@ def test_other_tasks_name_theirs(smol_server):
                                                                         "query": "q", "documents": ["d"]})
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "wrong_task"
     assert "--task rerank" in reply.json()["error"]["message"]
+
+
+def test_score_judges_pairs_as_rerank_does(reranker):
+    server = reranker[0]
+    ranked = httpx.post(f"{server.base}/rerank", timeout=60, json={"model": "reranker", "query": QUERY,
+                                                                    "documents": DOCUMENTS}).json()["results"]
+    by_index = {r["index"]: r["relevance_score"] for r in ranked}
+    one_query = httpx.post(f"{server.base}/score", timeout=60, json={"model": "reranker", "text_1": QUERY,
+                                                                      "text_2": DOCUMENTS}).json()
+    assert [d["score"] for d in one_query["data"]] == [by_index[i] for i in range(len(DOCUMENTS))]
+    pairs = httpx.post(f"{server.url}/score", timeout=60, json={"model": "reranker", "text_1": [QUERY, QUERY],
+                                                                 "text_2": DOCUMENTS[:2]}).json()
+    assert [d["score"] for d in pairs["data"]] == [by_index[0], by_index[1]]
+    uneven = httpx.post(f"{server.base}/score", timeout=60, json={"model": "reranker", "text_1": ["a", "b"],
+                                                                   "text_2": ["c", "d", "e"]})
+    assert uneven.status_code == 400 and uneven.json()["error"]["param"] == "text_2"
