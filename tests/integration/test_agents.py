@@ -24,7 +24,10 @@ AFTER_RESULT = "[the tool answered]"  # what the agents' template writes after a
 DONE = [AFTER_RESULT, " The file is written."]
 CONTEXT = 1 << 17  # the agents' prompts, one token per byte with the scripted tokenizer
 AGENT_SECONDS = 600
-HELLO_SYSTEM = "You are a helpful assistant."  # the embedded model answers a short prompt in a few words
+# Short system prompts under which the embedded model (greedy) ends its reply in a few words; its output is
+# sensitive to the rest of each agent's prompt (paths, dates), so each agent has the one that held over repeated runs
+HELLO_SYSTEM = "You are a helpful assistant."
+CODEX_HELLO_SYSTEM = 'Reply with exactly "Hello!" and nothing else.'
 HELLO_TOKENS = 64  # a reply cut short keeps a run on the embedded model short
 
 
@@ -101,7 +104,7 @@ def test_codex_writes_a_file_with_its_shell_tool(agents, tmp_path):
 def test_codex_says_hello_with_the_embedded_model(agents, smol_8k, tmp_path):
     work = workdir(tmp_path)
     instructions = work.parent / "instructions.md"
-    instructions.write_text(HELLO_SYSTEM)
+    instructions.write_text(CODEX_HELLO_SYSTEM)
     result = codex(agents, smol_8k, SMOL_NAME, work, "Say hello.", "-c", f"model_instructions_file={instructions}")
     assert result.returncode == 0 and result.stdout.strip()
 
