@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED = ("qwen", "qwen2", "qwen3", "qwen3_moe", "llama")
+HYBRID = ("qwen3_next", "qwen3_5", "qwen3_5_moe")  # Gated DeltaNet layers beside full attention
+SUPPORTED = ("qwen", "qwen2", "qwen3", "qwen3_moe", "llama", *HYBRID)
+TEXT_CONFIGS = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}  # text-only folders of Qwen3.5
 GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}  # GGUF name -> ours
 
 
@@ -41,6 +43,19 @@ class ModelConfig:
     seq_length: int = 0
     use_dynamic_ntk: bool = False
     use_logn_attn: bool = False
+    # Hybrid models (Qwen3-Next, Qwen3.5): ``linear_layers`` are Gated DeltaNet layers (a causal conv over
+    # ``linear_conv_kernel`` tokens, then the gated delta rule over a [value heads, key dim, value dim] state), the
+    # others full attention with a sigmoid output gate and RoPE over the first ``rotary_dim`` of each head; every
+    # RMSNorm outside the linear layers scales by (1 + weight). Experts may add a gated shared expert.
+    linear_layers: tuple[int, ...] = ()
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_dim: int = 0
+    linear_value_dim: int = 0
+    linear_conv_kernel: int = 0
+    rotary_dim: int = 0  # 0: the whole head
+    attn_output_gate: bool = False
+    shared_expert_intermediate_size: int = 0
 
     @property
     def q_size(self) -> int:
@@ -49,6 +64,26 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether some layers keep a recurrent state instead of keys and values."""
+        return bool(self.linear_layers)
+
+    @property
+    def num_attention_layers(self) -> int:
+        """Layers that keep keys and values in the paged cache."""
+        return self.num_layers - len(self.linear_layers)
+
+    @property
+    def rotated_dim(self) -> int:
+        """How much of each head RoPE rotates."""
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """Channels of a linear layer's causal conv: its queries, keys and values."""
+        return 2 * self.linear_key_heads * self.linear_key_dim + self.linear_value_heads * self.linear_value_dim
 
     def sparse_layer(self, layer: int) -> bool:
         """Whether ``layer``'s MLP is routed experts."""
@@ -62,6 +97,11 @@ class ModelConfig:
         model_type = config.get("model_type")
         if model_type == "qwen":
             return cls._from_qwen1(config)
+        if model_type in ("qwen3_5", "qwen3_5_moe") and "text_config" in config:  # the multimodal layout
+            config = {**config["text_config"], "model_type": model_type}
+        model_type = TEXT_CONFIGS.get(model_type, model_type)
+        if model_type in HYBRID:
+            return cls._from_hybrid(config, model_type)
         if model_type not in SUPPORTED:
             raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
         rope_scaling = config.get("rope_scaling") or {}
@@ -91,6 +131,52 @@ class ModelConfig:
             norm_topk_prob=bool(config.get("norm_topk_prob", True)),
             decoder_sparse_step=config.get("decoder_sparse_step") or 1,
             mlp_only_layers=tuple(config.get("mlp_only_layers") or ()),
+        )
+
+    @classmethod
+    def _from_hybrid(cls, config: dict[str, Any], model_type: str) -> ModelConfig:
+        """Qwen3-Next and Qwen3.5 (dense or with experts): ``layer_types`` name each layer's kind."""
+        rope = config.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"unsupported rope_parameters {rope}")
+        heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        kinds = config.get("layer_types") or [
+            "full_attention" if (i + 1) % config.get("full_attention_interval", 4) == 0 else "linear_attention"
+            for i in range(layers)]
+        if set(kinds) - {"full_attention", "linear_attention"} or len(kinds) != layers:
+            raise ValueError(f"unsupported layer_types {kinds}")
+        experts = (config.get("num_experts") or 0) if model_type != "qwen3_5" else 0
+        return cls(
+            arch=model_type,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            intermediate_size=config.get("intermediate_size") or 0,
+            rms_norm_eps=config["rms_norm_eps"],
+            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+            max_model_len=config.get("max_position_embeddings", 2048),
+            qkv_bias=bool(config.get("attention_bias", False)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qk_norm=True,
+            num_experts=experts,
+            experts_per_token=config.get("num_experts_per_tok", 0),
+            moe_intermediate_size=config.get("moe_intermediate_size", 0),
+            norm_topk_prob=bool(config.get("norm_topk_prob", True)),  # Qwen3.5-MoE always renormalizes
+            decoder_sparse_step=config.get("decoder_sparse_step") or 1,
+            mlp_only_layers=tuple(config.get("mlp_only_layers") or ()),
+            linear_layers=tuple(i for i, kind in enumerate(kinds) if kind == "linear_attention"),
+            linear_key_heads=config["linear_num_key_heads"],
+            linear_value_heads=config["linear_num_value_heads"],
+            linear_key_dim=config["linear_key_head_dim"],
+            linear_value_dim=config["linear_value_head_dim"],
+            linear_conv_kernel=config["linear_conv_kernel_dim"],
+            rotary_dim=int(head_dim * rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))),
+            attn_output_gate=bool(config.get("attn_output_gate", True)),
+            shared_expert_intermediate_size=(config.get("shared_expert_intermediate_size") or 0) if experts else 0,
         )
 
     @classmethod

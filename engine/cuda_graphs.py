@@ -69,7 +69,7 @@ class DecodeGraphs:
         """The step a graph captures: fp32 logits [rows, vocab] from the static input's first ``rows`` rows."""
         shape = StepShape(tokens=rows, rows=rows, width=self.width, max_q=1)
         token_ids, inputs = self.runner.step_inputs(self.ints[: self._size(rows)], shape)
-        return self.runner.model(token_ids, inputs, self.runner.kv_cache.layers)
+        return self.runner.model(token_ids, inputs, self.runner.caches)
 
     def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture, sharing one memory

@@ -19,9 +19,10 @@ from engine.device import reads_fp8, select_device, select_dtype
 from engine.kv_cache import BlockManager
 from engine.kv_store import kv_bytes_per_token
 from engine.layers import qwen_ntk_alpha
+from engine.linear_attention import state_bytes_per_sequence
 from engine.runner import ModelRunner
 from engine.sampling import PenaltyState, Sampler, SampleRequest, SampleResult, SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler, SchedulerConfig, StateSlots
 from engine.sequence import Sequence
 from engine.tensor_parallel import Leader, worker_device
 from engine.weights.loader import LoadedModel, int4_kernel_for, load_model
@@ -127,14 +128,19 @@ class LLMEngine:
             raise ValueError("kv_cache_dtype fp8 needs a CUDA card that reads fp8 (sm89: Ada, Hopper and later); "
                              "use int8 on this one")
         num_blocks = self._num_blocks()
-        self.blocks = BlockManager(num_blocks, self.config.block_size)
+        hybrid = self.model_config.hybrid
+        self.blocks = BlockManager(num_blocks, self.config.block_size, prefix_sharing=not hybrid)
+        seats = self.config.scheduler.max_num_seqs
+        # a hybrid model's running sequences hold a state slot each; one more serves the prompt passes
+        self.pass_state_slot = seats if hybrid else None
         self.runner = ModelRunner(model, model.config, num_blocks, self.config.block_size, self.device, self.dtype,
-                                  self.config.kv_cache_dtype)
+                                  self.config.kv_cache_dtype, state_slots=seats + 1 if hybrid else 0)
         if leader is not None:
             leader.setup(num_blocks, self.config.block_size, self.config.kv_cache_dtype)
             self.runner.followers = leader
         self._use_cuda_kernels()
-        self.scheduler = Scheduler(self.blocks, self.config.scheduler, self._cache_key)
+        self.scheduler = Scheduler(self.blocks, self.config.scheduler, self._cache_key,
+                                   StateSlots(seats) if hybrid else None)
         vocab_limit = self.tokenizer.vocab_size if self.tokenizer is not None else None
         self.sampler = Sampler(vocab_limit)
         self.vocab_size = min(vocab_limit or loaded.config.vocab_size, loaded.config.vocab_size)
@@ -207,7 +213,7 @@ class LLMEngine:
         if budget is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * 0.85)
+                budget = int(free * 0.85) - self.state_bytes()
             else:  # room for every seat at full context, at most DEFAULT_CPU_KV_BYTES
                 seats = self.config.scheduler.max_num_seqs
                 full_context = (self.max_model_len + self.config.block_size) * bytes_per_token
@@ -217,6 +223,12 @@ class LLMEngine:
             raise ValueError(f"KV cache of {budget} bytes holds {num_blocks * self.config.block_size} tokens, "
                              f"fewer than max_model_len {self.max_model_len}: raise kv_cache_memory")
         return int(num_blocks)
+
+    def state_bytes(self) -> int:
+        """Bytes a hybrid model's linear layers keep for every seat (and the prompt passes' slot); 0 otherwise."""
+        if not self.model_config.hybrid:
+            return 0
+        return (self.config.scheduler.max_num_seqs + 1) * state_bytes_per_sequence(self.model_config, self.dtype)
 
     def _cache_key(self, seq: Sequence) -> Hashable:
         return seq.ntk_alpha
@@ -325,7 +337,7 @@ class LLMEngine:
     @contextlib.contextmanager
     def _prompt_pass(self, *prompts_ids: Seq[int]):
         """The last layer's output at every position of each prompt (packed in order), in cache blocks held for
-        the pass."""
+        the pass. A hybrid model's prompts run one after another in its pass state slot."""
         c = self.model_config
         seqs = []
         for prompt in map(list, prompts_ids):
@@ -339,9 +351,13 @@ class LLMEngine:
             for seq in seqs:
                 if not self.blocks.allocate(seq, share=False):
                     raise InvalidRequestError("not enough free KV-cache blocks for this prompt")
+                seq.state_slot = self.pass_state_slot
                 held.append(seq)
             with torch.inference_mode():
-                yield self.runner.hidden(seqs)
+                if self.pass_state_slot is None or len(seqs) == 1:
+                    yield self.runner.hidden(seqs)
+                else:
+                    yield torch.cat([self.runner.hidden([seq]) for seq in seqs])
         finally:
             for seq in held:
                 self.blocks.free(seq)
@@ -372,23 +388,27 @@ class LLMEngine:
             logits = logits[torch.tensor(rows, device=logits.device)]
         requests = [SampleRequest(s.params, s.prompt_ids, s.output_ids, s.stop_ids, s.generator, s.matcher,
                                   s.penalties) for s in sampled]
+        # a hybrid model's step advanced its states: it cannot run again, so its logits are kept for the failure path
+        kept = logits.clone() if self.model_config.hybrid else None
         try:
             picks: list[Pick] = list(self._picks(self.sampler(logits, requests)))
         except Exception:
             log.warning("sampling a batch of %d failed; sampling its rows one by one", len(rows), exc_info=True)
-            picks = self._sample_rows_alone(batch, rows, requests)
+            picks = self._sample_rows_alone(batch, rows, requests, kept)
         return [self._advance(seq, pick) for seq, pick in zip(sampled, picks, strict=True)]
 
     @staticmethod
     def _picks(result: SampleResult) -> zip:
         return zip(result.token_ids, result.logprobs, strict=True)
 
-    def _sample_rows_alone(self, batch: list[Sequence], rows: list[int], requests: list[SampleRequest]) -> list[Pick]:
-        """The failure path: the forward pass again (it rewrites the same cache slots with the same values), then
-        each row sampled on its own, so the rows that fail are known."""
-        logits = self.runner.run(batch)
+    def _sample_rows_alone(self, batch: list[Sequence], rows: list[int], requests: list[SampleRequest],
+                           kept: torch.Tensor | None = None) -> list[Pick]:
+        """The failure path: the forward pass again (it rewrites the same cache slots with the same values), or
+        the ``kept`` logits of the sampled rows, then each row sampled on its own, so the rows that fail are
+        known."""
+        logits = self.runner.run(batch)[rows] if kept is None else kept
         picks: list[Pick] = []
-        for row, request in zip(rows, requests, strict=True):
+        for row, request in enumerate(requests):
             try:
                 picks.extend(self._picks(self.sampler(logits[row : row + 1].clone(), [request])))
             except Exception as exc:

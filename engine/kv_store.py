@@ -17,9 +17,9 @@ LARGEST = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}  # the largest magnitu
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str) -> int:
-    """Bytes one token's keys and values take over all layers."""
+    """Bytes one token's keys and values take over all attention layers."""
     per_head = config.head_dim + SCALE_BYTES if kv_cache_dtype in EIGHT_BIT else config.head_dim * dtype.itemsize
-    return config.num_layers * 2 * config.num_kv_heads * per_head
+    return config.num_attention_layers * 2 * config.num_kv_heads * per_head
 
 
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,17 +73,18 @@ class LayerCache:
 
 
 class KVCache:
-    """All layers' keys and values: ``data`` [layers, 2, slots, kv_heads, D] in ``dtype`` (or int8/fp8, with
-    ``scales`` [layers, 2, slots, kv_heads] fp32); ``layers`` one ``LayerCache`` view per layer."""
+    """All attention layers' keys and values: ``data`` [layers, 2, slots, kv_heads, D] in ``dtype`` (or int8/fp8,
+    with ``scales`` [layers, 2, slots, kv_heads] fp32); ``layers`` one ``LayerCache`` view per attention layer (a
+    hybrid model's linear layers keep none)."""
 
     def __init__(self, config: ModelConfig, slots: int, dtype: torch.dtype, device: torch.device,
                  kv_cache_dtype: str = "auto") -> None:
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; use one of {', '.join(KV_CACHE_DTYPES)}")
         quantized = kv_cache_dtype in EIGHT_BIT
-        shape = (config.num_layers, 2, slots, config.num_kv_heads)
+        shape = (config.num_attention_layers, 2, slots, config.num_kv_heads)
         self.data = torch.zeros(*shape, config.head_dim, dtype=EIGHT_BIT.get(kv_cache_dtype, dtype), device=device)
         self.scales = torch.zeros(shape, dtype=torch.float32, device=device) if quantized else None
         self.layers = [LayerCache(self.data[i, 0], self.data[i, 1],
                                   *((self.scales[i, 0], self.scales[i, 1]) if self.scales is not None else ()))
-                       for i in range(config.num_layers)]
+                       for i in range(config.num_attention_layers)]

@@ -192,6 +192,10 @@ def inverse_frequencies(head_dim: int, base: float, ntk_alpha: float = 1.0) -> t
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE. ``x``: [N, heads, D]; ``cos``: [N, 1, D] (both halves); ``sin``: [N, 1, D] with the
-    first half negated, so that rotate_half(x) * sin becomes a swap of halves times ``sin``."""
+    first half negated, so that rotate_half(x) * sin becomes a swap of halves times ``sin``. Factors narrower
+    than the head (partial rotary) rotate its first dimensions and leave the rest as they are."""
+    rotated = cos.shape[-1]
+    if rotated < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :rotated], cos, sin), x[..., rotated:]), dim=-1)
     half = x.shape[-1] // 2
     return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin)

@@ -26,6 +26,7 @@ from engine.kernels.triton_decode import TritonPagedAttention
 from engine.kernels.triton_rope import TritonRopeStore
 from engine.kv_store import LayerCache
 from engine.layers import DenseLinear, RMSNorm, StoredRows, apply_rotary
+from engine.linear_attention import GatedDeltaNet, LayerState, RecurrentStep
 from engine.parallel import VocabParallel
 
 
@@ -79,7 +80,8 @@ class StepInputs:
 
     ``cos``/``sin``: [N, 1, D/2] rotary factors of every new token; ``logn``: [N, 1, 1] Qwen-1 query scales or
     None; ``write_slots``: [N] cache slot of every new token; ``layout``: how attention sees the sequences;
-    ``last_index``: [B] packed index of each sequence's last token (the one whose logits are sampled).
+    ``last_index``: [B] packed index of each sequence's last token (the one whose logits are sampled);
+    ``recurrent``: where each row keeps its linear layers' states (hybrid models only).
     """
 
     cos: torch.Tensor
@@ -88,6 +90,7 @@ class StepInputs:
     write_slots: torch.Tensor
     layout: PaddedLayout | VarlenLayout | PagedLayout
     last_index: torch.Tensor
+    recurrent: RecurrentStep | None = None
 
 
 class Attention(nn.Module):
@@ -95,7 +98,9 @@ class Attention(nn.Module):
     for padded-layout steps where every sequence has one new token (set by the builder where the native kernels
     run); ``varlen_attention``: flash-attn's varlen kernel, for every step of a ``VarlenLayout``; ``paged_attention``:
     a kernel over the block tables of a ``PagedLayout`` (decode steps on CUDA); otherwise gather + masked SDPA.
-    ``rope_store``: one kernel for the head norms, RoPE, logN and the cache write (CUDA), else torch ops."""
+    ``rope_store``: one kernel for the head norms, RoPE, logN and the cache write (CUDA), else torch ops.
+    ``output_gate`` (hybrid Qwen models): q_proj gives each head's queries and then as many gate values; the
+    attention output is multiplied by their sigmoid before o_proj."""
 
     def __init__(self, config: ModelConfig, qkv: nn.Module, o_proj: nn.Module) -> None:
         super().__init__()
@@ -111,25 +116,42 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.split = (config.q_size, config.kv_size, config.kv_size)
+        self.output_gate = config.attn_output_gate
 
     def forward(self, x: torch.Tensor, step: StepInputs, cache: LayerCache) -> torch.Tensor:
-        layout = step.layout
         qkv = self.qkv(x)
+        gate = None
+        if self.output_gate:
+            qkv, gate = self.split_gate(qkv)
+        out = self.attend(qkv, step, cache)
+        return self.o_proj(out if gate is None else out * torch.sigmoid(gate))
+
+    def split_gate(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[queries, keys, values] and the output gate [N, heads * D] of a gated q_proj (each head's queries, then
+        its gate values)."""
+        n, q_size = qkv.shape[0], self.split[0]
+        paired = qkv[:, : 2 * q_size].view(n, self.num_heads, 2, self.head_dim)
+        return (torch.cat((paired[:, :, 0].reshape(n, q_size), qkv[:, 2 * q_size :]), dim=-1),
+                paired[:, :, 1].reshape(n, q_size))
+
+    def attend(self, qkv: torch.Tensor, step: StepInputs, cache: LayerCache) -> torch.Tensor:
+        """The attention output [N, heads * D] of the packed qkv rows (new keys and values written to the cache)."""
+        layout = step.layout
         native = self.decode_attention is not None and not cache.fp8  # the native kernel reads int8 or 16-bit rows
         if isinstance(layout, PaddedLayout) and layout.query_index is None and native:
-            return self.o_proj(self.decode_attention(qkv, step.cos, step.sin, step.logn, step.write_slots, cache,
-                                                     layout.kv_slots, layout.kv_lens))
+            return self.decode_attention(qkv, step.cos, step.sin, step.logn, step.write_slots, cache,
+                                         layout.kv_slots, layout.kv_lens)
         if self.rope_store is not None:
             q = self.rope_store(qkv, step.cos, step.sin, step.logn, step.write_slots, cache, self.q_norm, self.k_norm)
         else:
             q = self.rotate_and_store(qkv, step, cache)
         if isinstance(layout, VarlenLayout):
             assert self.varlen_attention is not None, "the runner builds varlen layouts for varlen models only"
-            return self.o_proj(self.varlen_attention(q, cache, layout))
+            return self.varlen_attention(q, cache, layout)
         if isinstance(layout, PagedLayout):
             assert self.paged_attention is not None, "the runner builds paged layouts for paged models only"
-            return self.o_proj(self.paged_attention(q, cache, layout.block_tables, layout.kv_lens))
-        return self.o_proj(self.padded_attention(q, cache, layout))
+            return self.paged_attention(q, cache, layout.block_tables, layout.kv_lens)
+        return self.padded_attention(q, cache, layout)
 
     def rotate_and_store(self, qkv: torch.Tensor, step: StepInputs, cache: LayerCache) -> torch.Tensor:
         """Head norms, RoPE and logN with torch ops; keys and values written to the cache. The queries [N, heads, D]."""
@@ -182,19 +204,22 @@ class MLP(nn.Module):
 
 class SparseMoE(nn.Module):
     """Routed experts (Qwen3-MoE): each token goes to the ``top_k`` experts its router scores highest, weighted
-    by their softmax probabilities (renormalized over the chosen ones when ``renormalize``).
+    by their softmax probabilities (renormalized over the chosen ones when ``renormalize``). A ``shared`` expert
+    (Qwen3-Next, Qwen3.5-MoE) runs on every token, scaled by the sigmoid of ``shared_gate``.
 
     Tokens are grouped per expert (one sort), and each expert that got any runs once over its group: the work is
     the chosen experts' and no more. The group sizes are read on the host, so a step with experts cannot be
     captured in a CUDA graph (``DecoderModel.graph_safe``).
     """
 
-    def __init__(self, router: nn.Module, experts: list[MLP], top_k: int, renormalize: bool) -> None:
+    def __init__(self, router: nn.Module, experts: list[MLP], top_k: int, renormalize: bool,
+                 shared: MLP | None = None, shared_gate: nn.Module | None = None) -> None:
         super().__init__()
         self.router = router
         self.experts = nn.ModuleList(experts)
         self.top_k = top_k
         self.renormalize = renormalize
+        self.shared, self.shared_gate = shared, shared_gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)
@@ -213,19 +238,30 @@ class SparseMoE(nn.Module):
                 tokens = pairs // self.top_k
                 out.index_add_(0, tokens, expert(x[tokens]) * weights[pairs, None])
                 start += count
+        if self.shared is not None and self.shared_gate is not None:
+            out += torch.sigmoid(self.shared_gate(x)) * self.shared(x)
         return out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, attention: Attention, mlp: MLP | SparseMoE) -> None:
+    """A token mixer (attention over the paged cache, or a Gated DeltaNet over its state) and an MLP, each after
+    an RMSNorm and added to the residual."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, attention: Attention | GatedDeltaNet,
+                 mlp: MLP | SparseMoE) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.attn = attention
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, step: StepInputs, cache: LayerCache) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), step, cache)
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: LayerCache | LayerState) -> torch.Tensor:
+        if isinstance(self.attn, GatedDeltaNet):
+            assert step.recurrent is not None and isinstance(cache, LayerState), "hybrid steps carry their states"
+            x = x + self.attn(self.attn_norm(x), step.recurrent, cache)
+        else:
+            assert isinstance(cache, LayerCache)
+            x = x + self.attn(self.attn_norm(x), step, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -258,20 +294,27 @@ class DecoderModel(nn.Module):
         return torch.device("cpu") if tensor is None else tensor.device
 
     @property
+    def attentions(self) -> list[Attention]:
+        """The attention modules of the layers that have one (every layer but a hybrid model's linear ones)."""
+        return [layer.attn for layer in self.layers if isinstance(layer.attn, Attention)]
+
+    @property
     def graph_safe(self) -> bool:
-        """Whether a decode step has no host reads, so a CUDA graph can capture it (routed experts have some)."""
-        return not any(isinstance(layer.mlp, SparseMoE) for layer in self.layers)
+        """Whether a decode step has no host reads, so a CUDA graph can capture it (routed experts have some, and
+        linear layers' states are placed by host-built indices)."""
+        return not any(isinstance(layer.mlp, SparseMoE) or isinstance(layer.attn, GatedDeltaNet)
+                       for layer in self.layers)
 
     @property
     def uses_paged_decode(self) -> bool:
         """Whether decode steps read the paged cache through block tables (the runner then builds a ``PagedLayout``
         for them)."""
-        return self.layers[0].attn.paged_attention is not None
+        return self.attentions[0].paged_attention is not None
 
     def use_paged_decode(self, make: Callable[[], TritonPagedAttention] | None) -> None:
         """Decode steps on the kernel ``make`` builds (one per layer), or on the step's other layout (None)."""
-        for layer in self.layers:
-            layer.attn.paged_attention = None if make is None else make()
+        for attention in self.attentions:
+            attention.paged_attention = None if make is None else make()
 
     def use_triton_kernels(self, block_size: int) -> None:
         """The CUDA step's Triton kernels: decode attention over the paged cache, one kernel for each layer's head
@@ -282,7 +325,7 @@ class DecoderModel(nn.Module):
         c = self.config
         if triton_decode.fits(c.head_dim, block_size):
             self.use_paged_decode(lambda: TritonPagedAttention(c.num_heads, c.num_kv_heads, c.head_dim, block_size))
-        if triton_rope.fits(c.head_dim):
+        if triton_rope.fits(c.head_dim) and c.rotated_dim == c.head_dim:  # the kernel rotates whole heads
             self.use_rope_store(lambda: TritonRopeStore(c.num_heads, c.num_kv_heads, c.head_dim))
         self.use_triton_elementwise(True)
 
@@ -294,29 +337,30 @@ class DecoderModel(nn.Module):
 
     def use_rope_store(self, make: Callable[[], TritonRopeStore] | None) -> None:
         """Head norms, RoPE, logN and the cache write on the kernel ``make`` builds (one per layer), or torch ops."""
-        for layer in self.layers:
-            layer.attn.rope_store = None if make is None else make()
+        for attention in self.attentions:
+            attention.rope_store = None if make is None else make()
 
     def uses_varlen(self, max_q: int) -> bool:
         """Whether a step whose sequences have at most ``max_q`` new tokens runs on the varlen kernel (the runner
         then builds a ``VarlenLayout``)."""
-        return self.layers[0].attn.varlen_attention is not None and (max_q > 1 or not self.varlen_prompts_only)
+        return self.attentions[0].varlen_attention is not None and (max_q > 1 or not self.varlen_prompts_only)
 
     def use_varlen_attention(self, kernel: VarlenKernel | None, prompts_only: bool = False) -> None:
         """Run attention on ``kernel`` (``flash_attn_varlen_func``'s signature), or on the padded path (None);
         ``prompts_only``: decode-only steps stay on the padded path (and the native decode kernel)."""
         self.varlen_prompts_only = prompts_only
-        for layer in self.layers:
-            layer.attn.varlen_attention = None if kernel is None else VarlenAttention(kernel, self.config.head_dim)
+        for attention in self.attentions:
+            attention.varlen_attention = None if kernel is None else VarlenAttention(kernel, self.config.head_dim)
 
-    def forward(self, token_ids: torch.Tensor, step: StepInputs, caches: Sequence[LayerCache],
+    def forward(self, token_ids: torch.Tensor, step: StepInputs, caches: Sequence[LayerCache | LayerState],
                 all_logits: bool = False) -> torch.Tensor:
-        """``caches``: each layer's keys and values. Logits of each sequence's last token, or of every token when
-        ``all_logits``."""
+        """``caches``: each layer's keys and values (a linear layer's states). Logits of each sequence's last token,
+        or of every token when ``all_logits``."""
         x = self.hidden(token_ids, step, caches)
         return self.head(x if all_logits else x[step.last_index])
 
-    def hidden(self, token_ids: torch.Tensor, step: StepInputs, caches: Sequence[LayerCache]) -> torch.Tensor:
+    def hidden(self, token_ids: torch.Tensor, step: StepInputs, caches: Sequence[LayerCache | LayerState]
+               ) -> torch.Tensor:
         """The last layer's output for every packed token (before the final norm)."""
         if isinstance(self.embed, StoredRows):
             x = self.embed(token_ids).to(self.dtype)

@@ -44,6 +44,8 @@ class Shard:
             problems.append(f"the MLP width {config.intermediate_size} does not divide by {n}")
         if config.num_experts:
             problems.append("expert (MoE) models are not split yet")
+        if config.hybrid:
+            problems.append("hybrid (linear-attention) models are not split yet")
         if problems:
             raise ValueError(f"--tensor-parallel-size {n} cannot split this model: {'; '.join(problems)}")
 

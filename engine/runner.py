@@ -12,8 +12,9 @@ import torch
 from torch.nn import functional as F
 
 from engine.config import ModelConfig
-from engine.kv_store import KVCache
+from engine.kv_store import KVCache, LayerCache
 from engine.layers import inverse_frequencies, qwen_ntk_alpha
+from engine.linear_attention import LayerState, RecurrentStep, StateCache
 from engine.model import DecoderModel, PaddedLayout, PagedLayout, StepInputs, VarlenLayout
 from engine.sequence import Sequence
 from engine.transfer import to_device
@@ -21,10 +22,11 @@ from engine.transfer import to_device
 
 class ModelRunner:
     """Owns the model and its KV cache (``KVCache``). The cache has one page more than the block manager hands out:
-    padding rows of a captured decode step write there."""
+    padding rows of a captured decode step write there. A hybrid model's linear layers keep ``state_slots``
+    sequences' states (``StateCache``); each sequence names its slot (``Sequence.state_slot``)."""
 
     def __init__(self, model: DecoderModel, config: ModelConfig, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> None:
+                 device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto", state_slots: int = 0) -> None:
         self.model, self.config = model, config
         self.block_size, self.device, self.dtype = block_size, device, dtype
         if device.type == "cuda":
@@ -33,13 +35,21 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.scratch_page = num_blocks
         self.kv_cache = KVCache(config, (num_blocks + 1) * block_size, dtype, device, kv_cache_dtype)
+        self.states = StateCache(config, state_slots, dtype, device) if config.hybrid else None
+        self.caches = self._layer_caches()
         alphas = ntk_alphas(config.max_model_len, config.seq_length) if config.use_dynamic_ntk else [1.0]
         self.alpha_index = {alpha: index for index, alpha in enumerate(alphas)}
-        self.inv_freq = torch.stack([inverse_frequencies(config.head_dim, config.rope_theta, alpha)
+        self.inv_freq = torch.stack([inverse_frequencies(config.rotated_dim, config.rope_theta, alpha)
                                      for alpha in alphas]).to(device)  # [alphas, D / 2]
         self.decode_graphs: DecodeStep | None = None
         self.followers: Followers | None = None  # tensor parallelism: the other ranks, told every step first
         self._hidden: torch.Tensor | None = None
+
+    def _layer_caches(self) -> list[LayerCache | LayerState]:
+        """What each layer reads and writes, in layer order: keys and values, or a linear layer's states."""
+        kv, states = iter(self.kv_cache.layers), iter(self.states.layers if self.states is not None else ())
+        linear = set(self.config.linear_layers)
+        return [next(states) if i in linear else next(kv) for i in range(self.config.num_layers)]
 
     def use_decode_graphs(self, graphs: DecodeStep | None) -> None:
         """Run the decode steps ``graphs`` fits on it (CUDA graphs), the rest eagerly."""
@@ -76,20 +86,25 @@ class ModelRunner:
         assert ints is not None and shape is not None
         token_ids, inputs = self.inputs(ints, shape)
         if command is Command.HIDDEN:
-            self._hidden = self.model.hidden(token_ids, inputs, self.kv_cache.layers)
+            self._hidden = self.model.hidden(token_ids, inputs, self.caches)
             return self._hidden
-        return self.model(token_ids, inputs, self.kv_cache.layers, all_logits=bool(extra))
+        return self.model(token_ids, inputs, self.caches, all_logits=bool(extra))
 
     def host_ints(self, batch: list[Sequence], width: int, rows: int | None = None) -> np.ndarray:
         """Every integer a step needs, in ``StepShape`` order: tokens, positions, new-token counts, key counts, NTK
         alpha indices, block tables padded to ``width`` pages. ``rows`` > len(batch) adds padding rows (one token
         at position 0 in the scratch page) for a captured step of that many rows. Filled in one int64 array: a
-        captured step's tables are ``rows`` x the longest context's pages, mostly padding."""
+        captured step's tables are ``rows`` x the longest context's pages, mostly padding. A hybrid model's step
+        ends with each row's state slot."""
         rows = rows or len(batch)
         q_lens = [s.step_end - s.num_computed for s in batch]
         n = sum(q_lens) + rows - len(batch)
-        ints = np.empty(2 * n + 3 * rows + rows * width, dtype=np.int64)
-        tokens, positions, q_len_t, kv_len_t, alpha_t, tables = np.split(ints, np.cumsum([n, n, rows, rows, rows]))
+        state_slots = rows if self.states is not None else 0
+        ints = np.empty(2 * n + 3 * rows + rows * width + state_slots, dtype=np.int64)
+        if state_slots:
+            ints[-state_slots:] = [seq.state_slot for seq in batch]
+        tokens, positions, q_len_t, kv_len_t, alpha_t, tables = np.split(ints[: len(ints) - state_slots],
+                                                                         np.cumsum([n, n, rows, rows, rows]))
         tables = tables.reshape(rows, width)
         tables.fill(self.scratch_page)
         at = 0
@@ -117,8 +132,15 @@ class ModelRunner:
         return self.inputs(*self.plan(batch))
 
     def inputs(self, ints: np.ndarray, shape: StepShape) -> tuple[torch.Tensor, StepInputs]:
-        """The step's tensors, from one host-to-device copy of every integer it needs (no host sync on CUDA)."""
-        return self.step_inputs(to_device(ints, torch.long, self.device), shape)
+        """The step's tensors, from one host-to-device copy of every integer it needs (no host sync on CUDA); a
+        hybrid model's states placed from the host's copy."""
+        if self.states is None:
+            return self.step_inputs(to_device(ints, torch.long, self.device), shape)
+        b, n = shape.rows, shape.tokens
+        counts = ints[2 * n : 2 * n + 2 * b].reshape(2, b)
+        token_ids, inputs = self.step_inputs(to_device(ints[:-b], torch.long, self.device), shape)
+        inputs.recurrent = recurrent_step(counts[0].tolist(), counts[1].tolist(), ints[-b:].tolist(), self.device)
+        return token_ids, inputs
 
     def step_inputs(self, packed: torch.Tensor, shape: StepShape) -> tuple[torch.Tensor, StepInputs]:
         """Token ids and ``StepInputs`` from the step's integers on the device (``host_ints``' layout). A decode
@@ -189,6 +211,23 @@ class StepShape:
     width: int
     max_q: int
     kv_lens: list[int] | None = None
+
+
+def recurrent_step(q_lens: list[int], kv_lens: list[int], slots: list[int], device: torch.device) -> RecurrentStep:
+    """Where each row of a hybrid model's step keeps its states: rows with one new token together, the others one
+    by one; rows at position 0 start from zero states."""
+    starts = np.cumsum([0, *q_lens[:-1]]).tolist()
+    decodes = [row for row, q_len in enumerate(q_lens) if q_len == 1]
+    fresh = [slot for slot, q_len, kv_len in zip(slots, q_lens, kv_lens, strict=True) if q_len == kv_len]
+
+    def tensor(values: list[int]) -> torch.Tensor | None:
+        return torch.tensor(values, dtype=torch.long, device=device) if values else None
+
+    return RecurrentStep(decode_tokens=tensor([starts[row] for row in decodes]),
+                         decode_slots=tensor([slots[row] for row in decodes]),
+                         prompts=[(start, q_len, slot) for start, q_len, slot in zip(starts, q_lens, slots, strict=True)
+                                  if q_len > 1],
+                         fresh_slots=tensor(fresh))
 
 
 def ntk_alphas(max_model_len: int, seq_length: int) -> list[float]:

@@ -26,16 +26,35 @@ class SchedulerConfig:
                              f"({self.max_num_seqs}): every running sequence decodes in each step")
 
 
+class StateSlots:
+    """A hybrid model's state slots: a running sequence holds one (``Sequence.state_slot``) from admission until it
+    finishes or is preempted; there are as many as running seats, so admission never waits for one."""
+
+    def __init__(self, count: int) -> None:
+        self._free = list(range(count - 1, -1, -1))
+
+    def take(self, seq: Sequence) -> None:
+        seq.state_slot = self._free.pop()
+
+    def give_back(self, seq: Sequence) -> None:
+        if seq.state_slot is not None:
+            self._free.append(seq.state_slot)
+            seq.state_slot = None
+
+
 class Scheduler:
     """Running sequences decode every step; waiting ones join as soon as there is room (blocks, seats, a token of
     the step's budget); prompts longer than the budget are computed a chunk a step.
 
     When the cache runs out of blocks, the newest running sequence is preempted: its blocks are freed and it
-    goes back to the head of the queue to be recomputed later (prompt and output so far).
+    goes back to the head of the queue to be recomputed later (prompt and output so far). With ``states`` (hybrid
+    models), a running sequence also holds a state slot, given back with its blocks.
     """
 
-    def __init__(self, blocks: BlockManager, config: SchedulerConfig, cache_key: Callable[[Sequence], Hashable]):
+    def __init__(self, blocks: BlockManager, config: SchedulerConfig, cache_key: Callable[[Sequence], Hashable],
+                 states: StateSlots | None = None):
         self.blocks = blocks
+        self.states = states
         self.config = config
         self.cache_key = cache_key
         self.waiting: deque[Sequence] = deque()
@@ -87,6 +106,8 @@ class Scheduler:
             if not self.blocks.allocate(seq, self.cache_key(seq)):
                 break
             self.waiting.popleft()
+            if self.states is not None:
+                self.states.take(seq)
             if seq.num_cached_prompt_tokens == 0 and not seq.output_ids:
                 seq.num_cached_prompt_tokens = seq.num_computed
             seq.status = Status.RUNNING
@@ -114,7 +135,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq)
+        self._release(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -127,4 +148,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back ``seq``'s blocks and state slot."""
         self.blocks.free(seq)
+        if self.states is not None:
+            self.states.give_back(seq)

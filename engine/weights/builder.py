@@ -26,6 +26,7 @@ from engine.layers import (
     StoredRows,
     TritonInt4Linear,
 )
+from engine.linear_attention import GatedDeltaNet
 from engine.model import MLP, Attention, DecoderLayer, DecoderModel, SparseMoE
 from engine.parallel import RowParallel, Shard, VocabParallel
 from engine.weights.int4 import CUDA_INT4, TRITON_INT4, Int4Weight
@@ -86,7 +87,7 @@ class ModelBuilder:
                         str(self.dtype).removeprefix("torch."), sum(size for _, size in self._unread.values()) / 2**20)
         if self.shard is not None:
             model.vocab_parallel = VocabParallel(self.shard, self.full.vocab_size, self.group)
-        model.final_norm.weight = self._parameter("final_norm", dtype=self.head_dtype)
+        model.final_norm.weight = self._norm_weight("final_norm", dtype=self.head_dtype)
         if isinstance(lm_head, Q8Linear | StoredLinear):
             model.final_norm = self._fused_norm(model.final_norm, lm_head)
         if flash.fits(self.device, self.dtype, self.config.head_dim):
@@ -145,8 +146,15 @@ class ModelBuilder:
 
     def _norm(self, part: str, layer: int) -> RMSNorm:
         norm = RMSNorm(self.config.head_dim, self.config.rms_norm_eps, self.dtype)
-        norm.weight = self._parameter(part, layer)
+        norm.weight = self._norm_weight(part, layer)
         return norm
+
+    def _norm_weight(self, part: str, layer: int | None = None, dtype: torch.dtype | None = None) -> nn.Parameter:
+        """An RMSNorm's scale; hybrid Qwen models store it as an offset from 1 (their norms scale by 1 + weight)."""
+        if not self.config.hybrid:
+            return self._parameter(part, layer, dtype)
+        weight = self.source.dense(self._name(part, layer)).float() + 1
+        return nn.Parameter(weight.to(device=self.device, dtype=dtype or self.dtype), requires_grad=False)
 
     def _parameter(self, part: str, layer: int | None = None, dtype: torch.dtype | None = None) -> nn.Parameter:
         return nn.Parameter(self._tensor(part, layer, dtype), requires_grad=False)
@@ -157,6 +165,28 @@ class ModelBuilder:
         return self._tensor(part, layer)
 
     def _layer(self, i: int) -> DecoderLayer:
+        mixer = self._linear_attention(i) if i in self.config.linear_layers else self._attention(i)
+        mlp = self._mlp(i)
+        layer = DecoderLayer(self.config, self.dtype, mixer, mlp)
+        layer.attn_norm.weight = self._norm_weight("attn_norm", i)
+        layer.mlp_norm.weight = self._norm_weight("mlp_norm", i)
+        first = mixer.in_proj if isinstance(mixer, GatedDeltaNet) else mixer.qkv
+        if isinstance(first, Q4Q8Linear | StoredLinear):
+            layer.attn_norm = self._fused_norm(layer.attn_norm, first)
+        if isinstance(mlp, MLP) and isinstance(mlp.gate_up, Q4Q8Linear | StoredLinear):
+            layer.mlp_norm = self._fused_norm(layer.mlp_norm, mlp.gate_up)
+        return layer
+
+    def _linear_attention(self, i: int) -> GatedDeltaNet:
+        """A Gated DeltaNet layer: its input projections fused into one matrix (queries, keys, values, z, b, a)."""
+        parts = ["lin_qkvz", "lin_ba"] if "lin_qkvz" in self.names else ["lin_qkv", "lin_z", "lin_b", "lin_a"]
+        in_proj = self._linear(parts, i, [None] * len(parts))
+        conv = self._tensor("lin_conv", i)
+        return GatedDeltaNet(self.config, in_proj, conv.reshape(conv.shape[0], -1), self._tensor("lin_a_log", i),
+                             self._tensor("lin_dt_bias", i), self._tensor("lin_norm", i),
+                             self._linear(["lin_out"], i, [None]))
+
+    def _attention(self, i: int) -> Attention:
         if "qkv" in self.names:
             qkv = self._linear(["qkv"], i, [self._optional("qkv_bias", i)])
         else:
@@ -170,15 +200,7 @@ class ModelBuilder:
         elif self.isa is not None and attention_kernel.fits(c.head_dim):  # the kernel has no per-head norms
             attention.decode_attention = attention_kernel.PagedDecodeAttention(c.num_heads, c.num_kv_heads, c.head_dim,
                                                                                isa=self.isa)
-        mlp = self._mlp(i)
-        layer = DecoderLayer(self.config, self.dtype, attention, mlp)
-        layer.attn_norm.weight = self._parameter("attn_norm", i)
-        layer.mlp_norm.weight = self._parameter("mlp_norm", i)
-        if isinstance(attention.qkv, Q4Q8Linear | StoredLinear):
-            layer.attn_norm = self._fused_norm(layer.attn_norm, attention.qkv)
-        if isinstance(mlp, MLP) and isinstance(mlp.gate_up, Q4Q8Linear | StoredLinear):
-            layer.mlp_norm = self._fused_norm(layer.mlp_norm, mlp.gate_up)
-        return layer
+        return attention
 
     def _packed_linear(self, fused: Int4Weight, bias: torch.Tensor | None) -> nn.Module | None:
         """The 4-bit weight on the int4 kernel chosen for this device, or None where that kernel does not fit it."""
@@ -203,8 +225,13 @@ class ModelBuilder:
         experts = [MLP(self._linear(["expert_gate", "expert_up"], i, [None, None], expert=j),
                        self._linear(["expert_down"], i, [None], expert=j)) for j in range(c.num_experts)]
         self._stacked.clear()
+        shared = shared_gate = None
+        if c.shared_expert_intermediate_size:
+            shared = MLP(self._linear(["shared_gate", "shared_up"], i, [None, None]),
+                         self._linear(["shared_down"], i, [None]))
+            shared_gate = DenseLinear(self._tensor("shared_expert_gate", i), None)
         return SparseMoE(DenseLinear(self._tensor("router", i), None), experts, c.experts_per_token,
-                         c.norm_topk_prob)
+                         c.norm_topk_prob, shared, shared_gate)
 
     def _reduced(self, linear: nn.Module) -> nn.Module:
         """A row-parallel linear's partial sums added up over the ranks (the linear itself when not split)."""
@@ -217,12 +244,25 @@ class ModelBuilder:
         return nn.Identity()
 
     def _row_order(self, part: str) -> torch.Tensor | None:
-        """Undo llama.cpp's q/k row permutation so that rotate-half RoPE applies."""
+        """Undo llama.cpp's q/k row permutation so that rotate-half RoPE applies; Qwen3-Next's input projections,
+        grouped per key head, into Qwen3.5's order (all queries, keys, values, z; all b, a)."""
+        if part in ("lin_qkvz", "lin_ba"):
+            return self._grouped_order(part)
         if not self.rope_permuted or part not in ("q", "k"):
             return None
         heads = self.full.num_heads if part == "q" else self.full.num_kv_heads
         half = self.full.head_dim // 2
         return torch.arange(heads * half * 2).view(heads, half, 2).transpose(1, 2).reshape(-1)
+
+    def _grouped_order(self, part: str) -> torch.Tensor:
+        """Rows of Qwen3-Next's ``in_proj_qkvz`` ([q, k, v, z] per key head) or ``in_proj_ba`` ([b, a] per key
+        head) in the order of Qwen3.5's separate projections."""
+        c = self.full
+        per_key_head = c.linear_value_heads // c.linear_key_heads
+        widths = ([c.linear_key_dim] * 2 + [per_key_head * c.linear_value_dim] * 2 if part == "lin_qkvz"
+                  else [per_key_head] * 2)
+        rows = torch.arange(c.linear_key_heads * sum(widths)).view(c.linear_key_heads, sum(widths))
+        return torch.cat([group.reshape(-1) for group in rows.split(widths, dim=1)])
 
     def _linear(self, parts: list[str], i: int, biases: list[torch.Tensor | None],
                  expert: int | None = None) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from engine.weights.sources import (
     GGUF_NAMES,
     HF_NAMES,
     QWEN1_NAMES,
+    QWEN3_NEXT_NAMES,
     GGUFSource,
     SafetensorsSource,
     WeightSource,
@@ -32,6 +34,8 @@ from engine.weights.sources import (
 from tokenizer import HFTokenizer, QwenTokenizer, Tokenizer
 from tokenizer.chat import builtin_template
 from tokenizer.gguf_metadata import gguf_metadata
+
+log = logging.getLogger(__name__)
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "tokenizer*", "*.jinja"]
 
@@ -143,7 +147,7 @@ def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.devi
                  progress, split: dict[str, Any], quantization: str | None = None) -> LoadedModel:
     raw_config = json.loads((folder / "config.json").read_text())
     config = ModelConfig.from_hf(raw_config)
-    names = QWEN1_NAMES if config.arch == "qwen" else HF_NAMES
+    names = QWEN1_NAMES if config.arch == "qwen" else QWEN3_NEXT_NAMES if config.arch == "qwen3_next" else HF_NAMES
     scheme = None
     if raw_config.get("quantization_config"):
         try:
@@ -151,6 +155,9 @@ def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.devi
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
     source: WeightSource = SafetensorsSource(folder)
+    if "text_config" in raw_config:  # a multimodal checkpoint (Qwen3.5): its language model, under its own prefix
+        names = {part: name.replace("model.", "model.language_model.", 1) for part, name in names.items()}
+        log.info("%s: serving the text model; the vision tower's weights are not loaded (no image input yet)", name)
     if scheme is not None and quantization is not None:
         raise ValueError(f"{name} is already quantized ({scheme.method}); --quantization is for dense checkpoints")
     if scheme is not None:

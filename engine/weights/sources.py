@@ -117,7 +117,16 @@ HF_NAMES = {
     "q_norm": "model.layers.{i}.self_attn.q_norm.weight", "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "router": "model.layers.{i}.mlp.gate.weight",
     **{f"expert_{p}": f"model.layers.{{i}}.mlp.experts.{{j}}.{p}_proj.weight" for p in ("gate", "up", "down")},
+    **{f"shared_{p}": f"model.layers.{{i}}.mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")},
+    "shared_expert_gate": "model.layers.{i}.mlp.shared_expert_gate.weight",
+    **{f"lin_{p}": f"model.layers.{{i}}.linear_attn.in_proj_{p}.weight" for p in ("qkv", "z", "b", "a")},
+    "lin_conv": "model.layers.{i}.linear_attn.conv1d.weight", "lin_a_log": "model.layers.{i}.linear_attn.A_log",
+    "lin_dt_bias": "model.layers.{i}.linear_attn.dt_bias", "lin_norm": "model.layers.{i}.linear_attn.norm.weight",
+    "lin_out": "model.layers.{i}.linear_attn.out_proj.weight",
 }
+# Qwen3-Next stores the linear layers' input projections in two matrices, grouped per key head.
+QWEN3_NEXT_NAMES = {**{k: v for k, v in HF_NAMES.items() if k not in ("lin_qkv", "lin_z", "lin_b", "lin_a")},
+                    **{f"lin_{p}": f"model.layers.{{i}}.linear_attn.in_proj_{p}.weight" for p in ("qkvz", "ba")}}
 GGUF_NAMES = {
     "embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
     "attn_norm": "blk.{i}.attn_norm.weight", "mlp_norm": "blk.{i}.ffn_norm.weight",

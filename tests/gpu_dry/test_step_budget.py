@@ -72,7 +72,7 @@ def test_a_step_copies_its_integers_once_and_never_waits_on_the_device(engine, s
     with OpCounter() as prepare:
         token_ids, inputs = engine.runner.prepare(batch)
     with OpCounter() as forward:
-        engine.runner.model(token_ids, inputs, engine.runner.kv_cache.layers)
+        engine.runner.model(token_ids, inputs, engine.runner.caches)
     assert prepare.count(HOST_COPIES) == 1 and forward.count(HOST_COPIES) == 0
     assert prepare.count(SYNCS) == forward.count(SYNCS) == 0
     assert prepare.unsized_repeats == forward.unsized_repeats == 0

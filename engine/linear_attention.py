@@ -1,0 +1,195 @@
+"""Gated DeltaNet, the linear-attention layer of hybrid Qwen models (Qwen3-Next, Qwen3.5), and its per-sequence state.
+
+A linear layer keeps, for each running sequence, a fixed-size state in a slot of ``StateCache``: the last
+``kernel - 1`` inputs of its causal conv and the [value heads, key dim, value dim] matrix of the delta rule. A step's
+rows with one new token update their states together (the recurrent form); a row with several (a prompt or a chunk
+of one) runs the chunked form from its state, in chunks of ``CHUNK`` tokens. Both are the reference definitions in
+plain torch, in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.config import ModelConfig
+
+CHUNK = 64  # tokens per chunk of the chunked form
+
+
+@dataclass
+class RecurrentStep:
+    """Where a step's rows keep their states: ``decode_tokens``/``decode_slots`` [R] the packed index and slot of
+    every row with one new token (None when there are none); ``prompts`` (packed start, token count, slot) of each
+    row with several; ``fresh_slots`` the slots of rows that start at position 0 (their state starts at zero; None
+    when there are none)."""
+
+    decode_tokens: torch.Tensor | None
+    decode_slots: torch.Tensor | None
+    prompts: list[tuple[int, int, int]]
+    fresh_slots: torch.Tensor | None
+
+
+@dataclass
+class LayerState:
+    """One linear layer's states by slot: ``conv`` [slots, kernel - 1, conv channels] in the model dtype (the conv's
+    last inputs), ``recurrent`` [slots, value heads, key dim, value dim] fp32."""
+
+    conv: torch.Tensor
+    recurrent: torch.Tensor
+
+    def reset(self, slots: torch.Tensor) -> None:
+        """Zero the states of ``slots`` (sequences that start over)."""
+        self.conv.index_fill_(0, slots, 0)
+        self.recurrent.index_fill_(0, slots, 0)
+
+
+class StateCache:
+    """Every linear layer's states for ``slots`` sequences (``layers``: one ``LayerState`` per linear layer)."""
+
+    def __init__(self, config: ModelConfig, slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.layers = [LayerState(
+            torch.zeros(slots, config.linear_conv_kernel - 1, config.linear_conv_dim, dtype=dtype, device=device),
+            torch.zeros(slots, config.linear_value_heads, config.linear_key_dim, config.linear_value_dim,
+                        dtype=torch.float32, device=device)) for _ in config.linear_layers]
+
+
+def state_bytes_per_sequence(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes one sequence's states take over all linear layers."""
+    conv = (config.linear_conv_kernel - 1) * config.linear_conv_dim * dtype.itemsize
+    recurrent = config.linear_value_heads * config.linear_key_dim * config.linear_value_dim * 4
+    return len(config.linear_layers) * (conv + recurrent)
+
+
+class GatedDeltaNet(nn.Module):
+    """in_proj (queries, keys, values, output gate z, beta logits b, decay inputs a; one fused matrix), a
+    depthwise causal conv with SiLU over queries, keys and values, the gated delta rule with L2-normalised queries
+    and keys, an RMSNorm of each value head gated by SiLU(z), and out_proj."""
+
+    def __init__(self, config: ModelConfig, in_proj: nn.Module, conv_weight: torch.Tensor, a_log: torch.Tensor,
+                 dt_bias: torch.Tensor, norm_weight: torch.Tensor, out_proj: nn.Module) -> None:
+        """``conv_weight``: [channels, kernel]."""
+        super().__init__()
+        self.in_proj, self.out_proj = in_proj, out_proj
+        self.conv_weight = nn.Parameter(conv_weight, requires_grad=False)
+        self.decay_rate = nn.Parameter(a_log.float().exp(), requires_grad=False)  # A = exp(A_log)
+        self.dt_bias = nn.Parameter(dt_bias, requires_grad=False)
+        self.norm_weight = nn.Parameter(norm_weight, requires_grad=False)
+        self.eps = config.rms_norm_eps
+        self.key_heads, self.value_heads = config.linear_key_heads, config.linear_value_heads
+        self.key_dim, self.value_dim = config.linear_key_dim, config.linear_value_dim
+        key_size = self.key_heads * self.key_dim
+        value_size = self.value_heads * self.value_dim
+        self.split = (2 * key_size + value_size, value_size, self.value_heads, self.value_heads)  # conv, z, b, a
+        self.qkv_split = (key_size, key_size, value_size)
+
+    def forward(self, x: torch.Tensor, step: RecurrentStep, state: LayerState) -> torch.Tensor:
+        if step.fresh_slots is not None:
+            state.reset(step.fresh_slots)
+        mixed, z, b, a = self.in_proj(x).split(self.split, dim=-1)
+        mixed = self.conv(mixed, step, state)
+        n = x.shape[0]
+        q, k, v = mixed.split(self.qkv_split, dim=-1)
+        q = q.reshape(n, self.key_heads, self.key_dim)
+        k = k.reshape(n, self.key_heads, self.key_dim)
+        v = v.reshape(n, self.value_heads, self.value_dim)
+        beta = b.float().sigmoid()
+        decay = -self.decay_rate * F.softplus(a.float() + self.dt_bias.float())  # log of the state's decay
+        core = self.delta_rule(q, k, v, decay, beta, step, state)
+        return self.out_proj(self.gated_norm(core.to(x.dtype), z.view(n, self.value_heads, self.value_dim))
+                             .reshape(n, -1))
+
+    def conv(self, mixed: torch.Tensor, step: RecurrentStep, state: LayerState) -> torch.Tensor:
+        """SiLU of the depthwise causal conv over each row's inputs, preceded by its stored window; the window's
+        end is stored back."""
+        out = torch.empty(mixed.shape, dtype=torch.float32, device=mixed.device)
+        weight = self.conv_weight.float()  # [channels, kernel]
+        kernel = weight.shape[1]
+        if step.decode_tokens is not None and step.decode_slots is not None:
+            window = torch.cat((state.conv[step.decode_slots], mixed[step.decode_tokens, None]), dim=1)
+            out[step.decode_tokens] = (window.float() * weight.t()).sum(1)
+            state.conv.index_copy_(0, step.decode_slots, window[:, 1:])
+        for start, count, slot in step.prompts:
+            window = torch.cat((state.conv[slot], mixed[start : start + count]))
+            out[start : start + count] = (window.float().unfold(0, kernel, 1) * weight).sum(-1)
+            state.conv[slot] = window[count:]
+        return F.silu(out).to(mixed.dtype)
+
+    def delta_rule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, beta: torch.Tensor,
+                   step: RecurrentStep, state: LayerState) -> torch.Tensor:
+        """Each row's delta-rule output [N, value heads, value dim] (fp32), its state advanced in place."""
+        repeat = self.value_heads // self.key_heads
+        q = l2norm(q.float())
+        k = l2norm(k.float())
+        if repeat > 1:
+            q, k = q.repeat_interleave(repeat, dim=1), k.repeat_interleave(repeat, dim=1)
+        q = q * self.key_dim**-0.5
+        v = v.float()
+        out = torch.empty_like(v)
+        if step.decode_tokens is not None and step.decode_slots is not None:
+            rows = step.decode_tokens
+            states = state.recurrent[step.decode_slots]
+            out[rows] = recurrent_update(states, q[rows], k[rows], v[rows], decay[rows], beta[rows])
+            state.recurrent.index_copy_(0, step.decode_slots, states)
+        for start, count, slot in step.prompts:
+            span = slice(start, start + count)
+            out[span] = chunked_delta_rule(state.recurrent[slot], q[span], k[span], v[span], decay[span], beta[span])
+        return out
+
+    def gated_norm(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over each value head (in fp32, weighted in the model dtype), times SiLU(z)."""
+        normed = F.rms_norm(core.float(), (self.value_dim,), eps=self.eps).to(core.dtype) * self.norm_weight
+        return (normed * F.silu(z.float())).to(core.dtype)
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + 1e-6) over the last axis (the reference's normalisation of queries and keys)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
+
+
+def recurrent_update(states: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                     beta: torch.Tensor) -> torch.Tensor:
+    """One token of each row: ``states`` [R, H, K, V] decayed, corrected toward v along k, updated in place; the
+    output [R, H, V] is the new state read along q. ``decay``/``beta``: [R, H]."""
+    states.mul_(decay.exp()[..., None, None])
+    remembered = (states * k[..., None]).sum(dim=-2)
+    delta = (v - remembered) * beta[..., None]
+    states.add_(k[..., None] * delta[..., None, :])
+    return (states * q[..., None]).sum(dim=-2)
+
+
+def chunked_delta_rule(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                       beta: torch.Tensor) -> torch.Tensor:
+    """The same rule over T tokens of one sequence ([T, H, *]), ``CHUNK`` tokens at a time: within a chunk the
+    corrections are solved as one unit-triangular system (the WY form), between chunks the state carries over.
+    ``state`` [H, K, V] is advanced in place; returns [T, H, V]."""
+    t = q.shape[0]
+    pad = -t % CHUNK
+    q, k, v = (F.pad(x.transpose(0, 1), (0, 0, 0, pad)) for x in (q, k, v))  # [H, T', *]
+    beta, decay = (F.pad(x.transpose(0, 1), (0, pad)) for x in (beta, decay))  # [H, T']
+    heads = q.shape[0]
+    q, k, v = (x.reshape(heads, -1, CHUNK, x.shape[-1]) for x in (q, k, v))
+    beta, decay = beta.reshape(heads, -1, CHUNK), decay.reshape(heads, -1, CHUNK)
+    k_beta, v_beta = k * beta[..., None], v * beta[..., None]
+    upper = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
+    cumulative = decay.cumsum(dim=-1)
+    pairwise = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    system = (k_beta @ k.transpose(-1, -2)) * pairwise
+    values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    key_decay = torch.linalg.solve_triangular(system, k_beta * cumulative.exp()[..., None], upper=False,
+                                              unitriangular=True)
+    within = (q @ k.transpose(-1, -2)) * pairwise
+    q_decayed = q * cumulative.exp()[..., None]
+    k_to_end = k * (cumulative[..., -1:] - cumulative).exp()[..., None]
+    chunk_decay = cumulative[..., -1].exp()[..., None, None]
+    out = torch.empty_like(values)
+    current = state.clone()
+    for i in range(q.shape[1]):
+        corrected = values[:, i] - key_decay[:, i] @ current
+        out[:, i] = q_decayed[:, i] @ current + within[:, i] @ corrected
+        current = current * chunk_decay[:, i] + k_to_end[:, i].transpose(-1, -2) @ corrected
+    state.copy_(current)
+    return out.reshape(heads, -1, out.shape[-1])[:, :t].transpose(0, 1)

@@ -1,0 +1,145 @@
+"""Hybrid Qwen models (Qwen3-Next, Qwen3.5, Qwen3.5-MoE: Gated DeltaNet layers beside gated full attention) against
+transformers on tiny random checkpoints: logits at every position of a 300-token prompt (several chunks of the
+chunked form), greedy tokens alone, in a batch of mixed lengths, over chunked prefill and after a preemption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from engine.linear_attention import CHUNK, chunked_delta_rule, l2norm, recurrent_update
+from engine.scheduler import SchedulerConfig
+from engine.weights.loader import load_model
+
+ATOL = 1e-4  # fp32 logits, absolute (rtol 0)
+VOCAB = 320
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+              linear_conv_kernel_dim=4)
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=32, max_position_embeddings=1024, tie_word_embeddings=False, **LINEAR)
+EXPERTS = dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2)
+
+CONFIGS = {  # layer_types: three linear layers, then full attention (the published pattern), partial rotary 0.25
+    "qwen3_next": lambda: transformers.Qwen3NextConfig(intermediate_size=96, **EXPERTS, **COMMON),
+    "qwen3_5_text": lambda: transformers.Qwen3_5TextConfig(intermediate_size=96, **COMMON),
+    "qwen3_5_moe_text": lambda: transformers.Qwen3_5MoeTextConfig(**EXPERTS, **COMMON),
+    "qwen3_5": lambda: transformers.Qwen3_5Config(  # the published multimodal layout: text_config, a vision tower
+        text_config={**COMMON, "intermediate_size": 96},
+        vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 64}),
+}
+
+
+def write_checkpoint(folder, config) -> transformers.PreTrainedModel:
+    """Random weights (std 0.15: at 0.5 transformers' own fp32 logits drift 2e-4 from its fp64 ones over 300
+    tokens, so no fp32 implementation could be held to 1e-4) saved as transformers saves them."""
+    torch.manual_seed(3)
+    if isinstance(config, transformers.Qwen3_5Config):
+        model = transformers.Qwen3_5ForConditionalGeneration(config).float().eval()
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for parameter in model.parameters():
+        parameter.data.normal_(0, 0.15 if parameter.dim() > 1 else 0.2)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def hybrid(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    reference = write_checkpoint(folder, CONFIGS[request.param]())
+    return folder, reference
+
+
+def random_prompt(length: int, seed: int = 1) -> list[int]:
+    return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy_reference(reference, prompt: list[int], tokens: int = 16) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():  # the mask given: generate would take the prompt's zeros for padding (pad id 0)
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
+                                 pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_logits_match_transformers_at_every_position(hybrid):
+    folder, reference = hybrid
+    llm = LLM(str(folder), dtype="float32", device="cpu")
+    assert llm.engine.model_config.hybrid
+    prompt = random_prompt(300)
+    with torch.inference_mode():
+        theirs = reference(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(llm.engine.prompt_logits(prompt), theirs, atol=ATOL, rtol=0)
+
+
+def test_greedy_tokens_alone_and_in_a_batch_of_mixed_lengths(hybrid):
+    folder, reference = hybrid
+    llm = LLM(str(folder), dtype="float32", device="cpu")
+    prompts = [random_prompt(90), random_prompt(23, seed=2), random_prompt(7, seed=3)]
+    expected = [greedy_reference(reference, p) for p in prompts]
+    assert llm.generate([prompts[0]], GREEDY)[0].token_ids == expected[0]
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
+
+
+def engine_for(folder, *, budget: int = 2048, seats: int = 8, kv_bytes: int = 16 << 20,
+               max_model_len: int = 1024) -> LLMEngine:
+    loaded = load_model(str(folder), dtype=torch.float32, device=torch.device("cpu"))
+    scheduler = SchedulerConfig(max_num_seqs=seats, max_num_batched_tokens=budget)
+    return LLMEngine(loaded, EngineConfig(kv_cache_memory=kv_bytes, max_model_len=max_model_len,
+                                          scheduler=scheduler))
+
+
+def run(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    return [tokens[str(i)] for i in range(len(prompts))]
+
+
+def test_chunked_prefill_beside_decodes_gives_the_same_tokens(hybrid):
+    """A 300-token prompt computed 40 tokens a step (its chunks start mid-chunk of the chunked form) while two
+    short requests decode in the same steps."""
+    folder, reference = hybrid
+    prompts = [random_prompt(9, seed=4), random_prompt(300), random_prompt(13, seed=5)]
+    engine = engine_for(folder, budget=40)
+    assert run(engine, prompts) == [greedy_reference(reference, p) for p in prompts]
+
+
+def test_a_preempted_sequence_recomputes_its_state(hybrid):
+    """Two blocks' worth of cache too few for both sequences: the newest is preempted (its state slot freed, its
+    state recomputed from zero when it runs again), and both still give transformers' tokens."""
+    folder, reference = hybrid
+    prompts = [random_prompt(60, seed=6), random_prompt(60, seed=7)]
+    per_block = 16 * 2 * 2 * 32 * 4  # 16 tokens of one attention layer's keys and values: 2 heads of 32, fp32
+    engine = engine_for(folder, seats=2, kv_bytes=per_block * 9, max_model_len=128)  # 144 tokens < 2 x (60 + 16)
+    assert run(engine, prompts) == [greedy_reference(reference, p) for p in prompts]
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_the_chunked_form_equals_the_recurrent_form():
+    """fp64, from a non-zero state, over a length that is not a multiple of the chunk: the chunked form's output and
+    final state are the token-by-token recurrence's."""
+    generator = torch.Generator().manual_seed(0)
+    tokens, heads, key_dim, value_dim = 2 * CHUNK + 17, 3, 8, 5
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    q, k, v = l2norm(rand(tokens, heads, key_dim)), l2norm(rand(tokens, heads, key_dim)), rand(tokens, heads, value_dim)
+    decay, beta = -rand(tokens, heads).abs() * 0.1, rand(tokens, heads).sigmoid()
+    start = rand(heads, key_dim, value_dim)
+    chunked_state = start.clone()
+    chunked = chunked_delta_rule(chunked_state, q, k, v, decay, beta)
+    state = start.clone()[None]
+    recurrent = torch.stack([recurrent_update(state, q[t : t + 1], k[t : t + 1], v[t : t + 1], decay[t : t + 1],
+                                              beta[t : t + 1])[0] for t in range(tokens)])
+    torch.testing.assert_close(chunked, recurrent, rtol=0, atol=1e-10)
+    torch.testing.assert_close(chunked_state, state[0], rtol=0, atol=1e-10)
