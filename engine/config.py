@@ -8,7 +8,8 @@ from typing import Any
 HYBRID = ("qwen3_next", "qwen3_5", "qwen3_5_moe")  # Gated DeltaNet layers beside full attention
 SUPPORTED = ("qwen", "qwen2", "qwen3", "qwen3_moe", "llama", *HYBRID)
 TEXT_CONFIGS = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}  # text-only folders of Qwen3.5
-GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}  # GGUF name -> ours
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",  # GGUF name -> ours
+              "qwen3next": "qwen3_next", "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class ModelConfig:
     rotary_dim: int = 0  # 0: the whole head
     attn_output_gate: bool = False
     shared_expert_intermediate_size: int = 0
+    # llama.cpp's Qwen3.5 files order value heads tiled over the key heads (head j reads key head j % key heads)
+    # instead of grouped (j // (value heads / key heads)).
+    linear_value_tiled: bool = False
 
     @property
     def q_size(self) -> int:
@@ -219,6 +223,18 @@ class ModelConfig:
 
         heads = key("attention.head_count")
         hidden = key("embedding_length")
+        hybrid = {}
+        if arch in ("qwen3next", "qwen35", "qwen35moe"):
+            head_dim = key("attention.key_length") or hidden // heads
+            value_heads = key("ssm.time_step_rank")
+            hybrid = dict(
+                linear_layers=tuple(i for i, recurrent in enumerate(key("attention.recurrent_layers")) if recurrent),
+                linear_key_heads=key("ssm.group_count"), linear_value_heads=value_heads,
+                linear_key_dim=key("ssm.state_size"), linear_value_dim=key("ssm.inner_size") // value_heads,
+                linear_conv_kernel=key("ssm.conv_kernel"), rotary_dim=key("rope.dimension_count") or head_dim,
+                attn_output_gate=True,
+                shared_expert_intermediate_size=key("expert_shared_feed_forward_length", 0),
+                linear_value_tiled=arch != "qwen3next")
         return cls(
             arch=GGUF_ARCHS[arch],
             vocab_size=key("vocab_size") or len(metadata["tokenizer.ggml.tokens"]),
@@ -233,10 +249,11 @@ class ModelConfig:
             max_model_len=key("context_length", 2048),
             qkv_bias=arch == "qwen2",
             tie_word_embeddings=not has_output_weight,
-            qk_norm=arch in ("qwen3", "qwen3moe"),
+            qk_norm=arch in ("qwen3", "qwen3moe") or bool(hybrid),
             num_experts=key("expert_count", 0),
             experts_per_token=key("expert_used_count", 0),
             moe_intermediate_size=key("expert_feed_forward_length", 0),
             norm_topk_prob=bool(key("expert_weights_norm", True)),  # llama.cpp renormalizes Qwen3-MoE's by default
             mlp_only_layers=mlp_only_layers,
+            **hybrid,
         )

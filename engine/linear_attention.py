@@ -65,17 +65,18 @@ def state_bytes_per_sequence(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 class GatedDeltaNet(nn.Module):
-    """in_proj (queries, keys, values, output gate z, beta logits b, decay inputs a; one fused matrix), a
-    depthwise causal conv with SiLU over queries, keys and values, the gated delta rule with L2-normalised queries
-    and keys, an RMSNorm of each value head gated by SiLU(z), and out_proj."""
+    """in_proj (queries, keys, values and the output gate z, one fused matrix) and gate_proj (beta logits b and
+    decay inputs a), a depthwise causal conv with SiLU over queries, keys and values, the gated delta rule with
+    L2-normalised queries and keys, an RMSNorm of each value head gated by SiLU(z), and out_proj."""
 
-    def __init__(self, config: ModelConfig, in_proj: nn.Module, conv_weight: torch.Tensor, a_log: torch.Tensor,
-                 dt_bias: torch.Tensor, norm_weight: torch.Tensor, out_proj: nn.Module) -> None:
-        """``conv_weight``: [channels, kernel]."""
+    def __init__(self, config: ModelConfig, in_proj: nn.Module, gate_proj: nn.Module, conv_weight: torch.Tensor,
+                 decay_rate: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
+                 out_proj: nn.Module) -> None:
+        """``conv_weight``: [channels, kernel]; ``decay_rate``: A = exp(A_log) per value head."""
         super().__init__()
-        self.in_proj, self.out_proj = in_proj, out_proj
+        self.in_proj, self.gate_proj, self.out_proj = in_proj, gate_proj, out_proj
         self.conv_weight = nn.Parameter(conv_weight, requires_grad=False)
-        self.decay_rate = nn.Parameter(a_log.float().exp(), requires_grad=False)  # A = exp(A_log)
+        self.decay_rate = nn.Parameter(decay_rate.float(), requires_grad=False)
         self.dt_bias = nn.Parameter(dt_bias, requires_grad=False)
         self.norm_weight = nn.Parameter(norm_weight, requires_grad=False)
         self.eps = config.rms_norm_eps
@@ -83,13 +84,15 @@ class GatedDeltaNet(nn.Module):
         self.key_dim, self.value_dim = config.linear_key_dim, config.linear_value_dim
         key_size = self.key_heads * self.key_dim
         value_size = self.value_heads * self.value_dim
-        self.split = (2 * key_size + value_size, value_size, self.value_heads, self.value_heads)  # conv, z, b, a
+        self.split = (2 * key_size + value_size, value_size)  # conv inputs, z
         self.qkv_split = (key_size, key_size, value_size)
+        self.tiled = config.linear_value_tiled
 
     def forward(self, x: torch.Tensor, step: RecurrentStep, state: LayerState) -> torch.Tensor:
         if step.fresh_slots is not None:
             state.reset(step.fresh_slots)
-        mixed, z, b, a = self.in_proj(x).split(self.split, dim=-1)
+        mixed, z = self.in_proj(x).split(self.split, dim=-1)
+        b, a = self.gate_proj(x).split(self.value_heads, dim=-1)
         mixed = self.conv(mixed, step, state)
         n = x.shape[0]
         q, k, v = mixed.split(self.qkv_split, dim=-1)
@@ -124,7 +127,9 @@ class GatedDeltaNet(nn.Module):
         repeat = self.value_heads // self.key_heads
         q = l2norm(q.float())
         k = l2norm(k.float())
-        if repeat > 1:
+        if repeat > 1 and self.tiled:
+            q, k = q.repeat(1, repeat, 1), k.repeat(1, repeat, 1)
+        elif repeat > 1:
             q, k = q.repeat_interleave(repeat, dim=1), k.repeat_interleave(repeat, dim=1)
         q = q * self.key_dim**-0.5
         v = v.float()

@@ -51,3 +51,14 @@ def hf_smollm2_tokenizer(smollm2_gguf: Path):
     import transformers  # a pinned test dependency: missing is a failure, not a skip
 
     return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_files(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer files, for checkpoints that need a vocabulary llama.cpp's converter knows."""
+    import transformers
+
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name) \
+        .save_pretrained(folder)
+    return folder

@@ -46,13 +46,15 @@ class ModelBuilder:
     dequantizes them. On CUDA in fp16/bf16,
     attention runs on flash-attn's varlen kernel when the package is installed.
     ``rope_permuted``: the checkpoint stores q/k rows in llama.cpp's interleaved order (GGUF llama).
+    ``unit_offset_norms``: the checkpoint stores RMSNorm scales as offsets from 1 (hybrid Qwen models' folders).
     ``shard``: build only this rank's slice of every split weight (``engine.parallel``; 4-bit weights are then
     dequantized as they load), with the collectives over ``group``.
     """
 
     def __init__(self, config: ModelConfig, source: WeightSource, names: dict[str, str], dtype: torch.dtype,
                  device: torch.device, *, int4_kernel: str | None = None, rope_permuted: bool = False,
-                 shard: Shard | None = None, group: dist.ProcessGroup | None = None) -> None:
+                 unit_offset_norms: bool = False, shard: Shard | None = None,
+                 group: dist.ProcessGroup | None = None) -> None:
         if shard is not None:
             shard.check(config)
             int4_kernel = None
@@ -63,6 +65,7 @@ class ModelBuilder:
         self.dtype, self.device = dtype, device
         self.head_dtype = head_dtype(dtype, device)
         self.int4_kernel, self.rope_permuted = int4_kernel, rope_permuted
+        self.unit_offset_norms = unit_offset_norms
         self.isa = int4_kernel if int4_kernel in native.ISAS else None  # the native build, if any
         self._stacked: dict[str, torch.Tensor] = {}  # the layer's experts stored as one tensor per part (GGUF)
         self._unread: dict[str, tuple[str, int]] = {}  # quantized GGUF matrices without a kernel: type, dense bytes
@@ -150,8 +153,8 @@ class ModelBuilder:
         return norm
 
     def _norm_weight(self, part: str, layer: int | None = None, dtype: torch.dtype | None = None) -> nn.Parameter:
-        """An RMSNorm's scale; hybrid Qwen models store it as an offset from 1 (their norms scale by 1 + weight)."""
-        if not self.config.hybrid:
+        """An RMSNorm's scale (hybrid Qwen folders store it as an offset from 1: their norms scale by 1 + weight)."""
+        if not self.unit_offset_norms:
             return self._parameter(part, layer, dtype)
         weight = self.source.dense(self._name(part, layer)).float() + 1
         return nn.Parameter(weight.to(device=self.device, dtype=dtype or self.dtype), requires_grad=False)
@@ -178,12 +181,16 @@ class ModelBuilder:
         return layer
 
     def _linear_attention(self, i: int) -> GatedDeltaNet:
-        """A Gated DeltaNet layer: its input projections fused into one matrix (queries, keys, values, z, b, a)."""
-        parts = ["lin_qkvz", "lin_ba"] if "lin_qkvz" in self.names else ["lin_qkv", "lin_z", "lin_b", "lin_a"]
-        in_proj = self._linear(parts, i, [None] * len(parts))
+        """A Gated DeltaNet layer: queries, keys, values and z in one matrix, b and a in another (small, often kept
+        unquantized in GGUF files)."""
+        main = ["lin_qkvz"] if "lin_qkvz" in self.names else ["lin_qkv", "lin_z"]
+        gates = ["lin_ba"] if "lin_ba" in self.names and self._name("lin_ba", i) in self.source else ["lin_b", "lin_a"]
         conv = self._tensor("lin_conv", i)
-        return GatedDeltaNet(self.config, in_proj, conv.reshape(conv.shape[0], -1), self._tensor("lin_a_log", i),
-                             self._tensor("lin_dt_bias", i), self._tensor("lin_norm", i),
+        decay_rate = (-self._tensor("lin_minus_a", i, torch.float32) if "lin_minus_a" in self.names
+                      else self._tensor("lin_a_log", i, torch.float32).exp())
+        return GatedDeltaNet(self.config, self._linear(main, i, [None] * len(main)),
+                             self._linear(gates, i, [None] * len(gates)), conv.reshape(conv.shape[0], -1),
+                             decay_rate, self._tensor("lin_dt_bias", i), self._tensor("lin_norm", i),
                              self._linear(["lin_out"], i, [None]))
 
     def _attention(self, i: int) -> Attention:

@@ -23,6 +23,7 @@ from engine.weights.embedded import SMOLLM2_GGUF, asset_path
 from engine.weights.gguf_tensors import GGUFTensors
 from engine.weights.int4 import CUDA_INT4, CUDA_INT4_KERNELS, TRITON_INT4
 from engine.weights.sources import (
+    GGUF_HYBRID_NAMES,
     GGUF_NAMES,
     HF_NAMES,
     QWEN1_NAMES,
@@ -137,7 +138,8 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, 
     blocks = metadata.get(f"{metadata['general.architecture']}.block_count", 0)
     dense_mlp = tuple(i for i in range(blocks) if f"blk.{i}.ffn_gate_inp.weight" not in tensors)
     config = ModelConfig.from_gguf(metadata, has_output_weight="output.weight" in tensors, mlp_only_layers=dense_mlp)
-    builder = ModelBuilder(config, GGUFSource(tensors), GGUF_NAMES, dtype, device, int4_kernel=int4_kernel,
+    names = GGUF_HYBRID_NAMES if config.hybrid else GGUF_NAMES
+    builder = ModelBuilder(config, GGUFSource(tensors), names, dtype, device, int4_kernel=int4_kernel,
                            rope_permuted=config.arch == "llama", **split)
     tokenizer = with_builtin_template(HFTokenizer.from_gguf_metadata(metadata), config.arch)
     return LoadedModel(name, path, config, builder.build(progress), tokenizer)
@@ -164,7 +166,8 @@ def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.devi
         source = QuantizedSource(source, scheme)
     if quantization is not None:
         source = QuantizingSource(source, quantization, keep={names["embed"], names["lm_head"]})
-    model = ModelBuilder(config, source, names, dtype, device, int4_kernel=int4_kernel, **split).build(progress)
+    model = ModelBuilder(config, source, names, dtype, device, int4_kernel=int4_kernel,
+                         unit_offset_norms=config.hybrid, **split).build(progress)
     generation_path = folder / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
     tokenizer = with_builtin_template(load_folder_tokenizer(folder), config.arch)

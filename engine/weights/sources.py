@@ -137,3 +137,14 @@ GGUF_NAMES = {
     "router": "blk.{i}.ffn_gate_inp.weight",  # experts stacked in one tensor per part ({j} absent): [E, out, in]
     **{f"expert_{p}": f"blk.{{i}}.ffn_{p}_exps.weight" for p in ("gate", "up", "down")},
 }
+# llama.cpp's hybrid Qwen files: norms stored as 1 + weight, the decay rate as -exp(A_log), the linear layers'
+# queries, keys and values in one matrix, the output gate z apart; b and a apart (Qwen3.5) or grouped per key head.
+GGUF_HYBRID_NAMES = {
+    **GGUF_NAMES, "mlp_norm": "blk.{i}.post_attention_norm.weight",
+    **{f"shared_{p}": f"blk.{{i}}.ffn_{p}_shexp.weight" for p in ("gate", "up", "down")},
+    "shared_expert_gate": "blk.{i}.ffn_gate_inp_shexp.weight",
+    "lin_qkv": "blk.{i}.attn_qkv.weight", "lin_z": "blk.{i}.attn_gate.weight", "lin_b": "blk.{i}.ssm_beta.weight",
+    "lin_a": "blk.{i}.ssm_alpha.weight", "lin_ba": "blk.{i}.ssm_ba.weight", "lin_conv": "blk.{i}.ssm_conv1d.weight",
+    "lin_minus_a": "blk.{i}.ssm_a", "lin_dt_bias": "blk.{i}.ssm_dt.bias", "lin_norm": "blk.{i}.ssm_norm.weight",
+    "lin_out": "blk.{i}.ssm_out.weight",
+}

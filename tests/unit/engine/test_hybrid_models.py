@@ -12,6 +12,7 @@ from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.linear_attention import CHUNK, chunked_delta_rule, l2norm, recurrent_update
 from engine.scheduler import SchedulerConfig
 from engine.weights.loader import load_model
+from tests.llama_converter import convert
 
 ATOL = 1e-4  # fp32 logits, absolute (rtol 0)
 VOCAB = 320
@@ -33,6 +34,12 @@ CONFIGS = {  # layer_types: three linear layers, then full attention (the publis
 }
 
 
+def build_config(arch: str, vocab_size: int = VOCAB) -> transformers.PretrainedConfig:
+    config = CONFIGS[arch]()
+    (config.text_config if isinstance(config, transformers.Qwen3_5Config) else config).vocab_size = vocab_size
+    return config
+
+
 def write_checkpoint(folder, config) -> transformers.PreTrainedModel:
     """Random weights (std 0.15: at 0.5 transformers' own fp32 logits drift 2e-4 from its fp64 ones over 300
     tokens, so no fp32 implementation could be held to 1e-4) saved as transformers saves them."""
@@ -50,7 +57,7 @@ def write_checkpoint(folder, config) -> transformers.PreTrainedModel:
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def hybrid(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
-    reference = write_checkpoint(folder, CONFIGS[request.param]())
+    reference = write_checkpoint(folder, build_config(request.param))
     return folder, reference
 
 
@@ -143,3 +150,23 @@ def test_the_chunked_form_equals_the_recurrent_form():
                                               beta[t : t + 1])[0] for t in range(tokens)])
     torch.testing.assert_close(chunked, recurrent, rtol=0, atol=1e-10)
     torch.testing.assert_close(chunked_state, state[0], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_llama_cpp_conversion_of_the_checkpoint_gives_the_same_model(arch, smollm2_tokenizer_files, tmp_path):
+    """The checkpoint (with SmolLM2's 49,152-token vocabulary) converted by llama.cpp's own convert_hf_to_gguf.py:
+    norms stored as 1 + weight, the decay as -exp(A_log), Qwen3-Next's grouped projections split, Qwen3.5's value
+    heads reordered tiled. The GGUF file gives the folder's logits and greedy tokens."""
+    folder = tmp_path / "hf"
+    write_checkpoint(folder, build_config(arch, vocab_size=49152))
+    for file in smollm2_tokenizer_files.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    gguf = convert(folder, tmp_path / "model.gguf", "--no-mtp")
+    from_folder, from_gguf = (LLM(str(path), dtype="float32", device="cpu") for path in (folder, gguf))
+    assert from_gguf.engine.model_config.arch == from_folder.engine.model_config.arch
+    prompt = [token * 151 % 49152 for token in random_prompt(300)]
+    torch.testing.assert_close(from_gguf.engine.prompt_logits(prompt), from_folder.engine.prompt_logits(prompt),
+                               atol=ATOL, rtol=0)
+    prompts = [prompt[:90], prompt[:23]]
+    assert [o.token_ids for o in from_gguf.generate(prompts, GREEDY)] == \
+        [o.token_ids for o in from_folder.generate(prompts, GREEDY)]
