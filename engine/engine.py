@@ -22,8 +22,9 @@ from engine.layers import qwen_ntk_alpha
 from engine.linear_attention import state_bytes_per_sequence
 from engine.runner import ModelRunner
 from engine.sampling import PenaltyState, Sampler, SampleRequest, SampleResult, SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, StateSlots
+from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
+from engine.state_slots import StateSlots
 from engine.tensor_parallel import Leader, worker_device
 from engine.weights.loader import LoadedModel, int4_kernel_for, load_model
 from tokenizer import Tokenizer
@@ -43,6 +44,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     enforce_eager: bool = False  # CUDA: no graphs for decode steps
     kv_cache_dtype: str = "auto"  # "int8"/"fp8": keys and values in 8 bits with a scale per slot and head
+    state_snapshots: int = 8  # hybrid models: cached prefixes' linear-layer states kept (from the cache budget)
 
 
 @dataclass
@@ -127,20 +129,19 @@ class LLMEngine:
         if self.config.kv_cache_dtype == "fp8" and not reads_fp8(self.device):
             raise ValueError("kv_cache_dtype fp8 needs a CUDA card that reads fp8 (sm89: Ada, Hopper and later); "
                              "use int8 on this one")
+        self.states = (StateSlots(self.config.scheduler.max_num_seqs, self.config.state_snapshots)
+                       if self.model_config.hybrid else None)
         num_blocks = self._num_blocks()
-        hybrid = self.model_config.hybrid
-        self.blocks = BlockManager(num_blocks, self.config.block_size, prefix_sharing=not hybrid)
-        seats = self.config.scheduler.max_num_seqs
-        # a hybrid model's running sequences hold a state slot each; one more serves the prompt passes
-        self.pass_state_slot = seats if hybrid else None
+        self.blocks = BlockManager(num_blocks, self.config.block_size,
+                                   self.states.resumable if self.states is not None else None)
         self.runner = ModelRunner(model, model.config, num_blocks, self.config.block_size, self.device, self.dtype,
-                                  self.config.kv_cache_dtype, state_slots=seats + 1 if hybrid else 0)
+                                  self.config.kv_cache_dtype,
+                                  state_slots=self.states.total if self.states is not None else 0)
         if leader is not None:
             leader.setup(num_blocks, self.config.block_size, self.config.kv_cache_dtype)
             self.runner.followers = leader
         self._use_cuda_kernels()
-        self.scheduler = Scheduler(self.blocks, self.config.scheduler, self._cache_key,
-                                   StateSlots(seats) if hybrid else None)
+        self.scheduler = Scheduler(self.blocks, self.config.scheduler, self._cache_key, self.states)
         vocab_limit = self.tokenizer.vocab_size if self.tokenizer is not None else None
         self.sampler = Sampler(vocab_limit)
         self.vocab_size = min(vocab_limit or loaded.config.vocab_size, loaded.config.vocab_size)
@@ -213,22 +214,26 @@ class LLMEngine:
         if budget is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * 0.85) - self.state_bytes()
+                budget = int(free * 0.85) - self.state_bytes(running=True)
             else:  # room for every seat at full context, at most DEFAULT_CPU_KV_BYTES
                 seats = self.config.scheduler.max_num_seqs
                 full_context = (self.max_model_len + self.config.block_size) * bytes_per_token
                 budget = min(DEFAULT_CPU_KV_BYTES, full_context * seats)
-        num_blocks = budget // (bytes_per_token * self.config.block_size)
+        budget -= self.state_bytes(running=False)  # prefix snapshots share the cache budget with the blocks
+        num_blocks = max(budget, 0) // (bytes_per_token * self.config.block_size)
         if num_blocks * self.config.block_size < self.max_model_len:
             raise ValueError(f"KV cache of {budget} bytes holds {num_blocks * self.config.block_size} tokens, "
-                             f"fewer than max_model_len {self.max_model_len}: raise kv_cache_memory")
+                             f"fewer than max_model_len {self.max_model_len}: raise kv_cache_memory"
+                             + (" or lower state_snapshots" if self.states is not None else ""))
         return int(num_blocks)
 
-    def state_bytes(self) -> int:
-        """Bytes a hybrid model's linear layers keep for every seat (and the prompt passes' slot); 0 otherwise."""
-        if not self.model_config.hybrid:
+    def state_bytes(self, running: bool) -> int:
+        """Bytes a hybrid model's linear-layer states take: the seats' and the prompt passes' (``running``), or the
+        prefix snapshots'; 0 for other models."""
+        if self.states is None:
             return 0
-        return (self.config.scheduler.max_num_seqs + 1) * state_bytes_per_sequence(self.model_config, self.dtype)
+        slots = self.states.seats + 1 if running else self.states.snapshots
+        return slots * state_bytes_per_sequence(self.model_config, self.dtype)
 
     def _cache_key(self, seq: Sequence) -> Hashable:
         return seq.ntk_alpha
@@ -351,10 +356,10 @@ class LLMEngine:
             for seq in seqs:
                 if not self.blocks.allocate(seq, share=False):
                     raise InvalidRequestError("not enough free KV-cache blocks for this prompt")
-                seq.state_slot = self.pass_state_slot
+                seq.state_slot = self.states.pass_slot if self.states is not None else None
                 held.append(seq)
             with torch.inference_mode():
-                if self.pass_state_slot is None or len(seqs) == 1:
+                if self.states is None or len(seqs) == 1:
                     yield self.runner.hidden(seqs)
                 else:
                     yield torch.cat([self.runner.hidden([seq]) for seq in seqs])
@@ -374,6 +379,10 @@ class LLMEngine:
         if not batch:
             return []
         logits = self.runner.run(batch)
+        if self.states is not None:  # the step restored and kept the states it was told to
+            self.states.commit()
+            for seq in batch:
+                self.states.restored(seq)
         rows = [row for row, seq in enumerate(batch) if not seq.prefilling]
         outputs = self._sample(batch, logits, rows) if rows else []
         for seq in batch:

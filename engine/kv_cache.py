@@ -6,7 +6,7 @@ import hashlib
 import os
 from array import array
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from collections.abc import Sequence as Seq
 
 from engine.sequence import Sequence
@@ -30,14 +30,14 @@ class BlockManager:
     every leading block whose chain matches and whose stored tokens are its own (a digest alone is never
     trusted). A sequence keeps the digests of its full blocks, so each block is hashed once. Freed blocks keep
     their digest until they are handed out again, so a later request can still hit them (least recently freed go
-    first). Without ``prefix_sharing`` (hybrid models, whose linear layers' states no block restores) every
-    sequence computes its whole prompt.
+    first). With ``resumable`` (hybrid models, whose linear layers' states no block restores) a hit is cut back to
+    the longest prefix whose last block's digest it accepts (one with a state snapshot).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_sharing: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, resumable: Callable[[bytes], bool] | None = None) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.prefix_sharing = prefix_sharing
+        self.resumable = resumable
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._refs = [0] * num_blocks
         self._hash_of: dict[int, bytes] = {}
@@ -70,7 +70,7 @@ class BlockManager:
     def allocate(self, seq: Sequence, extra: Hashable = None, *, share: bool = True) -> bool:
         """Give ``seq`` blocks for all its tokens, reusing cached prefix blocks (unless not ``share``). False
         (nothing taken) when there are not enough free blocks."""
-        hashes = self._chain(seq, extra) if share and self.prefix_sharing else []
+        hashes = self._chain(seq, extra) if share else []
         hits: list[int] = []
         for index, block_hash in enumerate(hashes):
             block = self._block_of.get(block_hash)
@@ -79,6 +79,8 @@ class BlockManager:
             hits.append(block)
         # Always compute at least the last token, so its logits exist.
         if len(hits) * self.block_size >= len(seq):
+            hits.pop()
+        while hits and self.resumable is not None and not self.resumable(hashes[len(hits) - 1]):
             hits.pop()
         fresh_needed = self.blocks_needed(len(seq)) - len(hits)
         reusable_free = sum(1 for b in hits if self._refs[b] == 0)
@@ -110,7 +112,7 @@ class BlockManager:
         scheduled, so no other sequence can hit a block before its keys are written (a sequence scheduled in the
         same step reads them after they are written, layer by layer)."""
         full = min(seq.step_end // self.block_size, len(seq.block_table))
-        if full <= seq.registered_blocks or not self.prefix_sharing:
+        if full <= seq.registered_blocks:
             return
         chain = self._chain(seq, extra)
         for index in range(seq.registered_blocks, full):

@@ -9,7 +9,7 @@ plain torch, in fp32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,17 +20,22 @@ from engine.config import ModelConfig
 CHUNK = 64  # tokens per chunk of the chunked form
 
 
+Snapshot = tuple[int, int]  # (tokens into the row, slot): keep the row's state after that many of its tokens
+
+
 @dataclass
 class RecurrentStep:
     """Where a step's rows keep their states: ``decode_tokens``/``decode_slots`` [R] the packed index and slot of
-    every row with one new token (None when there are none); ``prompts`` (packed start, token count, slot) of each
-    row with several; ``fresh_slots`` the slots of rows that start at position 0 (their state starts at zero; None
-    when there are none)."""
+    every row with one new token (None when there are none); ``prompts`` (packed start, token count, slot,
+    snapshot or None) of each other row; ``fresh_slots`` the slots of rows that start at position 0 (their state
+    starts at zero; None when there are none); ``restores`` (snapshot slot, slot) of rows that resume a cached
+    prefix."""
 
     decode_tokens: torch.Tensor | None
     decode_slots: torch.Tensor | None
-    prompts: list[tuple[int, int, int]]
+    prompts: list[tuple[int, int, int, Snapshot | None]]
     fresh_slots: torch.Tensor | None
+    restores: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -45,6 +50,11 @@ class LayerState:
         """Zero the states of ``slots`` (sequences that start over)."""
         self.conv.index_fill_(0, slots, 0)
         self.recurrent.index_fill_(0, slots, 0)
+
+    def copy(self, source: int, target: int) -> None:
+        """Slot ``target`` takes slot ``source``'s states (a snapshot restored)."""
+        self.conv[target] = self.conv[source]
+        self.recurrent[target] = self.recurrent[source]
 
 
 class StateCache:
@@ -89,6 +99,8 @@ class GatedDeltaNet(nn.Module):
         self.tiled = config.linear_value_tiled
 
     def forward(self, x: torch.Tensor, step: RecurrentStep, state: LayerState) -> torch.Tensor:
+        for source, target in step.restores:
+            state.copy(source, target)
         if step.fresh_slots is not None:
             state.reset(step.fresh_slots)
         mixed, z = self.in_proj(x).split(self.split, dim=-1)
@@ -115,9 +127,12 @@ class GatedDeltaNet(nn.Module):
             window = torch.cat((state.conv[step.decode_slots], mixed[step.decode_tokens, None]), dim=1)
             out[step.decode_tokens] = (window.float() * weight.t()).sum(1)
             state.conv.index_copy_(0, step.decode_slots, window[:, 1:])
-        for start, count, slot in step.prompts:
+        for start, count, slot, snapshot in step.prompts:
             window = torch.cat((state.conv[slot], mixed[start : start + count]))
             out[start : start + count] = (window.float().unfold(0, kernel, 1) * weight).sum(-1)
+            if snapshot is not None:  # the kernel - 1 inputs before that position
+                offset, kept = snapshot
+                state.conv[kept] = window[offset : offset + kernel - 1]
             state.conv[slot] = window[count:]
         return F.silu(out).to(mixed.dtype)
 
@@ -139,9 +154,14 @@ class GatedDeltaNet(nn.Module):
             states = state.recurrent[step.decode_slots]
             out[rows] = recurrent_update(states, q[rows], k[rows], v[rows], decay[rows], beta[rows])
             state.recurrent.index_copy_(0, step.decode_slots, states)
-        for start, count, slot in step.prompts:
-            span = slice(start, start + count)
-            out[span] = chunked_delta_rule(state.recurrent[slot], q[span], k[span], v[span], decay[span], beta[span])
+        for start, count, slot, snapshot in step.prompts:
+            offset, kept = snapshot if snapshot is not None else (count, -1)
+            for span in (slice(start, start + offset), slice(start + offset, start + count)):
+                if span.stop > span.start:
+                    out[span] = chunked_delta_rule(state.recurrent[slot], q[span], k[span], v[span], decay[span],
+                                                   beta[span])
+                if kept >= 0 and span.stop == start + offset:
+                    state.recurrent[kept] = state.recurrent[slot]
         return out
 
     def gated_norm(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

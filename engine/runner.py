@@ -95,14 +95,14 @@ class ModelRunner:
         alpha indices, block tables padded to ``width`` pages. ``rows`` > len(batch) adds padding rows (one token
         at position 0 in the scratch page) for a captured step of that many rows. Filled in one int64 array: a
         captured step's tables are ``rows`` x the longest context's pages, mostly padding. A hybrid model's step
-        ends with each row's state slot."""
+        ends with each row's states (``state_ints``)."""
         rows = rows or len(batch)
         q_lens = [s.step_end - s.num_computed for s in batch]
         n = sum(q_lens) + rows - len(batch)
-        state_slots = rows if self.states is not None else 0
+        state_slots = STATE_INTS * rows if self.states is not None else 0
         ints = np.empty(2 * n + 3 * rows + rows * width + state_slots, dtype=np.int64)
         if state_slots:
-            ints[-state_slots:] = [seq.state_slot for seq in batch]
+            ints[-state_slots:] = np.array([state_ints(seq) for seq in batch]).T.reshape(-1)
         tokens, positions, q_len_t, kv_len_t, alpha_t, tables = np.split(ints[: len(ints) - state_slots],
                                                                          np.cumsum([n, n, rows, rows, rows]))
         tables = tables.reshape(rows, width)
@@ -138,8 +138,10 @@ class ModelRunner:
             return self.step_inputs(to_device(ints, torch.long, self.device), shape)
         b, n = shape.rows, shape.tokens
         counts = ints[2 * n : 2 * n + 2 * b].reshape(2, b)
-        token_ids, inputs = self.step_inputs(to_device(ints[:-b], torch.long, self.device), shape)
-        inputs.recurrent = recurrent_step(counts[0].tolist(), counts[1].tolist(), ints[-b:].tolist(), self.device)
+        tail = STATE_INTS * b
+        token_ids, inputs = self.step_inputs(to_device(ints[:-tail], torch.long, self.device), shape)
+        inputs.recurrent = recurrent_step(counts[0].tolist(), counts[1].tolist(),
+                                          ints[-tail:].reshape(STATE_INTS, b).T.tolist(), self.device)
         return token_ids, inputs
 
     def step_inputs(self, packed: torch.Tensor, shape: StepShape) -> tuple[torch.Tensor, StepInputs]:
@@ -213,21 +215,39 @@ class StepShape:
     kv_lens: list[int] | None = None
 
 
-def recurrent_step(q_lens: list[int], kv_lens: list[int], slots: list[int], device: torch.device) -> RecurrentStep:
-    """Where each row of a hybrid model's step keeps its states: rows with one new token together, the others one
-    by one; rows at position 0 start from zero states."""
+STATE_INTS = 4  # per row of a hybrid model's step: state slot, snapshot to restore, position and slot to keep
+
+
+def state_ints(seq: Sequence) -> tuple[int, int, int, int]:
+    """``seq``'s state slot, the snapshot it resumes from, and where this step keeps a snapshot (-1: none)."""
+    position, slot = seq.snapshot or (-1, -1)
+    return (seq.state_slot if seq.state_slot is not None else -1,
+            seq.restore_slot if seq.restore_slot is not None else -1, position, slot)
+
+
+def recurrent_step(q_lens: list[int], kv_lens: list[int], rows: list[list[int]],
+                   device: torch.device) -> RecurrentStep:
+    """Where each row of a hybrid model's step keeps its states (``rows``: each one's ``state_ints``): rows with
+    one new token and no snapshot to keep together, the others one by one; rows at position 0 start from zero
+    states, rows that resume a cached prefix from its snapshot."""
     starts = np.cumsum([0, *q_lens[:-1]]).tolist()
-    decodes = [row for row, q_len in enumerate(q_lens) if q_len == 1]
-    fresh = [slot for slot, q_len, kv_len in zip(slots, q_lens, kv_lens, strict=True) if q_len == kv_len]
+    decodes, prompts, fresh, restores = [], [], [], []
+    for start, q_len, kv_len, (slot, restore, position, snapshot) in zip(starts, q_lens, kv_lens, rows, strict=True):
+        if q_len == 1 and snapshot < 0:
+            decodes.append((start, slot))
+        else:
+            prompts.append((start, q_len, slot, (position - (kv_len - q_len), snapshot) if snapshot >= 0 else None))
+        if q_len == kv_len:
+            fresh.append(slot)
+        elif restore >= 0:
+            restores.append((restore, slot))
 
     def tensor(values: list[int]) -> torch.Tensor | None:
         return torch.tensor(values, dtype=torch.long, device=device) if values else None
 
-    return RecurrentStep(decode_tokens=tensor([starts[row] for row in decodes]),
-                         decode_slots=tensor([slots[row] for row in decodes]),
-                         prompts=[(start, q_len, slot) for start, q_len, slot in zip(starts, q_lens, slots, strict=True)
-                                  if q_len > 1],
-                         fresh_slots=tensor(fresh))
+    return RecurrentStep(decode_tokens=tensor([start for start, _ in decodes]),
+                         decode_slots=tensor([slot for _, slot in decodes]), prompts=prompts,
+                         fresh_slots=tensor(fresh), restores=restores)
 
 
 def ntk_alphas(max_model_len: int, seq_length: int) -> list[float]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from engine.kv_cache import BlockManager
 from engine.sequence import Sequence, Status
+from engine.state_slots import StateSlots
 
 
 class QueueFullError(RuntimeError):
@@ -26,29 +27,14 @@ class SchedulerConfig:
                              f"({self.max_num_seqs}): every running sequence decodes in each step")
 
 
-class StateSlots:
-    """A hybrid model's state slots: a running sequence holds one (``Sequence.state_slot``) from admission until it
-    finishes or is preempted; there are as many as running seats, so admission never waits for one."""
-
-    def __init__(self, count: int) -> None:
-        self._free = list(range(count - 1, -1, -1))
-
-    def take(self, seq: Sequence) -> None:
-        seq.state_slot = self._free.pop()
-
-    def give_back(self, seq: Sequence) -> None:
-        if seq.state_slot is not None:
-            self._free.append(seq.state_slot)
-            seq.state_slot = None
-
-
 class Scheduler:
     """Running sequences decode every step; waiting ones join as soon as there is room (blocks, seats, a token of
     the step's budget); prompts longer than the budget are computed a chunk a step.
 
     When the cache runs out of blocks, the newest running sequence is preempted: its blocks are freed and it
     goes back to the head of the queue to be recomputed later (prompt and output so far). With ``states`` (hybrid
-    models), a running sequence also holds a state slot, given back with its blocks.
+    models), a running sequence also holds a state slot, given back with its blocks; a cached prefix resumes from
+    its state snapshot, and a prompt's last full block gets one when the step that computes it is scheduled.
     """
 
     def __init__(self, blocks: BlockManager, config: SchedulerConfig, cache_key: Callable[[Sequence], Hashable],
@@ -108,6 +94,8 @@ class Scheduler:
             self.waiting.popleft()
             if self.states is not None:
                 self.states.take(seq)
+                if seq.num_computed:  # resumable prefixes only (``BlockManager.resumable``)
+                    self.states.restore(seq, seq.block_hashes[seq.num_computed // self.blocks.block_size - 1])
             if seq.num_cached_prompt_tokens == 0 and not seq.output_ids:
                 seq.num_cached_prompt_tokens = seq.num_computed
             seq.status = Status.RUNNING
@@ -131,7 +119,21 @@ class Scheduler:
         remaining = len(seq) - seq.num_computed
         seq.chunk_end = None if remaining <= budget else seq.num_computed + budget
         self.blocks.register(seq, self.cache_key(seq))
+        if self.states is not None:
+            self._plan_snapshot(seq)
         return min(remaining, budget)
+
+    def _plan_snapshot(self, seq: Sequence) -> None:
+        """A hybrid model's state at the end of the prompt's last full block, kept when this step computes it (a
+        later request that shares the prompt resumes there)."""
+        assert self.states is not None
+        size = self.blocks.block_size
+        boundary = len(seq.prompt_ids) // size * size
+        seq.snapshot = None
+        if seq.num_computed < boundary <= seq.step_end and len(seq.block_hashes) >= boundary // size:
+            slot = self.states.snapshot(seq.block_hashes[boundary // size - 1])
+            if slot is not None:
+                seq.snapshot = (boundary, slot)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -42,7 +42,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     registered_blocks: int = 0  # leading blocks of ``block_table`` whose digests the block manager registered
     chunk_end: int | None = None  # where this step's computation stops (chunked prefill); None: at ``len(self)``
-    state_slot: int | None = None  # hybrid models: where the linear layers keep this sequence's states
+    state_slot: int | None = None  # hybrid models: where the linear layers keep this sequence's states,
+    restore_slot: int | None = None  # the snapshot its cached prefix resumes from (copied in at its next step),
+    snapshot: tuple[int, int] | None = None  # and (position, slot): keep the state at that position this step
 
     def __post_init__(self) -> None:
         if self.params.grammar is not None:

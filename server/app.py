@@ -36,6 +36,7 @@ def build_engine(settings: Settings, progress=None) -> AsyncEngine:
         max_model_len=settings.max_model_len,
         enforce_eager=settings.enforce_eager,
         kv_cache_dtype=settings.kv_cache_dtype,
+        state_snapshots=settings.state_snapshots,
         scheduler=SchedulerConfig(max_num_seqs=settings.max_num_seqs,
                                   max_num_batched_tokens=settings.max_num_batched_tokens,
                                   max_waiting=settings.max_waiting),

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
         default=_ENGINE.kv_cache_dtype, description="keys and values in the model's dtype, or int8 or fp8 (e4m3; CUDA "
         "sm89+, or CPU without the native decode kernel) with a scale per token and head (~1.9x the tokens of bf16 at "
         "the same memory)")
+    state_snapshots: int = Field(
+        default=_ENGINE.state_snapshots, ge=0, le=4096, description="hybrid models (Qwen3.5, Qwen3-Next): cached "
+        "prefixes whose linear-layer states are kept, so a shared prompt resumes where it ended (each the size of one "
+        "sequence's states, taken from the KV cache budget; 0: prefixes are recomputed)")
     enforce_eager: bool = Field(default=_ENGINE.enforce_eager,
                                 description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     task: Literal["auto", "generate", "embed", "rerank"] = Field(

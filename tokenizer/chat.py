@@ -293,7 +293,8 @@ def template_variables(template: str | None) -> frozenset[str]:
     return frozenset(meta.find_undeclared_variables(parsed)) - RENDER_VARIABLES
 
 
-BUILTIN_TEMPLATES = {"qwen3": "qwen3.jinja", "qwen3_moe": "qwen3.jinja"}
+BUILTIN_TEMPLATES = {"qwen3": "qwen3.jinja", "qwen3_moe": "qwen3.jinja", "qwen3_next": "qwen3.jinja",
+                     "qwen3_5": "qwen3_5.jinja", "qwen3_5_moe": "qwen3_5.jinja"}
 
 
 def builtin_template(arch: str) -> str | None:

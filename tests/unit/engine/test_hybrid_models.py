@@ -13,6 +13,7 @@ from engine.linear_attention import CHUNK, chunked_delta_rule, l2norm, recurrent
 from engine.scheduler import SchedulerConfig
 from engine.weights.loader import load_model
 from tests.llama_converter import convert
+from tests.unit.engine.conftest import RecordingSampler
 
 ATOL = 1e-4  # fp32 logits, absolute (rtol 0)
 VOCAB = 320
@@ -21,7 +22,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
               linear_conv_kernel_dim=4)
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=32, max_position_embeddings=1024, tie_word_embeddings=False, **LINEAR)
+              head_dim=32, max_position_embeddings=2048, tie_word_embeddings=False, **LINEAR)
 EXPERTS = dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2)
 
 CONFIGS = {  # layer_types: three linear layers, then full attention (the published pattern), partial rotary 0.25
@@ -93,11 +94,11 @@ def test_greedy_tokens_alone_and_in_a_batch_of_mixed_lengths(hybrid):
 
 
 def engine_for(folder, *, budget: int = 2048, seats: int = 8, kv_bytes: int = 16 << 20,
-               max_model_len: int = 1024) -> LLMEngine:
+               max_model_len: int = 1024, snapshots: int = 8) -> LLMEngine:
     loaded = load_model(str(folder), dtype=torch.float32, device=torch.device("cpu"))
     scheduler = SchedulerConfig(max_num_seqs=seats, max_num_batched_tokens=budget)
     return LLMEngine(loaded, EngineConfig(kv_cache_memory=kv_bytes, max_model_len=max_model_len,
-                                          scheduler=scheduler))
+                                          scheduler=scheduler, state_snapshots=snapshots))
 
 
 def run(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
@@ -125,10 +126,53 @@ def test_a_preempted_sequence_recomputes_its_state(hybrid):
     folder, reference = hybrid
     prompts = [random_prompt(60, seed=6), random_prompt(60, seed=7)]
     per_block = 16 * 2 * 2 * 32 * 4  # 16 tokens of one attention layer's keys and values: 2 heads of 32, fp32
-    engine = engine_for(folder, seats=2, kv_bytes=per_block * 9, max_model_len=128)  # 144 tokens < 2 x (60 + 16)
+    engine = engine_for(folder, seats=2, kv_bytes=per_block * 9, max_model_len=128,  # 144 tokens < 2 x (60 + 16)
+                        snapshots=0)
     assert run(engine, prompts) == [greedy_reference(reference, p) for p in prompts]
     assert engine.scheduler.num_preemptions > 0
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def run_recorded(engine: LLMEngine, request_id: str, prompt: list[int]) -> tuple[list[int], torch.Tensor, int]:
+    """One request alone: its tokens, the logits of its sampled steps, and its cached prompt tokens."""
+    engine.sampler = recorder = RecordingSampler()
+    engine.add_request(request_id, prompt, GREEDY)
+    tokens, cached = [], -1
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+            cached = out.num_cached_tokens
+    return tokens, torch.cat(recorder.steps), cached
+
+
+def test_a_shared_prefix_resumes_from_its_state_snapshot(hybrid):
+    """A 1,100-token prompt keeps its state at its last full block (1,088 tokens); a second request that extends
+    it resumes there (only its last 52 tokens are computed) and gives a cold engine's logits and tokens."""
+    folder, reference = hybrid
+    first = random_prompt(1100, seed=8)
+    second = first + random_prompt(40, seed=9)
+    engine = engine_for(folder, max_model_len=1200)
+    run_recorded(engine, "first", first)
+    computed = []
+    engine.runner.run = lambda batch, run=engine.runner.run: computed.append(  # tokens each step computes
+        sum(s.step_end - s.num_computed for s in batch)) or run(batch)
+    tokens, logits, cached = run_recorded(engine, "second", second)
+    assert cached == 1088 and computed[0] == len(second) - 1088
+    cold_tokens, cold_logits, cold_cached = run_recorded(engine_for(folder, max_model_len=1200), "cold", second)
+    assert cold_cached == 0
+    torch.testing.assert_close(logits, cold_logits, atol=ATOL, rtol=0)
+    assert tokens == cold_tokens == greedy_reference(reference, second)
+
+
+def test_a_prefix_without_a_snapshot_is_recomputed(hybrid):
+    """With no snapshot slots, KV blocks alone never resume a hybrid model's prefix: nothing is reported cached and
+    the tokens are still right."""
+    folder, reference = hybrid
+    prompt = random_prompt(100, seed=10)
+    engine = engine_for(folder, snapshots=0)
+    run_recorded(engine, "first", prompt)
+    tokens, _, cached = run_recorded(engine, "again", [*prompt, 5, 6, 7])
+    assert cached == 0 and tokens == greedy_reference(reference, [*prompt, 5, 6, 7])
 
 
 def test_the_chunked_form_equals_the_recurrent_form():

@@ -9,6 +9,7 @@ from server.settings import Settings
 from server.structured import SchemaGrammars
 from server.tool_formats import FORMATS, detect_format
 from server.tool_formats.hermes import HermesFormat
+from server.tool_formats.qwen3_coder import Qwen3CoderFormat
 from server.tool_formats.react import ReactFormat
 from tokenizer.chat import builtin_template
 from tokenizer.react import Tool
@@ -36,4 +37,5 @@ def test_hermes_and_react_grammars_follow_their_formats(compiler):
 def test_the_format_is_read_from_the_chat_template():
     assert isinstance(detect_format(None), ReactFormat)
     assert isinstance(detect_format(builtin_template("qwen3")), HermesFormat)
+    assert isinstance(detect_format(builtin_template("qwen3_5")), Qwen3CoderFormat)
     assert {"react", "hermes"} <= set(FORMATS)
