@@ -20,12 +20,13 @@ from engine.device import reads_fp8, select_dtype, simulated_capability
 from engine.engine import EngineConfig
 from engine.kernels import triton_decode
 from engine.kv_store import kv_bytes_per_token
-from engine.model import DecoderModel, SparseMoE
+from engine.linear_attention import GatedDeltaNet, state_bytes_per_sequence
+from engine.model import Attention, DecoderModel, SparseMoE
 from engine.quant import QuantScheme
 from engine.weights.builder import ModelBuilder
 from engine.weights.loader import int4_kernel_for
 from engine.weights.shapes import ShapeSource
-from engine.weights.sources import HF_NAMES, QWEN1_NAMES
+from engine.weights.sources import HF_NAMES, QWEN1_NAMES, QWEN3_NEXT_NAMES
 
 CUDA = torch.device("cuda")  # the device the choices are made for
 STAND_IN = torch.device("meta")  # the device the tensors are made on
@@ -45,7 +46,7 @@ def fake_model(config: ModelConfig, *, dtype: torch.dtype, quantization: dict | 
     """``config``'s model built on ``STAND_IN`` (call within ``simulated_cuda``) with the kernels the engine would
     choose on the card: 4-bit matrices of a GPTQ/AWQ ``quantization`` config stay packed where a kernel takes them
     (``cuda_int4_kernel`` as the setting of that name)."""
-    names = QWEN1_NAMES if config.arch == "qwen" else HF_NAMES
+    names = QWEN1_NAMES if config.arch == "qwen" else QWEN3_NEXT_NAMES if config.arch == "qwen3_next" else HF_NAMES
     group = None
     if quantization:
         scheme = QuantScheme.from_config(quantization)
@@ -54,7 +55,8 @@ def fake_model(config: ModelConfig, *, dtype: torch.dtype, quantization: dict | 
     act_order = bool(quantization and quantization.get("desc_act", False))
     source = ShapeSource(config, names, STAND_IN, dtype, int4_group_size=group, act_order=act_order)
     kernel = int4_kernel_for(CUDA, dtype, cuda_kernel=cuda_int4_kernel) if group is not None else None
-    return ModelBuilder(config, source, names, dtype, STAND_IN, int4_kernel=kernel).build()
+    return ModelBuilder(config, source, names, dtype, STAND_IN, int4_kernel=kernel,
+                        unit_offset_norms=config.hybrid).build()
 
 
 def kernel_name(linear: nn.Module) -> str:
@@ -76,6 +78,8 @@ class MemoryPlan:
     kv_bytes_per_token: int
     max_model_len: int
     kv_cache_memory: int | None
+    state_bytes_per_sequence: int = 0  # hybrid models: one sequence's (or prefix snapshot's) linear-layer states
+    state_slots: int = 0  # the seats, the prompt passes' slot and the prefix snapshots
 
     @property
     def seats(self) -> int | None:
@@ -96,12 +100,17 @@ class MemoryPlan:
                 f"weights_bytes: {self.weights_bytes}",
                 f"kv_cache_dtype: {self.kv_cache_dtype}",
                 f"kv_bytes_per_token: {self.kv_bytes_per_token}",
-                f"kv_cache: {budget}"]
+                f"kv_cache: {budget}",
+                *([f"state_bytes_per_sequence: {self.state_bytes_per_sequence}",
+                   f"state_cache: {self.state_slots} slots (seats, prompt passes, prefix snapshots), "
+                   f"{self.state_slots * self.state_bytes_per_sequence / gib:.2f} GiB"]
+                  if self.state_bytes_per_sequence else [])]
 
 
 def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: int | None = None,
                 kv_cache_memory: int | None = None, kv_cache_dtype: str = "auto", cuda_int4_kernel: str = "auto",
-                capability: tuple[int, int] | None = None) -> MemoryPlan:
+                capability: tuple[int, int] | None = None, max_num_seqs: int | None = None,
+                state_snapshots: int | None = None) -> MemoryPlan:
     """The plan for the model folder ``model_dir`` (only ``config.json`` is read) on one CUDA card: this machine's
     when it has one, else one of ``capability`` (default sm90); the other arguments as the settings of their
     names."""
@@ -119,17 +128,27 @@ def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: in
             raise ValueError(f"kv_cache_dtype fp8 needs sm89 or later; this card is sm{capability[0]}{capability[1]}")
         model = fake_model(config, dtype=torch_dtype, quantization=raw.get("quantization_config"),
                            cuda_int4_kernel=cuda_int4_kernel)
-        layer = model.layers[0]
+        layer = next(layer for layer in model.layers if isinstance(layer.attn, Attention))
         mlp = layer.mlp.experts[0] if isinstance(layer.mlp, SparseMoE) else layer.mlp
         paged = triton_decode.available() and triton_decode.fits(config.head_dim, EngineConfig.block_size)
+        eager_reason = "linear-attention states" if config.hybrid else "routed experts"
         modules = {"attention qkv": kernel_name(layer.attn.qkv), "attention out": kernel_name(layer.attn.o_proj),
                    "mlp gate/up": kernel_name(mlp.gate_up), "mlp down": kernel_name(mlp.down),
                    "lm head": type(model.lm_head).__name__ if model.lm_head is not None else "tied embedding",
                    "decode attention": ("TritonPagedAttention, " + ("CUDA graphs" if model.graph_safe else
-                                        "eager (routed experts)")) if paged else "SDPA"}
+                                        f"eager ({eager_reason})")) if paged else "SDPA"}
+        linear = next((layer.attn for layer in model.layers if isinstance(layer.attn, GatedDeltaNet)), None)
+        if linear is not None:
+            modules["linear attention"] = (f"GatedDeltaNet in {len(config.linear_layers)} of {config.num_layers} "
+                                           f"layers, in_proj {kernel_name(linear.in_proj)}, torch recurrence")
         if isinstance(layer.mlp, SparseMoE):
             modules["mlp"] = f"SparseMoE: {config.num_experts} experts, {config.experts_per_token} per token"
         weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    engine = EngineConfig()
+    seats = max_num_seqs or engine.scheduler.max_num_seqs
+    snapshots = engine.state_snapshots if state_snapshots is None else state_snapshots
     return MemoryPlan(folder.name, capability, torch_dtype, modules, weights, kv_cache_dtype,
                       kv_bytes_per_token(config, torch_dtype, kv_cache_dtype),
-                      min(max_model_len or config.max_model_len, config.max_model_len), kv_cache_memory)
+                      min(max_model_len or config.max_model_len, config.max_model_len), kv_cache_memory,
+                      state_bytes_per_sequence(config, torch_dtype) if config.hybrid else 0,
+                      seats + 1 + snapshots if config.hybrid else 0)

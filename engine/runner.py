@@ -242,12 +242,11 @@ def recurrent_step(q_lens: list[int], kv_lens: list[int], rows: list[list[int]],
         elif restore >= 0:
             restores.append((restore, slot))
 
-    def tensor(values: list[int]) -> torch.Tensor | None:
-        return torch.tensor(values, dtype=torch.long, device=device) if values else None
-
-    return RecurrentStep(decode_tokens=tensor([start for start, _ in decodes]),
-                         decode_slots=tensor([slot for _, slot in decodes]), prompts=prompts,
-                         fresh_slots=tensor(fresh), restores=restores)
+    indices = [start for start, _ in decodes] + [slot for _, slot in decodes] + fresh  # one copy to the device
+    tokens, slots, fresh_slots = (to_device(indices, torch.long, device) if indices else torch.empty(0)).split(
+        [len(decodes), len(decodes), len(fresh)])
+    return RecurrentStep(decode_tokens=tokens if decodes else None, decode_slots=slots if decodes else None,
+                         prompts=prompts, fresh_slots=fresh_slots if fresh else None, restores=restores)
 
 
 def ntk_alphas(max_model_len: int, seq_length: int) -> list[float]:

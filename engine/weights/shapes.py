@@ -21,20 +21,38 @@ def part_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The shape of each canonical part (``engine.weights.sources`` names) of ``config``."""
     h, inner, vocab, q, kv = (config.hidden_size, config.intermediate_size, config.vocab_size, config.q_size,
                               config.kv_size)
+    gated_q = 2 * q if config.attn_output_gate else q  # q_proj also gives the output gate
+    conv, value, value_heads = config.linear_conv_dim, config.linear_value_heads * config.linear_value_dim, \
+        config.linear_value_heads
+    shared = config.shared_expert_intermediate_size
+    hybrid = {"lin_qkv": (conv, h), "lin_z": (value, h), "lin_b": (value_heads, h), "lin_a": (value_heads, h),
+              "lin_qkvz": (conv + value, h), "lin_ba": (2 * value_heads, h),
+              "lin_conv": (conv, 1, config.linear_conv_kernel), "lin_a_log": (value_heads,),
+              "lin_dt_bias": (value_heads,), "lin_norm": (config.linear_value_dim,), "lin_out": (h, value),
+              "shared_gate": (shared, h), "shared_up": (shared, h), "shared_down": (h, shared),
+              "shared_expert_gate": (1, h)}
     return {"embed": (vocab, h), "lm_head": (vocab, h), "final_norm": (h,), "attn_norm": (h,), "mlp_norm": (h,),
-            "qkv": (q + 2 * kv, h), "qkv_bias": (q + 2 * kv,), "q": (q, h), "k": (kv, h), "v": (kv, h),
+            "qkv": (gated_q + 2 * kv, h), "qkv_bias": (q + 2 * kv,), "q": (gated_q, h), "k": (kv, h), "v": (kv, h),
             "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,), "o": (h, q), "gate": (inner, h), "up": (inner, h),
             "down": (h, inner), "q_norm": (config.head_dim,), "k_norm": (config.head_dim,),
             "router": (config.num_experts, h), "expert_gate": (config.moe_intermediate_size, h),
-            "expert_up": (config.moe_intermediate_size, h), "expert_down": (h, config.moe_intermediate_size)}
+            "expert_up": (config.moe_intermediate_size, h), "expert_down": (h, config.moe_intermediate_size),
+            **(hybrid if config.hybrid else {})}
 
 
-MOE_PARTS = ("router", "expert_gate", "expert_up", "expert_down")
+MOE_PARTS = ("router", "expert_gate", "expert_up", "expert_down", "shared_gate", "shared_up", "shared_down",
+             "shared_expert_gate")
+ATTENTION_PARTS = ("qkv", "qkv_bias", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm")
 DENSE_MLP_PARTS = ("gate", "up", "down")
 
 
 def _layers_with(config: ModelConfig, part: str) -> list[int]:
-    """The layers holding ``part``: routed-expert parts in the sparse layers, the dense MLP in the others."""
+    """The layers holding ``part``: routed-expert parts in the sparse layers, the dense MLP in the others; a hybrid
+    model's linear-attention parts in its linear layers, attention parts in the others."""
+    if part.startswith("lin_"):
+        return list(config.linear_layers)
+    if part in ATTENTION_PARTS:
+        return [i for i in range(config.num_layers) if i not in config.linear_layers]
     if part in MOE_PARTS:
         return [i for i in range(config.num_layers) if config.sparse_layer(i)]
     if part in DENSE_MLP_PARTS:

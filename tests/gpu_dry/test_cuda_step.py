@@ -203,3 +203,26 @@ def test_a_wrong_flash_attn_argument_fails_it(card, monkeypatch):
     monkeypatch.setattr(VarlenLayout, "__init__", int64_offsets)
     with pytest.raises(AssertionError):
         run_steps(engine, steps=0)
+
+
+def test_a_hybrid_models_steps_run_on_the_card():
+    """Qwen3.5's shapes (24 Gated DeltaNet layers, 8 gated-attention layers with partial rotary): prompts on the
+    chunked form and decode rows on the recurrent one, their states in the card's state cache; decode attention on
+    the paged kernel for the attention layers alone, RoPE in torch ops (the fused kernel rotates whole heads)."""
+    name = "qwen3.5-defaults"
+    config = model_config(name)
+    with simulated_cuda((9, 0)):
+        model = fake_model(config, dtype=torch.bfloat16)
+        engine = LLMEngine(LoadedModel(name, Path(name), config, model, None),
+                           EngineConfig(kv_cache_memory=1 << 30, max_model_len=1024, state_snapshots=2))
+        paged = PagedDecodeContract(config.num_heads, config.num_kv_heads, config.head_dim)
+        model.use_paged_decode(lambda: paged)
+        assert engine.runner.decode_graphs is None and model.attentions[0].rope_store is None
+        logits = run_steps(engine)
+    for step in logits:
+        on_stand_in(step)
+        assert step.shape == (len(PROMPTS), config.vocab_size)
+    assert paged.calls == DECODE_STEPS * config.num_attention_layers == DECODE_STEPS * 8
+    states = engine.runner.states.layers
+    assert len(states) == 24 and states[0].recurrent.dtype == torch.float32
+    on_stand_in(states[0].recurrent, states[0].conv)
