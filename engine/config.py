@@ -223,12 +223,14 @@ class ModelConfig:
 
         heads = key("attention.head_count")
         hidden = key("embedding_length")
+        layers = key("block_count") - key("nextn_predict_layers", 0)  # multi-token-prediction blocks come last
         hybrid = {}
         if arch in ("qwen3next", "qwen35", "qwen35moe"):
             head_dim = key("attention.key_length") or hidden // heads
             value_heads = key("ssm.time_step_rank")
             hybrid = dict(
-                linear_layers=tuple(i for i, recurrent in enumerate(key("attention.recurrent_layers")) if recurrent),
+                linear_layers=tuple(i for i, recurrent in enumerate(key("attention.recurrent_layers")[:layers])
+                                    if recurrent),
                 linear_key_heads=key("ssm.group_count"), linear_value_heads=value_heads,
                 linear_key_dim=key("ssm.state_size"), linear_value_dim=key("ssm.inner_size") // value_heads,
                 linear_conv_kernel=key("ssm.conv_kernel"), rotary_dim=key("rope.dimension_count") or head_dim,
@@ -239,7 +241,7 @@ class ModelConfig:
             arch=GGUF_ARCHS[arch],
             vocab_size=key("vocab_size") or len(metadata["tokenizer.ggml.tokens"]),
             hidden_size=hidden,
-            num_layers=key("block_count"),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=key("attention.head_count_kv", heads),
             head_dim=key("attention.key_length") or hidden // heads,

@@ -4,9 +4,12 @@ chunked form), greedy tokens alone, in a batch of mixed lengths, over chunked pr
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
+from gguf import GGUFReader
 
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.linear_attention import CHUNK, chunked_delta_rule, l2norm, recurrent_update
@@ -14,6 +17,7 @@ from engine.scheduler import SchedulerConfig
 from engine.weights.loader import load_model
 from tests.llama_converter import convert
 from tests.unit.engine.conftest import RecordingSampler
+from tokenizer.gguf_metadata import gguf_metadata
 
 ATOL = 1e-4  # fp32 logits, absolute (rtol 0)
 VOCAB = 320
@@ -214,3 +218,40 @@ def test_llama_cpp_conversion_of_the_checkpoint_gives_the_same_model(arch, smoll
     prompts = [prompt[:90], prompt[:23]]
     assert [o.token_ids for o in from_gguf.generate(prompts, GREEDY)] == \
         [o.token_ids for o in from_folder.generate(prompts, GREEDY)]
+
+
+def add_mtp_weights(folder) -> None:
+    """A multi-token-prediction block as Qwen3.5 checkpoints ship it (``mtp.*``: one attention layer and MLP, the fc
+    that joins the embedding and the hidden state, their norms), made of the last layer's weights."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    last = "model.layers.3."
+    mtp = {f"mtp.layers.0.{name.removeprefix(last)}": tensor.clone() for name, tensor in weights.items()
+           if name.startswith(last)}
+    hidden = weights["model.norm.weight"].shape[0]
+    mtp |= {"mtp.fc.weight": torch.zeros(hidden, 2 * hidden), **{f"mtp.{norm}.weight": torch.zeros(hidden)
+            for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}}
+    save_file(weights | mtp, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["mtp_num_hidden_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_gguf_file_with_its_mtp_block_serves_the_model_without_it(smollm2_tokenizer_files, tmp_path):
+    """llama.cpp writes the MTP block as one more layer (``nextn_predict_layers``): it is left unread, and the file
+    gives the same logits as the one converted without it."""
+    folder = tmp_path / "hf"
+    write_checkpoint(folder, build_config("qwen3_5_text", vocab_size=49152))
+    for file in smollm2_tokenizer_files.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    without = convert(folder, tmp_path / "without.gguf", "--no-mtp")
+    add_mtp_weights(folder)
+    with_mtp = convert(folder, tmp_path / "with.gguf")
+    prompt = [token * 151 % 49152 for token in random_prompt(90)]
+    plain, extended = (LLM(str(path), dtype="float32", device="cpu") for path in (without, with_mtp))
+    metadata = gguf_metadata(GGUFReader(with_mtp))
+    assert (metadata["qwen35.block_count"], metadata["qwen35.nextn_predict_layers"]) == (5, 1)
+    assert extended.engine.model_config.num_layers == 4
+    torch.testing.assert_close(extended.engine.prompt_logits(prompt), plain.engine.prompt_logits(prompt), atol=0,
+                               rtol=0)
