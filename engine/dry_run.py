@@ -150,5 +150,5 @@ def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: in
     return MemoryPlan(folder.name, capability, torch_dtype, modules, weights, kv_cache_dtype,
                       kv_bytes_per_token(config, torch_dtype, kv_cache_dtype),
                       min(max_model_len or config.max_model_len, config.max_model_len), kv_cache_memory,
-                      state_bytes_per_sequence(config, torch_dtype) if config.hybrid else 0,
+                      state_bytes_per_sequence(config) if config.hybrid else 0,
                       seats + 1 + snapshots if config.hybrid else 0)

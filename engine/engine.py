@@ -233,7 +233,7 @@ class LLMEngine:
         if self.states is None:
             return 0
         slots = self.states.seats + 1 if running else self.states.snapshots
-        return slots * state_bytes_per_sequence(self.model_config, self.dtype)
+        return slots * state_bytes_per_sequence(self.model_config)
 
     def _cache_key(self, seq: Sequence) -> Hashable:
         return seq.ntk_alpha

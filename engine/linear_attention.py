@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.config import ModelConfig
+from engine.kernels.recurrent import DeltaRuleDecode
 
 CHUNK = 64  # tokens per chunk of the chunked form
 
@@ -40,8 +41,8 @@ class RecurrentStep:
 
 @dataclass
 class LayerState:
-    """One linear layer's states by slot: ``conv`` [slots, kernel - 1, conv channels] in the model dtype (the conv's
-    last inputs), ``recurrent`` [slots, value heads, key dim, value dim] fp32."""
+    """One linear layer's states by slot, fp32: ``conv`` [slots, kernel - 1, conv channels] (the conv's last inputs),
+    ``recurrent`` [slots, value heads, key dim, value dim]."""
 
     conv: torch.Tensor
     recurrent: torch.Tensor
@@ -60,16 +61,17 @@ class LayerState:
 class StateCache:
     """Every linear layer's states for ``slots`` sequences (``layers``: one ``LayerState`` per linear layer)."""
 
-    def __init__(self, config: ModelConfig, slots: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, slots: int, device: torch.device) -> None:
         self.layers = [LayerState(
-            torch.zeros(slots, config.linear_conv_kernel - 1, config.linear_conv_dim, dtype=dtype, device=device),
+            torch.zeros(slots, config.linear_conv_kernel - 1, config.linear_conv_dim, dtype=torch.float32,
+                        device=device),
             torch.zeros(slots, config.linear_value_heads, config.linear_key_dim, config.linear_value_dim,
                         dtype=torch.float32, device=device)) for _ in config.linear_layers]
 
 
-def state_bytes_per_sequence(config: ModelConfig, dtype: torch.dtype) -> int:
+def state_bytes_per_sequence(config: ModelConfig) -> int:
     """Bytes one sequence's states take over all linear layers."""
-    conv = (config.linear_conv_kernel - 1) * config.linear_conv_dim * dtype.itemsize
+    conv = (config.linear_conv_kernel - 1) * config.linear_conv_dim * 4
     recurrent = config.linear_value_heads * config.linear_key_dim * config.linear_value_dim * 4
     return len(config.linear_layers) * (conv + recurrent)
 
@@ -85,7 +87,7 @@ class GatedDeltaNet(nn.Module):
         """``conv_weight``: [channels, kernel]; ``decay_rate``: A = exp(A_log) per value head."""
         super().__init__()
         self.in_proj, self.gate_proj, self.out_proj = in_proj, gate_proj, out_proj
-        self.conv_weight = nn.Parameter(conv_weight, requires_grad=False)
+        self.conv_taps = nn.Parameter(conv_weight.float().t().contiguous(), requires_grad=False)  # [kernel, channels]
         self.decay_rate = nn.Parameter(decay_rate.float(), requires_grad=False)
         self.dt_bias = nn.Parameter(dt_bias, requires_grad=False)
         self.norm_weight = nn.Parameter(norm_weight, requires_grad=False)
@@ -97,72 +99,78 @@ class GatedDeltaNet(nn.Module):
         self.split = (2 * key_size + value_size, value_size)  # conv inputs, z
         self.qkv_split = (key_size, key_size, value_size)
         self.tiled = config.linear_value_tiled
+        self.decode_kernel: DeltaRuleDecode | None = None  # the native recurrent form (CPU), set by the builder
 
     def forward(self, x: torch.Tensor, step: RecurrentStep, state: LayerState) -> torch.Tensor:
         for source, target in step.restores:
             state.copy(source, target)
         if step.fresh_slots is not None:
             state.reset(step.fresh_slots)
+        n = x.shape[0]
         mixed, z = self.in_proj(x).split(self.split, dim=-1)
         b, a = self.gate_proj(x).split(self.value_heads, dim=-1)
-        mixed = self.conv(mixed, step, state)
-        n = x.shape[0]
-        q, k, v = mixed.split(self.qkv_split, dim=-1)
-        q = q.reshape(n, self.key_heads, self.key_dim)
-        k = k.reshape(n, self.key_heads, self.key_dim)
-        v = v.reshape(n, self.value_heads, self.value_dim)
         beta = b.float().sigmoid()
         decay = -self.decay_rate * F.softplus(a.float() + self.dt_bias.float())  # log of the state's decay
-        core = self.delta_rule(q, k, v, decay, beta, step, state)
+        decode = self.decode_rows if self.decode_kernel is None else self.decode_kernel
+        if step.decode_slots is not None and not step.prompts:  # a decode step: every row, in order
+            core = decode(state, step.decode_slots, self.conv_taps, mixed, decay, beta)
+        else:
+            core = torch.empty((n, self.value_heads, self.value_dim), dtype=torch.float32, device=x.device)
+        if step.decode_tokens is not None and step.decode_slots is not None and step.prompts:
+            rows = step.decode_tokens
+            core[rows] = decode(state, step.decode_slots, self.conv_taps, mixed[rows], decay[rows], beta[rows])
+        for start, count, slot, snapshot in step.prompts:
+            span = slice(start, start + count)
+            core[span] = self.prompt_row(state, slot, snapshot, mixed[span], decay[span], beta[span])
         return self.out_proj(self.gated_norm(core.to(x.dtype), z.view(n, self.value_heads, self.value_dim))
                              .reshape(n, -1))
 
-    def conv(self, mixed: torch.Tensor, step: RecurrentStep, state: LayerState) -> torch.Tensor:
-        """SiLU of the depthwise causal conv over each row's inputs, preceded by its stored window; the window's
-        end is stored back."""
-        out = torch.empty(mixed.shape, dtype=torch.float32, device=mixed.device)
-        weight = self.conv_weight.float()  # [channels, kernel]
-        kernel = weight.shape[1]
-        if step.decode_tokens is not None and step.decode_slots is not None:
-            window = torch.cat((state.conv[step.decode_slots], mixed[step.decode_tokens, None]), dim=1)
-            out[step.decode_tokens] = (window.float() * weight.t()).sum(1)
-            state.conv.index_copy_(0, step.decode_slots, window[:, 1:])
-        for start, count, slot, snapshot in step.prompts:
-            window = torch.cat((state.conv[slot], mixed[start : start + count]))
-            out[start : start + count] = (window.float().unfold(0, kernel, 1) * weight).sum(-1)
-            if snapshot is not None:  # the kernel - 1 inputs before that position
-                offset, kept = snapshot
-                state.conv[kept] = window[offset : offset + kernel - 1]
-            state.conv[slot] = window[count:]
-        return F.silu(out).to(mixed.dtype)
+    def decode_rows(self, state: LayerState, slots: torch.Tensor, taps: torch.Tensor, mixed: torch.Tensor,
+                    decay: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """Rows with one new token each (torch's ops; ``DeltaRuleDecode`` computes the same in one native call):
+        the conv over each row's stored window and its input, then the recurrent form; [R, value heads, V]."""
+        window = torch.cat((state.conv[slots], mixed[:, None].to(state.conv.dtype)), dim=1)
+        state.conv.index_copy_(0, slots, window[:, 1:])
+        q, k, v = self.heads(F.silu((window * taps).sum(1)))
+        states = state.recurrent[slots]
+        out = recurrent_update(states, q, k, v, decay, beta)
+        state.recurrent.index_copy_(0, slots, states)
+        return out
 
-    def delta_rule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, beta: torch.Tensor,
-                   step: RecurrentStep, state: LayerState) -> torch.Tensor:
-        """Each row's delta-rule output [N, value heads, value dim] (fp32), its state advanced in place."""
+    def prompt_row(self, state: LayerState, slot: int, snapshot: Snapshot | None, mixed: torch.Tensor,
+                   decay: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """One row with several new tokens: the conv over its stored window and inputs, then the chunked form from
+        its state; with a ``snapshot``, both states are kept where it says. [T, value heads, V]."""
+        count, kernel = mixed.shape[0], self.conv_taps.shape[0]
+        window = torch.cat((state.conv[slot], mixed.to(state.conv.dtype)))
+        if snapshot is not None:  # the kernel - 1 inputs before that position
+            state.conv[snapshot[1]] = window[snapshot[0] : snapshot[0] + kernel - 1]
+        state.conv[slot] = window[count:]
+        q, k, v = self.heads(F.silu((window.unfold(0, kernel, 1) * self.conv_taps.t()).sum(-1)))
+        offset, kept = snapshot if snapshot is not None else (count, -1)
+        out = torch.empty_like(v)
+        for span in (slice(0, offset), slice(offset, count)):
+            if span.stop > span.start:
+                out[span] = chunked_delta_rule(state.recurrent[slot], q[span], k[span], v[span], decay[span],
+                                               beta[span])
+            if kept >= 0 and span.stop == offset:
+                state.recurrent[kept] = state.recurrent[slot]
+        return out
+
+    def heads(self, convolved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (L2-normalised and scaled), keys (L2-normalised) and values per value head, fp32, from the
+        conv's output [N, channels] (each key head serves value_heads / key_heads value heads: grouped, or tiled
+        in llama.cpp's Qwen3.5 files)."""
+        n = convolved.shape[0]
+        q, k, v = convolved.float().split(self.qkv_split, dim=-1)
+        q = l2norm(q.reshape(n, self.key_heads, self.key_dim))
+        k = l2norm(k.reshape(n, self.key_heads, self.key_dim))
         repeat = self.value_heads // self.key_heads
-        q = l2norm(q.float())
-        k = l2norm(k.float())
         if repeat > 1 and self.tiled:
             q, k = q.repeat(1, repeat, 1), k.repeat(1, repeat, 1)
         elif repeat > 1:
             q, k = q.repeat_interleave(repeat, dim=1), k.repeat_interleave(repeat, dim=1)
-        q = q * self.key_dim**-0.5
-        v = v.float()
-        out = torch.empty_like(v)
-        if step.decode_tokens is not None and step.decode_slots is not None:
-            rows = step.decode_tokens
-            states = state.recurrent[step.decode_slots]
-            out[rows] = recurrent_update(states, q[rows], k[rows], v[rows], decay[rows], beta[rows])
-            state.recurrent.index_copy_(0, step.decode_slots, states)
-        for start, count, slot, snapshot in step.prompts:
-            offset, kept = snapshot if snapshot is not None else (count, -1)
-            for span in (slice(start, start + offset), slice(start + offset, start + count)):
-                if span.stop > span.start:
-                    out[span] = chunked_delta_rule(state.recurrent[slot], q[span], k[span], v[span], decay[span],
-                                                   beta[span])
-                if kept >= 0 and span.stop == start + offset:
-                    state.recurrent[kept] = state.recurrent[slot]
-        return out
+        return q * self.key_dim**-0.5, k, v.reshape(n, self.value_heads, self.value_dim)
 
     def gated_norm(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """RMSNorm over each value head (in fp32, weighted in the model dtype), times SiLU(z)."""

@@ -35,7 +35,7 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.scratch_page = num_blocks
         self.kv_cache = KVCache(config, (num_blocks + 1) * block_size, dtype, device, kv_cache_dtype)
-        self.states = StateCache(config, state_slots, dtype, device) if config.hybrid else None
+        self.states = StateCache(config, state_slots, device) if config.hybrid else None
         self.caches = self._layer_caches()
         alphas = ntk_alphas(config.max_model_len, config.seq_length) if config.use_dynamic_ntk else [1.0]
         self.alpha_index = {alpha: index for index, alpha in enumerate(alphas)}

@@ -12,6 +12,7 @@ from engine.config import ModelConfig
 from engine.device import head_dtype
 from engine.kernels import attention as attention_kernel
 from engine.kernels import flash, gguf_matmul, native, q4q8, q8head, triton_int4
+from engine.kernels import recurrent as recurrent_kernel
 from engine.kernels.sequential_attention import sequential_varlen
 from engine.layers import (
     CudaInt4Linear,
@@ -188,10 +189,13 @@ class ModelBuilder:
         conv = self._tensor("lin_conv", i)
         decay_rate = (-self._tensor("lin_minus_a", i, torch.float32) if "lin_minus_a" in self.names
                       else self._tensor("lin_a_log", i, torch.float32).exp())
-        return GatedDeltaNet(self.config, self._linear(main, i, [None] * len(main)),
-                             self._linear(gates, i, [None] * len(gates)), conv.reshape(conv.shape[0], -1),
-                             decay_rate, self._tensor("lin_dt_bias", i), self._tensor("lin_norm", i),
-                             self._linear(["lin_out"], i, [None]))
+        layer = GatedDeltaNet(self.config, self._linear(main, i, [None] * len(main)),
+                              self._linear(gates, i, [None] * len(gates)), conv.reshape(conv.shape[0], -1),
+                              decay_rate, self._tensor("lin_dt_bias", i), self._tensor("lin_norm", i),
+                              self._linear(["lin_out"], i, [None]))
+        if self.isa is not None and recurrent_kernel.fits(self.config):
+            layer.decode_kernel = recurrent_kernel.DeltaRuleDecode(self.config, self.isa)
+        return layer
 
     def _attention(self, i: int) -> Attention:
         if "qkv" in self.names:

@@ -159,22 +159,22 @@ def test_an_fp8_cache_plan_is_refused_before_ada_and_the_triton_kernels_are_plan
 
 def test_a_hybrid_plan_counts_both_layer_kinds_and_the_state_cache():
     """Qwen3.5-shaped (transformers' defaults: 24 Gated DeltaNet layers and 8 gated-attention layers): keys and
-    values for the attention layers only, and each sequence's linear-layer states (a conv window and an fp32
-    [value heads, key dim, value dim] matrix per linear layer) for every seat, the prompt passes and the snapshots."""
+    values for the attention layers only, and each sequence's linear-layer states (a conv window and a
+    [value heads, key dim, value dim] matrix per linear layer, fp32) for every seat, the prompt passes and the
+    snapshots."""
     plan = plan_memory(CONFIGS / "qwen3.5-defaults", max_num_seqs=8, state_snapshots=4)
     c = model_config("qwen3.5-defaults")
     h, q, kv, inner = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
     conv, value = c.linear_conv_dim, c.linear_value_heads * c.linear_value_dim
     attention = h * (2 * q + 2 * kv) + q * h + 2 * c.head_dim
-    linear = h * (conv + value + 2 * c.linear_value_heads) + conv * c.linear_conv_kernel + \
-        c.linear_value_heads + c.linear_value_dim + value * h  # at bf16, and the decay rates A at fp32:
-    decay_rates = len(c.linear_layers) * c.linear_value_heads * 4
+    linear = h * (conv + value + 2 * c.linear_value_heads) + c.linear_value_heads + c.linear_value_dim + value * h
+    fp32 = len(c.linear_layers) * (c.linear_value_heads + conv * c.linear_conv_kernel) * 4  # decay rates, conv taps
     layers = len(c.linear_layers) * linear + c.num_attention_layers * attention + c.num_layers * (3 * inner * h + 2 * h)
-    assert plan.weights_bytes == 2 * (2 * c.vocab_size * h + layers + h) + decay_rates
+    assert plan.weights_bytes == 2 * (2 * c.vocab_size * h + layers + h) + fp32
     assert (len(c.linear_layers), c.num_attention_layers) == (24, 8)
     assert plan.kv_bytes_per_token == 8 * 2 * c.num_kv_heads * c.head_dim * 2
-    per_sequence = 24 * ((c.linear_conv_kernel - 1) * conv * 2 + c.linear_value_heads * c.linear_key_dim *
-                         c.linear_value_dim * 4)
+    per_sequence = 24 * 4 * ((c.linear_conv_kernel - 1) * conv + c.linear_value_heads * c.linear_key_dim *
+                             c.linear_value_dim)  # fp32
     assert (plan.state_bytes_per_sequence, plan.state_slots) == (per_sequence, 8 + 1 + 4)
     assert plan.modules["decode attention"] == "TritonPagedAttention, eager (linear-attention states)"
     assert plan.lines()[-1] == f"state_cache: 13 slots (seats, prompt passes, prefix snapshots), " \

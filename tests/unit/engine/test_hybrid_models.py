@@ -12,7 +12,8 @@ import transformers
 from gguf import GGUFReader
 
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
-from engine.linear_attention import CHUNK, chunked_delta_rule, l2norm, recurrent_update
+from engine.kernels import native
+from engine.linear_attention import CHUNK, GatedDeltaNet, chunked_delta_rule, l2norm, recurrent_update
 from engine.scheduler import SchedulerConfig
 from engine.weights.loader import load_model
 from tests.llama_converter import convert
@@ -95,6 +96,18 @@ def test_greedy_tokens_alone_and_in_a_batch_of_mixed_lengths(hybrid):
     expected = [greedy_reference(reference, p) for p in prompts]
     assert llm.generate([prompts[0]], GREEDY)[0].token_ids == expected[0]
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
+
+
+@pytest.mark.parametrize("isa", [isa for isa in native.ISAS if native.runs_here(isa)])
+def test_the_native_recurrent_kernel_gives_the_reference_tokens(isa, tmp_path):
+    """fp32 on a native build: decode rows advance their states in ``recurrent.cpp`` (the layers stay dense fp32)
+    and give transformers' greedy tokens, alone and batched."""
+    reference = write_checkpoint(tmp_path, build_config("qwen3_5_text"))
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_isa=isa)
+    assert all(layer.attn.decode_kernel is not None for layer in llm.engine.runner.model.layers
+               if isinstance(layer.attn, GatedDeltaNet))
+    prompts = [random_prompt(90), random_prompt(23, seed=2)]
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == [greedy_reference(reference, p) for p in prompts]
 
 
 def engine_for(folder, *, budget: int = 2048, seats: int = 8, kv_bytes: int = 16 << 20,

@@ -1,0 +1,98 @@
+// gated_delta_decode: one token of a Gated DeltaNet layer for each of a step's rows, on the states where they live
+// (no gather into a batch and back): the causal conv over the stored window and the new input, SiLU, the
+// L2-normalised query and key, and the gated delta rule's recurrent form.
+//
+// Per row: y = silu(sum_j taps[j] * window[j]) over the kernel - 1 stored inputs and x, the window shifted by x.
+// Per row and value head, with its key head's query q (scaled by key_dim^-1/2) and key k, value v, state S [K, V],
+// decay g = exp(log decay) and beta b:
+//   S' = g S + k (b (v - g S^T k))^T,   out = S'^T q
+// in two passes over S instead of torch's six: the first reads S for a = S^T k and c = S^T q, the second writes
+// S' = g S + k d^T with d = b (v - g a), and out = g c + (k . q) d (S' is never read again). fp32 throughout; each
+// row and head is computed alone, so nothing depends on the rest of the batch.
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "simd.h"
+
+using simd::F16;
+
+namespace {
+
+// x * (1 / sqrt(sum x^2 + 1e-6)) * scale into out (the reference's l2norm, then the query's scale)
+void l2_normalise(const float* x, int64_t n, float scale, float* out) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+    const float factor = scale / std::sqrt(sum + 1e-6f);
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] * factor;
+}
+
+}  // namespace
+
+extern "C" void gated_delta_decode(float* conv_state, float* states, const int64_t* slots, const float* taps,
+                                   const float* x, const float* log_decay, const float* beta, int64_t rows,
+                                   int64_t kernel, int64_t key_heads, int64_t value_heads, int64_t key_dim,
+                                   int64_t value_dim, int tiled, float* convolved, float* out, int threads) {
+    const int64_t channels = 2 * key_heads * key_dim + value_heads * value_dim;  // a multiple of 16
+    const int64_t lanes = value_dim / 16;  // value_dim is a multiple of 16, at most 512; key_dim at most 512
+    const int64_t per_key = value_heads / key_heads;
+#pragma omp parallel num_threads(threads) if (rows * channels >= 4096)
+    {
+#pragma omp for schedule(static)
+        for (int64_t block = 0; block < rows * (channels / 16); ++block) {
+            const int64_t row = block / (channels / 16), c = 16 * (block % (channels / 16));
+            float* window = conv_state + slots[row] * (kernel - 1) * channels;
+            const F16 input = simd::load(x + row * channels + c);
+            F16 sum = simd::mul(simd::load(taps + (kernel - 1) * channels + c), input);
+            for (int64_t j = 0; j < kernel - 1; ++j) {
+                const F16 tap = simd::load(taps + j * channels + c);
+                const F16 held = simd::load(window + j * channels + c);
+                sum = simd::fmadd(tap, held, sum);
+                simd::store(window + j * channels + c, j + 1 < kernel - 1 ? simd::load(window + (j + 1) * channels + c)
+                                                                           : input);
+            }
+            float lane[16];
+            simd::store(lane, sum);
+            for (int i = 0; i < 16; ++i) lane[i] = lane[i] / (1.0f + std::exp(-lane[i]));
+            simd::store(convolved + row * channels + c, simd::load(lane));
+        }
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < rows * value_heads; ++task) {
+            const int64_t row = task / value_heads, head = task % value_heads;
+            const int64_t key_head = tiled ? head % key_heads : head / per_key;
+            const float* y = convolved + row * channels;
+            float qr[512], kr[512];
+            l2_normalise(y + key_head * key_dim, key_dim, 1.0f / std::sqrt((float)key_dim), qr);
+            l2_normalise(y + (key_heads + key_head) * key_dim, key_dim, 1.0f, kr);
+            const float* vr = y + 2 * key_heads * key_dim + head * value_dim;
+            float* s = states + (slots[row] * value_heads + head) * key_dim * value_dim;
+            const float g = std::exp(log_decay[task]), b = beta[task];
+            F16 a[32], c[32];
+            for (int64_t j = 0; j < lanes; ++j) a[j] = c[j] = simd::zero();
+            float kq = 0.0f;
+            for (int64_t i = 0; i < key_dim; ++i) {
+                const F16 ki = simd::set1(kr[i]), qi = simd::set1(qr[i]);
+                for (int64_t j = 0; j < lanes; ++j) {
+                    const F16 sij = simd::load(s + i * value_dim + 16 * j);
+                    a[j] = simd::fmadd(sij, ki, a[j]);
+                    c[j] = simd::fmadd(sij, qi, c[j]);
+                }
+                kq += kr[i] * qr[i];
+            }
+            const F16 gv = simd::set1(g), bv = simd::set1(b), kqv = simd::set1(kq);
+            F16 d[32];
+            for (int64_t j = 0; j < lanes; ++j) {
+                d[j] = simd::mul(bv, simd::sub(simd::load(vr + 16 * j), simd::mul(gv, a[j])));
+                simd::store(out + task * value_dim + 16 * j, simd::fmadd(gv, c[j], simd::mul(kqv, d[j])));
+            }
+            for (int64_t i = 0; i < key_dim; ++i) {
+                const F16 ki = simd::set1(kr[i]);
+                for (int64_t j = 0; j < lanes; ++j) {
+                    float* p = s + i * value_dim + 16 * j;
+                    simd::store(p, simd::fmadd(gv, simd::load(p), simd::mul(ki, d[j])));
+                }
+            }
+        }
+    }
+}
