@@ -34,7 +34,7 @@ def hybrid_server(tmp_path_factory, smollm2_tokenizer_files) -> Iterator[Running
 
 
 def chat(server: RunningServer, messages: list[dict]) -> dict:
-    reply = httpx.post(f"{server.base}/v1/chat/completions", timeout=120, json={
+    reply = httpx.post(f"{server.base}/chat/completions", timeout=120, json={
         "model": "tiny-qwen3.5", "messages": messages, "max_tokens": 8, "temperature": 0})
     assert reply.status_code == 200, reply.text
     return reply.json()
