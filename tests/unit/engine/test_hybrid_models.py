@@ -192,6 +192,52 @@ def test_a_prefix_without_a_snapshot_is_recomputed(hybrid):
     assert cached == 0 and tokens == greedy_reference(reference, [*prompt, 5, 6, 7])
 
 
+class FailingLater:
+    """A grammar that allows every token until its matcher's ``calls``-th mask, which raises: a fault in one row's
+    sampling during a decode step (a prefill step's rows start from zeros, so running one again changes nothing)."""
+
+    def __init__(self, calls: int) -> None:
+        self.calls = calls
+
+    def matcher(self, stop_ids):
+        grammar = self
+
+        class Matcher:
+            asked = 0
+
+            def fill_next_token_bitmask(self, bitmask, index):
+                self.asked += 1
+                if self.asked >= grammar.calls:
+                    raise RuntimeError("matcher fault")
+                bitmask[index] = -1
+
+            def accept_token(self, token_id):
+                return True
+
+        return Matcher()
+
+
+def test_a_row_that_fails_in_sampling_ends_alone_without_advancing_the_others_twice(hybrid):
+    """A failed batch is sampled again row by row from the step's kept logits: running the forward pass again, as
+    for other models, would advance every row's state a second time."""
+    folder, reference = hybrid
+    engine = engine_for(folder)
+    prompts = [random_prompt(30, seed=11), random_prompt(12, seed=12)]
+    engine.add_request("a", prompts[0], GREEDY)
+    engine.add_request("bad", random_prompt(9, seed=13),
+                       SamplingParams(temperature=0, max_tokens=16, grammar=FailingLater(4)))
+    engine.add_request("c", prompts[1], GREEDY)
+    tokens: dict[str, list[int]] = {"a": [], "bad": [], "c": []}
+    reasons = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+    assert reasons == {"a": "length", "bad": "error", "c": "length"} and len(tokens["bad"]) == 3  # then it broke
+    assert [tokens["a"], tokens["c"]] == [greedy_reference(reference, p) for p in prompts]
+
+
 def test_the_chunked_form_equals_the_recurrent_form():
     """fp64, from a non-zero state, over a length that is not a multiple of the chunk: the chunked form's output and
     final state are the token-by-token recurrence's."""

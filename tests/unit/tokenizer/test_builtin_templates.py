@@ -1,6 +1,6 @@
-"""The built-in Qwen3.5 chat format renders every text conversation as the template published with Qwen3.5 does
-(llama.cpp keeps it as ``models/templates/Qwen3.5-4B.jinja``): system turns, tools, past calls and their results,
-reasoning kept after the last question, thinking on and off."""
+"""The built-in Qwen3 and Qwen3.5 chat formats render every text conversation as the templates published with those
+models do (llama.cpp keeps them as ``models/templates/Qwen-Qwen3-0.6B.jinja`` and ``Qwen3.5-4B.jinja``): system
+turns, tools, past calls and their results, reasoning kept after the last question, thinking on and off."""
 
 from __future__ import annotations
 
@@ -38,11 +38,18 @@ CONVERSATIONS = {
 }
 
 
+PUBLISHED = {"qwen3": "Qwen-Qwen3-0.6B.jinja", "qwen3_5": "Qwen3.5-4B.jinja"}
+# how a reply opens with thinking on (left to the model in Qwen3, pre-opened in Qwen3.5), and off
+OPENINGS = {"qwen3": ("<|im_start|>assistant\n", "<think>\n\n</think>\n\n"),
+            "qwen3_5": ("<|im_start|>assistant\n<think>\n", "<think>\n\n</think>\n\n")}
+
+
 @pytest.mark.parametrize("thinking", [None, True, False])
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
-def test_the_builtin_qwen3_5_format_renders_as_the_published_template(name, thinking):
+@pytest.mark.parametrize("arch", list(PUBLISHED))
+def test_the_builtin_format_renders_as_the_published_template(arch, name, thinking):
     messages, tools = CONVERSATIONS[name]
     context = {"tools": tools, "add_generation_prompt": True, "enable_thinking": thinking}
-    published = render_chat_template(published_template("Qwen3.5-4B.jinja"), messages, **context)
-    assert render_chat_template(builtin_template("qwen3_5"), messages, **context) == published
-    assert published.endswith("<think>\n\n</think>\n\n" if thinking is False else "<|im_start|>assistant\n<think>\n")
+    published = render_chat_template(published_template(PUBLISHED[arch]), messages, **context)
+    assert render_chat_template(builtin_template(arch), messages, **context) == published
+    assert published.endswith(OPENINGS[arch][thinking is False])
