@@ -96,16 +96,14 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> ModelConfig:
-        """From a ``config.json`` of model_type ``qwen`` (Qwen-1), ``qwen2``, ``qwen3``, ``qwen3_moe`` or
-        ``llama``."""
+        """From a ``config.json`` of model_type ``qwen`` (Qwen-1), ``qwen2``, ``qwen3``, ``qwen3_moe``, ``llama`` or
+        a hybrid one (``qwen3_next``, ``qwen3_5``, ``qwen3_5_moe``, their ``_text`` forms)."""
         model_type = config.get("model_type")
         if model_type == "qwen":
             return cls._from_qwen1(config)
         if model_type in ("qwen3_5", "qwen3_5_moe") and "text_config" in config:  # the multimodal layout
             config = {**config["text_config"], "model_type": model_type}
         model_type = TEXT_CONFIGS.get(model_type, model_type)
-        if model_type in HYBRID:
-            return cls._from_hybrid(config, model_type)
         if model_type not in SUPPORTED:
             raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
         rope_scaling = config.get("rope_scaling") or {}
@@ -113,7 +111,7 @@ class ModelConfig:
             raise ValueError(f"unsupported rope_scaling {rope_scaling}")
         heads = config["num_attention_heads"]
         rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return cls(
+        fields = dict(
             arch=model_type,
             vocab_size=config["vocab_size"],
             hidden_size=config["hidden_size"],
@@ -121,57 +119,40 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            intermediate_size=config["intermediate_size"],
+            intermediate_size=config["intermediate_size"] if model_type != "qwen3_5_moe"
+            else config.get("intermediate_size") or 0,  # Qwen3.5-MoE's layers are all experts
             rms_norm_eps=config["rms_norm_eps"],
             rope_theta=float(rope_theta),
             max_model_len=config.get("max_position_embeddings", 2048),
             qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", *HYBRID),
             num_experts=config.get("num_experts") or config.get("num_local_experts") or 0
-            if model_type == "qwen3_moe" else 0,
-            experts_per_token=config.get("num_experts_per_tok", 0),
-            moe_intermediate_size=config.get("moe_intermediate_size", 0),
-            norm_topk_prob=bool(config.get("norm_topk_prob", True)),
-            decoder_sparse_step=config.get("decoder_sparse_step") or 1,
-            mlp_only_layers=tuple(config.get("mlp_only_layers") or ()),
-        )
-
-    @classmethod
-    def _from_hybrid(cls, config: dict[str, Any], model_type: str) -> ModelConfig:
-        """Qwen3-Next and Qwen3.5 (dense or with experts): ``layer_types`` name each layer's kind."""
-        rope = config.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"unsupported rope_parameters {rope}")
-        heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        kinds = config.get("layer_types") or [
-            "full_attention" if (i + 1) % config.get("full_attention_interval", 4) == 0 else "linear_attention"
-            for i in range(layers)]
-        if set(kinds) - {"full_attention", "linear_attention"} or len(kinds) != layers:
-            raise ValueError(f"unsupported layer_types {kinds}")
-        experts = (config.get("num_experts") or 0) if model_type != "qwen3_5" else 0
-        return cls(
-            arch=model_type,
-            vocab_size=config["vocab_size"],
-            hidden_size=config["hidden_size"],
-            num_layers=layers,
-            num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            intermediate_size=config.get("intermediate_size") or 0,
-            rms_norm_eps=config["rms_norm_eps"],
-            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-            max_model_len=config.get("max_position_embeddings", 2048),
-            qkv_bias=bool(config.get("attention_bias", False)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qk_norm=True,
-            num_experts=experts,
+            if model_type in ("qwen3_moe", "qwen3_next", "qwen3_5_moe") else 0,
             experts_per_token=config.get("num_experts_per_tok", 0),
             moe_intermediate_size=config.get("moe_intermediate_size", 0),
             norm_topk_prob=bool(config.get("norm_topk_prob", True)),  # Qwen3.5-MoE always renormalizes
             decoder_sparse_step=config.get("decoder_sparse_step") or 1,
             mlp_only_layers=tuple(config.get("mlp_only_layers") or ()),
+        )
+        if model_type in HYBRID:
+            fields |= cls._hybrid_fields(config, fields["head_dim"], has_experts=bool(fields["num_experts"]))
+        return cls(**fields)
+
+    @staticmethod
+    def _hybrid_fields(config: dict[str, Any], head_dim: int, has_experts: bool) -> dict[str, Any]:
+        """What Qwen3-Next and Qwen3.5 add: ``layer_types`` name each layer's kind, the linear layers' shapes,
+        partial rotary, the attention output gate and a shared expert."""
+        rope = config.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"unsupported rope_parameters {rope}")
+        layers = config["num_hidden_layers"]
+        kinds = config.get("layer_types") or [
+            "full_attention" if (i + 1) % config.get("full_attention_interval", 4) == 0 else "linear_attention"
+            for i in range(layers)]
+        if set(kinds) - {"full_attention", "linear_attention"} or len(kinds) != layers:
+            raise ValueError(f"unsupported layer_types {kinds}")
+        return dict(
             linear_layers=tuple(i for i, kind in enumerate(kinds) if kind == "linear_attention"),
             linear_key_heads=config["linear_num_key_heads"],
             linear_value_heads=config["linear_num_value_heads"],
@@ -180,7 +161,7 @@ class ModelConfig:
             linear_conv_kernel=config["linear_conv_kernel_dim"],
             rotary_dim=int(head_dim * rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))),
             attn_output_gate=bool(config.get("attn_output_gate", True)),
-            shared_expert_intermediate_size=(config.get("shared_expert_intermediate_size") or 0) if experts else 0,
+            shared_expert_intermediate_size=(config.get("shared_expert_intermediate_size") or 0) if has_experts else 0,
         )
 
     @classmethod

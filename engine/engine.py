@@ -398,7 +398,7 @@ class LLMEngine:
         requests = [SampleRequest(s.params, s.prompt_ids, s.output_ids, s.stop_ids, s.generator, s.matcher,
                                   s.penalties) for s in sampled]
         # a hybrid model's step advanced its states: it cannot run again, so its logits are kept for the failure path
-        kept = logits.clone() if self.model_config.hybrid else None
+        kept = logits.clone() if self.states is not None else None
         try:
             picks: list[Pick] = list(self._picks(self.sampler(logits, requests)))
         except Exception:

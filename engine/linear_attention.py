@@ -4,7 +4,8 @@ A linear layer keeps, for each running sequence, a fixed-size state in a slot of
 ``kernel - 1`` inputs of its causal conv and the [value heads, key dim, value dim] matrix of the delta rule. A step's
 rows with one new token update their states together (the recurrent form); a row with several (a prompt or a chunk
 of one) runs the chunked form from its state, in chunks of ``CHUNK`` tokens. Both are the reference definitions in
-plain torch, in fp32.
+plain torch, in fp32; on CPU with the native kernels the decode rows run in one native call instead
+(``kernels/recurrent``).
 """
 
 from __future__ import annotations

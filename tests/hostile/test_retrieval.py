@@ -23,8 +23,25 @@ def embedder() -> Iterator[ServerProcess]:
         yield server
 
 
+def raw_body(fields: str, key: str, item: bytes, count: int) -> bytes:
+    """A body whose ``key`` lists ``item`` ``count`` times after the JSON ``fields``, written as bytes (too big to
+    build as objects)."""
+    return f'{{"model": "{SMOL_NAME}", {fields}"{key}": ['.encode() + b",".join([item] * count) + b"]}"
+
+
 def raw_inputs(item: bytes, count: int) -> bytes:
-    return b'{"model": "' + SMOL_NAME.encode() + b'", "input": [' + b",".join([item] * count) + b"]}"
+    return raw_body("", "input", item, count)
+
+
+def refused_then_served(server: ServerProcess, path: str, payload: Any, param: str, code: str | None,
+                        says: str | None, ordinary: dict) -> dict:
+    """``payload`` refused by its rule while /health is probed, then the ``ordinary`` request served; its reply."""
+    raw = payload if isinstance(payload, bytes) else None
+    refused(send_while_probing(server, "POST", path, body=None if raw is not None else payload, raw=raw), 400,
+            param=param, code=code, says=says)
+    reply = httpx.post(server.url + path, json=ordinary, timeout=60)
+    assert reply.status_code == 200
+    return reply.json()
 
 
 CASES: list[tuple[str, Any, str, str | None, str]] = [
@@ -42,11 +59,8 @@ CASES: list[tuple[str, Any, str, str | None, str]] = [
 @pytest.mark.parametrize(("payload", "param", "code", "says"), [case[1:] for case in CASES],
                          ids=[case[0] for case in CASES])
 def test_embedding_requests_are_refused_by_their_rule(embedder, payload, param, code, says):
-    raw = payload if isinstance(payload, bytes) else None
-    reply = send_while_probing(embedder, "POST", EMBEDDINGS, body=None if raw is not None else payload, raw=raw)
-    refused(reply, 400, param=param, code=code, says=says)
-    ordinary = httpx.post(embedder.url + EMBEDDINGS, json={"model": SMOL_NAME, "input": ["hi", "there"]}, timeout=60)
-    assert ordinary.status_code == 200 and len(ordinary.json()["data"]) == 2
+    ordinary = {"model": SMOL_NAME, "input": ["hi", "there"]}
+    assert len(refused_then_served(embedder, EMBEDDINGS, payload, param, code, says, ordinary)["data"]) == 2
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +70,7 @@ def reranker() -> Iterator[ServerProcess]:
 
 
 def raw_documents(item: bytes, count: int) -> bytes:
-    return b'{"model": "' + SMOL_NAME.encode() + b'", "query": "q", "documents": [' + b",".join([item] * count) + b"]}"
+    return raw_body('"query": "q", ', "documents", item, count)
 
 
 RERANK_CASES: list[tuple[str, Any, str, str | None, str]] = [
@@ -74,9 +88,5 @@ RERANK_CASES: list[tuple[str, Any, str, str | None, str]] = [
 @pytest.mark.parametrize(("payload", "param", "code", "says"), [case[1:] for case in RERANK_CASES],
                          ids=[case[0] for case in RERANK_CASES])
 def test_rerank_requests_are_refused_by_their_rule(reranker, payload, param, code, says):
-    raw = payload if isinstance(payload, bytes) else None
-    reply = send_while_probing(reranker, "POST", "/v1/rerank", body=None if raw is not None else payload, raw=raw)
-    refused(reply, 400, param=param, code=code, says=says)
-    ordinary = httpx.post(reranker.url + "/v1/rerank", timeout=60, json={
-        "model": SMOL_NAME, "query": "capital of France?", "documents": ["Paris.", "Bananas."]})
-    assert ordinary.status_code == 200 and len(ordinary.json()["results"]) == 2
+    ordinary = {"model": SMOL_NAME, "query": "capital of France?", "documents": ["Paris.", "Bananas."]}
+    assert len(refused_then_served(reranker, "/v1/rerank", payload, param, code, says, ordinary)["results"]) == 2
