@@ -34,6 +34,7 @@ def test_a_snapshot_is_resumable_after_its_step_and_replaced_least_recently_used
     assert slots.resumable(b"a") and slots.resumable(b"b")
     reader = sequence()
     slots.restore(reader, b"a")  # "a" is now the most recently used
+    slots.restored(reader)  # and no longer held: only its use orders it
     assert slots.snapshot(b"c") == second and not slots.resumable(b"b")
 
 
