@@ -13,10 +13,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' $(TORCH)
 	touch $(STAMP)
 
-# The coding agents the tests drive (npm packages, pinned in tests/integration/agents.py) and llama.cpp's GGUF
-# converter (tests/llama_converter.py) go to a cache directory, so that `make test` runs them without a network.
+# The coding agents the tests drive (npm packages, pinned in tests/integration/agents.py), llama.cpp's GGUF
+# converter (tests/llama_converter.py) and the wheels the image's install script takes (tests/deploy/wheelhouse.py)
+# go to a cache directory, so that `make test` runs them without a network.
 install: $(STAMP)
 	$(PY) -m tests.llama_converter
+	$(PY) -m tests.deploy.wheelhouse
 ifneq ($(shell command -v npm),)
 	$(PY) -m tests.integration.agents
 endif

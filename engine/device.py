@@ -50,6 +50,12 @@ def reads_fp8(device: torch.device) -> bool:
     return True
 
 
+def on_card(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA card: a real one, or a dry run's stand-in for one (the meta device within
+    ``simulated_capability``), so that a dry run takes every CUDA path of the step."""
+    return device.type == "cuda" or (device.type == "meta" and _SIMULATED_CAPABILITY.get() is not None)
+
+
 @contextmanager
 def simulated_capability(capability: tuple[int, int]) -> Iterator[None]:
     """Within: every choice that depends on the CUDA card is made for one of ``capability`` (dry runs, where the

@@ -34,11 +34,13 @@ ASSUMED_CAPABILITY = (9, 0)  # a plan made without a GPU is for a Hopper card (A
 
 
 @contextmanager
-def simulated_cuda(capability: tuple[int, int] = ASSUMED_CAPABILITY) -> Iterator[FakeTensorMode]:
+def simulated_cuda(capability: tuple[int, int] = ASSUMED_CAPABILITY,
+                   mode: FakeTensorMode | None = None) -> Iterator[FakeTensorMode]:
     """Within: tensors are fake (a host sync, a data-dependent shape or a tensor of another device meeting a
-    ``STAND_IN`` one raises), and the card's capability is ``capability``."""
-    with simulated_capability(capability), FakeTensorMode() as mode:
-        yield mode
+    ``STAND_IN`` one raises), and the card's capability is ``capability``. ``mode``: the fake tensor mode to use (a
+    subclass can watch every op: modes stacked above it are not consulted under ``torch.inference_mode``)."""
+    with simulated_capability(capability), (mode or FakeTensorMode()) as fake:
+        yield fake
 
 
 def fake_model(config: ModelConfig, *, dtype: torch.dtype, quantization: dict | None = None,

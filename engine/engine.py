@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.cuda_graphs import DecodeGraphs
-from engine.device import reads_fp8, select_device, select_dtype
+from engine.cuda_graphs import CudaGraphCapture, DecodeGraphs
+from engine.device import on_card, reads_fp8, select_device, select_dtype
 from engine.kv_cache import BlockManager
 from engine.kv_store import kv_bytes_per_token
 from engine.layers import qwen_ntk_alpha
@@ -26,6 +26,7 @@ from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.state_slots import StateSlots
 from engine.tensor_parallel import Leader, worker_device
+from engine.transfer import to_device
 from engine.weights.loader import LoadedModel, int4_kernel_for, load_model
 from tokenizer import Tokenizer
 
@@ -199,14 +200,14 @@ class LLMEngine:
         """On CUDA, the model's Triton kernels (``DecoderModel.use_triton_kernels``) and, unless ``enforce_eager``,
         decode steps replayed from CUDA graphs."""
         model = self.runner.model
-        if self.device.type != "cuda":
+        if not on_card(self.device):
             return
         model.use_triton_kernels(self.config.block_size)
         if not model.uses_paged_decode:
             return
         if not self.config.enforce_eager and model.graph_safe and self.leader is None:
             self.runner.use_decode_graphs(DecodeGraphs(self.runner, self.config.scheduler.max_num_seqs,
-                                                       self.max_model_len))
+                                                       self.max_model_len, CudaGraphCapture(self.device)))
 
     def _num_blocks(self) -> int:
         bytes_per_token = kv_bytes_per_token(self.model_config, self.dtype, self.config.kv_cache_dtype)
@@ -270,7 +271,7 @@ class LLMEngine:
             max_tokens=min(params.max_tokens or room, room),
             ntk_alpha=qwen_ntk_alpha(len(prompt), c.seq_length) if c.use_dynamic_ntk else 1.0,
             generator=None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed),
-            penalties=PenaltyState(params, prompt, (), c.vocab_size, self.device),
+            penalties=PenaltyState(params, prompt, (), frozenset(stop_ids), c.vocab_size, self.device),
         )
         self.scheduler.add(seq)
         self._sequences[request_id] = seq
@@ -393,8 +394,7 @@ class LLMEngine:
     def _sample(self, batch: list[Sequence], logits: torch.Tensor, rows: list[int]) -> list[StepOutput]:
         """A token for each of ``batch``'s ``rows`` (the sequences whose tokens are all computed)."""
         sampled = [batch[row] for row in rows]
-        if len(rows) < len(batch):
-            logits = logits[torch.tensor(rows, device=logits.device)]
+        logits = self._rows_of(logits, rows)
         requests = [SampleRequest(s.params, s.prompt_ids, s.output_ids, s.stop_ids, s.generator, s.matcher,
                                   s.penalties) for s in sampled]
         # a hybrid model's step advanced its states: it cannot run again, so its logits are kept for the failure path
@@ -407,6 +407,11 @@ class LLMEngine:
         return [self._advance(seq, pick) for seq, pick in zip(sampled, picks, strict=True)]
 
     @staticmethod
+    def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """``logits``' ``rows`` (the tensor itself when they are all of it)."""
+        return logits if len(rows) == logits.shape[0] else logits[to_device(rows, torch.long, logits.device)]
+
+    @staticmethod
     def _picks(result: SampleResult) -> zip:
         return zip(result.token_ids, result.logprobs, strict=True)
 
@@ -415,7 +420,7 @@ class LLMEngine:
         """The failure path: the forward pass again (it rewrites the same cache slots with the same values), or
         the ``kept`` logits of the sampled rows, then each row sampled on its own, so the rows that fail are
         known."""
-        logits = self.runner.run(batch)[rows] if kept is None else kept
+        logits = self._rows_of(self.runner.run(batch), rows) if kept is None else kept
         picks: list[Pick] = []
         for row, request in enumerate(requests):
             try:

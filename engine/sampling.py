@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 
-from engine.transfer import to_device
+from engine.transfer import host_buffer, to_device, to_host
 
 if TYPE_CHECKING:
     from engine.grammar import Grammar
 
-_BITS = torch.arange(32, dtype=torch.int32)
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (1/T would overflow fp32 logits)
 SEED_RANGE = 1 << 64  # seeds are unsigned 64-bit integers
 
@@ -95,16 +96,17 @@ class PenaltyState:
     """One row's penalty and bias inputs as tensors on the logits' device, kept up to date token by token, so a step
     costs the same whatever the length of the prompt, the output or the ``logit_bias`` map."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Seq[int], output_ids: Seq[int], width: int,
-                 device: torch.device) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: Seq[int], output_ids: Seq[int], stop_ids: frozenset[int],
+                 width: int, device: torch.device) -> None:
         self.bias_ids = self.bias_values = None
         if params.logit_bias:
-            self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
-            self.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
+            self.bias_ids = to_device(list(params.logit_bias), torch.long, device)
+            self.bias_values = to_device(list(params.logit_bias.values()), torch.float32, device)
+        self.stop_ids = to_device(sorted(stop_ids), torch.long, device) if params.min_tokens and stop_ids else None
         self.seen = self.counts = None
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(width, dtype=torch.bool, device=device)
-            self.seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
+            self.seen[to_device(list(prompt_ids), torch.long, device)] = True
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(width, dtype=torch.float32, device=device)
         for token in output_ids:
@@ -142,12 +144,13 @@ def apply_penalties_and_bias(logits: torch.Tensor, rows: Seq[SampleRequest]) -> 
     """Logit bias, min_tokens bans, HF repetition penalty and OpenAI presence/frequency penalties, in place. The
     penalties run once for all the rows that use them (their states stacked), not row by row."""
     states = [r.state if r.state is not None else
-              PenaltyState(r.params, r.prompt_ids, r.output_ids, logits.shape[-1], logits.device) for r in rows]
+              PenaltyState(r.params, r.prompt_ids, r.output_ids, r.stop_ids, logits.shape[-1],
+                           logits.device) for r in rows]
     for row, (request, state) in enumerate(zip(rows, states, strict=True)):
         if state.bias_ids is not None:
             logits[row, state.bias_ids] += state.bias_values.to(logits.dtype)
-        if len(request.output_ids) < request.params.min_tokens and request.stop_ids:
-            logits[row, list(request.stop_ids)] = float("-inf")
+        if len(request.output_ids) < request.params.min_tokens and state.stop_ids is not None:
+            logits[row, state.stop_ids] = float("-inf")
     repeated = [row for row, state in enumerate(states) if state.seen is not None]
     if repeated:
         index = to_device(repeated, torch.long, logits.device)
@@ -170,13 +173,14 @@ def mask_logits(logits: torch.Tensor, rows: Seq[SampleRequest]) -> None:
     constrained = [(row, r.matcher) for row, r in enumerate(rows) if r.matcher is not None]
     if not constrained:
         return
-    vocab = logits.shape[-1]
-    bitmask = torch.empty(len(constrained), (vocab + 31) // 32, dtype=torch.int32)
+    vocab, device = logits.shape[-1], logits.device
+    bitmask = host_buffer((len(constrained), (vocab + 31) // 32), torch.int32, device)
     for index, (_, matcher) in enumerate(constrained):
         matcher.fill_next_token_bitmask(bitmask, index)
-    allowed = ((bitmask[:, :, None] >> _BITS) & 1).bool().view(len(constrained), -1)[:, :vocab]
-    index = torch.tensor([row for row, _ in constrained], dtype=torch.long, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+    bits = bitmask.to(device, non_blocking=True)
+    allowed = ((bits[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1).bool()
+    index = to_device([row for row, _ in constrained], torch.long, device)
+    logits[index] = logits[index].masked_fill(~allowed.view(len(constrained), -1)[:, :vocab], float("-inf"))
 
 
 def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -193,17 +197,19 @@ def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min
 
 
 class Sampler:
-    """Picks the next token of every row in one pass; ``vocab_limit`` hides embedding rows no tokenizer has."""
+    """Picks the next token of every row in one pass; ``vocab_limit`` hides embedding rows no tokenizer has.
+    ``read_back`` is the step's one read of device results (``transfer.to_host``; a dry run stands it in)."""
 
     def __init__(self, vocab_limit: int | None = None) -> None:
         self.vocab_limit = vocab_limit
+        self.read_back: Callable[..., list[np.ndarray]] = to_host
 
     def __call__(self, logits: torch.Tensor, rows: Seq[SampleRequest]) -> SampleResult:
         logits = logits.float()
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit:] = float("-inf")
-        want_logprobs = [r.params.logprobs is not None for r in rows]
-        raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
+        wanted = [r.params.logprobs for r in rows]
+        raw_logprobs = logits.log_softmax(dim=-1) if any(k is not None for k in wanted) else None
         logits = apply_penalties_and_bias(logits, rows)
         mask_logits(logits, rows)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -214,17 +220,18 @@ class Sampler:
             if sampled:
                 index = to_device(sampled, torch.long, logits.device)
                 chosen[index] = self._sample(logits[index], [rows[i] for i in sampled])
-        token_ids = chosen.tolist()
+        if raw_logprobs is None:
+            (token_ids,) = self.read_back(chosen)
+            return SampleResult(token_ids.tolist(), [None] * len(rows))
+        top = max(k for k in wanted if k is not None)
+        top_values, top_ids = raw_logprobs.topk(top, dim=-1)
+        host = self.read_back(chosen, raw_logprobs.gather(1, chosen[:, None])[:, 0], top_ids, top_values)
+        token_ids, chosen_values, top_ids, top_values = (array.tolist() for array in host)
         logprobs: list[dict[int, float] | None] = []
-        for row, request in enumerate(rows):
-            k = request.params.logprobs
-            if k is None or raw_logprobs is None:
-                logprobs.append(None)
-                continue
-            entry = {token_ids[row]: raw_logprobs[row, token_ids[row]].item()}
+        for row, k in enumerate(wanted):
+            entry = None if k is None else {token_ids[row]: chosen_values[row]}
             if k:
-                values, ids = raw_logprobs[row].topk(k)
-                entry.update(zip(ids.tolist(), values.tolist(), strict=True))
+                entry.update(zip(top_ids[row][:k], top_values[row][:k], strict=True))
             logprobs.append(entry)
         return SampleResult(token_ids, logprobs)
 

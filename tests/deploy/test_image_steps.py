@@ -1,7 +1,7 @@
-"""The CPU image's steps, replayed outside a container: docker/install.sh into a fresh virtual environment, the
-build stage's asset fetch, then the final stage's ENTRYPOINT under its ENV (paths mapped into a temporary
-folder) with the compose file's config. The server must come up healthy, answer, pass the image's HEALTHCHECK
-command, and exit 0 on SIGTERM."""
+"""The CPU image's steps, replayed outside a container: docker/install.sh into a fresh virtual environment (from the
+wheels `make install` caches, without a network), the build stage's asset fetch, then the final stage's ENTRYPOINT
+under its ENV (paths mapped into a temporary folder) with the compose file's config. The server must come up
+healthy, answer, pass the image's HEALTHCHECK command, and exit 0 on SIGTERM."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from tests.deploy.dockerfile import env_of, final_stage, instructions
+from tests.deploy.wheelhouse import offline_env
 from tests.integration.conftest import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +33,8 @@ def image(tmp_path_factory) -> dict[str, Path]:
              "/etc/qwen-serve": ROOT / "config"}
     steps = instructions(DOCKERFILE.read_text())
     build_stage = steps[: len(steps) - len(final_stage(steps))]
-    build_env = {**os.environ, **mapped(env_of(build_stage), paths), "TORCH_INDEX_URL": ""}
+    # every wheel from the cache `make install` fills: no network inside `make test`
+    build_env = {**os.environ, **mapped(env_of(build_stage), paths), "TORCH_INDEX_URL": "", **offline_env()}
     # the project step; the one before it installs g++ with apt (root only, and this machine has a compiler)
     (run,) = [arg for op, arg in build_stage if op == "RUN" and "install.sh" in arg]
     for command in run.split("&&"):

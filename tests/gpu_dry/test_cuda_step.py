@@ -1,152 +1,159 @@
-"""One prefill and decode steps of the real engine code at Qwen-7B-Chat's and Qwen2-7B's shapes, for a simulated
-CUDA card, on fake tensors: the CUDA-only kernels (the Triton paged decode, flash-attn's varlen) are stand-ins that
-assert their calling contract and return a tensor of the right shape. A CPU tensor in the step, a host sync or a
-data-dependent shape makes torch's fake tensors raise; a wrong kernel argument makes a stand-in raise. The last
-tests inject each defect and check that the dry run fails."""
+"""Whole engine steps (``LLMEngine.step``: scheduling, the forward pass, the sampler and the read-back) of the real
+engine code at Qwen-7B-Chat's and Qwen2-7B's shapes, for a simulated CUDA card, on fake tensors: the CUDA-only
+kernels (the Triton paged decode, RoPE/cache write, RMSNorm and SwiGLU, flash-attn's varlen) are stand-ins that
+assert their calling contract, CUDA graphs are recorded by a stand-in capture, ``torch.cuda.is_available`` is
+simulated so every upload takes the pinned path, and ``TransferWatch`` fails the step at any other copy between
+host and card. A CPU tensor in the step, a host sync or a data-dependent shape makes torch's fake tensors or the
+watch raise; a wrong kernel argument makes a stand-in raise. The last tests inject each defect and check that the
+dry run fails."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+import engine.engine
+import engine.sampling
+import engine.transfer
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.dry_run import STAND_IN, fake_model, simulated_cuda
+from engine.engine import StepOutput
+from engine.kernels import triton_norm
 from engine.model import VarlenLayout
 from engine.runner import ModelRunner
+from engine.scheduler import SchedulerConfig
 from engine.weights.loader import LoadedModel
 from tests.gpu_dry.conftest import model_config, raw_config
+from tests.gpu_dry.stand_ins import (
+    ElementwiseContract,
+    GrammarStandIn,
+    PagedDecodeContract,
+    ReadBack,
+    RecordedCapture,
+    RopeStoreContract,
+    TransferWatch,
+    VarlenContract,
+    on_stand_in,
+    pin_memory,
+)
 
-PROMPTS = [list(range(1, 101)), list(range(7, 44)), list(range(200, 217))]  # 100, 37 and 17 tokens
-DECODE_STEPS = 3
-
-
-def on_stand_in(*tensors: torch.Tensor) -> None:
-    assert all(t.device == STAND_IN for t in tensors), [t.device for t in tensors]
-
-
-class PagedDecodeContract:
-    """The Triton paged-decode kernel's contract: [B, heads, D] queries in the cache's dtype (or an int8/fp8 cache
-    with fp32 scales per slot and head), caches with unit stride in D, int32 block tables and key counts of B rows, all
-    on the card."""
-
-    def __init__(self, heads: int, kv_heads: int, head_dim: int) -> None:
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.calls = 0
-
-    def __call__(self, q, cache, block_tables, kv_lens) -> torch.Tensor:
-        on_stand_in(q, cache.k, cache.v, block_tables, kv_lens)
-        batch = q.shape[0]
-        assert q.shape == (batch, self.heads, self.head_dim)
-        if cache.quantized:
-            assert cache.k.dtype == cache.v.dtype and cache.k.dtype in (torch.int8, torch.float8_e4m3fn)
-            assert cache.k_scale.dtype == cache.v_scale.dtype == torch.float32
-            assert cache.k_scale.shape == cache.k.shape[:2]
-            on_stand_in(cache.k_scale, cache.v_scale)
-        else:
-            assert q.dtype == cache.k.dtype == cache.v.dtype
-        assert cache.k.shape[1:] == (self.kv_heads, self.head_dim) and cache.k.stride(-1) == 1
-        assert block_tables.dtype == kv_lens.dtype == torch.int32 and block_tables.is_contiguous()
-        assert block_tables.shape[0] == kv_lens.shape[0] == batch and block_tables.dim() == 2
-        self.calls += 1
-        return q.new_empty((batch, self.heads * self.head_dim))
+PROMPTS = [list(range(1, 101)), list(range(7, 44)), list(range(200, 217)), list(range(300, 320))]
+MAX_TOKENS = 4
+TOKEN = 5  # what the read-back stand-in reads for every row
 
 
-class RopeStoreContract:
-    """The fused RoPE/cache-write kernel's contract: [N, (heads + 2 kv_heads) * D] q/k/v with unit feature stride,
-    rotary factors [N, 1, D] and logN [N, 1, 1] in its dtype, int64 slots of N tokens, a cache in that dtype with keys
-    and values laid out alike (or 8-bit with fp32 scales per slot and head), all on the card; it returns the
-    queries [N, heads, D]."""
-
-    def __init__(self, heads: int, kv_heads: int, head_dim: int) -> None:
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.calls = 0
-
-    def __call__(self, qkv, cos, sin, logn, slots, cache, q_norm, k_norm) -> torch.Tensor:
-        tokens = qkv.shape[0]
-        on_stand_in(qkv, cos, sin, slots, cache.k, cache.v, *([] if logn is None else [logn]))
-        assert qkv.shape == (tokens, (self.heads + 2 * self.kv_heads) * self.head_dim) and qkv.stride(1) == 1
-        assert cos.shape == sin.shape == (tokens, 1, self.head_dim) and cos.dtype == sin.dtype == qkv.dtype
-        assert logn is None or (logn.shape == (tokens, 1, 1) and logn.dtype == qkv.dtype)
-        assert slots.dtype == torch.int64 and slots.shape == (tokens,)
-        if cache.quantized:
-            assert cache.k.dtype == cache.v.dtype and cache.k.dtype in (torch.int8, torch.float8_e4m3fn)
-            assert cache.k_scale.dtype == cache.v_scale.dtype == torch.float32
-            assert cache.k_scale.stride() == cache.v_scale.stride() and cache.k_scale.shape == cache.k.shape[:2]
-            on_stand_in(cache.k_scale, cache.v_scale)
-        else:
-            assert cache.k.dtype == cache.v.dtype == qkv.dtype
-        assert cache.k.stride() == cache.v.stride() and cache.k.stride(-1) == 1
-        assert (q_norm is None) == (k_norm is None)
-        self.calls += 1
-        return qkv.new_empty((tokens, self.heads, self.head_dim))
+def sampling_params() -> list[SamplingParams]:
+    """One row of each kind the sampler treats apart: greedy; sampled with truncation and logprobs; penalties,
+    bias and a min_tokens ban; a grammar."""
+    return [SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, logprobs=3),
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=0, repetition_penalty=1.1, presence_penalty=0.5,
+                           frequency_penalty=0.3, logit_bias={7: 2.0}, min_tokens=2, stop_token_ids=(9,)),
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=0, grammar=GrammarStandIn())]
 
 
-class VarlenContract:
-    """flash-attn's ``flash_attn_varlen_func`` contract: fp16/bf16 q, k, v alike, contiguous, [tokens, heads, D];
-    int32 offsets; on the card."""
+@dataclass
+class Card:
+    """An engine on the simulated card with every stand-in installed."""
 
-    def __init__(self) -> None:
-        self.calls = 0
+    engine: LLMEngine
+    watch: TransferWatch
+    paged: PagedDecodeContract
+    elementwise: ElementwiseContract
+    read_back: ReadBack
+    capture: RecordedCapture | None
+    rope: RopeStoreContract | None = None
 
-    def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, softmax_scale,
-                 causal) -> torch.Tensor:
-        on_stand_in(q, k, v, cu_seqlens_q, cu_seqlens_k)
-        assert q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
-        assert q.is_contiguous() and k.dim() == v.dim() == q.dim() == 3
-        assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and causal
-        assert isinstance(max_seqlen_q, int) and isinstance(max_seqlen_k, int)
-        self.calls += 1
-        return torch.empty_like(q)
+    def add_requests(self) -> list[SamplingParams]:
+        """``PROMPTS`` with ``sampling_params``, admitted under the watch (their penalty tensors are uploads)."""
+        params = sampling_params()
+        with self.watch.watching():
+            for index, (prompt, row) in enumerate(zip(PROMPTS, params, strict=True)):
+                self.engine.add_request(str(index), prompt, row)
+        return params
+
+    def steps(self) -> list[list[StepOutput]]:
+        """Every step until the requests finish, each under the watch."""
+        outputs = []
+        while self.engine.has_unfinished():
+            with self.watch.watching():
+                outputs.append(self.engine.step())
+        return outputs
+
+
+@pytest.fixture
+def simulated_card(monkeypatch) -> Iterator[TransferWatch]:
+    """A CUDA runtime as the step sees it (``is_available``, pinned memory) on fake tensors the watch sees."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    with simulated_cuda((9, 0), TransferWatch()) as watch:
+        yield watch
+
+
+def on_the_card(name: str, engine_config: EngineConfig, watch: TransferWatch, monkeypatch, *,
+                rope: bool = True) -> Card:
+    """``name``'s model and engine on the simulated card (call within ``simulated_card``), every stand-in in place."""
+    config = model_config(name)
+    model = fake_model(config, dtype=torch.bfloat16, quantization=raw_config(name).get("quantization_config"))
+    elementwise = ElementwiseContract()
+    monkeypatch.setattr(triton_norm, "rms_norm", elementwise.rms_norm)
+    monkeypatch.setattr(triton_norm, "silu_and_mul", elementwise.silu_and_mul)
+    engine = LLMEngine(LoadedModel(name, Path(name), config, model, None), engine_config)
+    paged = PagedDecodeContract(config.num_heads, config.num_kv_heads, config.head_dim)
+    model.use_paged_decode(lambda: paged)
+    store = RopeStoreContract(config.num_heads, config.num_kv_heads, config.head_dim) if rope else None
+    if store is not None:
+        model.use_rope_store(lambda: store)
+    read_back = ReadBack(TOKEN)
+    engine.sampler.read_back = read_back
+    capture = None
+    if engine.runner.decode_graphs is not None:
+        capture = engine.runner.decode_graphs.capture = RecordedCapture(watch)
+    return Card(engine, watch, paged, elementwise, read_back, capture, store)
 
 
 @pytest.fixture(params=[("qwen-7b-chat", "auto"), ("qwen-7b-chat-int4", "auto"), ("qwen2-7b-instruct", "auto"),
                         ("qwen2-7b-instruct", "int8"), ("qwen2-7b-instruct", "fp8")], ids=lambda p: "-".join(p))
-def card(request) -> Iterator[tuple[LLMEngine, PagedDecodeContract, RopeStoreContract]]:
-    """The engine over the model built for an sm90 card (a KV cache in bf16 or int8), decode steps on the
-    paged-decode contract, RoPE and the cache write on the fused kernel's."""
+def card(request, simulated_card, monkeypatch) -> Card:
+    """The engine over the model built for an sm90 card (a KV cache in bf16, int8 or fp8); prompts over 64 tokens
+    of a step are computed in chunks, so steps mix prompt chunks and decodes."""
     name, kv_cache_dtype = request.param
-    config = model_config(name)
-    with simulated_cuda((9, 0)):
-        model = fake_model(config, dtype=torch.bfloat16, quantization=raw_config(name).get("quantization_config"))
-        engine = LLMEngine(LoadedModel(name, Path(name), config, model, None),
-                           EngineConfig(kv_cache_memory=1 << 30, max_model_len=1024, kv_cache_dtype=kv_cache_dtype))
-        paged = PagedDecodeContract(config.num_heads, config.num_kv_heads, config.head_dim)
-        model.use_paged_decode(lambda: paged)
-        rope = RopeStoreContract(config.num_heads, config.num_kv_heads, config.head_dim)
-        model.use_rope_store(lambda: rope)
-        yield engine, paged, rope
+    return on_the_card(name, EngineConfig(kv_cache_memory=1 << 30, max_model_len=1024, kv_cache_dtype=kv_cache_dtype,
+                                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)),
+                       simulated_card, monkeypatch)
 
 
-def run_steps(engine: LLMEngine, steps: int = DECODE_STEPS) -> list[torch.Tensor]:
-    """Prefill ``PROMPTS`` and decode ``steps`` tokens; the sampled token (the one host copy, left out here) is
-    stood in by a fixed id."""
-    for index, prompt in enumerate(PROMPTS):
-        engine.add_request(str(index), prompt, SamplingParams(max_tokens=steps + 1, temperature=0))
-    logits = []
-    for _ in range(steps + 1):
-        batch = engine.scheduler.schedule()
-        logits.append(engine.runner.run(batch))
-        for seq in batch:
-            seq.num_computed = len(seq)
-            seq.output_ids.append(5)
-    return logits
-
-
-def test_prefill_and_decode_steps_run_on_the_card(card):
-    engine, paged, rope = card
-    logits = run_steps(engine)
-    vocab = engine.model_config.vocab_size
-    for step in logits:
-        on_stand_in(step)
-        assert step.shape == (len(PROMPTS), vocab) and step.dtype == torch.float32
-    assert paged.calls == DECODE_STEPS * engine.model_config.num_layers  # every decode layer on the paged kernel
+def test_whole_steps_run_on_the_card(card):
+    params = card.add_requests()
+    outputs = card.steps()
+    tokens: dict[str, list[int]] = {}
+    for step in outputs:
+        for output in step:
+            assert output.error is None, output.error
+            tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
+    assert tokens == {str(i): [TOKEN] * MAX_TOKENS for i in range(len(PROMPTS))}
+    engine, layers = card.engine, card.engine.model_config.num_layers
+    # 234 prompt tokens at 64 a step: prompt chunks beside decodes, then decode steps alone, each replayed from
+    # its bucket's capture; a forward pass runs for every other step and for each capture
+    captured = engine.runner.decode_graphs.captured
+    assert card.capture.captures == len(captured) >= 1 and card.capture.replays >= 2
+    forwards = len(outputs) - card.capture.replays + card.capture.captures
+    assert card.read_back.calls == len(outputs)  # one read-back per step
+    # every upload pinned and non-blocking (the watch), and few: the step's integers, the rows it samples, the
+    # sampler's parameters, the grammar's bitmask, the penalties' indices
+    assert card.watch.uploads <= 8 * len(outputs)
+    assert card.paged.calls == card.capture.captures * layers  # decode-only steps are the captured ones
+    assert card.rope.calls == forwards * layers
+    assert card.elementwise.norms == (2 * layers + 1) * forwards
+    assert card.elementwise.activations == layers * forwards
+    assert params[3].grammar.matchers[0].fills == MAX_TOKENS
     assert engine.runner.kv_cache.data.device == STAND_IN
     assert engine.runner.kv_cache.data.dtype == {"auto": torch.bfloat16, "int8": torch.int8,
                                                  "fp8": torch.float8_e4m3fn}[engine.config.kv_cache_dtype]
-    assert rope.calls == (DECODE_STEPS + 1) * engine.model_config.num_layers  # every step's keys, 8-bit caches too
 
 
 def test_an_fp8_cache_is_refused_before_ada():
@@ -160,69 +167,123 @@ def test_an_fp8_cache_is_refused_before_ada():
 
 
 def test_the_varlen_path_passes_flash_attn_its_contract(card):
-    engine, *_ = card
+    """flash-attn for every step (decode steps too, eagerly: no paged kernel, no graphs)."""
     varlen = VarlenContract()
-    engine.runner.model.use_varlen_attention(varlen)
-    engine.runner.model.use_paged_decode(None)
-    run_steps(engine, steps=1)
-    assert varlen.calls == 2 * engine.model_config.num_layers
+    card.engine.runner.model.use_varlen_attention(varlen)
+    card.engine.runner.model.use_paged_decode(None)
+    card.engine.runner.use_decode_graphs(None)
+    card.add_requests()
+    outputs = card.steps()
+    assert all(output.error is None for step in outputs for output in step)
+    assert varlen.calls == len(outputs) * card.engine.model_config.num_layers
+
+
+def test_a_hybrid_models_steps_run_on_the_card(simulated_card, monkeypatch):
+    """Qwen3.5's shapes (24 Gated DeltaNet layers, 8 gated-attention layers with partial rotary): prompts on the
+    chunked form and decode rows on the recurrent one, their states in the card's state cache; decode attention on
+    the paged kernel for the attention layers alone, eagerly (no graphs: states are placed by host indices), RoPE in
+    torch ops (the fused kernel rotates whole heads)."""
+    card = on_the_card("qwen3.5-defaults", EngineConfig(kv_cache_memory=1 << 30, max_model_len=1024,
+                                                        state_snapshots=2), simulated_card, monkeypatch,
+                       rope=False)
+    config, model = card.engine.model_config, card.engine.runner.model
+    assert card.engine.runner.decode_graphs is None and model.attentions[0].rope_store is None
+    card.add_requests()
+    outputs = card.steps()
+    assert all(output.error is None for step in outputs for output in step)
+    assert len(outputs) == MAX_TOKENS and card.read_back.calls == MAX_TOKENS  # one prefill, then decode steps
+    assert card.paged.calls == (MAX_TOKENS - 1) * config.num_attention_layers == (MAX_TOKENS - 1) * 8
+    assert card.elementwise.norms > 0 and card.elementwise.activations == MAX_TOKENS * config.num_layers
+    states = card.engine.runner.states.layers
+    assert len(states) == 24 and states[0].recurrent.dtype == torch.float32
+    on_stand_in(states[0].recurrent, states[0].conv)
 
 
 # -- injected defects: the dry run must fail on each ------------------------------------------------------------
 
 
-def test_a_cpu_tensor_in_the_step_fails_it(card, monkeypatch):
-    engine, *_ = card
+def errors(outputs: list[list[StepOutput]]) -> list[str]:
+    return [output.error for step in outputs for output in step if output.error is not None]
+
+
+@pytest.mark.parametrize("read", [torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.item],
+                         ids=["cpu", "tolist", "numpy", "item"])
+def test_a_host_read_in_the_sampler_fails_the_step(card, monkeypatch, read):
+    """The engine ends a row whose sampling fails and runs on: each row's error names the host read."""
+    def masking_with_a_read(logits, rows):
+        read(logits[0, :1].float())
+        return mask_logits(logits, rows)
+
+    mask_logits = engine.sampling.mask_logits
+    monkeypatch.setattr(engine.sampling, "mask_logits", masking_with_a_read)
+    card.add_requests()
+    failed = errors(card.steps())
+    assert len(failed) == len(PROMPTS)
+    assert all(
+        "HostTransferError" in error or "not supported for tensor subclasses" in error for error in failed), failed
+
+
+def test_a_pageable_upload_fails_the_step(card, monkeypatch):
+    """``torch.tensor(values, device=card)`` for the sampled rows (what the engine did before ``to_device``)."""
+    monkeypatch.setattr(engine.engine, "to_device",
+                        lambda values, dtype, device: torch.tensor(values, dtype=dtype, device=device))
+    card.add_requests()
+    with pytest.raises(AssertionError, match="non-Fake Tensor"):  # built on the card from host data, not fake
+        card.steps()
+
+
+def test_an_unpinned_upload_fails_the_step(card, monkeypatch):
+    monkeypatch.setattr(engine.transfer, "pinned", lambda host, device: host)
+    with pytest.raises(AssertionError, match="pageable"):
+        card.add_requests()
+        card.steps()
+
+
+def test_an_upload_inside_a_captured_step_fails_it(card, monkeypatch):
+    original = ModelRunner.step_inputs
+
+    def with_a_decode_upload(self, packed, shape):
+        if shape.max_q == 1:
+            engine.transfer.to_device([0], torch.long, self.device)
+        return original(self, packed, shape)
+
+    monkeypatch.setattr(ModelRunner, "step_inputs", with_a_decode_upload)
+    card.add_requests()
+    with pytest.raises(AssertionError, match="inside a captured graph"):
+        card.steps()
+
+
+@pytest.mark.parametrize("kind", ["prompt", "decode"])
+def test_a_cpu_tensor_in_the_step_fails_it(card, monkeypatch, kind):
     original = ModelRunner.step_inputs
 
     def with_cpu_cos(self, packed, shape):
         token_ids, inputs = original(self, packed, shape)
-        inputs.cos = torch.empty(inputs.cos.shape, dtype=inputs.cos.dtype, device="cpu")
+        if (shape.max_q == 1) == (kind == "decode"):
+            inputs.cos = torch.empty(inputs.cos.shape, dtype=inputs.cos.dtype, device="cpu")
         return token_ids, inputs
 
     monkeypatch.setattr(ModelRunner, "step_inputs", with_cpu_cos)
+    card.add_requests()
     with pytest.raises((RuntimeError, AssertionError), match="device"):  # fake tensors or a stand-in catch it
-        run_steps(engine, steps=0)
+        card.steps()
 
 
-def test_a_host_sync_in_the_step_fails_it(card):
-    engine, *_ = card
-    engine.runner.model.layers[0].register_forward_pre_hook(lambda module, args: args[0].abs().max().item())
-    with pytest.raises(Exception, match=r"data-dependent|item|_local_scalar_dense"):
-        run_steps(engine, steps=0)
+def test_a_host_sync_in_a_layer_fails_the_step(card):
+    card.engine.runner.model.layers[0].register_forward_pre_hook(lambda module, args: args[0].abs().max().item())
+    card.add_requests()
+    with pytest.raises(AssertionError, match=r"_local_scalar_dense.* host sync"):
+        card.steps()
 
 
-def test_a_wrong_flash_attn_argument_fails_it(card, monkeypatch):
-    engine, *_ = card
-    engine.runner.model.use_varlen_attention(VarlenContract())
+def test_a_wrong_flash_attn_argument_fails_the_step(card, monkeypatch):
+    card.engine.runner.model.use_varlen_attention(VarlenContract())
     original = VarlenLayout.__init__
 
     def int64_offsets(self, kv_slots, cu_seqlens_q, cu_seqlens_k, max_q, max_k):
         original(self, kv_slots, cu_seqlens_q.long(), cu_seqlens_k.long(), max_q, max_k)
 
     monkeypatch.setattr(VarlenLayout, "__init__", int64_offsets)
+    card.add_requests()
     with pytest.raises(AssertionError):
-        run_steps(engine, steps=0)
-
-
-def test_a_hybrid_models_steps_run_on_the_card():
-    """Qwen3.5's shapes (24 Gated DeltaNet layers, 8 gated-attention layers with partial rotary): prompts on the
-    chunked form and decode rows on the recurrent one, their states in the card's state cache; decode attention on
-    the paged kernel for the attention layers alone, RoPE in torch ops (the fused kernel rotates whole heads)."""
-    name = "qwen3.5-defaults"
-    config = model_config(name)
-    with simulated_cuda((9, 0)):
-        model = fake_model(config, dtype=torch.bfloat16)
-        engine = LLMEngine(LoadedModel(name, Path(name), config, model, None),
-                           EngineConfig(kv_cache_memory=1 << 30, max_model_len=1024, state_snapshots=2))
-        paged = PagedDecodeContract(config.num_heads, config.num_kv_heads, config.head_dim)
-        model.use_paged_decode(lambda: paged)
-        assert engine.runner.decode_graphs is None and model.attentions[0].rope_store is None
-        logits = run_steps(engine)
-    for step in logits:
-        on_stand_in(step)
-        assert step.shape == (len(PROMPTS), config.vocab_size)
-    assert paged.calls == DECODE_STEPS * config.num_attention_layers == DECODE_STEPS * 8
-    states = engine.runner.states.layers
-    assert len(states) == 24 and states[0].recurrent.dtype == torch.float32
-    on_stand_in(states[0].recurrent, states[0].conv)
+        card.steps()

@@ -93,21 +93,26 @@ def test_shared_prefix_hits_the_cache_with_identical_tokens(smollm2, kv_cache_dt
     assert warm_engine.blocks.prefix_hits - hits >= shared // 16 * 16
 
 
-def preempting_run(loaded, kv_cache_dtype: str) -> tuple[LLMEngine, list[list[int]], list[list[int]]]:
-    """Six requests through a cache of 272 slots (for ~6 x 75 tokens), and each run alone in a roomy one."""
-    prompts = [prompt(loaded, f"Describe {topic} in detail.") for topic in TOPICS[:6]]
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    roomy = engine_over(loaded, max_model_len=256, kv_cache_dtype=kv_cache_dtype)
-    expected = [run_solo(roomy, ids, params) for ids in prompts]
+PREEMPTED = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+def preempting_prompts(loaded) -> list[list[int]]:
+    return [prompt(loaded, f"Describe {topic} in detail.") for topic in TOPICS[:6]]
+
+
+def preempting_run(loaded, kv_cache_dtype: str) -> tuple[LLMEngine, list[list[int]]]:
+    """Six requests through a cache of 272 slots (for ~6 x 75 tokens)."""
     per_token = kv_bytes_per_token(loaded.config, torch.float32, kv_cache_dtype)
     tight = engine_over(loaded, max_model_len=256, kv=per_token * 16 * 17, kv_cache_dtype=kv_cache_dtype)
-    return tight, run_requests(tight, prompts, params), expected
+    return tight, run_requests(tight, preempting_prompts(loaded), PREEMPTED)
 
 
 def test_preemption_keeps_tokens(smollm2):
-    tight, outputs, expected = preempting_run(smollm2, "auto")
+    """Each request's tokens are those it gets alone in a roomy cache."""
+    tight, outputs = preempting_run(smollm2, "auto")
+    roomy = engine_over(smollm2, max_model_len=256)
     assert tight.scheduler.num_preemptions > 0
-    assert outputs == expected
+    assert outputs == [run_solo(roomy, ids, PREEMPTED) for ids in preempting_prompts(smollm2)]
     assert tight.blocks.num_free == tight.blocks.num_blocks
 
 
@@ -115,9 +120,9 @@ def test_preemption_with_an_int8_cache_finishes_every_request_and_frees_every_bl
     """With int8 keys and values a recomputed sequence requantizes keys that a prefill-shaped matmul computed
     (fp32 results that differ from the decode's in the last bits), so a near-tie may later go the other way: the
     tokens are not compared. Each request still gets all its tokens, and no block is lost."""
-    tight, outputs, expected = preempting_run(smollm2, "int8")
+    tight, outputs = preempting_run(smollm2, "int8")
     assert tight.scheduler.num_preemptions > 0
-    assert [len(tokens) for tokens in outputs] == [len(tokens) for tokens in expected] == [40] * 6
+    assert [len(tokens) for tokens in outputs] == [PREEMPTED.max_tokens] * 6
     assert tight.blocks.num_free == tight.blocks.num_blocks
 
 

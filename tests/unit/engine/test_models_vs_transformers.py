@@ -54,12 +54,14 @@ def test_smollm2_knows_the_capital_of_france(smollm2_fp32):
     assert output.finish_reason == "stop"
 
 
-# (activation dtype, cpu_isa): layer module, LM head module (None: the tied embedding), max mean KL to fp32
-CPU_KERNELS = {("bfloat16", "torch"): ("Int4Linear", "NoneType", 0.01),
-               ("bfloat16", "avx512"): ("Q4Q8Linear", "Q8Linear", 0.05),
-               ("bfloat16", "avx2"): ("Q4Q8Linear", "Q8Linear", 0.05),
-               ("float32", "avx512"): ("Q4Q8Linear", "Q8Linear", 0.05),
-               ("float32", "avx2"): ("Q4Q8Linear", "Q8Linear", 0.05)}
+# (activation dtype, cpu_isa): layer module, LM head module (None: the tied embedding), max mean KL to fp32: twice
+# the largest measured over the three questions below (torch 0.0049-0.0053; native bf16 0.0207-0.0234, fp32
+# 0.0200-0.0211, the same on both builds)
+CPU_KERNELS = {("bfloat16", "torch"): ("Int4Linear", "NoneType", 0.011),
+               ("bfloat16", "avx512"): ("Q4Q8Linear", "Q8Linear", 0.047),
+               ("bfloat16", "avx2"): ("Q4Q8Linear", "Q8Linear", 0.047),
+               ("float32", "avx512"): ("Q4Q8Linear", "Q8Linear", 0.042),
+               ("float32", "avx2"): ("Q4Q8Linear", "Q8Linear", 0.042)}
 
 
 @pytest.fixture(scope="module", params=list(CPU_KERNELS), ids=["-".join(key) for key in CPU_KERNELS])
@@ -202,33 +204,41 @@ def cache_kl(reference: LLM, quantized: LLM, question: str) -> float:
     return (exact.exp() * (exact - approx)).sum(-1).mean().item()
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+# mean KL over 48 teacher-forced decode steps to the fp32 cache: twice the larger of the two questions' (measured
+# int8 0.00068-0.00085, fp8 0.0025-0.0057: e4m3 keeps 3 mantissa bits where int8 keeps about 7 near a row's peak)
+CACHE_KL = {"int8": 0.0017, "fp8": 0.0113}
+
+
+@pytest.mark.parametrize("kv_cache_dtype", list(CACHE_KL))
 @pytest.mark.parametrize("question", ["Write a haiku about rain.", "Name three primary colors."])
-def test_an_8bit_kv_cache_is_within_0_01_of_the_fp32_cache(smollm2_gguf, smollm2_fp32, question, kv_cache_dtype):
-    """On the exact fp32 path, where nothing but the cache differs: mean KL under 0.01 (measured int8 0.0007-0.0008,
-    fp8 0.0025-0.0048: e4m3 keeps 3 mantissa bits where int8 keeps about 7 near a row's peak)."""
+def test_an_8bit_kv_cache_stays_within_its_measured_kl_of_the_fp32_cache(smollm2_gguf, smollm2_fp32, question,
+                                                                         kv_cache_dtype):
+    """On the exact fp32 path, where nothing but the cache differs (``CACHE_KL``)."""
     from engine import EngineConfig
 
     quantized = LLM(str(smollm2_gguf), dtype="float32", device="cpu",
                     config=EngineConfig(kv_cache_dtype=kv_cache_dtype))
-    assert cache_kl(smollm2_fp32, quantized, question) < 0.01
+    assert cache_kl(smollm2_fp32, quantized, question) <= CACHE_KL[kv_cache_dtype]
+
+
+# mean KL of a 4-bit path with an int8 cache to the same path with the model-dtype cache, at most twice the largest
+# measured: torch's path (it dequantizes the cache) 0.0014-0.0021; the native ones 0.0051-0.0136, as they quantize
+# activations per block, so the cache's small changes flip roundings downstream (they are 0.020-0.023 from fp32 by
+# themselves; the prefill position, where no native attention runs, moves as much as the decode steps)
+INT8_CACHE_KL = {"torch": 0.0042, "avx512": 0.02, "avx2": 0.02}
 
 
 @pytest.mark.parametrize("question", ["Which city is the capital of Germany?", "Write a haiku about rain."])
 def test_an_int8_kv_cache_follows_the_model_dtype_cache(smollm2_gguf, smollm2_int4, question):
-    """The fast paths with keys and values in int8 (the native decode kernel reads them): mean KL to the same path
-    with the model-dtype cache under 0.02 (measured 0.005-0.014): these paths quantize activations per block, so
-    the cache's small changes flip roundings downstream (they are 0.02-0.05 from fp32 by themselves; the prefill
-    position, where no native attention runs, moves as much as the decode steps); and the same answer."""
+    """Each 4-bit path with keys and values in int8 (the native decode kernel reads them, torch's path dequantizes
+    them): within ``INT8_CACHE_KL`` of the same path with the model-dtype cache, and the same answer."""
     from engine import EngineConfig
 
     dtype, isa = smollm2_int4.kernel
-    if isa == "torch":
-        pytest.skip("the int8 cache is read by the native decode kernel")
     quantized = LLM(str(smollm2_gguf), dtype=dtype, device="cpu", cpu_isa=isa,
                     config=EngineConfig(kv_cache_dtype="int8"))
     assert quantized.engine.runner.kv_cache.data.dtype == torch.int8
-    assert cache_kl(smollm2_int4, quantized, question) < 0.02
+    assert cache_kl(smollm2_int4, quantized, question) <= INT8_CACHE_KL[isa]
     if "Germany" in question:
         answer = quantized.generate([chat_ids(quantized, question)], SamplingParams(temperature=0, max_tokens=24))
         assert "Berlin" in answer[0].text

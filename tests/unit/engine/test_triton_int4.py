@@ -8,13 +8,12 @@ import os
 import pytest
 import torch
 
-from engine.kernels import triton_decode, triton_int4, triton_int4_gemv
+from engine.kernels import triton_int4, triton_int4_gemv
 from engine.layers import ReorderedInputs, TritonInt4Linear
 from engine.weights.int4 import TRITON_INT4, Int4Weight
 from engine.weights.loader import load_model
 from tests.unit.engine.test_quantized import QUANT, act_order_layer, logit_error
 
-pytestmark = pytest.mark.skipif(not triton_decode.available(), reason="needs triton")
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py sets it
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
