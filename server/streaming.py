@@ -28,6 +28,19 @@ class NamedEvent:
     data: dict
 
 
+@dataclass(frozen=True)
+class SerializedEvent:
+    """A named event whose data is JSON text already: made on the preparation pool where it is large (a Responses
+    stream's last event holds the whole response)."""
+
+    name: str
+    data: str
+
+
+def serialized(event: NamedEvent) -> SerializedEvent:
+    return SerializedEvent(event.name, json.dumps(event.data, ensure_ascii=False))
+
+
 def openai_error(exc: APIError | None) -> dict:
     """The error envelope ending a chat or text completion stream (None: a fault of the server)."""
     if exc is None:
@@ -55,7 +68,9 @@ async def prepend(first: T | None, rest: AsyncIterator[T]) -> AsyncIterator[T]:
         yield item
 
 
-def _sse(chunk: BaseModel | dict | NamedEvent) -> dict[str, str]:
+def _sse(chunk: BaseModel | dict | NamedEvent | SerializedEvent) -> dict[str, str]:
+    if isinstance(chunk, SerializedEvent):
+        return {"event": chunk.name, "data": chunk.data}
     if isinstance(chunk, NamedEvent):
         return {"event": chunk.name, "data": json.dumps(chunk.data, ensure_ascii=False)}
     if isinstance(chunk, BaseModel):
@@ -63,7 +78,7 @@ def _sse(chunk: BaseModel | dict | NamedEvent) -> dict[str, str]:
     return {"data": json.dumps(chunk)}
 
 
-async def sse_response(chunks: AsyncIterator[BaseModel | dict | NamedEvent],
+async def sse_response(chunks: AsyncIterator[BaseModel | dict | NamedEvent | SerializedEvent],
                        style: SSEStyle = OPENAI_STREAM) -> EventSourceResponse:
     """An SSE response over ``chunks``, started only once the first chunk exists."""
     iterator = aiter(chunks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
@@ -19,7 +19,7 @@ from server.reply_blocks import ReplyBlocks
 from server.responses_render import ResponseRenderer, assistant_turn
 from server.responses_request import ResponsesRequest, conversation, to_chat
 from server.routes.deps import log_start, ready_service, until_disconnected
-from server.streaming import NamedEvent, SSEStyle, sse_response
+from server.streaming import NamedEvent, SerializedEvent, SSEStyle, serialized, sse_response
 from server.usage import UsageTracker
 
 router = APIRouter()
@@ -84,16 +84,22 @@ async def _whole(events: AsyncIterator[ChoiceEvent], reply: ReplyBlocks) -> None
 
 async def _stream(state: AppState, renderer: ResponseRenderer, first: ChoiceEvent | None,
                   events: AsyncIterator[ChoiceEvent], reply: ReplyBlocks, save, response_id: str,
-                  ) -> AsyncIterator[NamedEvent]:
+                  ) -> AsyncIterator[NamedEvent | SerializedEvent]:
     try:
         async with contextlib.aclosing(events):
             async for event in renderer.body_events(first, events, reply):
                 yield event
-        await state.preparer.run(save)  # stored before the client hears it ended, so it can be continued at once
-        for event in renderer.closing_events(reply):
+        for event in await state.preparer.run(lambda: _closing(renderer, reply, save)):
             yield event
     finally:
         state.responses.ended(response_id)
+
+
+def _closing(renderer: ResponseRenderer, reply: ReplyBlocks, save: Callable[[], None]) -> list[SerializedEvent]:
+    """Store the response (before the client hears it ended, so that it can be continued at once), then the
+    stream's closing events, serialized off the event loop: the last one holds the whole response."""
+    save()
+    return [serialized(event) for event in renderer.closing_events(reply)]
 
 
 def _failed(renderer: ResponseRenderer, reply: ReplyBlocks):

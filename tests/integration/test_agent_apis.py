@@ -13,8 +13,10 @@ import httpx
 import openai
 import pytest
 
+import server.routes.responses
 from engine import EngineConfig
 from server.settings import Settings
+from server.streaming import serialized
 from tests.integration.conftest import SMOL_NAME, RunningServer, serve, wait_for
 from tests.integration.scripted import scripted_fixture
 from tokenizer.chat import builtin_template
@@ -80,6 +82,20 @@ def test_a_streamed_response_folds_into_the_same_items(caller):
     assert arguments == final.output[1].arguments and json.loads(arguments) == {"city": "Paris"}
     whole = client.responses.create(model="scripted", input="Weather in Paris?", tools=[WEATHER_TOOL], **GREEDY)
     assert without_ids(final.output) == without_ids(whole.output)
+
+
+def test_a_streamed_responses_closing_events_are_serialized_off_the_event_loop(caller, monkeypatch):
+    """The last event holds the whole response: it is made on the preparation pool, as whole replies are."""
+    threads: list[str] = []
+
+    def recording(event):
+        threads.append(threading.current_thread().name)
+        return serialized(event)
+
+    monkeypatch.setattr(server.routes.responses, "serialized", recording)
+    with responses_client(caller).responses.stream(model="scripted", input="hi", **GREEDY) as stream:
+        assert list(stream)[-1].type == "response.completed"
+    assert threads and all(name.startswith("qwen-serve-prep") for name in threads), threads
 
 
 def without_ids(items: list) -> list[dict]:
