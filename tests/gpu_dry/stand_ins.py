@@ -7,7 +7,7 @@ does too; an upload inside a captured graph would replay stale host memory)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import numpy as np
 import torch
@@ -69,21 +69,22 @@ class TransferWatch(FakeTensorMode):
                 raise HostTransferError(f"{name} uploads from pageable memory or blocking: the host waits")
             self.uploads += 1
 
-    @contextmanager
-    def watching(self) -> Iterator[None]:
-        self.armed = True
-        try:
-            yield
-        finally:
-            self.armed = False
+    def watching(self) -> AbstractContextManager[None]:
+        """Within: the checks apply (building the engine uploads its tables unpinned, as loading may)."""
+        return switched_on(self, "armed")
 
-    @contextmanager
-    def capture(self) -> Iterator[None]:
-        self.capturing = True
-        try:
-            yield
-        finally:
-            self.capturing = False
+    def capture(self) -> AbstractContextManager[None]:
+        """Within: a graph is being captured."""
+        return switched_on(self, "capturing")
+
+
+@contextmanager
+def switched_on(owner: object, flag: str) -> Iterator[None]:
+    setattr(owner, flag, True)
+    try:
+        yield
+    finally:
+        setattr(owner, flag, False)
 
 
 class RecordedCapture:
