@@ -7,8 +7,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 
-from server.app_state import state_of
-from server.bodies import body_schema, json_reply, parse_body
+from server.bodies import body_schema, json_reply
 from server.chat_plan import ChatPlan, plan_chat
 from server.chat_reply import StreamedChatReply, whole_reply
 from server.generation import ChoiceResult, Generation, ModelService, collect_choices
@@ -24,7 +23,8 @@ from server.protocol import (
     new_id,
     now,
 )
-from server.routes.deps import log_start, ready_service, until_disconnected
+from server.routes.deps import log_start, until_disconnected
+from server.routes.opening import open_request
 from server.streaming import prepend, sse_response
 from server.usage import UsageTracker
 
@@ -33,10 +33,9 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", response_model=None, openapi_extra=body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request):
-    body = await parse_body(request, ChatCompletionRequest)
-    state = state_of(request)
-    service = ready_service(request, body.model)
-    planned = await until_disconnected(request, state.preparer.run(lambda: plan_chat(service, body, state.limits)))
+    opened = await open_request(request, ChatCompletionRequest,
+                                lambda body, service, state: plan_chat(service, body, state.limits))
+    body, state, service, planned = opened.body, opened.state, opened.service, opened.prepared
     generation = Generation(new_id("chatcmpl"), planned.prompt_ids, planned.params, planned.stop_strings, body.n)
     log_start(request, generation.request_id, len(planned.prompt_ids))
     tracker = UsageTracker(state.metrics, len(planned.prompt_ids), body.n, shared_prompt=True)

@@ -7,8 +7,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 
-from server.app_state import state_of
-from server.bodies import body_schema, json_reply, parse_body
+from server.bodies import body_schema, json_reply
 from server.errors import APIError
 from server.generation import ChoiceEvent, ChoiceResult, Generation, ModelService, collect_choices, interleave
 from server.limits import Limits
@@ -22,7 +21,8 @@ from server.protocol import (
     new_id,
     now,
 )
-from server.routes.deps import log_start, ready_service, until_disconnected
+from server.routes.deps import log_start, until_disconnected
+from server.routes.opening import open_request
 from server.streaming import prepend, sse_response
 from server.usage import UsageTracker
 
@@ -31,12 +31,10 @@ router = APIRouter()
 
 @router.post("/v1/completions", response_model=None, openapi_extra=body_schema(CompletionRequest))
 async def completions(request: Request):
-    body = await parse_body(request, CompletionRequest)
-    state = state_of(request)
-    service = ready_service(request, body.model)
     completion_id = new_id("cmpl")
-    generations = await until_disconnected(request, state.preparer.run(
-        lambda: _plan(service, body, completion_id, state.limits)))
+    opened = await open_request(request, CompletionRequest,
+                                lambda body, service, state: _plan(service, body, completion_id, state.limits))
+    body, state, service, generations = opened.body, opened.state, opened.service, opened.prepared
     log_start(request, completion_id, sum(len(g.prompt_ids) for g in generations))
     tracker = UsageTracker(state.metrics, sum(len(g.prompt_ids) for g in generations) * body.n,
                            len(generations) * body.n, shared_prompt=False)

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from server.app_state import state_of
-from server.bodies import body_schema, json_reply, parse_body
+from server.bodies import body_schema, json_reply
 from server.embeddings import embed, embedding_prompts, embedding_response
 from server.protocol import EmbeddingRequest
-from server.routes.deps import ready_service, until_disconnected
+from server.routes.deps import until_disconnected
+from server.routes.opening import open_request
 
 router = APIRouter()
 
 
 @router.post("/v1/embeddings", response_model=None, openapi_extra=body_schema(EmbeddingRequest))
 async def embeddings(request: Request):
-    body = await parse_body(request, EmbeddingRequest)
-    state = state_of(request)
-    service = ready_service(request, body.model)
-    prompts = await until_disconnected(request, state.preparer.run(
-        lambda: embedding_prompts(service, body, state.limits)))
+    opened = await open_request(request, EmbeddingRequest,
+                                lambda body, service, state: embedding_prompts(service, body, state.limits))
+    body, state, service, prompts = opened.body, opened.state, opened.service, opened.prepared
     vectors = await until_disconnected(request, embed(service, prompts))
     tokens = sum(map(len, prompts))
     if state.metrics is not None:

@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from server.app_state import state_of
-from server.bodies import body_schema, json_reply, parse_body
+from server.bodies import body_schema, json_reply
 from server.chat_plan import count_prompt_tokens, plan_chat
 from server.generation import ChoiceEvent, Generation
 from server.messages_render import MESSAGES_STREAM, MessageRenderer
 from server.messages_request import CountTokensRequest, MessagesRequest, to_chat
 from server.reply_blocks import ReplyBlocks
-from server.routes.deps import log_start, ready_service, until_disconnected
+from server.routes.deps import log_start, until_disconnected
+from server.routes.opening import open_request
 from server.streaming import NamedEvent, sse_response
 from server.usage import UsageTracker
 
@@ -24,11 +24,9 @@ router = APIRouter()
 
 @router.post("/v1/messages", response_model=None, openapi_extra=body_schema(MessagesRequest))
 async def create_message(request: Request):
-    body = await parse_body(request, MessagesRequest)
-    state = state_of(request)
-    service = ready_service(request, body.model)
-    plan = await until_disconnected(request, state.preparer.run(
-        lambda: plan_chat(service, to_chat(body), state.limits)))
+    opened = await open_request(request, MessagesRequest,
+                                lambda body, service, state: plan_chat(service, to_chat(body), state.limits))
+    body, state, service, plan = opened.body, opened.state, opened.service, opened.prepared
     renderer = MessageRenderer(body)
     log_start(request, renderer.message_id, len(plan.prompt_ids))
     reply = ReplyBlocks(plan, prompt_tokens=len(plan.prompt_ids))
@@ -61,9 +59,6 @@ async def _stream(renderer: MessageRenderer, first: ChoiceEvent | None, events: 
 
 @router.post("/v1/messages/count_tokens", response_model=None, openapi_extra=body_schema(CountTokensRequest))
 async def count_tokens(request: Request):
-    body = await parse_body(request, CountTokensRequest)
-    state = state_of(request)
-    service = ready_service(request, body.model)
-    count = await until_disconnected(request, state.preparer.run(
-        lambda: count_prompt_tokens(service, to_chat(body), state.limits)))
-    return {"input_tokens": count}
+    opened = await open_request(request, CountTokensRequest, lambda body, service, state: count_prompt_tokens(
+        service, to_chat(body), state.limits))
+    return {"input_tokens": opened.prepared}

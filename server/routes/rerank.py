@@ -9,13 +9,11 @@ from typing import Any
 import torch
 from fastapi import APIRouter, Request, Response
 
-from server.app_state import state_of
-from server.bodies import body_schema, json_reply, parse_body
-from server.generation import ModelService
-from server.limits import Limits
+from server.bodies import body_schema, json_reply
 from server.protocol import RerankRequest, ScoreRequest
 from server.rerank import judge_prompts, rerank_response, score_prompts, score_response, scores
-from server.routes.deps import ready_service, until_disconnected
+from server.routes.deps import until_disconnected
+from server.routes.opening import Opened, open_request
 
 router = APIRouter()
 
@@ -23,26 +21,27 @@ router = APIRouter()
 @router.post("/v1/rerank", response_model=None, openapi_extra=body_schema(RerankRequest))
 @router.post("/rerank", response_model=None, include_in_schema=False)
 async def rerank(request: Request):
-    body = await parse_body(request, RerankRequest)
-    return await _judged(request, body.model, lambda service, limits: judge_prompts(service, body, limits),
-                         lambda service, relevance, tokens: rerank_response(service, body, relevance, tokens))
+    opened = await open_request(request, RerankRequest,
+                                lambda body, service, state: judge_prompts(service, body, state.limits))
+    return await _judged(request, opened, lambda relevance, tokens: rerank_response(opened.service, opened.body,
+                                                                                   relevance, tokens))
 
 
 @router.post("/v1/score", response_model=None, openapi_extra=body_schema(ScoreRequest))
 @router.post("/score", response_model=None, include_in_schema=False)
 async def score(request: Request):
-    body = await parse_body(request, ScoreRequest)
-    return await _judged(request, body.model, lambda service, limits: score_prompts(service, body, limits),
-                         score_response)
+    opened = await open_request(request, ScoreRequest,
+                                lambda body, service, state: score_prompts(service, body, state.limits))
+    return await _judged(request, opened, lambda relevance, tokens: score_response(opened.service, relevance,
+                                                                                  tokens))
 
 
-async def _judged(request: Request, model: str, prompts_of: Callable[[ModelService, Limits], list[list[int]]],
-                  render: Callable[[ModelService, torch.Tensor, int], dict[str, Any]]) -> Response:
-    state = state_of(request)
-    service = ready_service(request, model)
-    prompts = await until_disconnected(request, state.preparer.run(lambda: prompts_of(service, state.limits)))
+async def _judged(request: Request, opened: Opened[Any, list[list[int]]],
+                  render: Callable[[torch.Tensor, int], dict[str, Any]]) -> Response:
+    """Score the prepared judge prompts, count their tokens, render the reply off the loop."""
+    prompts, service, metrics = opened.prepared, opened.service, opened.state.metrics
     relevance = await until_disconnected(request, scores(service, prompts))
     tokens = sum(map(len, prompts))
-    if state.metrics is not None:
-        state.metrics.pooled("rerank", tokens)
-    return await json_reply(request, lambda: render(service, relevance, tokens))
+    if metrics is not None:
+        metrics.pooled("rerank", tokens)
+    return await json_reply(request, lambda: render(relevance, tokens))

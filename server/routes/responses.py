@@ -11,14 +11,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request, Response
 
 from server.app_state import AppState, state_of
-from server.bodies import body_schema, json_reply, parse_body
+from server.bodies import body_schema, json_reply
 from server.chat_plan import ChatPlan, plan_chat
 from server.errors import APIError
-from server.generation import ChoiceEvent, Generation, until_cancelled
+from server.generation import ChoiceEvent, Generation, ModelService, until_cancelled
 from server.reply_blocks import ReplyBlocks
 from server.responses_render import ResponseRenderer, assistant_turn
 from server.responses_request import ResponsesRequest, conversation, to_chat
-from server.routes.deps import log_start, ready_service, until_disconnected
+from server.routes.deps import log_start, until_disconnected
+from server.routes.opening import open_request
 from server.streaming import NamedEvent, SerializedEvent, SSEStyle, serialized, sse_response
 from server.usage import UsageTracker
 
@@ -28,19 +29,18 @@ ResponseId = Annotated[str, Path(max_length=128)]
 
 @router.post("/v1/responses", response_model=None, openapi_extra=body_schema(ResponsesRequest))
 async def create_response(request: Request):
-    body = await parse_body(request, ResponsesRequest)
-    state = state_of(request)
-    service = ready_service(request, body.model)
     owner = request.state.key_owner
 
-    def prepare() -> tuple[list[dict[str, Any]], ChatPlan]:
+    def prepare(body: ResponsesRequest, service: ModelService,
+                state: AppState) -> tuple[list[dict[str, Any]], ChatPlan]:
         history: list[dict[str, Any]] = []
         if body.previous_response_id is not None:
             history = _stored(state, body.previous_response_id, owner, "previous_response_id").messages
         messages = conversation(body, history)
         return messages, plan_chat(service, to_chat(body, messages), state.limits)
 
-    messages, plan = await until_disconnected(request, state.preparer.run(prepare))
+    opened = await open_request(request, ResponsesRequest, prepare)
+    body, state, service, (messages, plan) = opened.body, opened.state, opened.service, opened.prepared
     response_id = f"resp_{secrets.token_hex(24)}"  # unguessable: it is all that guards a stored response
     log_start(request, response_id, len(plan.prompt_ids))
     renderer = ResponseRenderer(response_id, service.name, body)
