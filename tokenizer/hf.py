@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as RawTokenizer
 
 from tokenizer.base import REPLACEMENT_BYTES, Tokenizer
@@ -134,6 +134,9 @@ class HFTokenizer(Tokenizer):
             index = metadata.get(key)
             return tokens[index] if index is not None else None
 
+        template = _input_template(metadata, tokens)
+        if template is not None:
+            raw.post_processor = template
         return cls(
             raw,
             eos_token=token_at("tokenizer.ggml.eos_token_id"),
@@ -162,6 +165,20 @@ class HFTokenizer(Tokenizer):
         if 0 <= token_id < len(self._id_bytes):
             return self._id_bytes[token_id]
         return REPLACEMENT_BYTES
+
+
+def _input_template(metadata: dict[str, Any], tokens: list[str]) -> processors.TemplateProcessing | None:
+    """What llama.cpp adds around a whole input (``add_special``): the BOS and EOS tokens where the file's
+    ``add_bos_token``/``add_eos_token`` say so (Qwen3-Embedding's files close every input with its EOS)."""
+    ends = [(side, metadata.get(f"tokenizer.ggml.{side}_token_id")) for side in ("bos", "eos")
+            if metadata.get(f"tokenizer.ggml.add_{side}_token")]
+    ends = [(side, index) for side, index in ends if index is not None]
+    if not ends:
+        return None
+    named = dict(ends)
+    single = [*([tokens[named["bos"]]] if "bos" in named else []), "$A",
+              *([tokens[named["eos"]]] if "eos" in named else [])]
+    return processors.TemplateProcessing(single=single, special_tokens=[(tokens[i], i) for _, i in ends])
 
 
 def load_gguf_tokenizer(path: str | Path) -> HFTokenizer:
