@@ -116,15 +116,24 @@ def on_the_card(name: str, engine_config: EngineConfig, watch: TransferWatch, mo
     return Card(engine, watch, paged, elementwise, read_back, capture, store)
 
 
+def chunking_card(name: str, kv_cache_dtype: str, watch: TransferWatch, monkeypatch) -> Card:
+    """The engine over ``name``'s model built for an sm90 card (a KV cache in bf16, int8 or fp8); prompts over 64
+    tokens of a step are computed in chunks, so steps mix prompt chunks and decodes."""
+    return on_the_card(name, EngineConfig(kv_cache_memory=1 << 30, max_model_len=1024, kv_cache_dtype=kv_cache_dtype,
+                                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)),
+                       watch, monkeypatch)
+
+
 @pytest.fixture(params=[("qwen-7b-chat", "auto"), ("qwen-7b-chat-int4", "auto"), ("qwen2-7b-instruct", "auto"),
                         ("qwen2-7b-instruct", "int8"), ("qwen2-7b-instruct", "fp8")], ids=lambda p: "-".join(p))
 def card(request, simulated_card, monkeypatch) -> Card:
-    """The engine over the model built for an sm90 card (a KV cache in bf16, int8 or fp8); prompts over 64 tokens
-    of a step are computed in chunks, so steps mix prompt chunks and decodes."""
-    name, kv_cache_dtype = request.param
-    return on_the_card(name, EngineConfig(kv_cache_memory=1 << 30, max_model_len=1024, kv_cache_dtype=kv_cache_dtype,
-                                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)),
-                       simulated_card, monkeypatch)
+    return chunking_card(*request.param, simulated_card, monkeypatch)
+
+
+@pytest.fixture
+def qwen2_card(simulated_card, monkeypatch) -> Card:
+    """One card for the injected defects (each is a defect of the engine's code, not of a model's)."""
+    return chunking_card("qwen2-7b-instruct", "auto", simulated_card, monkeypatch)
 
 
 def test_whole_steps_run_on_the_card(card):
@@ -208,7 +217,7 @@ def errors(outputs: list[list[StepOutput]]) -> list[str]:
 
 @pytest.mark.parametrize("read", [torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.item],
                          ids=["cpu", "tolist", "numpy", "item"])
-def test_a_host_read_in_the_sampler_fails_the_step(card, monkeypatch, read):
+def test_a_host_read_in_the_sampler_fails_the_step(qwen2_card, monkeypatch, read):
     """The engine ends a row whose sampling fails and runs on: each row's error names the host read."""
     def masking_with_a_read(logits, rows):
         read(logits[0, :1].float())
@@ -216,30 +225,30 @@ def test_a_host_read_in_the_sampler_fails_the_step(card, monkeypatch, read):
 
     mask_logits = engine.sampling.mask_logits
     monkeypatch.setattr(engine.sampling, "mask_logits", masking_with_a_read)
-    card.add_requests()
-    failed = errors(card.steps())
+    qwen2_card.add_requests()
+    failed = errors(qwen2_card.steps())
     assert len(failed) == len(PROMPTS)
     assert all(
         "HostTransferError" in error or "not supported for tensor subclasses" in error for error in failed), failed
 
 
-def test_a_pageable_upload_fails_the_step(card, monkeypatch):
+def test_a_pageable_upload_fails_the_step(qwen2_card, monkeypatch):
     """``torch.tensor(values, device=card)`` for the sampled rows (what the engine did before ``to_device``)."""
     monkeypatch.setattr(engine.engine, "to_device",
                         lambda values, dtype, device: torch.tensor(values, dtype=dtype, device=device))
-    card.add_requests()
+    qwen2_card.add_requests()
     with pytest.raises(AssertionError, match="non-Fake Tensor"):  # built on the card from host data, not fake
-        card.steps()
+        qwen2_card.steps()
 
 
-def test_an_unpinned_upload_fails_the_step(card, monkeypatch):
+def test_an_unpinned_upload_fails_the_step(qwen2_card, monkeypatch):
     monkeypatch.setattr(engine.transfer, "pinned", lambda host, device: host)
     with pytest.raises(AssertionError, match="pageable"):
-        card.add_requests()
-        card.steps()
+        qwen2_card.add_requests()
+        qwen2_card.steps()
 
 
-def test_an_upload_inside_a_captured_step_fails_it(card, monkeypatch):
+def test_an_upload_inside_a_captured_step_fails_it(qwen2_card, monkeypatch):
     original = ModelRunner.step_inputs
 
     def with_a_decode_upload(self, packed, shape):
@@ -248,13 +257,13 @@ def test_an_upload_inside_a_captured_step_fails_it(card, monkeypatch):
         return original(self, packed, shape)
 
     monkeypatch.setattr(ModelRunner, "step_inputs", with_a_decode_upload)
-    card.add_requests()
+    qwen2_card.add_requests()
     with pytest.raises(AssertionError, match="inside a captured graph"):
-        card.steps()
+        qwen2_card.steps()
 
 
 @pytest.mark.parametrize("kind", ["prompt", "decode"])
-def test_a_cpu_tensor_in_the_step_fails_it(card, monkeypatch, kind):
+def test_a_cpu_tensor_in_the_step_fails_it(qwen2_card, monkeypatch, kind):
     original = ModelRunner.step_inputs
 
     def with_cpu_cos(self, packed, shape):
@@ -264,26 +273,26 @@ def test_a_cpu_tensor_in_the_step_fails_it(card, monkeypatch, kind):
         return token_ids, inputs
 
     monkeypatch.setattr(ModelRunner, "step_inputs", with_cpu_cos)
-    card.add_requests()
+    qwen2_card.add_requests()
     with pytest.raises((RuntimeError, AssertionError), match="device"):  # fake tensors or a stand-in catch it
-        card.steps()
+        qwen2_card.steps()
 
 
-def test_a_host_sync_in_a_layer_fails_the_step(card):
-    card.engine.runner.model.layers[0].register_forward_pre_hook(lambda module, args: args[0].abs().max().item())
-    card.add_requests()
+def test_a_host_sync_in_a_layer_fails_the_step(qwen2_card):
+    qwen2_card.engine.runner.model.layers[0].register_forward_pre_hook(lambda module, args: args[0].abs().max().item())
+    qwen2_card.add_requests()
     with pytest.raises(AssertionError, match=r"_local_scalar_dense.* host sync"):
-        card.steps()
+        qwen2_card.steps()
 
 
-def test_a_wrong_flash_attn_argument_fails_the_step(card, monkeypatch):
-    card.engine.runner.model.use_varlen_attention(VarlenContract())
+def test_a_wrong_flash_attn_argument_fails_the_step(qwen2_card, monkeypatch):
+    qwen2_card.engine.runner.model.use_varlen_attention(VarlenContract())
     original = VarlenLayout.__init__
 
     def int64_offsets(self, kv_slots, cu_seqlens_q, cu_seqlens_k, max_q, max_k):
         original(self, kv_slots, cu_seqlens_q.long(), cu_seqlens_k.long(), max_q, max_k)
 
     monkeypatch.setattr(VarlenLayout, "__init__", int64_offsets)
-    card.add_requests()
+    qwen2_card.add_requests()
     with pytest.raises(AssertionError):
-        card.steps()
+        qwen2_card.steps()
