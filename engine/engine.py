@@ -170,7 +170,7 @@ class LLMEngine:
         (slower, closer to fp32). ``cuda_int4_kernel``: 4-bit weights on CUDA on "tinygemm" (fastest at batch 1) or
         "triton" (more throughput at many streams); "auto" tinygemm where it runs. ``tensor_parallel_size`` > 1
         splits the model over that many processes (this one rank 0; ``engine.tensor_parallel``). ``quantization``
-        ("q8_0", "q4_0"): a dense checkpoint's layers quantized while loading, for the native CPU kernels."""
+        ("q8_0", "q4_0", "q4_k"): a dense checkpoint's layers quantized while loading, for the native CPU kernels."""
         torch_device = select_device(device)
         torch_dtype = select_dtype(dtype, torch_device)
         if tensor_parallel_size > 1:

@@ -83,9 +83,9 @@ class Settings(BaseSettings):
     cpu_isa: Literal["auto", "avx512", "avx2", "torch"] = Field(
         default="auto", description="4-bit weights on a bf16 CPU: the native int4 x int8 kernels built for avx512 or "
         "avx2 (auto: the fastest this CPU runs), or torch's weight-only kernel (bf16 activations)")
-    quantization: Literal["none", "q8_0", "q4_0"] = Field(
+    quantization: Literal["none", "q8_0", "q4_0", "q4_k"] = Field(
         default="none", description="quantize a dense checkpoint folder's layers while loading (native CPU kernels; "
-        "the bytes llama-quantize writes)")
+        "the bytes llama-quantize writes; q4_k: Q8_0 for rows that are not whole 256-value blocks)")
     kv_cache_memory: int | None = Field(default=None, description="bytes for the KV cache, e.g. 2GiB")
     cuda_int4_kernel: Literal["auto", "tinygemm", "triton"] = Field(
         default="auto", description="4-bit GPTQ/AWQ weights on CUDA: torch's tinygemm (fastest at batch 1; bf16, "

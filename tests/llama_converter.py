@@ -1,6 +1,7 @@
-"""llama.cpp's own HF-to-GGUF converter, from the PyPI sdist of llama-cpp-python (the version the peer benchmark
-builds llama-server from): fetched into a cache directory when absent (``python -m tests.llama_converter`` fetches
-it ahead, as ``make install`` does), and run on a checkpoint folder."""
+"""llama.cpp's own HF-to-GGUF converter (and its reference quantizers' source), from the PyPI sdist of
+llama-cpp-python (the version the peer benchmark builds llama-server from): fetched into a cache directory when
+absent (``python -m tests.llama_converter`` fetches it ahead, as ``make install`` does), and run on a checkpoint
+folder."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ CACHE = Path(os.environ.get("QWEN_SERVE_CONVERTER_DIR", "~/.cache/qwen-serve/lla
 SOURCE = CACHE / f"llama-cpp-python-{VERSION}"
 # of vendor/llama.cpp: the converter and its library, and published Qwen chat templates it keeps
 TEMPLATES = ("models/templates/Qwen3.5-4B.jinja", "models/templates/Qwen-Qwen3-0.6B.jinja")
-PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", *TEMPLATES)
+QUANTS = "ggml/src/ggml-quants.c"  # llama.cpp's reference quantizers (tests/llama_quants.py)
+PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", QUANTS, *TEMPLATES)
 # The tiny test checkpoints carry SmolLM2's vocabulary; for some model types transformers would load it through
 # that model's own tokenizer class (Qwen3.5's), whose pre-tokenizer llama.cpp's converter does not recognise, so
 # the converter reads tokenizer.json as it is.
@@ -35,7 +37,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def ensure_converter() -> Path:
     """The converter script, unpacked from the checked sdist (downloaded with pip unless it is cached)."""
     script = SOURCE / "convert_hf_to_gguf.py"
-    if script.is_file() and all((SOURCE / template).is_file() for template in TEMPLATES):
+    if script.is_file() and all((SOURCE / part).is_file() for part in (*TEMPLATES, QUANTS)):
         return script
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as download:

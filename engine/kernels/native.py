@@ -1,5 +1,5 @@
-"""The native CPU kernels (``quant_matmul.cpp``, ``gguf_matmul.cpp`` and ``recurrent.cpp`` over ``simd.h``): built
-once per instruction set into one library, loaded with ctypes.
+"""The native CPU kernels (``quant_matmul.cpp``, ``gguf_matmul.cpp`` and ``recurrent.cpp`` over ``simd.h``, and the
+load-time quantizer ``quantize.cpp``): built once per instruction set into one library, loaded with ctypes.
 
 One source, two builds: ``avx512`` (AVX512 F/BW/VL with VNNI and BF16) and ``avx2`` (AVX2 with FMA), which compute
 the same bits. Each is compiled with the system's C++ compiler (``$CXX``, else ``g++``) and cached next to the
@@ -26,7 +26,8 @@ import torch
 from engine.device import cpu_flags
 from engine.weights.embedded import cache_dir
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "gguf_matmul.cpp", "recurrent.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("quant_matmul.cpp", "gguf_matmul.cpp", "recurrent.cpp", "quantize.cpp"))
 HEADER = Path(__file__).with_name("simd.h")
 # per build: the CPU flags it needs, and the compiler flags for exactly those (not -march=native: a build, e.g. in
 # an image, runs on any CPU that has them)
@@ -78,6 +79,8 @@ def library(isa: str) -> ctypes.CDLL | None:
     lib.gguf_dequantize.restype = None
     lib.gated_delta_decode.argtypes = [pointer] * 7 + [size] * 6 + [ctypes.c_int, pointer, pointer, threads]
     lib.gated_delta_decode.restype = None
+    lib.quantize_q4_k.argtypes = [pointer, size, size, pointer, threads]
+    lib.quantize_q4_k.restype = None
     return lib
 
 

@@ -1,21 +1,27 @@
 """Quantizing a dense checkpoint while it loads (``--quantization``): its layers' matrices become GGUF blocks in
 memory, rounded to nearest as llama.cpp's ``llama-quantize`` does without an importance matrix (the ``gguf``
-library's quantizer, which gives the same bytes for Q8_0 and Q4_0), and run on the native kernels as a GGUF file's
-would."""
+library's quantizer, which gives the same bytes for Q8_0 and Q4_0; the native one for Q4_K, whose rows must be whole
+256-value super-blocks: other matrices fall back to Q8_0, as llama-quantize falls back to a type they fit), and run
+on the native kernels as a GGUF file's would."""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
+from engine.kernels import native
 from engine.kernels.gguf_matmul import StoredMatrix
+from engine.kernels.quantize import Q4_K_BLOCK, quantize_q4_k
 from engine.weights.gguf_tensors import int4_from_blocks
 from engine.weights.int4 import Int4Weight
 from engine.weights.sources import WeightSource
 
-TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
+TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0, "q4_k": GGMLQuantizationType.Q4_K}
+log = logging.getLogger(__name__)
 
 
 class QuantizingSource:
@@ -24,6 +30,7 @@ class QuantizingSource:
 
     def __init__(self, inner: WeightSource, kind: str, keep: set[str]) -> None:
         self.inner, self.type, self.keep = inner, TYPES[kind], keep
+        self.fell_back = 0  # Q4_K: matrices quantized to Q8_0 instead
 
     def __contains__(self, name: str) -> bool:
         return name in self.inner
@@ -43,8 +50,17 @@ class QuantizingSource:
         weight = self.inner.dense(name)
         if weight.dim() != 2 or weight.shape[1] % 32:
             return None
-        blocks = quantize(np.ascontiguousarray(weight.float().numpy()), self.type)
-        return StoredMatrix(blocks, self.type, weight.shape[1])
+        values = np.ascontiguousarray(weight.float().numpy())
+        if self.type == GGMLQuantizationType.Q4_K:
+            if weight.shape[1] % Q4_K_BLOCK == 0:
+                return StoredMatrix(quantize_q4_k(values, native.isas()[0]), self.type, weight.shape[1])
+            if not self.fell_back:
+                log.info("q4_k: matrices whose rows are not whole 256-value blocks are quantized to q8_0 instead "
+                         "(the first: %s, %d columns)", name, weight.shape[1])
+            self.fell_back += 1
+            return StoredMatrix(quantize(values, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0,
+                                weight.shape[1])
+        return StoredMatrix(quantize(values, self.type), self.type, weight.shape[1])
 
     def int4(self, name: str) -> Int4Weight | None:
         if self.type != GGMLQuantizationType.Q4_0 or (stored := self.stored(name)) is None:

@@ -116,7 +116,7 @@ def load_model(model: str | None, *, dtype: torch.dtype, device: torch.device, i
                progress=None, shard: Shard | None = None, group: dist.ProcessGroup | None = None,
                quantization: str | None = None) -> LoadedModel:
     """``shard``: load only this rank's slices (tensor parallelism over ``group``). ``quantization`` ("q8_0",
-    "q4_0"): a dense checkpoint folder's layer matrices quantized as they load, for the native CPU kernels."""
+    "q4_0", "q4_k"): a dense checkpoint folder's layer matrices quantized as they load, for the native CPU kernels."""
     path = resolve_model_path(model)
     name = model or SMOLLM2_GGUF.filename.removesuffix(".gguf")
     split = {"shard": shard, "group": group}
