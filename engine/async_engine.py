@@ -48,6 +48,23 @@ class _Call:
     deliver: Callable[[object], bool]
 
 
+PoolingKind = tuple[str, str] | tuple[str, tuple[int, ...]]  # ("embed", pooling) or ("logits", token ids)
+
+
+@dataclass
+class _Pool:
+    """Prompts to pool in one pass (an embedding or rerank request's share of one): passes of one kind queued at
+    once share a pass."""
+
+    kind: PoolingKind
+    prompts: list[list[int]]
+    deliver: Callable[[object], bool]
+
+    @property
+    def tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+
 class AsyncEngine:
     """Wraps ``LLMEngine`` in a background thread; the only way other threads reach the engine.
 
@@ -64,7 +81,7 @@ class AsyncEngine:
         self.info: ModelInfo = engine.info
         self.stats: EngineStats = engine.stats()
         self.on_failure: list[Callable[[BaseException], None]] = []
-        self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | _Pool | None] = queue.SimpleQueue()
         self._deliver: dict[str, Callable[[StepOutput | BaseException], bool]] = {}
         self._admitted = 0
         self._capacity = self.info.max_num_seqs + self.info.max_waiting
@@ -131,6 +148,13 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[LLMEngine], object]) -> object:
         """Run ``fn(engine)`` on the engine thread between steps (e.g. prompt logits) and return its result."""
+        future, deliver = self._awaited()
+        self._inbox.put(_Call(fn, deliver))
+        return await future
+
+    def _awaited(self) -> tuple[asyncio.Future[object], Callable[[object], bool]]:
+        """A future on the caller's loop, and how the engine thread settles it (a result, or an exception to
+        raise); False when that loop is gone."""
         if self.error is not None:
             raise EngineDeadError(str(self.error)) from self.error
         loop = asyncio.get_running_loop()
@@ -151,8 +175,12 @@ class AsyncEngine:
                 return False
             return True
 
-        self._inbox.put(_Call(fn, deliver))
-        return await future
+        return future, deliver
+
+    async def _pooled(self, kind: PoolingKind, prompts: Seq[Seq[int]]) -> torch.Tensor:
+        future, deliver = self._awaited()
+        self._inbox.put(_Pool(kind, [list(p) for p in prompts], deliver))
+        return await future  # type: ignore[return-value]
 
     async def prompt_logprobs(self, prompt_ids: Seq[int], top: int) -> list[dict[int, float] | None]:
         """Each prompt token's log-probability given those before it (and the ``top`` alternatives), computed on
@@ -161,16 +189,15 @@ class AsyncEngine:
         return await self.call(lambda llm: llm.prompt_logprobs(ids, top))  # type: ignore[return-value]
 
     async def embed(self, prompts: Seq[Seq[int]], pooling: str) -> torch.Tensor:
-        """Pooled, L2-normalised final hidden states of ``prompts`` from one pass on the engine thread between steps
-        (``LLMEngine.embed``); raises ``InvalidRequestError`` for prompts it cannot run."""
-        batch = [list(p) for p in prompts]
-        return await self.call(lambda llm: llm.embed(batch, pooling))  # type: ignore[return-value]
+        """Pooled, L2-normalised final hidden states of ``prompts`` (``LLMEngine.embed``), from a pass on the engine
+        thread between steps that other requests' prompts may share; raises ``InvalidRequestError`` for prompts it
+        cannot run."""
+        return await self._pooled(("embed", pooling), prompts)
 
     async def last_token_logits(self, prompts: Seq[Seq[int]], token_ids: Seq[int]) -> torch.Tensor:
-        """Logits of ``token_ids`` at each prompt's last position, from one pass between steps
-        (``LLMEngine.last_token_logits``)."""
-        batch, tokens = [list(p) for p in prompts], list(token_ids)
-        return await self.call(lambda llm: llm.last_token_logits(batch, tokens))  # type: ignore[return-value]
+        """Logits of ``token_ids`` at each prompt's last position (``LLMEngine.last_token_logits``), from a pass
+        between steps that other requests' prompts may share."""
+        return await self._pooled(("logits", tuple(token_ids)), prompts)
 
     def shutdown(self) -> None:
         """Stop the engine thread after the step in progress."""
@@ -213,15 +240,23 @@ class AsyncEngine:
             self._engine.abort(output.request_id)
 
     def _drain_inbox(self, block: bool) -> bool:
-        """Apply queued adds and aborts; False on shutdown."""
+        """Apply queued adds and aborts, run queued calls, then the queued pooling passes packed; False on
+        shutdown."""
+        pools: list[_Pool] = []
         while True:
             try:
                 message = self._inbox.get(block=block)
             except queue.Empty:
+                self._run_pools(pools)
                 return True
             block = False
             if message is None:
+                for pool in pools:
+                    pool.deliver(EngineDeadError("the engine shut down"))
                 return False
+            if isinstance(message, _Pool):
+                pools.append(message)
+                continue
             if isinstance(message, _Abort):
                 self._deliver.pop(message.request_id, None)
                 self._engine.abort(message.request_id)
@@ -240,11 +275,49 @@ class AsyncEngine:
                 continue
             self._deliver[message.request_id] = message.deliver
 
+    def _run_pools(self, pools: list[_Pool]) -> None:
+        """``pools`` packed by kind into passes of at most one step's token budget (each request's prompts kept
+        together), each pass's rows handed back request by request. A pass that fails runs its requests one by one,
+        so that only the failing one gets the error."""
+        budget = self._engine.config.scheduler.max_num_batched_tokens
+        by_kind: dict[PoolingKind, list[_Pool]] = {}
+        for pool in pools:
+            by_kind.setdefault(pool.kind, []).append(pool)
+        for kind, queued in by_kind.items():
+            passes: list[list[_Pool]] = [[]]
+            for pool in queued:
+                if passes[-1] and sum(p.tokens for p in passes[-1]) + pool.tokens > budget:
+                    passes.append([])
+                passes[-1].append(pool)
+            for shared in passes:
+                self._run_pass(kind, shared)
+
+    def _run_pass(self, kind: PoolingKind, shared: list[_Pool]) -> None:
+        try:
+            rows = self._pool_rows(kind, [prompt for pool in shared for prompt in pool.prompts])
+        except Exception as exc:
+            if len(shared) > 1:
+                for pool in shared:
+                    self._run_pass(kind, [pool])
+                return
+            shared[0].deliver(exc)
+            return
+        start = 0
+        for pool in shared:
+            pool.deliver(rows[start : start + len(pool.prompts)])
+            start += len(pool.prompts)
+
+    def _pool_rows(self, kind: PoolingKind, prompts: list[list[int]]) -> torch.Tensor:
+        task, argument = kind
+        if task == "embed":
+            return self._engine.embed(prompts, argument)  # type: ignore[arg-type]
+        return self._engine.last_token_logits(prompts, argument)  # type: ignore[arg-type]
+
     def _fail_inbox(self, error: BaseException) -> None:
         while True:
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(message, (_Add, _Call)):
+            if isinstance(message, (_Add, _Call, _Pool)):
                 message.deliver(error)

@@ -5,12 +5,15 @@ tokens' logits at each prompt's last position (``last_token_logits``)."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 
-from engine import LLM
+from engine import LLM, AsyncEngine
 from engine.engine import InvalidRequestError
 from tests.unit.engine.test_models_vs_transformers import CONFIGS, write_checkpoint
 
@@ -76,3 +79,61 @@ def test_last_token_logits_agree_with_the_whole_head_on_the_embedded_model(smoll
     answers = [llm.tokenizer.encode(word)[0] for word in ("yes", "no")]
     whole = llm.engine.prompt_logits(prompt)[-1, answers]
     torch.testing.assert_close(llm.engine.last_token_logits([prompt], answers)[0], whole, atol=1e-4, rtol=0)
+
+
+def queued_together(engine: AsyncEngine, calls: list) -> list:
+    """Each of ``calls`` (coroutine functions of the engine) queued while the engine thread is held busy, then
+    released at once; their results (or exceptions)."""
+    async def main():
+        busy, release = threading.Event(), threading.Event()
+        holding = asyncio.ensure_future(engine.call(lambda _: busy.set() or release.wait(60)))
+        await asyncio.get_running_loop().run_in_executor(None, busy.wait, 60)
+        tasks = [asyncio.ensure_future(call(engine)) for call in calls]
+        while engine._inbox.qsize() < len(tasks):  # every request queued behind the held engine thread
+            await asyncio.sleep(0.01)
+        release.set()
+        await holding
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("with_invalid", [False, True], ids=["valid", "one-invalid"])
+def test_pooling_requests_queued_together_share_a_pass_and_fail_alone(models, with_invalid):
+    """Requests queued while the engine thread is busy are packed into one pass per kind (embeddings with one
+    pooling; a reranker's logits), each answered with its own rows, transformers' values; with one that cannot run
+    in the pass, each runs alone, so only that one gets the error."""
+    llm, reference = models
+    passes: list[tuple[str, int]] = []
+    embed, logits = llm.engine.embed, llm.engine.last_token_logits
+
+    def counted(kind, method):
+        def run(prompts, argument):
+            passes.append((kind, len(prompts)))
+            return method(prompts, argument)
+        return run
+
+    generator = torch.Generator().manual_seed(5)
+    requests = [[torch.randint(0, 320, (n,), generator=generator).tolist() for n in lengths]
+                for lengths in ((12,), (40, 7), (3,), (25, 25, 2))]
+    embedded = [*requests, *([[[1, 10**6]]] if with_invalid else [])]
+    calls = [*(lambda engine, prompts=prompts: engine.embed(prompts, "last") for prompts in embedded),
+             lambda engine: engine.last_token_logits(requests[1], [17, 250])]
+    llm.engine.embed, llm.engine.last_token_logits = counted("embed", embed), counted("logits", logits)
+    engine = AsyncEngine(llm.engine)
+    try:
+        *vectors, judged = queued_together(engine, calls)
+    finally:
+        engine.shutdown()
+        llm.engine.embed, llm.engine.last_token_logits = embed, logits
+    together = ("embed", sum(map(len, embedded)))
+    alone = [("embed", len(prompts)) for prompts in embedded] if with_invalid else []
+    assert passes == [together, *alone, ("logits", 2)]
+    if with_invalid:
+        assert isinstance(vectors.pop(), InvalidRequestError)
+    for prompts, rows in zip(requests, vectors, strict=True):
+        theirs = torch.stack([expected(reference, p, "last") for p in prompts])
+        torch.testing.assert_close(rows, theirs, atol=ATOL, rtol=0)
+    with torch.inference_mode():
+        theirs = torch.stack([reference(torch.tensor([p])).logits[0, -1, [17, 250]] for p in requests[1]])
+    torch.testing.assert_close(judged, theirs, atol=1e-4, rtol=0)
