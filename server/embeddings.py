@@ -1,7 +1,8 @@
 """Embeddings: a request's inputs checked and tokenized (texts as plain text, with what the vocabulary's own
-post-processing adds around an input, e.g. Qwen3-Embedding's closing token), run through the
-engine in passes of at most one step's token budget (each pass between generation steps, so chat keeps going),
-and rendered in OpenAI's shape, floats or base64, cut to ``dimensions`` and re-normalised."""
+post-processing adds around an input, e.g. Qwen3-Embedding's closing token), run through the engine in passes of
+at most one step's token budget (each pass between generation steps, so chat keeps going; the engine packs the
+passes of requests queued together into one), and rendered in OpenAI's shape, floats or base64, cut to
+``dimensions`` and re-normalised."""
 
 from __future__ import annotations
 
