@@ -284,13 +284,15 @@ class AsyncEngine:
         for pool in pools:
             by_kind.setdefault(pool.kind, []).append(pool)
         for kind, queued in by_kind.items():
-            passes: list[list[_Pool]] = [[]]
+            shared: list[_Pool] = []
+            tokens = 0
             for pool in queued:
-                if passes[-1] and sum(p.tokens for p in passes[-1]) + pool.tokens > budget:
-                    passes.append([])
-                passes[-1].append(pool)
-            for shared in passes:
-                self._run_pass(kind, shared)
+                if shared and tokens + pool.tokens > budget:
+                    self._run_pass(kind, shared)
+                    shared, tokens = [], 0
+                shared.append(pool)
+                tokens += pool.tokens
+            self._run_pass(kind, shared)
 
     def _run_pass(self, kind: PoolingKind, shared: list[_Pool]) -> None:
         try:

@@ -30,7 +30,7 @@ class QuantizingSource:
 
     def __init__(self, inner: WeightSource, kind: str, keep: set[str]) -> None:
         self.inner, self.type, self.keep = inner, TYPES[kind], keep
-        self.fell_back = 0  # Q4_K: matrices quantized to Q8_0 instead
+        self.fallback_logged = False  # Q4_K: the log line naming the first matrix quantized to Q8_0 instead
 
     def __contains__(self, name: str) -> bool:
         return name in self.inner
@@ -54,10 +54,10 @@ class QuantizingSource:
         if self.type == GGMLQuantizationType.Q4_K:
             if weight.shape[1] % Q4_K_BLOCK == 0:
                 return StoredMatrix(quantize_q4_k(values, native.isas()[0]), self.type, weight.shape[1])
-            if not self.fell_back:
+            if not self.fallback_logged:
                 log.info("q4_k: matrices whose rows are not whole 256-value blocks are quantized to q8_0 instead "
                          "(the first: %s, %d columns)", name, weight.shape[1])
-            self.fell_back += 1
+                self.fallback_logged = True
             return StoredMatrix(quantize(values, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0,
                                 weight.shape[1])
         return StoredMatrix(quantize(values, self.type), self.type, weight.shape[1])

@@ -145,10 +145,10 @@ def test_whole_steps_run_on_the_card(card):
             assert output.error is None, output.error
             tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
     assert tokens == {str(i): [TOKEN] * MAX_TOKENS for i in range(len(PROMPTS))}
-    engine, layers = card.engine, card.engine.model_config.num_layers
+    llm_engine, layers = card.engine, card.engine.model_config.num_layers
     # 234 prompt tokens at 64 a step: prompt chunks beside decodes, then decode steps alone, each replayed from
     # its bucket's capture; a forward pass runs for every other step and for each capture
-    captured = engine.runner.decode_graphs.captured
+    captured = llm_engine.runner.decode_graphs.captured
     assert card.capture.captures == len(captured) >= 1 and card.capture.replays >= 2
     forwards = len(outputs) - card.capture.replays + card.capture.captures
     assert card.read_back.calls == len(outputs)  # one read-back per step
@@ -160,9 +160,9 @@ def test_whole_steps_run_on_the_card(card):
     assert card.elementwise.norms == (2 * layers + 1) * forwards
     assert card.elementwise.activations == layers * forwards
     assert params[3].grammar.matchers[0].fills == MAX_TOKENS
-    assert engine.runner.kv_cache.data.device == STAND_IN
-    assert engine.runner.kv_cache.data.dtype == {"auto": torch.bfloat16, "int8": torch.int8,
-                                                 "fp8": torch.float8_e4m3fn}[engine.config.kv_cache_dtype]
+    assert llm_engine.runner.kv_cache.data.device == STAND_IN
+    assert llm_engine.runner.kv_cache.data.dtype == {"auto": torch.bfloat16, "int8": torch.int8,
+                                                     "fp8": torch.float8_e4m3fn}[llm_engine.config.kv_cache_dtype]
 
 
 def test_an_fp8_cache_is_refused_before_ada():
