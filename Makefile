@@ -23,16 +23,17 @@ ifneq ($(shell command -v npm),)
 	$(PY) -m tests.integration.agents
 endif
 
-assets: install
+assets: $(STAMP)
 	$(VENV)/bin/qwen-serve-assets
 
 test: install assets
 	$(PY) -m pytest -q
 
-lint: install
+lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-run: install assets
+# serving needs the project and the embedded model, not what the tests cache
+run: $(STAMP) assets
 	$(VENV)/bin/qwen-serve --host 127.0.0.1 --port 8000
 
 # The chat page's bundle (server/playground/static, committed) rebuilt from its sources and package-lock.json.
