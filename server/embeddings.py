@@ -40,8 +40,9 @@ def embedding_prompts(service: ModelService, body: EmbeddingRequest, limits: Lim
             raise APIError(400, f"input {index} has {len(ids)} tokens; each must have 1 to {service.max_model_len}",
                            param=f"input.{index}", code="context_length_exceeded")
         if any(not 0 <= t < service.vocab_size for t in ids):
-            raise APIError(400, f"input {index}: token ids must be in [0, {service.vocab_size})",
-                           param=f"input.{index}")
+            raise APIError(400, f"input {index}: token ids must be in [0, {service.vocab_size}) (ids from another "
+                                f"vocabulary, such as the cl100k_base ones LangChain's OpenAIEmbeddings sends by "
+                                f"default, name other tokens: send texts)", param=f"input.{index}")
         prompts.append(ids)
     return prompts
 

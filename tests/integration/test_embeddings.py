@@ -1,19 +1,24 @@
-"""/v1/embeddings over a socket with the ``openai`` client and LangChain: the embedded model served with
-``--task embed``; texts and token ids give the same vectors, base64 is the same floats, ``dimensions`` cuts and
-re-normalises, and a generative server or an input past the context is a 400 that names why."""
+"""/v1/embeddings over a socket with the ``openai`` client and LangChain (with texts, and by default with
+cl100k_base token ids): the embedded model served with ``--task embed``; texts and token ids give the same vectors,
+base64 is the same floats, ``dimensions`` cuts and re-normalises, and a generative server or an input past the
+context is a 400 that names why."""
 
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 
+from engine.weights.loader import load_model
 from server.settings import Settings
-from tests.integration.conftest import SMOL_NAME, RunningServer, engine_for, serve
+from tests.integration.cl100k import ensure_cl100k
+from tests.integration.conftest import QWEN_NAME, SMOL_NAME, RunningServer, engine_for, serve
 
 TEXTS = ["The capital of France is Paris.", "Bonjour", "a " * 300]
 
@@ -65,6 +70,45 @@ def test_langchain_embeds_documents_and_queries(embedder):
     query = embeddings.embed_query(TEXTS[1])
     assert len(documents) == 2 and len(documents[0]) == 576
     np.testing.assert_allclose(query, documents[1], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def qwen_vocab_embedder(qwen1_folder) -> Iterator[RunningServer]:
+    """The tiny Qwen-7B-Chat-shaped model (Qwen's 151,936-token vocabulary) served with ``--task embed``."""
+    loaded = load_model(str(qwen1_folder), dtype=torch.float32, device=torch.device("cpu"))
+    engine = engine_for(loaded)
+    yield from serve(Settings(served_model_name=QWEN_NAME, task="embed"), engine)
+    engine.shutdown()
+
+
+def test_langchain_by_default_sends_openai_token_ids_and_gets_their_vectors(qwen_vocab_embedder, monkeypatch):
+    """LangChain's default tokenizes with cl100k_base and sends the ids (every one inside Qwen's vocabulary): the
+    vectors are the server's for those ids, in order, and usage counts them."""
+    import tiktoken
+    from langchain_openai import OpenAIEmbeddings
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(ensure_cl100k()))
+    sent, usage = [], []
+
+    def record_request(request: httpx.Request) -> None:
+        sent.append(json.loads(request.content)["input"])
+
+    def record_response(response: httpx.Response) -> None:
+        response.read()
+        usage.append(response.json()["usage"])
+
+    hooks = {"request": [record_request], "response": [record_response]}
+    embeddings = OpenAIEmbeddings(model=QWEN_NAME, base_url=qwen_vocab_embedder.base, api_key="unused",
+                                  http_client=httpx.Client(event_hooks=hooks, timeout=120))
+    documents = embeddings.embed_documents(TEXTS)
+    ids = [tiktoken.get_encoding("cl100k_base").encode_ordinary(text) for text in TEXTS]
+    assert sent == [ids] and usage == [{"prompt_tokens": sum(map(len, ids)), "total_tokens": sum(map(len, ids))}]
+    direct = client(qwen_vocab_embedder).embeddings.create(model=QWEN_NAME, input=ids).data
+    assert [len(vector) for vector in documents] == [64, 64, 64]
+    np.testing.assert_allclose(np.array(documents), np.array([d.embedding for d in direct]), atol=1e-5, rtol=0)
+    query = embeddings.embed_query(TEXTS[1])
+    np.testing.assert_allclose(query, documents[1], atol=1e-5, rtol=0)
+    assert np.abs(np.array(documents[0]) - np.array(documents[1])).max() > 0.01
 
 
 @pytest.mark.parametrize(("body", "status", "param", "says"), [
