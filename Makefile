@@ -14,11 +14,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The coding agents the tests drive (npm packages, pinned in tests/integration/agents.py), llama.cpp's GGUF
-# converter (tests/llama_converter.py) and the wheels the image's install script takes (tests/deploy/wheelhouse.py)
-# go to a cache directory, so that `make test` runs them without a network.
+# converter (tests/llama_converter.py), the wheels the image's install script takes (tests/deploy/wheelhouse.py)
+# and OpenAI's cl100k_base vocabulary LangChain tokenizes with (tests/integration/cl100k.py) go to a cache
+# directory, so that `make test` runs them without a network.
 install: $(STAMP)
 	$(PY) -m tests.llama_converter
 	$(PY) -m tests.deploy.wheelhouse
+	$(PY) -m tests.integration.cl100k
 ifneq ($(shell command -v npm),)
 	$(PY) -m tests.integration.agents
 endif
@@ -26,8 +28,9 @@ endif
 assets: $(STAMP)
 	$(VENV)/bin/qwen-serve-assets
 
+# two workers, a test file each at a time (pytest-xdist; tests/conftest.py shares the cores out among them)
 test: install assets
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -9,7 +9,15 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # the suite runs in several workers (pyproject's addopts): the cores shared out among them, so that their
+    # compute threads do not contend (spinning OpenMP threads on a busy core slow both); servers the tests start
+    # inherit it
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+import torch  # after the thread count, which torch reads once
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

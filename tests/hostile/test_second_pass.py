@@ -293,6 +293,6 @@ def test_a_long_prompt_does_not_hold_up_a_short_request(small_steps):
     short = httpx.post(small_steps.url + CHAT, json=body(max_tokens=1), timeout=60)
     assert short.status_code == 200, short.text[:300]
     assert not long.started.is_set(), "the short request waited for the long prompt's prefill"
-    long.join(60)
-    stream.join(120)  # no reader outlives the test (its server stops with the module)
+    long.join()  # each reader ends by itself (its reads time out), so none outlives the test's server
+    stream.join()
     assert long.started.is_set() and len(stream.lines) > tokens_before
