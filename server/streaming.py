@@ -69,10 +69,10 @@ async def prepend(first: T | None, rest: AsyncIterator[T]) -> AsyncIterator[T]:
 
 
 def _sse(chunk: BaseModel | dict | NamedEvent | SerializedEvent) -> dict[str, str]:
+    if isinstance(chunk, NamedEvent):
+        chunk = serialized(chunk)
     if isinstance(chunk, SerializedEvent):
         return {"event": chunk.name, "data": chunk.data}
-    if isinstance(chunk, NamedEvent):
-        return {"event": chunk.name, "data": json.dumps(chunk.data, ensure_ascii=False)}
     if isinstance(chunk, BaseModel):
         return {"data": chunk.model_dump_json(exclude_none=False)}
     return {"data": json.dumps(chunk)}

@@ -170,15 +170,13 @@ class HFTokenizer(Tokenizer):
 def _input_template(metadata: dict[str, Any], tokens: list[str]) -> processors.TemplateProcessing | None:
     """What llama.cpp adds around a whole input (``add_special``): the BOS and EOS tokens where the file's
     ``add_bos_token``/``add_eos_token`` say so (Qwen3-Embedding's files close every input with its EOS)."""
-    ends = [(side, metadata.get(f"tokenizer.ggml.{side}_token_id")) for side in ("bos", "eos")
-            if metadata.get(f"tokenizer.ggml.add_{side}_token")]
-    ends = [(side, index) for side, index in ends if index is not None]
-    if not ends:
+    added = {side: index for side in ("bos", "eos") if metadata.get(f"tokenizer.ggml.add_{side}_token")
+             and (index := metadata.get(f"tokenizer.ggml.{side}_token_id")) is not None}
+    if not added:
         return None
-    named = dict(ends)
-    single = [*([tokens[named["bos"]]] if "bos" in named else []), "$A",
-              *([tokens[named["eos"]]] if "eos" in named else [])]
-    return processors.TemplateProcessing(single=single, special_tokens=[(tokens[i], i) for _, i in ends])
+    bos, eos = (tokens[added[side]] if side in added else None for side in ("bos", "eos"))
+    return processors.TemplateProcessing(single=[t for t in (bos, "$A", eos) if t is not None],
+                                         special_tokens=[(tokens[i], i) for i in added.values()])
 
 
 def load_gguf_tokenizer(path: str | Path) -> HFTokenizer:

@@ -168,6 +168,17 @@ class GrammarStandIn:
         return self.matchers[-1]
 
 
+def cache_in(cache, dtype: torch.dtype) -> None:
+    """Keys and values alike: in ``dtype``, or 8-bit (int8/fp8) with fp32 scales per slot and head on the card."""
+    if cache.quantized:
+        assert cache.k.dtype == cache.v.dtype and cache.k.dtype in (torch.int8, torch.float8_e4m3fn)
+        assert cache.k_scale.dtype == cache.v_scale.dtype == torch.float32
+        assert cache.k_scale.shape == cache.k.shape[:2]
+        on_stand_in(cache.k_scale, cache.v_scale)
+    else:
+        assert cache.k.dtype == cache.v.dtype == dtype
+
+
 class PagedDecodeContract:
     """The Triton paged-decode kernel's contract: [B, heads, D] queries in the cache's dtype (or an int8/fp8 cache
     with fp32 scales per slot and head), caches with unit stride in D, int32 block tables and key counts of B rows, all
@@ -181,13 +192,7 @@ class PagedDecodeContract:
         on_stand_in(q, cache.k, cache.v, block_tables, kv_lens)
         batch = q.shape[0]
         assert q.shape == (batch, self.heads, self.head_dim)
-        if cache.quantized:
-            assert cache.k.dtype == cache.v.dtype and cache.k.dtype in (torch.int8, torch.float8_e4m3fn)
-            assert cache.k_scale.dtype == cache.v_scale.dtype == torch.float32
-            assert cache.k_scale.shape == cache.k.shape[:2]
-            on_stand_in(cache.k_scale, cache.v_scale)
-        else:
-            assert q.dtype == cache.k.dtype == cache.v.dtype
+        cache_in(cache, q.dtype)
         assert cache.k.shape[1:] == (self.kv_heads, self.head_dim) and cache.k.stride(-1) == 1
         assert block_tables.dtype == kv_lens.dtype == torch.int32 and block_tables.is_contiguous()
         assert block_tables.shape[0] == kv_lens.shape[0] == batch and block_tables.dim() == 2
@@ -212,13 +217,8 @@ class RopeStoreContract:
         assert cos.shape == sin.shape == (tokens, 1, self.head_dim) and cos.dtype == sin.dtype == qkv.dtype
         assert logn is None or (logn.shape == (tokens, 1, 1) and logn.dtype == qkv.dtype)
         assert slots.dtype == torch.int64 and slots.shape == (tokens,)
-        if cache.quantized:
-            assert cache.k.dtype == cache.v.dtype and cache.k.dtype in (torch.int8, torch.float8_e4m3fn)
-            assert cache.k_scale.dtype == cache.v_scale.dtype == torch.float32
-            assert cache.k_scale.stride() == cache.v_scale.stride() and cache.k_scale.shape == cache.k.shape[:2]
-            on_stand_in(cache.k_scale, cache.v_scale)
-        else:
-            assert cache.k.dtype == cache.v.dtype == qkv.dtype
+        cache_in(cache, qkv.dtype)
+        assert not cache.quantized or cache.k_scale.stride() == cache.v_scale.stride()
         assert cache.k.stride() == cache.v.stride() and cache.k.stride(-1) == 1
         assert (q_norm is None) == (k_norm is None)
         self.calls += 1
