@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import queue
 import threading
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from engine.engine import EngineStats, InvalidRequestError, LLMEngine, ModelInfo, StepOutput
+from engine.pooling import PoolingTask
 from engine.sampling import SamplingParams
 from engine.scheduler import QueueFullError
 
@@ -48,21 +51,14 @@ class _Call:
     deliver: Callable[[object], bool]
 
 
-PoolingKind = tuple[str, str] | tuple[str, tuple[int, ...]]  # ("embed", pooling) or ("logits", token ids)
-
-
 @dataclass
 class _Pool:
-    """Prompts to pool in one pass (an embedding or rerank request's share of one): passes of one kind queued at
-    once share a pass."""
+    """A pooling request (``LLMEngine.add_pooling``): its prompts join the continuous batch."""
 
-    kind: PoolingKind
+    request_id: str
     prompts: list[list[int]]
-    deliver: Callable[[object], bool]
-
-    @property
-    def tokens(self) -> int:
-        return sum(map(len, self.prompts))
+    task: PoolingTask
+    deliver: Callable[[StepOutput | BaseException], bool]
 
 
 class AsyncEngine:
@@ -85,6 +81,7 @@ class AsyncEngine:
         self._deliver: dict[str, Callable[[StepOutput | BaseException], bool]] = {}
         self._admitted = 0
         self._capacity = self.info.max_num_seqs + self.info.max_waiting
+        self._pooling_ids = itertools.count()
         self._lock = threading.Lock()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="qwen-serve-engine", daemon=True)
@@ -111,13 +108,16 @@ class AsyncEngine:
             raise EngineDeadError(str(self.error)) from self.error
         self._admit()
         try:
-            async for output in self._outputs(request_id, prompt_ids, params):
+            async for output in self._outputs(request_id,
+                                              lambda deliver: _Add(request_id, list(prompt_ids), params, deliver)):
                 yield output
         finally:
             self._release()
 
-    async def _outputs(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams
+    async def _outputs(self, request_id: str,
+                       message: Callable[[Callable[[StepOutput | BaseException], bool]], _Add | _Pool]
                        ) -> AsyncIterator[StepOutput]:
+        """The outputs of the request ``message`` queues (given how to deliver them); leaving early aborts it."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
 
@@ -129,7 +129,7 @@ class AsyncEngine:
                 return False
             return True
 
-        self._inbox.put(_Add(request_id, list(prompt_ids), params, deliver))
+        self._inbox.put(message(deliver))
         finished = False
         try:
             while not finished:
@@ -177,10 +177,24 @@ class AsyncEngine:
 
         return future, deliver
 
-    async def _pooled(self, kind: PoolingKind, prompts: Seq[Seq[int]]) -> torch.Tensor:
-        future, deliver = self._awaited()
-        self._inbox.put(_Pool(kind, [list(p) for p in prompts], deliver))
-        return await future  # type: ignore[return-value]
+    async def _pooled(self, task: PoolingTask, prompts: Seq[Seq[int]]) -> torch.Tensor:
+        """The rows of a pooling request, admitted as a generation request is (``QueueFullError`` beyond the
+        engine's seats and queue); leaving early aborts it."""
+        if self.error is not None:
+            raise EngineDeadError(str(self.error)) from self.error
+        self._admit()
+        request_id = f"pooling-{next(self._pooling_ids)}"
+        listed = [list(prompt) for prompt in prompts]
+        try:
+            stream = self._outputs(request_id, lambda deliver: _Pool(request_id, listed, task, deliver))
+            async with contextlib.aclosing(stream):
+                async for output in stream:
+                    if output.finished:
+                        assert output.pooled is not None
+                        return output.pooled
+        finally:
+            self._release()
+        raise EngineDeadError("the pooling request ended without its rows")
 
     async def prompt_logprobs(self, prompt_ids: Seq[int], top: int) -> list[dict[int, float] | None]:
         """Each prompt token's log-probability given those before it (and the ``top`` alternatives), computed on
@@ -189,15 +203,14 @@ class AsyncEngine:
         return await self.call(lambda llm: llm.prompt_logprobs(ids, top))  # type: ignore[return-value]
 
     async def embed(self, prompts: Seq[Seq[int]], pooling: str) -> torch.Tensor:
-        """Pooled, L2-normalised final hidden states of ``prompts`` (``LLMEngine.embed``), from a pass on the engine
-        thread between steps that other requests' prompts may share; raises ``InvalidRequestError`` for prompts it
-        cannot run."""
-        return await self._pooled(("embed", pooling), prompts)
+        """Pooled, L2-normalised final hidden states of ``prompts``, fp32 [prompts, hidden], computed in the
+        continuous batch beside other requests; raises ``InvalidRequestError`` for prompts it cannot run."""
+        return await self._pooled(PoolingTask.embed(pooling), prompts)
 
     async def last_token_logits(self, prompts: Seq[Seq[int]], token_ids: Seq[int]) -> torch.Tensor:
-        """Logits of ``token_ids`` at each prompt's last position (``LLMEngine.last_token_logits``), from a pass
-        between steps that other requests' prompts may share."""
-        return await self._pooled(("logits", tuple(token_ids)), prompts)
+        """fp32 logits of ``token_ids`` at each prompt's last position [prompts, len(token_ids)], computed in the
+        continuous batch."""
+        return await self._pooled(PoolingTask.logits(tuple(token_ids)), prompts)
 
     def shutdown(self) -> None:
         """Stop the engine thread after the step in progress."""
@@ -240,23 +253,15 @@ class AsyncEngine:
             self._engine.abort(output.request_id)
 
     def _drain_inbox(self, block: bool) -> bool:
-        """Apply queued adds and aborts, run queued calls, then the queued pooling passes packed; False on
-        shutdown."""
-        pools: list[_Pool] = []
+        """Apply queued adds and aborts, and run queued calls; False on shutdown."""
         while True:
             try:
                 message = self._inbox.get(block=block)
             except queue.Empty:
-                self._run_pools(pools)
                 return True
             block = False
             if message is None:
-                for pool in pools:
-                    pool.deliver(EngineDeadError("the engine shut down"))
                 return False
-            if isinstance(message, _Pool):
-                pools.append(message)
-                continue
             if isinstance(message, _Abort):
                 self._deliver.pop(message.request_id, None)
                 self._engine.abort(message.request_id)
@@ -269,51 +274,14 @@ class AsyncEngine:
                 message.deliver(result)
                 continue
             try:
-                self._engine.add_request(message.request_id, message.prompt_ids, message.params)
+                if isinstance(message, _Pool):
+                    self._engine.add_pooling(message.request_id, message.prompts, message.task)
+                else:
+                    self._engine.add_request(message.request_id, message.prompt_ids, message.params)
             except (ValueError, QueueFullError) as exc:
                 message.deliver(exc if isinstance(exc, QueueFullError) else InvalidRequestError(str(exc)))
                 continue
             self._deliver[message.request_id] = message.deliver
-
-    def _run_pools(self, pools: list[_Pool]) -> None:
-        """``pools`` packed by kind into passes of at most one step's token budget (each request's prompts kept
-        together), each pass's rows handed back request by request. A pass that fails runs its requests one by one,
-        so that only the failing one gets the error."""
-        budget = self._engine.config.scheduler.max_num_batched_tokens
-        by_kind: dict[PoolingKind, list[_Pool]] = {}
-        for pool in pools:
-            by_kind.setdefault(pool.kind, []).append(pool)
-        for kind, queued in by_kind.items():
-            shared: list[_Pool] = []
-            tokens = 0
-            for pool in queued:
-                if shared and tokens + pool.tokens > budget:
-                    self._run_pass(kind, shared)
-                    shared, tokens = [], 0
-                shared.append(pool)
-                tokens += pool.tokens
-            self._run_pass(kind, shared)
-
-    def _run_pass(self, kind: PoolingKind, shared: list[_Pool]) -> None:
-        try:
-            rows = self._pool_rows(kind, [prompt for pool in shared for prompt in pool.prompts])
-        except Exception as exc:
-            if len(shared) > 1:
-                for pool in shared:
-                    self._run_pass(kind, [pool])
-                return
-            shared[0].deliver(exc)
-            return
-        start = 0
-        for pool in shared:
-            pool.deliver(rows[start : start + len(pool.prompts)])
-            start += len(pool.prompts)
-
-    def _pool_rows(self, kind: PoolingKind, prompts: list[list[int]]) -> torch.Tensor:
-        task, argument = kind
-        if task == "embed":
-            return self._engine.embed(prompts, argument)  # type: ignore[arg-type]
-        return self._engine.last_token_logits(prompts, argument)  # type: ignore[arg-type]
 
     def _fail_inbox(self, error: BaseException) -> None:
         while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+from collections import deque
 from collections.abc import Hashable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -12,7 +13,6 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from engine.cuda_graphs import CudaGraphCapture, DecodeGraphs
 from engine.device import on_card, reads_fp8, select_device, select_dtype
@@ -20,6 +20,7 @@ from engine.kv_cache import BlockManager
 from engine.kv_store import kv_bytes_per_token
 from engine.layers import qwen_ntk_alpha
 from engine.linear_attention import state_bytes_per_sequence
+from engine.pooling import POOLINGS, PooledPrompt, PoolingJob, PoolingTask, pool_chunk
 from engine.runner import ModelRunner
 from engine.sampling import PenaltyState, Sampler, SampleRequest, SampleResult, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -61,6 +62,7 @@ class StepOutput:
     num_output_tokens: int
     num_cached_tokens: int
     error: str | None = None
+    pooled: torch.Tensor | None = None  # a finished pooling request's rows (``LLMEngine.add_pooling``)
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,6 @@ class ModelInfo:
     max_waiting: int
     hidden_size: int = 0
     max_num_batched_tokens: int = 0
-
-
-POOLINGS = ("last", "mean", "cls")
 
 
 @dataclass(frozen=True)
@@ -147,6 +146,8 @@ class LLMEngine:
         self.sampler = Sampler(vocab_limit)
         self.vocab_size = min(vocab_limit or loaded.config.vocab_size, loaded.config.vocab_size)
         self._sequences: dict[str, Sequence] = {}
+        self._jobs: dict[str, PoolingJob] = {}
+        self._backlog: deque[PoolingJob] = deque()  # pooling jobs with prompts not yet handed to the scheduler
         scheduler = self.config.scheduler
         self.info = ModelInfo(self.tokenizer, self.max_model_len, self.vocab_size, loaded.config.vocab_size,
                               MappingProxyType(dict(loaded.generation_config)), scheduler.max_num_seqs,
@@ -276,16 +277,68 @@ class LLMEngine:
         self.scheduler.add(seq)
         self._sequences[request_id] = seq
 
+    def add_pooling(self, request_id: str, prompts: Seq[Seq[int]], task: PoolingTask) -> None:
+        """Queue a pooling request: each prompt becomes a prefill-only sequence of the continuous batch, handed to
+        the scheduler when a seat is free and no other request waits for one; the step that computes the last of
+        them returns a ``StepOutput`` whose ``pooled`` holds a row per prompt, in order (``PoolingTask``). Raises
+        ``InvalidRequestError``."""
+        if request_id in self._sequences or request_id in self._jobs:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        if task.kind == "embed" and task.pooling not in POOLINGS:
+            raise InvalidRequestError(f"pooling must be one of {', '.join(POOLINGS)}")
+        if task.kind == "logits" and not all(0 <= t < self.model_config.vocab_size for t in task.token_ids):
+            raise InvalidRequestError("the answer tokens must be in the vocabulary")
+        checked = [list(prompt) for prompt in prompts]
+        for prompt in checked:
+            if not prompt or len(prompt) > self.max_model_len or min(prompt) < 0 or max(prompt) >= self.vocab_size:
+                raise InvalidRequestError(f"a prompt must have 1 to {self.max_model_len} ids in [0, "
+                                          f"{self.vocab_size})")
+        if not checked:
+            raise InvalidRequestError("there is nothing to pool")
+        job = PoolingJob(request_id, task, checked)
+        self._jobs[request_id] = job
+        self._backlog.append(job)
+
+    def _admit_pooling(self) -> None:
+        """Hand queued pooling prompts to the scheduler while seats are free for them (a request waiting for a
+        seat goes first)."""
+        scheduler, seats = self.scheduler, self.config.scheduler.max_num_seqs
+        c = self.model_config
+        while self._backlog and len(scheduler.running) + len(scheduler.waiting) < seats:
+            job = self._backlog[0]
+            index = job.admitted
+            prompt = job.prompts[index]
+            seq = Sequence(f"{job.request_id}/{index}", prompt, SamplingParams(), frozenset(), 1,
+                           ntk_alpha=qwen_ntk_alpha(len(prompt), c.seq_length) if c.use_dynamic_ntk else 1.0,
+                           pool=PooledPrompt(job, index))
+            scheduler.add(seq)
+            job.live.append(seq)
+            job.admitted += 1
+            if job.admitted == len(job.prompts):
+                self._backlog.popleft()
+
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks. False when it is unknown or already finished."""
+        job = self._jobs.pop(request_id, None)
+        if job is not None:
+            self._drop(job)
+            return True
         seq = self._sequences.pop(request_id, None)
         if seq is None:
             return False
         self.scheduler.finish(seq, "abort")
         return True
 
+    def _drop(self, job: PoolingJob) -> None:
+        """End ``job``'s sequences and forget its prompts not yet admitted."""
+        for seq in job.live:
+            self.scheduler.finish(seq, "abort")
+        job.live.clear()
+        if job in self._backlog:
+            self._backlog.remove(job)
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._backlog)
 
     def prompt_logits(self, prompt_ids: Seq[int]) -> torch.Tensor:
         """fp32 logits at every position of ``prompt_ids`` from one forward pass (nothing cached is reused)."""
@@ -301,7 +354,7 @@ class LLMEngine:
             return entries
         with self._prompt_pass(ids):  # the whole prompt: Qwen-1's NTK alpha depends on its length
             for start in range(0, len(ids) - 1, PROMPT_LOGPROB_ROWS):
-                rows = self.runner.head(start, start + PROMPT_LOGPROB_ROWS)
+                rows = self.runner.head(slice(start, start + PROMPT_LOGPROB_ROWS))
                 logprobs = rows[:, : self.vocab_size].log_softmax(-1)
                 targets = torch.tensor(ids[start + 1 : start + 1 + rows.shape[0]], device=rows.device)
                 chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
@@ -313,60 +366,24 @@ class LLMEngine:
                     entries.append(entry)
         return entries
 
-    def embed(self, prompts: Seq[Seq[int]], pooling: str = "last") -> torch.Tensor:
-        """One pass over ``prompts`` (packed): each one's final hidden states (after the final norm) pooled by
-        ``pooling`` (its last token, the mean of its tokens, or its first) and L2-normalised, fp32 [prompts,
-        hidden]. Nothing is cached: the blocks are held for the pass only."""
-        if pooling not in POOLINGS:
-            raise InvalidRequestError(f"pooling must be one of {', '.join(POOLINGS)}")
-        with self._prompt_pass(*prompts) as hidden:
-            model = self.runner.model
-            rows = model.final_norm(hidden.to(model.head_dtype)).float()
-            pooled, start = [], 0
-            for prompt in prompts:
-                own = rows[start : start + len(prompt)]
-                pooled.append(own[-1] if pooling == "last" else own[0] if pooling == "cls" else own.mean(0))
-                start += len(prompt)
-            return F.normalize(torch.stack(pooled), dim=-1).cpu()
-
-    def last_token_logits(self, prompts: Seq[Seq[int]], token_ids: Seq[int]) -> torch.Tensor:
-        """One pass over ``prompts`` (packed): fp32 logits of ``token_ids`` at each prompt's last position
-        [prompts, len(token_ids)] (a reranker's yes/no judgement)."""
-        with self._prompt_pass(*prompts) as hidden:
-            ends = torch.tensor([len(p) for p in prompts]).cumsum(0).tolist()
-            if self.leader is not None:  # the head is split over ranks: the runner gathers whole rows
-                rows = torch.cat([self.runner.head(end - 1, end) for end in ends])
-                return rows[:, list(token_ids)].cpu()
-            last = hidden[[end - 1 for end in ends]]
-            return self.runner.model.token_logits(last, token_ids).cpu()
-
     @contextlib.contextmanager
-    def _prompt_pass(self, *prompts_ids: Seq[int]):
-        """The last layer's output at every position of each prompt (packed in order), in cache blocks held for
-        the pass. A hybrid model's prompts run one after another in its pass state slot."""
+    def _prompt_pass(self, prompt_ids: Seq[int]):
+        """The last layer's output at every position of the prompt, in cache blocks held for the pass (a hybrid
+        model's states in its pass slot)."""
         c = self.model_config
-        seqs = []
-        for prompt in map(list, prompts_ids):
-            if not prompt or len(prompt) > self.max_model_len or min(prompt) < 0 or max(prompt) >= self.vocab_size:
-                raise InvalidRequestError(f"a prompt must have 1 to {self.max_model_len} ids in [0, "
-                                          f"{self.vocab_size})")
-            seqs.append(Sequence("prompt-pass", prompt, SamplingParams(), frozenset(), 1,
-                                 ntk_alpha=qwen_ntk_alpha(len(prompt), c.seq_length) if c.use_dynamic_ntk else 1.0))
-        held: list[Sequence] = []
+        prompt = list(prompt_ids)
+        if not prompt or len(prompt) > self.max_model_len or min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise InvalidRequestError(f"a prompt must have 1 to {self.max_model_len} ids in [0, {self.vocab_size})")
+        seq = Sequence("prompt-pass", prompt, SamplingParams(), frozenset(), 1,
+                       ntk_alpha=qwen_ntk_alpha(len(prompt), c.seq_length) if c.use_dynamic_ntk else 1.0)
+        if not self.blocks.allocate(seq, share=False):
+            raise InvalidRequestError("not enough free KV-cache blocks for this prompt")
+        seq.state_slot = self.states.pass_slot if self.states is not None else None
         try:
-            for seq in seqs:
-                if not self.blocks.allocate(seq, share=False):
-                    raise InvalidRequestError("not enough free KV-cache blocks for this prompt")
-                seq.state_slot = self.states.pass_slot if self.states is not None else None
-                held.append(seq)
             with torch.inference_mode():
-                if self.states is None or len(seqs) == 1:
-                    yield self.runner.hidden(seqs)
-                else:
-                    yield torch.cat([self.runner.hidden([seq]) for seq in seqs])
+                yield self.runner.hidden([seq])
         finally:
-            for seq in held:
-                self.blocks.free(seq)
+            self.blocks.free(seq)
 
     # -- the step --------------------------------------------------------------------------------------------
 
@@ -376,25 +393,77 @@ class LLMEngine:
         of a long prompt samples nothing). A failure in one row's sampling or grammar ends that request
         (``finish_reason`` "error") and no other; a failure of the forward pass itself is not any one request's
         and propagates."""
+        self._admit_pooling()
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits = self.runner.run(batch)
+        rows = [row for row, seq in enumerate(batch) if not seq.prefilling and seq.pool is None]
+        hidden, ends = None, []
+        if any(seq.pool is not None for seq in batch):
+            hidden = self.runner.hidden(batch)
+            ends = list(itertools.accumulate(seq.step_end - seq.num_computed for seq in batch))
+            logits = self.runner.head([ends[row] - 1 for row in rows]) if rows else None
+        else:
+            logits = self.runner.run(batch)
+            logits = self._rows_of(logits, rows) if rows else None
         if self.states is not None:  # the step restored and kept the states it was told to
             self.states.commit()
             for seq in batch:
                 self.states.restored(seq)
-        rows = [row for row, seq in enumerate(batch) if not seq.prefilling]
-        outputs = self._sample(batch, logits, rows) if rows else []
+        pooled = self._pool(batch, hidden, ends) if hidden is not None else []
+        outputs = self._sample(batch, logits, rows) if logits is not None else []
         for seq in batch:
             if seq.prefilling:
                 seq.num_computed = seq.step_end
+        return outputs + pooled
+
+    def _pool(self, batch: list[Sequence], hidden: torch.Tensor, ends: list[int]) -> list[StepOutput]:
+        """Each pooling sequence's chunk folded into its pooling (``hidden``: the step's last-layer output, packed;
+        ``ends``: where each row's tokens end in it); the sequences whose prompt this step completes finish, and so
+        does each job whose rows are then all there (or that failed: its other sequences end with it)."""
+        outputs = []
+        for seq, end in zip(batch, ends, strict=True):
+            target = seq.pool
+            if target is None or target.job.request_id not in self._jobs:
+                continue
+            job = target.job
+            try:
+                if job.task.kind == "logits":
+                    row = None if seq.prefilling else self._answer_logits(hidden, end - 1, job.task.token_ids)
+                else:
+                    row = pool_chunk(self.runner.model, seq, hidden[end - (seq.step_end - seq.num_computed) : end])
+            except Exception as exc:
+                log.warning("pooling request %s failed", job.request_id, exc_info=True)
+                outputs.append(self._end_job(job, f"pooling failed for this request: {exc!r}"))
+                continue
+            if row is None:
+                continue
+            job.rows[target.index] = row
+            job.live.remove(seq)
+            self.scheduler.finish(seq, "stop")
+            if job.done:
+                outputs.append(self._end_job(job))
         return outputs
 
+    def _answer_logits(self, hidden: torch.Tensor, index: int, token_ids: tuple[int, ...]) -> torch.Tensor:
+        """fp32 logits of ``token_ids`` at packed row ``index`` of the step (a split head gathers whole rows)."""
+        if self.leader is not None:
+            return self.runner.head([index])[0, list(token_ids)]
+        return self.runner.model.token_logits(hidden[index : index + 1], token_ids)[0]
+
+    def _end_job(self, job: PoolingJob, error: str | None = None) -> StepOutput:
+        del self._jobs[job.request_id]
+        if error is not None:
+            self._drop(job)
+        return StepOutput(request_id=job.request_id, new_token_ids=[], new_logprobs=[], finished=True,
+                          finish_reason="error" if error is not None else "stop", num_prompt_tokens=job.tokens,
+                          num_output_tokens=0, num_cached_tokens=0, error=error,
+                          pooled=None if error is not None else job.result())
+
     def _sample(self, batch: list[Sequence], logits: torch.Tensor, rows: list[int]) -> list[StepOutput]:
-        """A token for each of ``batch``'s ``rows`` (the sequences whose tokens are all computed)."""
+        """A token for each of ``batch``'s ``rows`` (the sequences whose tokens are all computed; ``logits``: theirs,
+        in that order)."""
         sampled = [batch[row] for row in rows]
-        logits = self._rows_of(logits, rows)
         requests = [SampleRequest(s.params, s.prompt_ids, s.output_ids, s.stop_ids, s.generator, s.matcher,
                                   s.penalties) for s in sampled]
         # a hybrid model's step advanced its states: it cannot run again, so its logits are kept for the failure path
@@ -510,6 +579,28 @@ class LLM:
             for record in results:
                 record.text = self.tokenizer.decode(record.token_ids)
         return results
+
+    def embed(self, prompts: Seq[str | Seq[int]], pooling: str = "last") -> torch.Tensor:
+        """Each prompt's final hidden states pooled by ``pooling`` ("last", "mean", "cls") and L2-normalised, fp32
+        [prompts, hidden]."""
+        return self._pooled(PoolingTask.embed(pooling), prompts)
+
+    def last_token_logits(self, prompts: Seq[str | Seq[int]], token_ids: Seq[int]) -> torch.Tensor:
+        """fp32 logits of ``token_ids`` at each prompt's last position [prompts, len(token_ids)] (a reranker's
+        yes/no judgement)."""
+        return self._pooled(PoolingTask.logits(tuple(token_ids)), prompts)
+
+    def _pooled(self, task: PoolingTask, prompts: Seq[str | Seq[int]]) -> torch.Tensor:
+        request_id = f"offline-{next(self._ids)}"
+        self.engine.add_pooling(request_id, [self._encode(prompt) for prompt in prompts], task)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.request_id == request_id:
+                    if out.error is not None:
+                        raise RuntimeError(out.error)
+                    assert out.pooled is not None
+                    return out.pooled
+        raise RuntimeError("the engine ran out of work before the pooling request finished")
 
     def _encode(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -68,21 +68,21 @@ class ModelRunner:
         return self.execute(Command.HIDDEN, *self.plan(batch))
 
     @torch.inference_mode()
-    def head(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """fp32 logits of rows ``start``..``stop`` of the last ``hidden`` result."""
-        return self.execute(Command.HEAD, None, None, (start, stop))
+    def head(self, rows: slice | list[int] = slice(None)) -> torch.Tensor:
+        """fp32 logits of ``rows`` (a range, or packed indices) of the last ``hidden`` result."""
+        return self.execute(Command.HEAD, None, None, rows)
 
     def execute(self, command: Command, ints: np.ndarray | None, shape: StepShape | None,
                 extra: object = None) -> torch.Tensor:
         """Run one command on this rank (after sending it to the followers, if any): ``RUN`` a step (``extra``:
         all logits), ``HIDDEN`` a step's last hidden states (kept for ``HEAD``), ``HEAD`` logits of kept rows
-        (``extra``: start, stop)."""
+        (``extra``: a slice, or a list of packed indices)."""
         if self.followers is not None:
             self.followers.send(command, ints, shape, extra)
         if command is Command.HEAD:
             assert self._hidden is not None, "HEAD follows HIDDEN"
-            start, stop = extra  # type: ignore[misc]
-            return self.model.head(self._hidden[start:stop])
+            rows = extra if isinstance(extra, slice) else to_device(extra, torch.long, self.device)
+            return self.model.head(self._hidden[rows])
         assert ints is not None and shape is not None
         token_ids, inputs = self.inputs(ints, shape)
         if command is Command.HIDDEN:

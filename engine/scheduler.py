@@ -89,7 +89,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens - len(decodes)
         while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            if not self.blocks.allocate(seq, self.cache_key(seq)):
+            if not self.blocks.allocate(seq, self.cache_key(seq), share=seq.reads_cached_prefix):
                 break
             self.waiting.popleft()
             if self.states is not None:

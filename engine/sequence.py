@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.sampling import PenaltyState, SamplingParams, TokenMatcher
+
+if TYPE_CHECKING:
+    from engine.pooling import PooledPrompt
 
 
 class Status(enum.Enum):
@@ -45,6 +49,7 @@ class Sequence:
     state_slot: int | None = None  # hybrid models: where the linear layers keep this sequence's states,
     restore_slot: int | None = None  # the snapshot its cached prefix resumes from (copied in at its next step),
     snapshot: tuple[int, int] | None = None  # and (position, slot): keep the state at that position this step
+    pool: PooledPrompt | None = None  # a pooling request's prompt: computed, pooled, finished; nothing sampled
 
     def __post_init__(self) -> None:
         if self.params.grammar is not None:
@@ -62,6 +67,11 @@ class Sequence:
     def prefilling(self) -> bool:
         """Whether this step leaves tokens uncomputed (a chunk of a long prompt): nothing is sampled for it."""
         return self.step_end < len(self)
+
+    @property
+    def reads_cached_prefix(self) -> bool:
+        """Whether cached blocks may stand in for computing its first tokens (not when every token is pooled)."""
+        return self.pool is None or not self.pool.job.task.needs_every_token
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,21 +1,18 @@
 """Embeddings: a request's inputs checked and tokenized (texts as plain text, with what the vocabulary's own
-post-processing adds around an input, e.g. Qwen3-Embedding's closing token), run through the engine in passes of
-at most one step's token budget (each pass between generation steps, so chat keeps going; the engine packs the
-passes of requests queued together into one), and rendered in OpenAI's shape, floats or base64, cut to
-``dimensions`` and re-normalised."""
+post-processing adds around an input, e.g. Qwen3-Embedding's closing token), each one a prefill-only sequence of the
+engine's continuous batch (packed into steps beside chat requests, so chat keeps going), and rendered in OpenAI's
+shape, floats or base64, cut to ``dimensions`` and re-normalised."""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from engine import EngineDeadError, InvalidRequestError
 from server.errors import APIError
-from server.generation import ModelService
+from server.generation import ModelService, engine_failures
 from server.limits import Limits
 from server.protocol import EmbeddingRequest
 
@@ -47,38 +44,10 @@ def embedding_prompts(service: ModelService, body: EmbeddingRequest, limits: Lim
     return prompts
 
 
-async def in_passes(service: ModelService, prompts: list[list[int]],
-                    run: Callable[[list[list[int]]], Awaitable[torch.Tensor]]) -> torch.Tensor:
-    """``run`` over ``prompts`` in passes of at most one step's token budget (a longer prompt alone), its rows
-    joined in order; each pass runs between generation steps. Requests waiting for passes are bounded as the
-    engine's queue is (429 beyond)."""
-    with service.pooling_slot():
-        return await _passes(service, prompts, run)
-
-
-async def _passes(service: ModelService, prompts: list[list[int]],
-                  run: Callable[[list[list[int]]], Awaitable[torch.Tensor]]) -> torch.Tensor:
-    results, group, tokens = [], [], 0
-    for prompt in [*prompts, None]:
-        if group and (prompt is None or tokens + len(prompt) > service.pass_tokens):
-            try:
-                results.append(await run(group))
-            except InvalidRequestError as exc:
-                raise APIError(503, f"the pass did not fit: {exc}", code="pass_failed",
-                               headers={"Retry-After": "1"}) from exc
-            except EngineDeadError as exc:
-                raise APIError(503, "the engine has failed; the server must be restarted",
-                               code="engine_dead") from exc
-            group, tokens = [], 0
-        if prompt is not None:
-            group.append(prompt)
-            tokens += len(prompt)
-    return torch.cat(results)
-
-
 async def embed(service: ModelService, prompts: list[list[int]]) -> torch.Tensor:
-    """The pooled, normalised vectors of ``prompts``."""
-    return await in_passes(service, prompts, lambda group: service.engine.embed(group, service.pooling))
+    """The pooled, normalised vectors of ``prompts``, computed in the engine's continuous batch."""
+    with engine_failures():
+        return await service.engine.embed(prompts, service.pooling)
 
 
 def embedding_response(service: ModelService, body: EmbeddingRequest, vectors: torch.Tensor,

@@ -24,6 +24,23 @@ from tokenizer.reasoning import THINK_OPEN
 T = TypeVar("T")
 
 
+@contextlib.contextmanager
+def engine_failures() -> Iterator[None]:
+    """The engine's refusals and failures of one request as API errors: a full queue 429, a dead engine 503, a
+    request it cannot run or that failed inside it 400."""
+    try:
+        yield
+    except QueueFullError as exc:
+        raise APIError(429, "the server is at capacity; retry shortly", code="queue_full",
+                       headers={"Retry-After": "1"}) from exc
+    except EngineDeadError as exc:
+        raise APIError(503, "the engine has failed; the server must be restarted", code="engine_dead") from exc
+    except InvalidRequestError as exc:
+        raise APIError(400, str(exc)) from exc
+    except RequestFailedError as exc:
+        raise APIError(400, str(exc), code="request_failed") from exc
+
+
 @dataclass
 class ChoiceEvent:
     """Progress of one choice: new text (stop strings already removed), its tokens and their logprobs."""
@@ -153,10 +170,7 @@ class ModelService:
         self.generation_config = (generation_defaults or GenerationDefaults()).over(info.generation_config)
         self.vocab_size = info.vocab_size
         self.hidden_size = info.hidden_size
-        self.pass_tokens = info.max_num_batched_tokens  # tokens one embedding pass packs
         self.task, self.pooling = task, pooling
-        self.pooling_capacity = info.max_num_seqs + info.max_waiting
-        self._pooling_requests = 0
         self.chat_stop_ids = chat_stop_token_ids(self.tokenizer) | self._configured_stop_ids()
         template = self.tokenizer.chat_template
         self.tool_format: ToolFormat = choose_format(tool_call_format, template)
@@ -190,19 +204,6 @@ class ModelService:
         if any(not 0 <= t < self.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
         return list(prompt)
-
-    @contextlib.contextmanager
-    def pooling_slot(self) -> Iterator[None]:
-        """A place for one embedding or rerank request among those the engine's queue would hold (else 429);
-        held on the event loop, so the count needs no lock."""
-        if self._pooling_requests >= self.pooling_capacity:
-            raise APIError(429, "the server is at capacity; retry shortly", code="queue_full",
-                           headers={"Retry-After": "1"})
-        self._pooling_requests += 1
-        try:
-            yield
-        finally:
-            self._pooling_requests -= 1
 
     # -- grammars --------------------------------------------------------------------------------------------
 
@@ -272,7 +273,7 @@ class ModelService:
         request_id = f"{generation.request_id}-{index}"
         stream = self.engine.generate(request_id, generation.prompt_ids, params)
         async with contextlib.aclosing(stream):
-            try:
+            with engine_failures():
                 async for out in stream:
                     text = "".join(matcher.push(detokenizer.push(t)) for t in out.new_token_ids)
                     finish = out.finish_reason
@@ -286,16 +287,6 @@ class ModelService:
                                       matcher.matched)
                     if matcher.stopped:
                         return
-            except QueueFullError as exc:
-                raise APIError(429, "the server is at capacity; retry shortly", code="queue_full",
-                               headers={"Retry-After": "1"}) from exc
-            except EngineDeadError as exc:
-                raise APIError(503, "the engine has failed; the server must be restarted",
-                               code="engine_dead") from exc
-            except InvalidRequestError as exc:
-                raise APIError(400, str(exc)) from exc
-            except RequestFailedError as exc:
-                raise APIError(400, str(exc), code="request_failed") from exc
 
     async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[dict[int, float] | None]:
         """Log-probabilities of each prompt token given the ones before it (the first has none), from the engine

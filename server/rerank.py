@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from server.embeddings import in_passes, require_task
+from server.embeddings import require_task
 from server.errors import APIError
-from server.generation import ModelService
+from server.generation import ModelService, engine_failures
 from server.limits import Limits
 from server.protocol import RerankRequest, ScoreRequest
 from tokenizer.chat import encode_trusted_specials
@@ -60,7 +60,8 @@ def answer_ids(service: ModelService) -> tuple[int, int]:
 async def scores(service: ModelService, prompts: list[list[int]]) -> torch.Tensor:
     """Each prompt's relevance in (0, 1)."""
     answers = answer_ids(service)
-    logits = await in_passes(service, prompts, lambda group: service.engine.last_token_logits(group, answers))
+    with engine_failures():
+        logits = await service.engine.last_token_logits(prompts, answers)
     return torch.sigmoid(logits[:, 0] - logits[:, 1])
 
 

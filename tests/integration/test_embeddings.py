@@ -133,17 +133,18 @@ def test_a_generative_server_names_the_task(smol_server):
 
 
 def test_requests_beyond_what_the_queue_holds_get_429(embedder):
-    service = embedder.app.state.qwen.service
-    held = [service.pooling_slot() for _ in range(service.pooling_capacity)]
-    for slot in held:
-        slot.__enter__()
+    """Embedding requests take the places chat requests take: with every seat and queue place held, a 429."""
+    engine = embedder.app.state.qwen.service.engine
+    held = engine.info.max_num_seqs + engine.info.max_waiting
+    for _ in range(held):
+        engine._admit()
     try:
         reply = httpx.post(f"{embedder.base}/embeddings", json={"model": SMOL_NAME, "input": "hi"}, timeout=30)
         assert reply.status_code == 429 and reply.headers["retry-after"] == "1"
         assert reply.json()["error"]["code"] == "queue_full"
     finally:
-        for slot in held:
-            slot.__exit__(None, None, None)
+        for _ in range(held):
+            engine._release()
     assert httpx.post(f"{embedder.base}/embeddings", json={"model": SMOL_NAME, "input": "hi"}, timeout=30).is_success
 
 

@@ -8,12 +8,14 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from gguf import GGUFReader
 
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.kernels import native
 from engine.linear_attention import CHUNK, GatedDeltaNet, chunked_delta_rule, l2norm, recurrent_update
+from engine.pooling import PoolingTask
 from engine.scheduler import SchedulerConfig
 from engine.weights.loader import load_model
 from tests.llama_converter import convert
@@ -314,3 +316,24 @@ def test_a_gguf_file_with_its_mtp_block_serves_the_model_without_it(smollm2_toke
     assert extended.engine.model_config.num_layers == 4
     torch.testing.assert_close(extended.engine.prompt_logits(prompt), plain.engine.prompt_logits(prompt), atol=0,
                                rtol=0)
+
+
+def test_pooling_prompts_keep_their_states_beside_a_decoding_request(hybrid):
+    """Mean-pooled embeddings of prompts computed 40 tokens a step on 3 seats (each in its own state slot) while a
+    request decodes: transformers' final hidden states, and the decoding request's own tokens."""
+    folder, reference = hybrid
+    engine = engine_for(folder, budget=40, seats=3)
+    prompts = [random_prompt(90, seed=8), random_prompt(23, seed=9), random_prompt(7, seed=10), random_prompt(50)]
+    engine.add_request("chat", random_prompt(9, seed=4), GREEDY)
+    engine.add_pooling("embed", prompts, PoolingTask.embed("mean"))
+    outputs: dict[str, list] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    decoder = reference.get_decoder()
+    with torch.inference_mode():
+        theirs = torch.stack([F.normalize(decoder(torch.tensor([p])).last_hidden_state[0].mean(0), dim=-1)
+                              for p in prompts])
+    torch.testing.assert_close(outputs["embed"][0].pooled, theirs, atol=1e-5, rtol=0)
+    assert [t for out in outputs["chat"] for t in out.new_token_ids] == greedy_reference(reference,
+                                                                                        random_prompt(9, seed=4))

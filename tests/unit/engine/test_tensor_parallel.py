@@ -9,6 +9,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.parallel import Shard
+from engine.pooling import PoolingTask
 from tests.conftest import load_fixture
 from tests.integration.conftest import write_tiny_qwen1
 from tests.unit.engine.conftest import QWEN1_MODEL
@@ -69,8 +70,29 @@ def test_split_gqa_models_match_the_whole(tmp_path, arch):
             [o.token_ids for o in whole.generate(prompts, params)]
         kv_heads = CONFIGS[arch]().num_key_value_heads
         assert halves.engine.model_config.num_kv_heads == max(1, kv_heads // 2)
+        split_run, whole_run = (beside_pooling(llm, prompts, params) for llm in (halves, whole))
+        assert split_run[0] == whole_run[0]
+        for ours, theirs in zip(split_run[1:], whole_run[1:], strict=True):
+            torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
     finally:
         halves.engine.close()
+
+
+def beside_pooling(llm: LLM, prompts: list[list[int]], params: SamplingParams
+                   ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """A request's tokens generated in the same steps as a reranker's logits and mean-pooled embeddings of
+    ``prompts``, and those two results."""
+    engine = llm.engine
+    engine.add_request("chat", prompts[1], params)
+    engine.add_pooling("judge", prompts, PoolingTask.logits((17, 250)))
+    engine.add_pooling("embed", prompts, PoolingTask.embed("mean"))
+    tokens, pooled = [], {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+            if out.pooled is not None:
+                pooled[out.request_id] = out.pooled
+    return tokens, pooled["judge"], pooled["embed"]
 
 
 def test_the_real_qwen_vocabulary_split_over_two_ranks(tmp_path, qwen_vocab_path):
