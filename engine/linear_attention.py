@@ -107,41 +107,44 @@ class GatedDeltaNet(nn.Module):
             state.copy(source, target)
         if step.fresh_slots is not None:
             state.reset(step.fresh_slots)
-        n = x.shape[0]
-        mixed, z = self.in_proj(x).split(self.split, dim=-1)
-        b, a = self.gate_proj(x).split(self.value_heads, dim=-1)
-        beta = b.float().sigmoid()
-        decay = -self.decay_rate * F.softplus(a.float() + self.dt_bias.float())  # log of the state's decay
-        decode = self.decode_rows if self.decode_kernel is None else self.decode_kernel
-        if step.decode_slots is not None and not step.prompts:  # a decode step: every row, in order
-            core = decode(state, step.decode_slots, self.conv_taps, mixed, decay, beta)
-        else:
-            core = torch.empty((n, self.value_heads, self.value_dim), dtype=torch.float32, device=x.device)
-        if step.decode_tokens is not None and step.decode_slots is not None and step.prompts:
+        projected, gates = self.in_proj(x), self.gate_proj(x)
+        if step.decode_tokens is not None and step.decode_slots is not None and not step.prompts and \
+                self.decode_kernel is None:  # a decode step: every row, in order
+            return self.out_proj(self.decode_rows(state, step.decode_slots, projected, gates))
+        out = torch.empty((x.shape[0], self.value_heads * self.value_dim), dtype=x.dtype, device=x.device)
+        if step.decode_tokens is not None and step.decode_slots is not None:
             rows = step.decode_tokens
-            core[rows] = decode(state, step.decode_slots, self.conv_taps, mixed[rows], decay[rows], beta[rows])
+            if self.decode_kernel is not None:
+                self.decode_kernel(state, step.decode_slots, rows, projected, gates, out)
+            else:
+                out[rows] = self.decode_rows(state, step.decode_slots, projected[rows], gates[rows])
         for start, count, slot, snapshot in step.prompts:
             span = slice(start, start + count)
-            core[span] = self.prompt_row(state, slot, snapshot, mixed[span], decay[span], beta[span])
-        return self.out_proj(self.gated_norm(core.to(x.dtype), z.view(n, self.value_heads, self.value_dim))
-                             .reshape(n, -1))
+            out[span] = self.prompt_row(state, slot, snapshot, projected[span], gates[span])
+        return self.out_proj(out)
 
-    def decode_rows(self, state: LayerState, slots: torch.Tensor, taps: torch.Tensor, mixed: torch.Tensor,
-                    decay: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    def decode_rows(self, state: LayerState, slots: torch.Tensor, projected: torch.Tensor,
+                    gates: torch.Tensor) -> torch.Tensor:
         """Rows with one new token each (torch's ops; ``DeltaRuleDecode`` computes the same in one native call):
-        the conv over each row's stored window and its input, then the recurrent form; [R, value heads, V]."""
+        the conv over each row's stored window and its input, then the recurrent form and the gated norm;
+        [R, value size] in the model's dtype."""
+        mixed, z = projected.split(self.split, dim=-1)
+        decay, beta = self.gate_values(gates)
         window = torch.cat((state.conv[slots], mixed[:, None].to(state.conv.dtype)), dim=1)
         state.conv.index_copy_(0, slots, window[:, 1:])
-        q, k, v = self.heads(F.silu((window * taps).sum(1)))
+        q, k, v = self.heads(F.silu((window * self.conv_taps).sum(1)))
         states = state.recurrent[slots]
         out = recurrent_update(states, q, k, v, decay, beta)
         state.recurrent.index_copy_(0, slots, states)
-        return out
+        return self.gated_norm(out, z)
 
-    def prompt_row(self, state: LayerState, slot: int, snapshot: Snapshot | None, mixed: torch.Tensor,
-                   decay: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    def prompt_row(self, state: LayerState, slot: int, snapshot: Snapshot | None, projected: torch.Tensor,
+                   gates: torch.Tensor) -> torch.Tensor:
         """One row with several new tokens: the conv over its stored window and inputs, then the chunked form from
-        its state; with a ``snapshot``, both states are kept where it says. [T, value heads, V]."""
+        its state and the gated norm; with a ``snapshot``, both states are kept where it says. [T, value size] in
+        the model's dtype."""
+        mixed, z = projected.split(self.split, dim=-1)
+        decay, beta = self.gate_values(gates)
         count, kernel = mixed.shape[0], self.conv_taps.shape[0]
         window = torch.cat((state.conv[slot], mixed.to(state.conv.dtype)))
         if snapshot is not None:  # the kernel - 1 inputs before that position
@@ -156,7 +159,12 @@ class GatedDeltaNet(nn.Module):
                                                beta[span])
             if kept >= 0 and span.stop == offset:
                 state.recurrent[kept] = state.recurrent[slot]
-        return out
+        return self.gated_norm(out, z)
+
+    def gate_values(self, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log of each row's state decay and its beta [R, value heads], fp32, from gate_proj's output."""
+        b, a = gates.split(self.value_heads, dim=-1)
+        return -self.decay_rate * F.softplus(a.float() + self.dt_bias.float()), b.float().sigmoid()
 
     def heads(self, convolved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (L2-normalised and scaled), keys (L2-normalised) and values per value head, fp32, from the
@@ -174,9 +182,11 @@ class GatedDeltaNet(nn.Module):
         return q * self.key_dim**-0.5, k, v.reshape(n, self.value_heads, self.value_dim)
 
     def gated_norm(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """RMSNorm over each value head (in fp32, weighted in the model dtype), times SiLU(z)."""
-        normed = F.rms_norm(core.float(), (self.value_dim,), eps=self.eps).to(core.dtype) * self.norm_weight
-        return (normed * F.silu(z.float())).to(core.dtype)
+        """``core`` [R, value heads, V] (fp32) in the model's dtype (``z``'s), then RMSNorm over each value head (in
+        fp32, weighted in the model dtype), times SiLU(z); [R, value size]."""
+        rows, dtype = core.shape[0], z.dtype
+        normed = F.rms_norm(core.to(dtype).float(), (self.value_dim,), eps=self.eps).to(dtype) * self.norm_weight
+        return (normed * F.silu(z.float().view(rows, self.value_heads, self.value_dim))).to(dtype).reshape(rows, -1)
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:

@@ -194,7 +194,7 @@ class ModelBuilder:
                               decay_rate, self._tensor("lin_dt_bias", i), self._tensor("lin_norm", i),
                               self._linear(["lin_out"], i, [None]))
         if self.isa is not None and recurrent_kernel.fits(self.config):
-            layer.decode_kernel = recurrent_kernel.DeltaRuleDecode(self.config, self.isa)
+            layer.decode_kernel = recurrent_kernel.DeltaRuleDecode(self.config, self.isa, layer)
         return layer
 
     def _attention(self, i: int) -> Attention:
