@@ -68,7 +68,8 @@ def library(isa: str) -> ctypes.CDLL | None:
     lib.q4q8_linear.restype = None
     lib.q8_head.argtypes = [pointer, pointer, size, size, pointer, size, pointer, eps, pointer, threads]
     lib.q8_head.restype = None
-    lib.paged_decode_attention.argtypes = [pointer] * 11 + [size] * 5 + [eps, ctypes.c_int, pointer, threads]
+    lib.paged_decode_attention.argtypes = ([pointer] * 3 + [eps] + [pointer] * 10 + [size] * 6
+                                           + [eps, ctypes.c_int, pointer, threads])
     lib.paged_decode_attention.restype = None
     lib.gguf_linear.argtypes = [pointer, size, size, size, ctypes.c_int, pointer, ctypes.c_int, pointer, size,
                                 pointer, eps, pointer, threads]

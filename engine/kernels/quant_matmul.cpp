@@ -19,6 +19,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -198,15 +200,52 @@ inline F16 exp_nonpositive(F16 x) {
     return simd::scale_by_power_of_two(p, n);
 }
 
-// Rotate-half RoPE of one head in fp32: out[i] = x[i] cos[i] + x[i +- dim/2] sin[i], where sin's first half
-// comes negated (the runner's layout). dim is a multiple of 32.
+// x rounded to the activations' type (bf16: to nearest, ties to even), as a float
 template <typename T>
-inline void rotate(const T* x, const T* cos, const T* sin, int64_t dim, F16* out) {
-    const int64_t chunks = dim / 16, half = chunks / 2;
+inline float round_as(float x) {
+    if constexpr (std::is_same_v<T, float>) {
+        return x;
+    } else {
+        uint32_t bits;
+        std::memcpy(&bits, &x, sizeof bits);
+        bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+        std::memcpy(&x, &bits, sizeof x);
+        return x;
+    }
+}
+
+// A head's per-head RMSNorm (Qwen3, Qwen3.5) in fp32 with its weight, rounded to T as the model's norm rounds its
+// output; null weight: no norm.
+struct HeadNorm {
+    const void* weight;
+    float eps;
+};
+
+// One head of a qkv row in fp32, normalised by norm.weight if given, then rotate-half RoPE over its first rotated
+// dims: out[i] = x[i] cos[i] + x[i +- rotated/2] sin[i] (sin's first half negated, the runner's layout; cos and sin
+// rows of rotated elements), the rest as it is. dim and rotated are multiples of 32, dim at most kMaxHeadDim.
+constexpr int64_t kMaxHeadDim = 256;
+template <typename T>
+inline void rotated_head(const T* x, HeadNorm norm, const T* cos, const T* sin, int64_t dim, int64_t rotated,
+                         F16* out) {
+    float head[kMaxHeadDim];
+    for (int64_t i = 0; i < dim; ++i) head[i] = to_float(x[i]);
+    if (norm.weight) {
+        float squares = 0.0f;
+        for (int64_t i = 0; i < dim; ++i) squares += head[i] * head[i];
+        const float inverse = 1.0f / std::sqrt(squares / (float)dim + norm.eps);
+        const T* weight = static_cast<const T*>(norm.weight);
+        for (int64_t i = 0; i < dim; ++i) head[i] = round_as<T>(head[i] * inverse * to_float(weight[i]));
+    }
+    const int64_t chunks = dim / 16, turning = rotated / 16, half = turning / 2;
     for (int64_t c = 0; c < chunks; ++c) {
+        if (c >= turning) {
+            out[c] = simd::load(head + c * 16);
+            continue;
+        }
         const int64_t partner = c < half ? c + half : c - half;
-        out[c] = simd::fmadd(load_elements(x + c * 16), load_elements(cos + c * 16),
-                             simd::mul(load_elements(x + partner * 16), load_elements(sin + c * 16)));
+        out[c] = simd::fmadd(simd::load(head + c * 16), load_elements(cos + c * 16),
+                             simd::mul(simd::load(head + partner * 16), load_elements(sin + c * 16)));
     }
 }
 
@@ -265,21 +304,24 @@ struct Int8Cache {
 };
 
 // A decode step's attention for sequences with one new token each, from the fused qkv projection [batch,
-// (heads + 2 kv_heads) * dim] (bf16 or fp32, as out): RoPE on q and k (cos/sin [batch, dim]), Qwen-1's logN
-// factor on q (logn [batch] or null), the new k and v written to their cache slots, then each query against its
+// (heads + 2 kv_heads) * dim] (bf16 or fp32, as out): the per-head norms of q and k (if given), RoPE on q and k
+// over their first rotated dims (cos/sin [batch, rotated]), Qwen-1's logN factor on q (logn [batch] or null), the
+// new k and v written to their cache slots, then each query against its
 // sequence's keys kv_slots[b, tk - kv_lens[b] .. tk) (left-padded table) straight from the paged cache (rows of
 // [slots, kv_heads]). Scores, softmax and sums run in fp32; out [batch, heads * dim]. Each (sequence, head) is
 // computed alone, so nothing depends on the rest of the batch.
 template <typename T, typename Cache>
-void attend(const T* qkv, const T* cos, const T* sin, const T* logn, const int64_t* write_slots, const Cache& cache,
-            const int64_t* kv_slots, const int64_t* kv_lens, int64_t batch, int64_t tk, int64_t heads,
-            int64_t kv_heads, int64_t dim, float scale, T* out, int threads) {
+void attend(const T* qkv, HeadNorm q_norm, HeadNorm k_norm, const T* cos, const T* sin, const T* logn,
+            const int64_t* write_slots, const Cache& cache, const int64_t* kv_slots, const int64_t* kv_lens,
+            int64_t batch, int64_t tk, int64_t heads, int64_t kv_heads, int64_t dim, int64_t rotated, float scale,
+            T* out, int threads) {
     const int64_t group = heads / kv_heads, chunks = dim / 16;
     const int64_t stride = (heads + 2 * kv_heads) * dim;
     for (int64_t b = 0; b < batch; ++b) {
         for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-            F16 key[8], value[8];  // dim <= 128
-            rotate(qkv + b * stride + (heads + kvh) * dim, cos + b * dim, sin + b * dim, dim, key);
+            F16 key[kMaxHeadDim / 16], value[kMaxHeadDim / 16];
+            rotated_head(qkv + b * stride + (heads + kvh) * dim, k_norm, cos + b * rotated, sin + b * rotated, dim,
+                         rotated, key);
             const T* v_new = qkv + b * stride + (heads + kv_heads + kvh) * dim;
             for (int64_t c = 0; c < chunks; ++c) value[c] = load_elements(v_new + c * 16);
             cache.put_key(write_slots[b] * kv_heads + kvh, key, chunks);
@@ -294,8 +336,8 @@ void attend(const T* qkv, const T* cos, const T* sin, const T* logn, const int64
         const int64_t b = job / heads, h = job % heads, kvh = h / group, len = kv_lens[b];
         const int64_t* slots = kv_slots + b * tk + (tk - len);
         scores.resize(len + 16);
-        F16 query[8];
-        rotate(qkv + b * stride + h * dim, cos + b * dim, sin + b * dim, dim, query);
+        F16 query[kMaxHeadDim / 16];
+        rotated_head(qkv + b * stride + h * dim, q_norm, cos + b * rotated, sin + b * rotated, dim, rotated, query);
         float factor = scale;
         if (logn) factor *= to_float(logn[b]);
         for (int64_t c = 0; c < chunks; ++c) query[c] = simd::mul(query[c], simd::set1(factor));
@@ -317,7 +359,7 @@ void attend(const T* qkv, const T* cos, const T* sin, const T* logn, const int64
             total = simd::add(total, simd::first_lanes(e, len - t));
         }
         const float inverse = 1.0f / simd::reduce_add(total);
-        F16 acc[8];
+        F16 acc[kMaxHeadDim / 16];
         for (int64_t c = 0; c < chunks; ++c) acc[c] = simd::zero();
         for (int64_t u = 0; u < len; ++u) cache.add_value(slots[u] * kv_heads + kvh, scores[u], acc, chunks);
         for (int64_t c = 0; c < chunks; ++c)
@@ -330,26 +372,27 @@ void attend(const T* qkv, const T* cos, const T* sin, const T* logn, const int64
 extern "C" {
 
 // fp32: activations and outputs are fp32 (else bf16); caches the same, or int8 when k_scale and v_scale (fp32, one
-// per slot and kv head) are given.
-void paged_decode_attention(const void* qkv, const void* cos, const void* sin, const void* logn,
-                            const int64_t* write_slots, void* k_cache, void* v_cache, float* k_scale, float* v_scale,
-                            const int64_t* kv_slots, const int64_t* kv_lens, int64_t batch, int64_t tk, int64_t heads,
-                            int64_t kv_heads, int64_t dim, float scale, int fp32, void* out, int threads) {
+// per slot and kv head) are given. q_norm, k_norm: the per-head norms' weights (as the activations), or null.
+void paged_decode_attention(const void* qkv, const void* q_norm, const void* k_norm, float norm_eps, const void* cos,
+                            const void* sin, const void* logn, const int64_t* write_slots, void* k_cache,
+                            void* v_cache, float* k_scale, float* v_scale, const int64_t* kv_slots,
+                            const int64_t* kv_lens, int64_t batch, int64_t tk, int64_t heads, int64_t kv_heads,
+                            int64_t dim, int64_t rotated, float scale, int fp32, void* out, int threads) {
     const Int8Cache int8{(int8_t*)k_cache, (int8_t*)v_cache, k_scale, v_scale};
+    const HeadNorm qn{q_norm, norm_eps}, kn{k_norm, norm_eps};
+    const auto run = [&](auto type, const auto& cache) {
+        using T = decltype(type);
+        attend((const T*)qkv, qn, kn, (const T*)cos, (const T*)sin, (const T*)logn, write_slots, cache, kv_slots,
+               kv_lens, batch, tk, heads, kv_heads, dim, rotated, scale, (T*)out, threads);
+    };
     if (fp32 && k_scale)
-        attend((const float*)qkv, (const float*)cos, (const float*)sin, (const float*)logn, write_slots, int8, kv_slots,
-               kv_lens, batch, tk, heads, kv_heads, dim, scale, (float*)out, threads);
+        run(float{}, int8);
     else if (fp32)
-        attend((const float*)qkv, (const float*)cos, (const float*)sin, (const float*)logn, write_slots,
-               PlainCache<float>{(float*)k_cache, (float*)v_cache}, kv_slots, kv_lens, batch, tk, heads, kv_heads,
-               dim, scale, (float*)out, threads);
+        run(float{}, PlainCache<float>{(float*)k_cache, (float*)v_cache});
     else if (k_scale)
-        attend((const uint16_t*)qkv, (const uint16_t*)cos, (const uint16_t*)sin, (const uint16_t*)logn, write_slots,
-               int8, kv_slots, kv_lens, batch, tk, heads, kv_heads, dim, scale, (uint16_t*)out, threads);
+        run(uint16_t{}, int8);
     else
-        attend((const uint16_t*)qkv, (const uint16_t*)cos, (const uint16_t*)sin, (const uint16_t*)logn, write_slots,
-               PlainCache<uint16_t>{(uint16_t*)k_cache, (uint16_t*)v_cache}, kv_slots, kv_lens, batch, tk, heads,
-               kv_heads, dim, scale, (uint16_t*)out, threads);
+        run(uint16_t{}, PlainCache<uint16_t>{(uint16_t*)k_cache, (uint16_t*)v_cache});
 }
 
 

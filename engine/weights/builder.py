@@ -208,9 +208,10 @@ class ModelBuilder:
         if c.qk_norm:
             attention.q_norm = self._norm("q_norm", i)
             attention.k_norm = self._norm("k_norm", i)
-        elif self.isa is not None and attention_kernel.fits(c.head_dim):  # the kernel has no per-head norms
-            attention.decode_attention = attention_kernel.PagedDecodeAttention(c.num_heads, c.num_kv_heads, c.head_dim,
-                                                                               isa=self.isa)
+        if self.isa is not None and attention_kernel.fits(c.head_dim, c.rotated_dim):
+            attention.decode_attention = attention_kernel.PagedDecodeAttention(
+                c.num_heads, c.num_kv_heads, c.head_dim, isa=self.isa, rotated_dim=c.rotated_dim,
+                q_norm=attention.q_norm, k_norm=attention.k_norm)
         return attention
 
     def _packed_linear(self, fused: Int4Weight, bias: torch.Tensor | None) -> nn.Module | None:

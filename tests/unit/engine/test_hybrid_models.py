@@ -102,12 +102,18 @@ def test_greedy_tokens_alone_and_in_a_batch_of_mixed_lengths(hybrid):
 
 @pytest.mark.parametrize("isa", [isa for isa in native.ISAS if native.runs_here(isa)])
 def test_the_native_recurrent_kernel_gives_the_reference_tokens(isa, tmp_path):
-    """fp32 on a native build: decode rows advance their states in ``recurrent.cpp`` (the layers stay dense fp32)
-    and give transformers' greedy tokens, alone and batched."""
-    reference = write_checkpoint(tmp_path, build_config("qwen3_5_text"))
+    """fp32 on a native build: decode rows advance their states in ``recurrent.cpp`` and the attention layers'
+    decode rows (64-dim heads, half of each rotated, per-head norms) run on the native decode-attention kernel (the
+    layers stay dense fp32), and give transformers' greedy tokens, alone and batched."""
+    config = build_config("qwen3_5_text")
+    config.head_dim = 64
+    config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": 0.5}
+    reference = write_checkpoint(tmp_path, config)
     llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_isa=isa)
-    assert all(layer.attn.decode_kernel is not None for layer in llm.engine.runner.model.layers
-               if isinstance(layer.attn, GatedDeltaNet))
+    layers = [layer.attn for layer in llm.engine.runner.model.layers]
+    assert all(layer.decode_kernel is not None for layer in layers if isinstance(layer, GatedDeltaNet))
+    assert all(layer.decode_attention is not None for layer in layers if not isinstance(layer, GatedDeltaNet))
+    assert llm.engine.model_config.rotated_dim == 32
     prompts = [random_prompt(90), random_prompt(23, seed=2)]
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == [greedy_reference(reference, p) for p in prompts]
 

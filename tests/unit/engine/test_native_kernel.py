@@ -181,16 +181,33 @@ def cached(cache: LayerCache, slots: torch.Tensor) -> tuple[torch.Tensor, torch.
     return cache.read(slots, torch.float64) if cache.quantized else (cache.k[slots].double(), cache.v[slots].double())
 
 
+def head_normed(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Each head [..., D] RMS-normalised and weighted in fp64, rounded to ``dtype`` as the model's norm rounds."""
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()).to(dtype).double()
+
+
+def rotate_first(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``rotate_half`` over the first dims of each head that ``cos`` covers (partial rotary), the rest kept."""
+    rotated = cos.shape[-1]
+    return torch.cat((rotate_half(x[..., :rotated], cos, sin), x[..., rotated:]), dim=-1)
+
+
 @pytest.mark.parametrize("int8", [False, True], ids=["model-dtype-cache", "int8-cache"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("heads,kv_heads,head_dim,with_logn", [(9, 3, 64, False), (4, 4, 128, True), (8, 2, 32, False)])
-def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head_dim, with_logn, dtype, int8, isa):
-    """RoPE, the cache write and attention over each sequence's scattered slots, against fp64 SDPA over what the
-    cache holds; an int8 cache gets the rows ``quantize_rows`` makes of the new key and value (the key's fp32
-    rotation may round a value across a rounding edge: one step at most)."""
+@pytest.mark.parametrize("heads,kv_heads,head_dim,with_logn,rotated,head_norms", [
+    (9, 3, 64, False, 64, False), (4, 4, 128, True, 128, False), (8, 2, 32, False, 32, False),
+    (8, 4, 128, False, 128, True),  # Qwen3: per-head norms of q and k before RoPE
+    (4, 2, 256, False, 64, True),  # Qwen3.5's attention layers: 256-dim heads, a quarter of each rotated
+], ids=["gqa-64", "logn-128", "gqa-32", "head-norms-128", "head-norms-256-partial"])
+def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head_dim, with_logn, rotated, head_norms,
+                                                           dtype, int8, isa):
+    """The per-head norms, RoPE, the cache write and attention over each sequence's scattered slots, against fp64
+    SDPA over what the cache holds; an int8 cache gets the rows ``quantize_rows`` makes of the new key and value
+    (the key's fp32 rotation may round a value across a rounding edge: one step at most)."""
     from engine.kernels.attention import PagedDecodeAttention
+    from engine.layers import RMSNorm
 
-    generator = torch.Generator().manual_seed(heads)
+    generator = torch.Generator().manual_seed(heads * head_dim)
     slots, lens = 512, torch.tensor([1, 17, 100, 5, 64])
     batch, width = len(lens), int(lens.max())
     cache = random_cache(slots, kv_heads, head_dim, dtype, int8, generator)
@@ -198,31 +215,42 @@ def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head
     for b, n in enumerate(lens.tolist()):  # left-padded, scattered over the pool like a block table's slots
         kv_slots[b, width - n :] = torch.randperm(slots, generator=generator)[:n]
     write_slots = kv_slots[:, -1].clone()  # the new token is each sequence's last key
-    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
-    angles = torch.rand(batch, head_dim // 2, generator=generator) * 6
+    qkv = (torch.randn(batch, (heads + 2 * kv_heads) * head_dim, generator=generator) * 3).to(dtype)
+    angles = torch.rand(batch, rotated // 2, generator=generator) * 6
     cos = angles.cos().repeat(1, 2)[:, None].to(dtype)
     sin = torch.cat((-angles.sin(), angles.sin()), dim=-1)[:, None].to(dtype)
     logn = (1 + torch.rand(batch, 1, 1, generator=generator)).to(dtype) if with_logn else None
+    norms = [RMSNorm(head_dim, 1e-6, dtype) for _ in range(2)] if head_norms else [None, None]
+    for norm in norms:
+        if norm is not None:
+            norm.weight.data = (0.5 + torch.rand(head_dim, generator=generator)).to(dtype)
 
-    out = PagedDecodeAttention(heads, kv_heads, head_dim, isa=isa)(qkv, cos, sin, logn, write_slots, cache, kv_slots,
-                                                                   lens)
+    out = PagedDecodeAttention(heads, kv_heads, head_dim, isa=isa, rotated_dim=rotated, q_norm=norms[0],
+                               k_norm=norms[1])(qkv, cos, sin, logn, write_slots, cache, kv_slots, lens)
 
     parts = qkv.double().view(batch, heads + 2 * kv_heads, head_dim)
-    q = rotate_half(parts[:, :heads], cos.double(), sin.double())
+    q_in, k_in = parts[:, :heads], parts[:, heads : heads + kv_heads]
+    if head_norms:
+        q_in, k_in = head_normed(q_in, norms[0].weight, 1e-6, dtype), head_normed(k_in, norms[1].weight, 1e-6, dtype)
+    q = rotate_first(q_in, cos.double(), sin.double())
     if logn is not None:
         q = q * logn.double()
-    k_new = rotate_half(parts[:, heads : heads + kv_heads], cos.double(), sin.double())
+    k_new = rotate_first(k_in, cos.double(), sin.double())
     v_new = qkv.view(batch, -1, head_dim)[:, heads + kv_heads :]
     if int8:
         k_rows, k_scales = quantize_rows(k_new.float())
         assert ((cache.k[write_slots].int() - k_rows.int()).abs() <= 1).all()
-        torch.testing.assert_close(cache.k_scale[write_slots], k_scales, atol=0, rtol=1e-6)
+        torch.testing.assert_close(cache.k_scale[write_slots], k_scales, atol=0, rtol=1e-5 if head_norms else 1e-6)
         v_rows, v_scales = quantize_rows(v_new)
         assert torch.equal(cache.v[write_slots], v_rows) and torch.equal(cache.v_scale[write_slots], v_scales)
-    elif dtype == torch.bfloat16:
+    elif dtype == torch.bfloat16 and not head_norms:
         assert torch.equal(cache.k[write_slots], k_new.to(dtype))
+    elif dtype == torch.bfloat16:  # a normalised value on a rounding edge of bf16 may round the other way: one step
+        written, want = cache.k[write_slots].double(), k_new.to(dtype).double()
+        assert ((written - want).abs() <= want.abs() * 2**-7 + 1e-6).all()
+        assert (written != want).double().mean() <= 0.01
     else:  # fp32: the rotation's product and fused add round a little apart from fp64
-        torch.testing.assert_close(cache.k[write_slots].double(), k_new, rtol=0, atol=1e-6)
+        torch.testing.assert_close(cache.k[write_slots].double(), k_new, rtol=0, atol=1e-5 if head_norms else 1e-6)
     if not int8:
         assert torch.equal(cache.v[write_slots], v_new)
     for b, n in enumerate(lens.tolist()):
