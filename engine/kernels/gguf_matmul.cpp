@@ -1,6 +1,6 @@
 // Matmuls over GGUF matrices as the file stores them (each output's row a run of blocks; the file memory-mapped, so
-// nothing is repacked or copied): Q4_0, Q4_1, Q8_0 (blocks of 32) and the K-quants Q4_K, Q5_K, Q6_K (super-blocks of
-// 256). Written once over simd.h's vectors; the AVX512 and AVX2 builds give the same bits.
+// nothing is repacked or copied): Q4_0, Q4_1, Q8_0, IQ4_NL (blocks of 32), the K-quants Q4_K, Q5_K, Q6_K and IQ4_XS
+// (super-blocks of 256). Written once over simd.h's vectors; the AVX512 and AVX2 builds give the same bits.
 //
 // Activations are quantized per row the way llama.cpp's dots take them: to int8 per block of 32 with an fp32 scale
 // (amax / 127) for the 32-blocks, per super-block of 256 for the K-quants, with the sums of every 16 codes for the
@@ -11,6 +11,8 @@
 //   Q4_0  d (c - 8) . q dx          Q4_1  (d c + m) . q dx              Q8_0  d c . q dx
 //   Q4_K  sum_j (d s_j c - dmin m_j) . q dx, over 8 sub-blocks of 32 with 6-bit s_j, m_j
 //   Q5_K  as Q4_K with 5-bit codes  Q6_K  sum_j d s_j (c - 32) . q dx, over 16 sub-blocks of 16 with int8 s_j
+//   IQ4_NL  d v(c) . q dx, v the 16 non-uniform values of kIQ4Values
+//   IQ4_XS  sum_j d (s_j - 32) v(c) . q dx, over 8 sub-blocks of 32 with 6-bit s_j
 #include <omp.h>
 
 #include <algorithm>
@@ -24,12 +26,16 @@
 
 namespace {
 
-enum Type : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };  // ggml's type numbers
+enum Type : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23 };
+// ggml's type numbers
+
+// The values IQ4_NL and IQ4_XS codes stand for (ggml's kvalues_iq4nl).
+alignas(16) constexpr int8_t kIQ4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 constexpr int kMaxRows = 8;  // activation rows that share one decoded weight block
 constexpr int64_t kTile = 16;  // output rows a thread takes at a time
 
-int64_t block_size(int64_t type) { return type >= Q4_K ? 256 : 32; }
+int64_t block_size(int64_t type) { return type == Q4_0 || type == Q4_1 || type == Q8_0 || type == IQ4_NL ? 32 : 256; }
 
 int64_t block_bytes(int64_t type) {
     switch (type) {
@@ -38,6 +44,8 @@ int64_t block_bytes(int64_t type) {
         case Q8_0: return 34;
         case Q4_K: return 144;
         case Q5_K: return 176;
+        case IQ4_NL: return 18;
+        case IQ4_XS: return 136;
         default: return 210;  // Q6_K
     }
 }
@@ -140,8 +148,9 @@ struct Sums {
     }
 };
 
-// Blocks of 32, two at a time (a last odd block pairs with itself at scale 0): signed weights c (Q8_0, Q4_0 - 8)
-// as |c| times sign-carrying activations; Q4_1's unsigned codes directly, its offset from the code sums.
+// Blocks of 32, two at a time (a last odd block pairs with itself at scale 0): signed weights c (Q8_0, Q4_0 - 8,
+// IQ4_NL's values) as |c| times sign-carrying activations; Q4_1's unsigned codes directly, its offset from the code
+// sums.
 template <int R>
 void dot_blocks32(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, int64_t k, const Rows<R>& x, float* y) {
     const int64_t blocks = k / 32, bytes = block_bytes(type);
@@ -159,6 +168,7 @@ void dot_blocks32(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, 
                 const int64_t at = type == Q4_1 ? 4 : 2;
                 codes = simd::nibble_blocks(first + at, second + at);
                 if (type == Q4_0) codes = simd::bytes_sub(codes, simd::bytes_set1(8));
+                if (type == IQ4_NL) codes = simd::bytes_lookup(kIQ4Values, codes);
             }
             const simd::Bytes magnitude = is_signed ? simd::bytes_abs(codes) : codes;
             const float d0 = half_to_float(first), d1 = pair ? half_to_float(second) : 0.0f;
@@ -252,8 +262,31 @@ __attribute__((always_inline)) inline SuperBlock decode_q6k(const uint8_t* block
     return s;
 }
 
+// IQ4_XS: 8 sub-blocks of 32 (16 bytes of nibbles each, low nibbles inputs 0-15, high 16-31) with 6-bit scales s_j
+// (low 4 bits in the nibbles of 4 bytes at 4, top 2 bits in the 16 bits at 2), factors s_j - 32; the codes are
+// signed values (kIQ4Values), no offset term.
+__attribute__((always_inline)) inline SuperBlock decode_iq4_xs(const uint8_t* block) {
+    SuperBlock s;
+    s.d = half_to_float(block);
+    s.offset_scale = 0.0f;
+    s.offset_weights = _mm256_setzero_si256();
+    uint16_t high;
+    std::memcpy(&high, block + 2, 2);
+    int16_t factors[8];
+    for (int j = 0; j < 8; ++j)
+        factors[j] = (int16_t)((((block[4 + j / 2] >> (4 * (j % 2))) & 0x0F) | (((high >> (2 * j)) & 3) << 4)) - 32);
+    const __m128i eight = _mm_loadu_si128((const __m128i*)factors);
+    for (int j = 0; j < 4; ++j)
+        s.codes[j] = simd::bytes_lookup(kIQ4Values, simd::nibble_blocks(block + 8 + 32 * j, block + 24 + 32 * j));
+    s.factors[0] = simd::spread<0, 0, 1, 1>(eight);
+    s.factors[1] = simd::spread<2, 2, 3, 3>(eight);
+    s.factors[2] = simd::spread<4, 4, 5, 5>(eight);
+    s.factors[3] = simd::spread<6, 6, 7, 7>(eight);
+    return s;
+}
+
 // The K-quants: per super-block, the integer dots of its 4 steps scaled by d x the activation scale, less the
-// offset term.
+// offset term (IQ4_XS's signed values as |v| times sign-carrying activations).
 template <int R, int64_t type>
 void dot_super_blocks(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k, const Rows<R>& x, float* y) {
     const int64_t blocks = k / 256, bytes = block_bytes(type);
@@ -263,15 +296,24 @@ void dot_super_blocks(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k,
             SuperBlock s;
             if constexpr (type == Q6_K) {
                 s = decode_q6k(w + b * bytes);
+            } else if constexpr (type == IQ4_XS) {
+                s = decode_iq4_xs(w + b * bytes);
             } else {
                 s = decode_q4k_q5k<type>(w + b * bytes);
             }
+            simd::Bytes magnitudes[4];
+            for (int j = 0; j < 4; ++j) magnitudes[j] = type == IQ4_XS ? simd::bytes_abs(s.codes[j]) : s.codes[j];
             for (int r = 0; r < R; ++r) {
                 const int8_t* q = x.q[r] + b * 256;
                 simd::I16 dots = simd::izero();
-                for (int j = 0; j < 4; ++j) dots = simd::dot_bytes(dots, s.codes[j], simd::bytes_load(q + 64 * j), s.factors[j]);
+                for (int j = 0; j < 4; ++j) {
+                    simd::Bytes activations = simd::bytes_load(q + 64 * j);
+                    if constexpr (type == IQ4_XS) activations = simd::bytes_sign(activations, s.codes[j]);
+                    dots = simd::dot_bytes(dots, magnitudes[j], activations, s.factors[j]);
+                }
                 const float dx = x.d[r][b];
                 sums.acc[r] = simd::fmadd(simd::to_float(dots), simd::set1(s.d * dx), sums.acc[r]);
+                if constexpr (type == IQ4_XS) continue;
                 const __m128i offsets = simd::madd16(s.offset_weights, _mm256_loadu_si256((const __m256i*)(x.sums[r] + 16 * b)));
                 sums.offset[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(offsets), _mm_set1_ps(s.offset_scale * dx), sums.offset[r]);
             }
@@ -291,6 +333,8 @@ void dot(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, int64_t k
         dot_super_blocks<R, Q5_K>(w, row_bytes, n, k, x, y);
     } else if (type == Q6_K) {
         dot_super_blocks<R, Q6_K>(w, row_bytes, n, k, x, y);
+    } else if (type == IQ4_XS) {
+        dot_super_blocks<R, IQ4_XS>(w, row_bytes, n, k, x, y);
     } else {
         dot_blocks32<R>(w, row_bytes, n, type, k, x, y);
     }
@@ -315,7 +359,7 @@ void dequantize_row(const uint8_t* row, int64_t type, int64_t k, float* y) {
     const int64_t size = block_size(type), bytes = block_bytes(type), blocks = k / size;
     for (int64_t b = 0; b < blocks; ++b, y += size) {
         const uint8_t* block = row + b * bytes;
-        if (type == Q8_0 || type == Q4_0 || type == Q4_1) {
+        if (type == Q8_0 || type == Q4_0 || type == Q4_1 || type == IQ4_NL) {
             const float d = half_to_float(block);
             for (int i = 0; i < 32; ++i) {
                 if (type == Q8_0) {
@@ -323,7 +367,21 @@ void dequantize_row(const uint8_t* row, int64_t type, int64_t k, float* y) {
                 } else {
                     const uint8_t* qs = block + (type == Q4_1 ? 4 : 2);
                     const int code = i < 16 ? qs[i] & 0x0F : qs[i - 16] >> 4;
-                    y[i] = type == Q4_1 ? d * (float)code + half_to_float(block + 2) : d * (float)(code - 8);
+                    y[i] = type == Q4_1    ? d * (float)code + half_to_float(block + 2)
+                           : type == Q4_0 ? d * (float)(code - 8)
+                                          : d * (float)kIQ4Values[code];
+                }
+            }
+        } else if (type == IQ4_XS) {
+            const float d = half_to_float(block);
+            uint16_t high;
+            std::memcpy(&high, block + 2, 2);
+            for (int j = 0; j < 8; ++j) {
+                const int scale = (((block[4 + j / 2] >> (4 * (j % 2))) & 0x0F) | (((high >> (2 * j)) & 3) << 4)) - 32;
+                const float dl = d * (float)scale;
+                for (int i = 0; i < 32; ++i) {
+                    const uint8_t byte = block[8 + 16 * j + i % 16];
+                    y[32 * j + i] = dl * (float)kIQ4Values[i < 16 ? byte & 0x0F : byte >> 4];
                 }
             }
         } else if (type == Q6_K) {

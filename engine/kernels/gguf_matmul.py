@@ -1,5 +1,5 @@
 """Matmuls and row lookups over GGUF matrices as the file stores them (``gguf_matmul.cpp``): the weights stay in the
-memory-mapped file, in their own blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)."""
+memory-mapped file, in their own blocks (Q4_0, Q4_1, Q8_0, IQ4_NL, Q4_K, Q5_K, Q6_K, IQ4_XS)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from gguf import GGMLQuantizationType as T
 
 from engine.kernels import native
 
-BLOCK_SIZES = {T.Q4_0: 32, T.Q4_1: 32, T.Q8_0: 32, T.Q4_K: 256, T.Q5_K: 256, T.Q6_K: 256}
+BLOCK_SIZES = {T.Q4_0: 32, T.Q4_1: 32, T.Q8_0: 32, T.IQ4_NL: 32, T.Q4_K: 256, T.Q5_K: 256, T.Q6_K: 256,
+               T.IQ4_XS: 256}
 # Steps with at least this many rows (prompts) dequantize the weight to bf16 and run torch's GEMM: above it the
 # GEMM's throughput pays for writing the weight out once (SmolLM2-1.7B Q4_K_M, Zen 4: 64-row products break even).
 DENSE_ROWS = 64

@@ -116,6 +116,10 @@ inline F16 halves(const float* p) {  // p[0] in lanes 0-7, p[1] in 8-15
 }
 // acc[i] += the sum of bytes 4i..4i+3 of u * s (vpdpbusd)
 inline I16 dot_bytes(I16 acc, Bytes u, Bytes s) { return {_mm512_dpbusd_epi32(acc.v, u.v, s.v)}; }
+// each byte of indices (0-15) replaced by that entry of the 16-byte table
+inline Bytes bytes_lookup(const int8_t* table, Bytes indices) {
+    return {_mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)table)), indices.v)};
+}
 
 #elif defined(__AVX2__) && defined(__FMA__)
 
@@ -271,6 +275,10 @@ inline I16 dot_bytes(I16 acc, Bytes u, Bytes s) {  // vpmaddubsw cannot saturate
     const __m256i ones = _mm256_set1_epi16(1);
     return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(u.lo, s.lo), ones)),
             _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(u.hi, s.hi), ones))};
+}
+inline Bytes bytes_lookup(const int8_t* table, Bytes indices) {
+    const __m256i entries = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)table));
+    return {_mm256_shuffle_epi8(entries, indices.lo), _mm256_shuffle_epi8(entries, indices.hi)};
 }
 
 #else

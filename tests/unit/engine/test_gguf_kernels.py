@@ -17,8 +17,10 @@ from gguf.quants import dequantize
 from engine.kernels import gguf_matmul, native
 from engine.kernels.gguf_matmul import BLOCK_SIZES, GGUFMatmul, StoredMatrix
 
-BLOCK_BYTES = {T.Q4_0: 18, T.Q4_1: 20, T.Q8_0: 34, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}
-HALF_FLOATS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q8_0: [0], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}  # d, m/dmin
+BLOCK_BYTES = {T.Q4_0: 18, T.Q4_1: 20, T.Q8_0: 34, T.IQ4_NL: 18, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210,
+               T.IQ4_XS: 136}
+HALF_FLOATS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q8_0: [0], T.IQ4_NL: [0], T.Q4_K: [0, 2], T.Q5_K: [0, 2],
+               T.Q6_K: [208], T.IQ4_XS: [0]}  # d, m/dmin
 TYPES = list(BLOCK_BYTES)
 # float32 accumulation over the blocks, relative to sum |x_hat| |w| (measured: at most 6e-8 over these cases)
 ACCUMULATION = 2.0**-21
@@ -166,6 +168,6 @@ def test_many_row_steps_run_the_dequantized_weight(kind, isa):
 
 def test_types_without_a_kernel_are_refused():
     assert not gguf_matmul.fits(StoredMatrix(np.zeros((4, 2 * 22), np.uint8), T.Q5_0, 64))
-    assert not gguf_matmul.fits(StoredMatrix(np.zeros((4, 136), np.uint8), T.IQ4_XS, 256))
+    assert not gguf_matmul.fits(StoredMatrix(np.zeros((4, 84), np.uint8), T.Q2_K, 256))
     assert all(gguf_matmul.fits(StoredMatrix(np.zeros((4, BLOCK_BYTES[t] * 8 // (BLOCK_SIZES[t] // 32)), np.uint8), t,
                                              256)) for t in TYPES)

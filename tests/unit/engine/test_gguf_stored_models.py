@@ -1,5 +1,5 @@
-"""GGUF files whose matrices are K-quants (and Q8_0; Qwen3-MoE experts stacked per part), served from the mapped
-file by the native kernels, against transformers running the same weights dequantized to fp32.
+"""GGUF files whose matrices are K-quants (and Q8_0, IQ4_NL, IQ4_XS; Qwen3-MoE experts stacked per part), served
+from the mapped file by the native kernels, against transformers running the same weights dequantized to fp32.
 
 Each matrix gets random blocks of its type (every code and sub-block scale a file can hold), the transformers model
 gets their dequantization, and the file stores the blocks: the dense fp32 path must match transformers to
@@ -29,17 +29,23 @@ CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(  # q/k/v biases, its own head
         vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False),
+    "qwen2_iq4": lambda: transformers.Qwen2Config(  # an IQ4_XS file's kinds (IQ4_NL where llama.cpp falls back)
+        vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(  # experts in layer 0 (stacked per part), a dense MLP in 1
         vocab_size=320, hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=4, num_experts_per_tok=2,
         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1], max_position_embeddings=512,
         rope_theta=1000000.0, tie_word_embeddings=False),
 }
+KINDS_OF = {"qwen2_iq4": {**KINDS, "attn_q": T.IQ4_XS, "attn_k": T.IQ4_NL, "attn_v": T.IQ4_XS,
+                          "attn_output": T.IQ4_NL, "ffn_gate": T.IQ4_XS, "ffn_up": T.IQ4_XS, "ffn_down": T.IQ4_NL}}
 EXPERT_KINDS = {"gate": T.Q4_K, "up": T.Q8_0, "down": T.Q8_0}  # down's 64 inputs: blocks of 32 only
 # mean KL per position from fp32 transformers, as measured (the same on both builds); the bound is twice that.
 # The error is the activations' int8 quantization, so fp32 activations are no closer than bf16 ones.
 MEAN_KL = {("llama", "bfloat16"): 1.06e-2, ("llama", "float32"): 1.35e-2,
            ("qwen2", "bfloat16"): 2.95e-2, ("qwen2", "float32"): 3.17e-2,
+           ("qwen2_iq4", "bfloat16"): 1.03e-2, ("qwen2_iq4", "float32"): 7.14e-3,
            ("qwen3_moe", "bfloat16"): 1.70e-2, ("qwen3_moe", "float32"): 1.16e-2}
 
 
@@ -61,7 +67,7 @@ def quantized_twin(arch: str, path) -> tuple[transformers.PreTrainedModel, str]:
     for seed, (key, name) in enumerate(names.items()):
         if key not in state or (key == "lm_head.weight" and config.tie_word_embeddings):
             continue
-        kind = KINDS[name.rsplit(".", 1)[-1]]
+        kind = KINDS_OF.get(arch, KINDS)[name.rsplit(".", 1)[-1]]
         rows, in_features = state[key].shape
         probe = library_weight(random_matrix(kind, rows, in_features, seed, scale=1.0))
         matrix = random_matrix(kind, rows, in_features, seed, scale=0.12 / probe.std())
