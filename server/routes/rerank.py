@@ -1,5 +1,5 @@
-"""POST /v1/rerank (and /rerank), POST /v1/score (and /score): judge prompts built off the loop, scored in passes
-between steps, rendered in each API's shape."""
+"""POST /v1/rerank (and /rerank), POST /v1/score (and /score): judge prompts built off the loop, scored in the
+engine's continuous batch, rendered in each API's shape."""
 
 from __future__ import annotations
 
