@@ -196,14 +196,16 @@ void dot_blocks32(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, 
 // Q4_K/Q5_K's 12 bytes of 6-bit scales and mins, as llama.cpp packs them: sub-blocks 0-3 in the low 6 bits of bytes
 // 0-3 (scales) and 4-7 (mins); 4-7 in the nibbles of bytes 8-11 with their top 2 bits in the tops of bytes 0-7.
 // Returned as 16 bytes: the 8 scales, then the 8 mins.
+// Reads 16 bytes at p (the 4 after the 12 lie inside the block).
 __m128i scales_and_mins(const uint8_t* p) {
-    uint32_t word[3];
-    std::memcpy(word, p, 12);
-    const uint32_t low6 = 0x3F3F3F3F, low4 = 0x0F0F0F0F, low2 = 0x03030303;
-    return _mm_setr_epi32((int)(word[0] & low6),                                          // scales 0-3
-                          (int)((word[2] & low4) | (((word[0] >> 6) & low2) << 4)),       // scales 4-7
-                          (int)(word[1] & low6),                                          // mins 0-3
-                          (int)(((word[2] >> 4) & low4) | (((word[1] >> 6) & low2) << 4)));  // mins 4-7
+    const __m128i raw = _mm_loadu_si128((const __m128i*)p);  // 32-bit words w0, w1, w2 (and one unused)
+    // scales 0-3 = w0 & low6, scales 4-7 = w2 & low4, mins 0-3 = w1 & low6, mins 4-7 = (w2 >> 4) & low4 ...
+    const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(raw, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4)),
+                                      _mm_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F));
+    // ... with the top 2 bits of w0's bytes (scales 4-7) and of w1's (mins 4-7) above the low 4
+    const __m128i tops = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(raw, _MM_SHUFFLE(1, 1, 0, 0)), 6),
+                                       _mm_setr_epi32(0, 0x03030303, 0, 0x03030303));
+    return _mm_or_si128(low, _mm_slli_epi32(tops, 4));
 }
 
 // A K-quant super-block decoded: its 256 codes in 4 steps of 64 bytes with their sub-block factors, the scale of
@@ -226,9 +228,10 @@ __attribute__((always_inline)) inline SuperBlock decode_q4k_q5k(const uint8_t* b
     const __m128i scales = _mm_cvtepu8_epi16(packed), mins = _mm_srli_si128(packed, 8);
     s.offset_weights = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
     const uint8_t* qs = block + (type == Q4_K ? 16 : 48);
-    for (int j = 0; j < 4; ++j) {
-        s.codes[j] = simd::bytes_and(simd::bytes_shr(simd::bytes_dup(qs + 32 * j), 0, 4), simd::bytes_set1(0x0F));
-        if constexpr (type == Q5_K) {  // the fifth bit of sub-block i: bit i of the 32 bytes at 16
+    simd::nibble_pairs(qs, s.codes[0], s.codes[1]);
+    simd::nibble_pairs(qs + 64, s.codes[2], s.codes[3]);
+    if constexpr (type == Q5_K) {  // the fifth bit of sub-block i: bit i of the 32 bytes at 16
+        for (int j = 0; j < 4; ++j) {
             const simd::Bytes high = simd::bytes_shr(simd::bytes_dup(block + 16), 2 * j, 2 * j + 1);
             s.codes[j] = simd::bytes_or(s.codes[j], simd::bytes_shl4(simd::bytes_and(high, simd::bytes_set1(1))));
         }

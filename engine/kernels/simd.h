@@ -120,6 +120,14 @@ inline I16 dot_bytes(I16 acc, Bytes u, Bytes s) { return {_mm512_dpbusd_epi32(ac
 inline Bytes bytes_lookup(const int8_t* table, Bytes indices) {
     return {_mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)table)), indices.v)};
 }
+// The 64 bytes at p as 4-bit codes: first the low nibbles of bytes 0-31 then their high nibbles, second the same of
+// bytes 32-63 (Q4_K's sub-blocks 0-1 and 2-3 of a 128-input half).
+inline void nibble_pairs(const uint8_t* p, Bytes& first, Bytes& second) {
+    const __m512i v = _mm512_loadu_si512(p), mask = _mm512_set1_epi8(0x0F);
+    const __m512i low = _mm512_and_si512(v, mask), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    first = {_mm512_shuffle_i64x2(low, high, _MM_SHUFFLE(1, 0, 1, 0))};
+    second = {_mm512_shuffle_i64x2(low, high, _MM_SHUFFLE(3, 2, 3, 2))};
+}
 
 #elif defined(__AVX2__) && defined(__FMA__)
 
@@ -279,6 +287,12 @@ inline I16 dot_bytes(I16 acc, Bytes u, Bytes s) {  // vpmaddubsw cannot saturate
 inline Bytes bytes_lookup(const int8_t* table, Bytes indices) {
     const __m256i entries = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)table));
     return {_mm256_shuffle_epi8(entries, indices.lo), _mm256_shuffle_epi8(entries, indices.hi)};
+}
+inline void nibble_pairs(const uint8_t* p, Bytes& first, Bytes& second) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i a = _mm256_loadu_si256((const __m256i*)p), b = _mm256_loadu_si256((const __m256i*)(p + 32));
+    first = {_mm256_and_si256(a, mask), _mm256_and_si256(_mm256_srli_epi16(a, 4), mask)};
+    second = {_mm256_and_si256(b, mask), _mm256_and_si256(_mm256_srli_epi16(b, 4), mask)};
 }
 
 #else
