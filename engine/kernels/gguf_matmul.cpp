@@ -16,6 +16,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -31,6 +32,13 @@ enum Type : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K =
 
 // The values IQ4_NL and IQ4_XS codes stand for (ggml's kvalues_iq4nl).
 alignas(16) constexpr int8_t kIQ4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// A byte's four 2-bit fields, one a byte (entry b: b & 3, (b >> 2) & 3, (b >> 4) & 3, b >> 6): IQ4_XS's scale tops.
+constexpr std::array<uint32_t, 256> kTwoBitFields = [] {
+    std::array<uint32_t, 256> fields{};
+    for (uint32_t b = 0; b < 256; ++b) fields[b] = (b & 3) | ((b >> 2) & 3) << 8 | ((b >> 4) & 3) << 16 | (b >> 6) << 24;
+    return fields;
+}();
 
 constexpr int kMaxRows = 8;  // activation rows that share one decoded weight block
 constexpr int64_t kTile = 16;  // output rows a thread takes at a time
@@ -273,14 +281,15 @@ __attribute__((always_inline)) inline SuperBlock decode_iq4_xs(const uint8_t* bl
     s.d = half_to_float(block);
     s.offset_scale = 0.0f;
     s.offset_weights = _mm256_setzero_si256();
-    uint16_t high;
-    std::memcpy(&high, block + 2, 2);
-    int16_t factors[8];
-    for (int j = 0; j < 8; ++j)
-        factors[j] = (int16_t)((((block[4 + j / 2] >> (4 * (j % 2))) & 0x0F) | (((high >> (2 * j)) & 3) << 4)) - 32);
-    const __m128i eight = _mm_loadu_si128((const __m128i*)factors);
-    for (int j = 0; j < 4; ++j)
-        s.codes[j] = simd::bytes_lookup(kIQ4Values, simd::nibble_blocks(block + 8 + 32 * j, block + 24 + 32 * j));
+    uint32_t low_bits;
+    std::memcpy(&low_bits, block + 4, 4);
+    const __m128i packed = _mm_cvtsi32_si128((int)low_bits), mask = _mm_set1_epi8(0x0F);
+    const __m128i low = _mm_unpacklo_epi8(_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask));
+    const __m128i tops = _mm_setr_epi32((int)kTwoBitFields[block[2]], (int)kTwoBitFields[block[3]], 0, 0);
+    const __m128i eight = _mm_sub_epi16(_mm_cvtepu8_epi16(_mm_or_si128(low, _mm_slli_epi16(tops, 4))), _mm_set1_epi16(32));
+    simd::nibble_block_pairs(block + 8, s.codes[0], s.codes[1]);
+    simd::nibble_block_pairs(block + 72, s.codes[2], s.codes[3]);
+    for (int j = 0; j < 4; ++j) s.codes[j] = simd::bytes_lookup(kIQ4Values, s.codes[j]);
     s.factors[0] = simd::spread<0, 0, 1, 1>(eight);
     s.factors[1] = simd::spread<2, 2, 3, 3>(eight);
     s.factors[2] = simd::spread<4, 4, 5, 5>(eight);

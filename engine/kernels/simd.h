@@ -128,6 +128,14 @@ inline void nibble_pairs(const uint8_t* p, Bytes& first, Bytes& second) {
     first = {_mm512_shuffle_i64x2(low, high, _MM_SHUFFLE(1, 0, 1, 0))};
     second = {_mm512_shuffle_i64x2(low, high, _MM_SHUFFLE(3, 2, 3, 2))};
 }
+// The 64 bytes at p as four blocks of 32 4-bit codes, 16 bytes each (low nibbles codes 0-15, high 16-31): first
+// nibble_blocks(p, p + 16), second nibble_blocks(p + 32, p + 48).
+inline void nibble_block_pairs(const uint8_t* p, Bytes& first, Bytes& second) {
+    const __m512i v = _mm512_loadu_si512(p), mask = _mm512_set1_epi8(0x0F);
+    const __m512i low = _mm512_and_si512(v, mask), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    first = {_mm512_permutex2var_epi64(low, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), high)};
+    second = {_mm512_permutex2var_epi64(low, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), high)};
+}
 
 #elif defined(__AVX2__) && defined(__FMA__)
 
@@ -293,6 +301,14 @@ inline void nibble_pairs(const uint8_t* p, Bytes& first, Bytes& second) {
     const __m256i a = _mm256_loadu_si256((const __m256i*)p), b = _mm256_loadu_si256((const __m256i*)(p + 32));
     first = {_mm256_and_si256(a, mask), _mm256_and_si256(_mm256_srli_epi16(a, 4), mask)};
     second = {_mm256_and_si256(b, mask), _mm256_and_si256(_mm256_srli_epi16(b, 4), mask)};
+}
+inline void nibble_block_pairs(const uint8_t* p, Bytes& first, Bytes& second) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i a = _mm256_loadu_si256((const __m256i*)p), b = _mm256_loadu_si256((const __m256i*)(p + 32));
+    const __m256i a_low = _mm256_and_si256(a, mask), a_high = _mm256_and_si256(_mm256_srli_epi16(a, 4), mask);
+    const __m256i b_low = _mm256_and_si256(b, mask), b_high = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+    first = {_mm256_permute2x128_si256(a_low, a_high, 0x20), _mm256_permute2x128_si256(a_low, a_high, 0x31)};
+    second = {_mm256_permute2x128_si256(b_low, b_high, 0x20), _mm256_permute2x128_si256(b_low, b_high, 0x31)};
 }
 
 #else
