@@ -270,7 +270,7 @@ class LLMEngine:
             params=params,
             stop_ids=frozenset(stop_ids),
             max_tokens=min(params.max_tokens or room, room),
-            ntk_alpha=qwen_ntk_alpha(len(prompt), c.seq_length) if c.use_dynamic_ntk else 1.0,
+            ntk_alpha=self._ntk_alpha(prompt),
             generator=None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed),
             penalties=PenaltyState(params, prompt, (), frozenset(stop_ids), c.vocab_size, self.device),
         )
@@ -288,11 +288,7 @@ class LLMEngine:
             raise InvalidRequestError(f"pooling must be one of {', '.join(POOLINGS)}")
         if task.kind == "logits" and not all(0 <= t < self.model_config.vocab_size for t in task.token_ids):
             raise InvalidRequestError("the answer tokens must be in the vocabulary")
-        checked = [list(prompt) for prompt in prompts]
-        for prompt in checked:
-            if not prompt or len(prompt) > self.max_model_len or min(prompt) < 0 or max(prompt) >= self.vocab_size:
-                raise InvalidRequestError(f"a prompt must have 1 to {self.max_model_len} ids in [0, "
-                                          f"{self.vocab_size})")
+        checked = [self._passable(prompt) for prompt in prompts]
         if not checked:
             raise InvalidRequestError("there is nothing to pool")
         job = PoolingJob(request_id, task, checked)
@@ -303,19 +299,32 @@ class LLMEngine:
         """Hand queued pooling prompts to the scheduler while seats are free for them (a request waiting for a
         seat goes first)."""
         scheduler, seats = self.scheduler, self.config.scheduler.max_num_seqs
-        c = self.model_config
         while self._backlog and len(scheduler.running) + len(scheduler.waiting) < seats:
             job = self._backlog[0]
             index = job.admitted
-            prompt = job.prompts[index]
-            seq = Sequence(f"{job.request_id}/{index}", prompt, SamplingParams(), frozenset(), 1,
-                           ntk_alpha=qwen_ntk_alpha(len(prompt), c.seq_length) if c.use_dynamic_ntk else 1.0,
-                           pool=PooledPrompt(job, index))
+            seq = self._prefill_only(f"{job.request_id}/{index}", job.prompts[index], PooledPrompt(job, index))
             scheduler.add(seq)
             job.live.append(seq)
             job.admitted += 1
             if job.admitted == len(job.prompts):
                 self._backlog.popleft()
+
+    def _passable(self, prompt_ids: Seq[int]) -> list[int]:
+        """``prompt_ids`` as a list, or ``InvalidRequestError`` when a prompt-only pass cannot run it."""
+        prompt = list(prompt_ids)
+        if not prompt or len(prompt) > self.max_model_len or min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise InvalidRequestError(f"a prompt must have 1 to {self.max_model_len} ids in [0, {self.vocab_size})")
+        return prompt
+
+    def _prefill_only(self, request_id: str, prompt: list[int], pool: PooledPrompt | None = None) -> Sequence:
+        """A sequence that computes ``prompt`` and samples nothing (a pooling request's prompt, a prompt pass)."""
+        return Sequence(request_id, prompt, SamplingParams(), frozenset(), 1, ntk_alpha=self._ntk_alpha(prompt),
+                        pool=pool)
+
+    def _ntk_alpha(self, prompt: list[int]) -> float:
+        """Qwen-1's dynamic-NTK alpha for a sequence starting with ``prompt`` (1 for other models)."""
+        c = self.model_config
+        return qwen_ntk_alpha(len(prompt), c.seq_length) if c.use_dynamic_ntk else 1.0
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks. False when it is unknown or already finished."""
@@ -370,12 +379,7 @@ class LLMEngine:
     def _prompt_pass(self, prompt_ids: Seq[int]):
         """The last layer's output at every position of the prompt, in cache blocks held for the pass (a hybrid
         model's states in its pass slot)."""
-        c = self.model_config
-        prompt = list(prompt_ids)
-        if not prompt or len(prompt) > self.max_model_len or min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise InvalidRequestError(f"a prompt must have 1 to {self.max_model_len} ids in [0, {self.vocab_size})")
-        seq = Sequence("prompt-pass", prompt, SamplingParams(), frozenset(), 1,
-                       ntk_alpha=qwen_ntk_alpha(len(prompt), c.seq_length) if c.use_dynamic_ntk else 1.0)
+        seq = self._prefill_only("prompt-pass", self._passable(prompt_ids))
         if not self.blocks.allocate(seq, share=False):
             raise InvalidRequestError("not enough free KV-cache blocks for this prompt")
         seq.state_slot = self.states.pass_slot if self.states is not None else None

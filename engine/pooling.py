@@ -58,7 +58,8 @@ class PoolingJob:
 
     @property
     def done(self) -> bool:
-        return all(row is not None for row in self.rows)
+        """Every prompt admitted and none still waiting or running: all rows are there."""
+        return self.admitted == len(self.prompts) and not self.live
 
     @property
     def tokens(self) -> int:
