@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    # the suite runs in several workers (pyproject's addopts): the cores shared out among them, so that their
+    # the suite runs in several workers (`make test`: pytest -n 2): the cores shared out among them, so that their
     # compute threads do not contend (spinning OpenMP threads on a busy core slow both); servers the tests start
     # inherit it
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
