@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from engine.config import ModelConfig
 from engine.device import reads_fp8, select_dtype, simulated_capability
 from engine.engine import EngineConfig
-from engine.kernels import triton_decode
+from engine.kernels import triton_decode, triton_recurrent
 from engine.kv_store import kv_bytes_per_token
 from engine.linear_attention import GatedDeltaNet, state_bytes_per_sequence
 from engine.model import Attention, DecoderModel, SparseMoE
@@ -59,6 +59,11 @@ def fake_model(config: ModelConfig, *, dtype: torch.dtype, quantization: dict | 
     kernel = int4_kernel_for(CUDA, dtype, cuda_kernel=cuda_int4_kernel) if group is not None else None
     return ModelBuilder(config, source, names, dtype, STAND_IN, int4_kernel=kernel,
                         unit_offset_norms=config.hybrid).build()
+
+
+def recurrence_on_triton(config: ModelConfig) -> bool:
+    """Whether a card runs the linear layers' delta rule on its Triton kernel (``DecoderModel.use_triton_kernels``)."""
+    return triton_decode.available() and triton_recurrent.fits(config.linear_key_dim, config.linear_value_dim)
 
 
 def kernel_name(linear: nn.Module) -> str:
@@ -142,7 +147,8 @@ def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: in
         linear = next((layer.attn for layer in model.layers if isinstance(layer.attn, GatedDeltaNet)), None)
         if linear is not None:
             modules["linear attention"] = (f"GatedDeltaNet in {len(config.linear_layers)} of {config.num_layers} "
-                                           f"layers, in_proj {kernel_name(linear.in_proj)}, torch recurrence")
+                                           f"layers, in_proj {kernel_name(linear.in_proj)}, "
+                                           f"{'Triton' if recurrence_on_triton(config) else 'torch'} recurrence")
         if isinstance(layer.mlp, SparseMoE):
             modules["mlp"] = f"SparseMoE: {config.num_experts} experts, {config.experts_per_token} per token"
         weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

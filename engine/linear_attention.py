@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.config import ModelConfig
+from engine.kernels import triton_recurrent
 from engine.kernels.recurrent import DeltaRuleDecode
 
 CHUNK = 64  # tokens per chunk of the chunked form
@@ -101,6 +102,7 @@ class GatedDeltaNet(nn.Module):
         self.qkv_split = (key_size, key_size, value_size)
         self.tiled = config.linear_value_tiled
         self.decode_kernel: DeltaRuleDecode | None = None  # the native recurrent form (CPU), set by the builder
+        self.triton = False  # the delta rule on its Triton kernel (CUDA), set by ``DecoderModel.use_triton_kernels``
 
     def forward(self, x: torch.Tensor, step: RecurrentStep, state: LayerState) -> torch.Tensor:
         for source, target in step.restores:
@@ -133,6 +135,8 @@ class GatedDeltaNet(nn.Module):
         window = torch.cat((state.conv[slots], mixed[:, None].to(state.conv.dtype)), dim=1)
         state.conv.index_copy_(0, slots, window[:, 1:])
         q, k, v = self.heads(F.silu((window * self.conv_taps).sum(1)))
+        if self.triton:
+            return self.gated_norm(triton_recurrent.decode(state.recurrent, slots, q, k, v, decay, beta), z)
         states = state.recurrent[slots]
         out = recurrent_update(states, q, k, v, decay, beta)
         state.recurrent.index_copy_(0, slots, states)
@@ -151,6 +155,8 @@ class GatedDeltaNet(nn.Module):
             state.conv[snapshot[1]] = window[snapshot[0] : snapshot[0] + kernel - 1]
         state.conv[slot] = window[count:]
         q, k, v = self.heads(F.silu((window.unfold(0, kernel, 1) * self.conv_taps.t()).sum(-1)))
+        if self.triton:
+            return self.gated_norm(triton_recurrent.prompt(state.recurrent, slot, snapshot, q, k, v, decay, beta), z)
         offset, kept = snapshot if snapshot is not None else (count, -1)
         out = torch.empty_like(v)
         for span in (slice(0, offset), slice(offset, count)):

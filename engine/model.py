@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.config import ModelConfig
-from engine.kernels import triton_decode, triton_norm, triton_rope
+from engine.kernels import triton_decode, triton_norm, triton_recurrent, triton_rope
 from engine.kernels.attention import PagedDecodeAttention
 from engine.kernels.flash import VarlenAttention, VarlenKernel
 from engine.kernels.triton_decode import TritonPagedAttention
@@ -335,8 +335,8 @@ class DecoderModel(nn.Module):
 
     def use_triton_kernels(self, block_size: int) -> None:
         """The CUDA step's Triton kernels: decode attention over the paged cache, one kernel for each layer's head
-        norms, RoPE, logN and cache write, RMSNorms and SwiGLU activations (each where the shapes fit it; none where
-        Triton does not import)."""
+        norms, RoPE, logN and cache write, RMSNorms, SwiGLU activations and the linear layers' delta rule (each where
+        the shapes fit it; none where Triton does not import)."""
         if not triton_decode.available():
             return
         c = self.config
@@ -345,12 +345,20 @@ class DecoderModel(nn.Module):
         if triton_rope.fits(c.head_dim) and c.rotated_dim == c.head_dim:  # the kernel rotates whole heads
             self.use_rope_store(lambda: TritonRopeStore(c.num_heads, c.num_kv_heads, c.head_dim))
         self.use_triton_elementwise(True)
+        if c.hybrid and triton_recurrent.fits(c.linear_key_dim, c.linear_value_dim):
+            self.use_triton_recurrence(True)
 
     def use_triton_elementwise(self, enabled: bool) -> None:
         """RMSNorms and SwiGLU activations on their Triton kernels (CUDA), or torch ops."""
         for module in self.modules():
             if isinstance(module, RMSNorm | MLP):
                 module.triton = enabled
+
+    def use_triton_recurrence(self, enabled: bool) -> None:
+        """The linear layers' delta rule on its Triton kernel (CUDA), or torch ops."""
+        for layer in self.layers:
+            if isinstance(layer.attn, GatedDeltaNet):
+                layer.attn.triton = enabled
 
     def use_rope_store(self, make: Callable[[], TritonRopeStore] | None) -> None:
         """Head norms, RoPE, logN and the cache write on the kernel ``make`` builds (one per layer), or torch ops."""

@@ -143,6 +143,30 @@ class ElementwiseContract:
         return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
 
 
+class RecurrenceContract:
+    """The Triton delta rule's contract (``triton_recurrent.delta_rule``): the states [slots, heads, key dim, value
+    dim] in fp32, the per-row numbers as int32 vectors of one length, the packed queries, keys, values and gates of
+    matching shapes, all on the card."""
+
+    def __init__(self) -> None:
+        self.rows = self.calls = 0
+
+    def delta_rule(self, states: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+                   q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, beta: torch.Tensor,
+                   kept_after: torch.Tensor, kept_slots: torch.Tensor) -> torch.Tensor:
+        rows = (slots, starts, counts, kept_after, kept_slots)
+        on_stand_in(states, q, k, v, decay, beta, *rows)
+        _, heads, key_dim, value_dim = states.shape
+        assert states.dtype == torch.float32 and states.is_contiguous()
+        assert all(x.dtype == torch.int32 and x.shape == slots.shape for x in rows)
+        tokens = q.shape[0]
+        assert q.shape == k.shape == (tokens, heads, key_dim) and v.shape == (tokens, heads, value_dim)
+        assert decay.shape == beta.shape == (tokens, heads)
+        self.calls += 1
+        self.rows += slots.shape[0]
+        return v.new_empty(v.shape, dtype=torch.float32)
+
+
 class MatcherStandIn:
     """A grammar's matcher: fills a host bitmask (pinned, as the sampler must hand it to the card) allowing all."""
 

@@ -22,7 +22,7 @@ import engine.transfer
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.dry_run import STAND_IN, fake_model, simulated_cuda
 from engine.engine import StepOutput
-from engine.kernels import triton_norm
+from engine.kernels import triton_norm, triton_recurrent
 from engine.model import VarlenLayout
 from engine.runner import ModelRunner
 from engine.scheduler import SchedulerConfig
@@ -34,6 +34,7 @@ from tests.gpu_dry.stand_ins import (
     PagedDecodeContract,
     ReadBack,
     RecordedCapture,
+    RecurrenceContract,
     RopeStoreContract,
     TransferWatch,
     VarlenContract,
@@ -67,6 +68,7 @@ class Card:
     read_back: ReadBack
     capture: RecordedCapture | None
     rope: RopeStoreContract | None = None
+    recurrence: RecurrenceContract | None = None
 
     def add_requests(self) -> list[SamplingParams]:
         """``PROMPTS`` with ``sampling_params``, admitted under the watch (their penalty tensors are uploads)."""
@@ -102,6 +104,8 @@ def on_the_card(name: str, engine_config: EngineConfig, watch: TransferWatch, mo
     elementwise = ElementwiseContract()
     monkeypatch.setattr(triton_norm, "rms_norm", elementwise.rms_norm)
     monkeypatch.setattr(triton_norm, "silu_and_mul", elementwise.silu_and_mul)
+    recurrence = RecurrenceContract()
+    monkeypatch.setattr(triton_recurrent, "delta_rule", recurrence.delta_rule)
     engine = LLMEngine(LoadedModel(name, Path(name), config, model, None), engine_config)
     paged = PagedDecodeContract(config.num_heads, config.num_kv_heads, config.head_dim)
     model.use_paged_decode(lambda: paged)
@@ -113,7 +117,7 @@ def on_the_card(name: str, engine_config: EngineConfig, watch: TransferWatch, mo
     capture = None
     if engine.runner.decode_graphs is not None:
         capture = engine.runner.decode_graphs.capture = RecordedCapture(watch)
-    return Card(engine, watch, paged, elementwise, read_back, capture, store)
+    return Card(engine, watch, paged, elementwise, read_back, capture, store, recurrence)
 
 
 def chunking_card(name: str, kv_cache_dtype: str, watch: TransferWatch, monkeypatch) -> Card:
@@ -188,10 +192,10 @@ def test_the_varlen_path_passes_flash_attn_its_contract(card):
 
 
 def test_a_hybrid_models_steps_run_on_the_card(simulated_card, monkeypatch):
-    """Qwen3.5's shapes (24 Gated DeltaNet layers, 8 gated-attention layers with partial rotary): prompts on the
-    chunked form and decode rows on the recurrent one, their states in the card's state cache; decode attention on
-    the paged kernel for the attention layers alone, eagerly (no graphs: states are placed by host indices), RoPE in
-    torch ops (the fused kernel rotates whole heads)."""
+    """Qwen3.5's shapes (24 Gated DeltaNet layers, 8 gated-attention layers with partial rotary): every linear
+    layer's delta rule on its Triton kernel (one call for a step's decode rows, one for each prompt), the states in
+    the card's state cache; decode attention on the paged kernel for the attention layers alone, eagerly (no graphs:
+    states are placed by host indices), RoPE in torch ops (the fused kernel rotates whole heads)."""
     card = on_the_card("qwen3.5-defaults", EngineConfig(kv_cache_memory=1 << 30, max_model_len=1024,
                                                         state_snapshots=2), simulated_card, monkeypatch,
                        rope=False)
@@ -203,6 +207,9 @@ def test_a_hybrid_models_steps_run_on_the_card(simulated_card, monkeypatch):
     assert len(outputs) == MAX_TOKENS and card.read_back.calls == MAX_TOKENS  # one prefill, then decode steps
     assert card.paged.calls == (MAX_TOKENS - 1) * config.num_attention_layers == (MAX_TOKENS - 1) * 8
     assert card.elementwise.norms > 0 and card.elementwise.activations == MAX_TOKENS * config.num_layers
+    linear_layers = len(config.linear_layers)
+    assert card.recurrence is not None and card.recurrence.calls == (len(PROMPTS) + MAX_TOKENS - 1) * linear_layers
+    assert card.recurrence.rows == len(PROMPTS) * MAX_TOKENS * linear_layers
     states = card.engine.runner.states.layers
     assert len(states) == 24 and states[0].recurrent.dtype == torch.float32
     on_stand_in(states[0].recurrent, states[0].conv)

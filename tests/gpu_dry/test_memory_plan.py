@@ -177,5 +177,6 @@ def test_a_hybrid_plan_counts_both_layer_kinds_and_the_state_cache():
                              c.linear_value_dim)  # fp32
     assert (plan.state_bytes_per_sequence, plan.state_slots) == (per_sequence, 8 + 1 + 4)
     assert plan.modules["decode attention"] == "TritonPagedAttention, eager (linear-attention states)"
+    assert plan.modules["linear attention"].endswith(", Triton recurrence")
     assert plan.lines()[-1] == f"state_cache: 13 slots (seats, prompt passes, prefix snapshots), " \
         f"{13 * per_sequence / 2**30:.2f} GiB"

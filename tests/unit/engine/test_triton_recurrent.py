@@ -1,0 +1,100 @@
+"""The gated delta rule on its Triton kernel (under ``TRITON_INTERPRET=1`` where there is no GPU) against the
+recurrent form in fp64: decode rows on scattered slots, prompts from a carried state with a prefix snapshot kept on
+the way, and a hybrid model whose linear layers run on the kernel giving transformers' greedy tokens."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from engine import LLM
+from engine.kernels import triton_recurrent
+from engine.linear_attention import GatedDeltaNet, l2norm, recurrent_update
+from tests.unit.engine.test_hybrid_models import GREEDY, build_config, greedy_reference, random_prompt, write_checkpoint
+
+assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py sets it
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ATOL = 2e-5  # fp32 against fp64, absolute (rtol 0): outputs and states of order 1 over up to 70 tokens
+SLOTS, HEADS = 6, 3
+
+
+def inputs(tokens: int, key_dim: int, value_dim: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Queries and keys L2-normalised as the layer makes them, values, log decays and betas; fp32."""
+    generator = torch.Generator().manual_seed(seed)
+    q = l2norm(torch.randn(tokens, HEADS, key_dim, generator=generator)) * key_dim**-0.5
+    k = l2norm(torch.randn(tokens, HEADS, key_dim, generator=generator))
+    v = torch.randn(tokens, HEADS, value_dim, generator=generator)
+    decay = -torch.rand(tokens, HEADS, generator=generator)
+    beta = torch.rand(tokens, HEADS, generator=generator)
+    return q, k, v, decay, beta
+
+
+def random_states(key_dim: int, value_dim: int) -> torch.Tensor:
+    return torch.randn(SLOTS, HEADS, key_dim, value_dim, generator=torch.Generator().manual_seed(99))
+
+
+def on_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(DEVICE) for t in tensors]
+
+
+def sequential(state: torch.Tensor, q, k, v, decay, beta) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fp64 recurrent form over T tokens of one row: outputs [T, H, V] and the state after each token."""
+    state = state.double().clone()[None]
+    outs, states = [], []
+    for t in range(q.shape[0]):
+        outs.append(recurrent_update(state, *(x[t : t + 1].double() for x in (q, k, v, decay, beta)))[0])
+        states.append(state[0].clone())
+    return torch.stack(outs), states
+
+
+@pytest.mark.parametrize("key_dim,value_dim", [(16, 16), (32, 64), (128, 96)])
+def test_decode_rows_advance_their_slots_in_place(key_dim, value_dim):
+    """Three rows on slots 4, 0 and 2 of six: each row's output and its slot's new state are one fp64 step; the
+    other slots are untouched (bit for bit)."""
+    slots = torch.tensor([4, 0, 2])
+    states = random_states(key_dim, value_dim)
+    q, k, v, decay, beta = inputs(3, key_dim, value_dim, seed=key_dim + value_dim)
+    expected_states = states.double().clone()
+    expected_rows = expected_states[slots]
+    expected = recurrent_update(expected_rows, *(x.double() for x in (q, k, v, decay, beta)))
+    expected_states[slots] = expected_rows
+    on_card = states.to(DEVICE, copy=True)
+    out = triton_recurrent.decode(on_card, *on_device(slots, q, k, v, decay, beta))
+    assert out.shape == (3, HEADS, value_dim) and out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu().double(), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(on_card.cpu().double(), expected_states, atol=ATOL, rtol=0)
+    untouched = torch.tensor([1, 3, 5])
+    assert torch.equal(on_card.cpu()[untouched], states[untouched])
+
+
+@pytest.mark.parametrize("kept_after", [None, 0, 37, 70])
+def test_a_prompt_runs_from_its_state_and_keeps_a_snapshot(kept_after):
+    """70 tokens from slot 1's state: every output, the final state, and (where asked) the state after
+    ``kept_after`` tokens left in slot 5; the other slots untouched."""
+    key_dim, value_dim = 32, 64
+    states = random_states(key_dim, value_dim)
+    q, k, v, decay, beta = inputs(70, key_dim, value_dim, seed=kept_after or 7)
+    expected, after = sequential(states[1], q, k, v, decay, beta)
+    on_card = states.to(DEVICE, copy=True)
+    kept = None if kept_after is None else (kept_after, 5)
+    out = triton_recurrent.prompt(on_card, 1, kept, *on_device(q, k, v, decay, beta))
+    torch.testing.assert_close(out.cpu().double(), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(on_card[1].cpu().double(), after[-1], atol=ATOL, rtol=0)
+    if kept_after is not None:
+        snapshot = states[1].double() if kept_after == 0 else after[kept_after - 1]
+        torch.testing.assert_close(on_card[5].cpu().double(), snapshot, atol=ATOL, rtol=0)
+    untouched = [0, 2, 3, 4] + ([5] if kept_after is None else [])
+    assert torch.equal(on_card.cpu()[untouched], states[untouched])
+
+
+def test_a_hybrid_model_on_the_kernel_gives_the_reference_tokens(tmp_path):
+    """fp32, every linear layer's delta rule on the kernel (prompts and decode rows), alone and batched."""
+    reference = write_checkpoint(tmp_path, build_config("qwen3_5_text"))
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_isa="torch")
+    llm.engine.runner.model.use_triton_recurrence(True)
+    layers = [layer.attn for layer in llm.engine.runner.model.layers if isinstance(layer.attn, GatedDeltaNet)]
+    assert layers and all(layer.triton and layer.decode_kernel is None for layer in layers)
+    prompts = [random_prompt(40), random_prompt(11, seed=2)]
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == [greedy_reference(reference, p) for p in prompts]
