@@ -167,14 +167,15 @@ class StoredLinear(NativeLinear):
 
 
 class StoredRows(nn.Module):
-    """An embedding table used in place from the mapped GGUF file: the rows a step looks up are dequantized."""
+    """An embedding table used in place from the mapped GGUF file: the rows a step looks up are dequantized, in fp32
+    (the caller rounds them once, to the layers' dtype). ``dtype``: the precision of the model's head."""
 
     def __init__(self, matrix: StoredMatrix, isa: str, dtype: torch.dtype) -> None:
         super().__init__()
         self.matrix, self.isa, self.dtype = matrix, isa, dtype
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return gguf_matmul.rows(self.matrix, token_ids, self.isa).to(self.dtype)
+        return gguf_matmul.rows(self.matrix, token_ids, self.isa)
 
 
 def qwen_ntk_alpha(prompt_len: int, seq_length: int) -> float:

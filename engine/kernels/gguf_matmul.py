@@ -53,6 +53,7 @@ class GGUFMatmul(native.RowKernel):
     def __init__(self, matrices: list[StoredMatrix], columns: list[torch.Tensor | None], bias: torch.Tensor | None,
                  isa: str, dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None) -> None:
         out_dtype = out_dtype or dtype
+        assert {dtype, out_dtype} <= {torch.bfloat16, torch.float32}, "the kernel reads and writes bf16 or fp32"
         k = matrices[0].in_features
         assert all(m.in_features == k and fits(m) for m in matrices)
         self.columns = [None if c is None else c.to(torch.int32).contiguous() for c in columns]

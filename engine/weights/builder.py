@@ -116,11 +116,12 @@ class ModelBuilder:
         return stored
 
     def _stored_head(self, part: str) -> StoredLinear | None:
-        """The LM head on the native kernels, in the type the file stores it (Q6_K in Q4_K_M files)."""
+        """The LM head on the native kernels, in the type the file stores it (Q6_K in Q4_K_M files), on fp32
+        activations (the kernels read bf16 or fp32; the head's precision is fp16 on AVX512-FP16 hosts)."""
         stored = self._stored(self._name(part))
         if stored is None:
             return None
-        return StoredLinear([stored], [None], None, isa=self.isa, dtype=self.head_dtype, out_dtype=torch.float32)
+        return StoredLinear([stored], [None], None, isa=self.isa, dtype=torch.float32, out_dtype=torch.float32)
 
     def _stored_rows(self, part: str) -> StoredRows | None:
         """The embedding table looked up in the mapped file, when it is stored quantized in a type the kernels read."""

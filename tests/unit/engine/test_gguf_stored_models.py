@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as T
 from engine import LLM, SamplingParams
 from engine.kernels import native
 from engine.layers import StoredLinear, StoredRows
+from engine.weights import builder
 from tests.unit.engine.gguf_export import llama_row_order, write_gguf
 from tests.unit.engine.test_gguf_kernels import library_weight, random_matrix, runnable
 
@@ -115,13 +116,19 @@ def test_the_dense_path_reads_the_blocks_as_transformers_runs_them(twin):
     torch.testing.assert_close(llm.engine.prompt_logits(prompt()), theirs, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+# a bf16 model's head runs at fp32, or at fp16 on AVX512-FP16 hosts (``engine.device.head_dtype``): both, on any host
+PRECISIONS = [("bfloat16", torch.float32), ("bfloat16", torch.float16), ("float32", torch.float32)]
+
+
+@pytest.mark.parametrize("dtype,head", PRECISIONS, ids=["bf16", "bf16-fp16-head", "fp32"])
 @pytest.mark.parametrize("isa", list(native.ISAS))
-def test_the_native_path_computes_on_the_mapped_blocks(twin, isa, dtype):
+def test_the_native_path_computes_on_the_mapped_blocks(twin, isa, dtype, head, monkeypatch):
     arch, reference, path = twin
     runnable(isa)
+    monkeypatch.setattr(builder, "head_dtype", lambda model_dtype, device: head)
     llm = LLM(path, dtype=dtype, device="cpu", cpu_isa=isa)
     model = llm.engine.runner.model
+    assert model.head_dtype == head
     assert isinstance(model.embed, StoredRows) and isinstance(model.lm_head, StoredLinear)
     mlps = [m for layer in model.layers for m in getattr(layer.mlp, "experts", [layer.mlp])]
     assert all(isinstance(layer.attn.qkv, StoredLinear) for layer in model.layers)
