@@ -169,6 +169,7 @@ void dot_blocks32(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, 
             const bool pair = b + 1 < blocks;
             const uint8_t* first = w + b * bytes;
             const uint8_t* second = pair ? first + bytes : first;
+            simd::prefetch_ahead(first, 2 * bytes);
             simd::Bytes codes;
             if (type == Q8_0) {
                 codes = simd::bytes_load2(first + 2, second + 2);
@@ -305,6 +306,7 @@ void dot_super_blocks(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k,
     for (int64_t i = 0; i < n; ++i, w += row_bytes, y += R) {
         Sums<R> sums;
         for (int64_t b = 0; b < blocks; ++b) {
+            simd::prefetch_ahead(w + b * bytes, bytes);
             SuperBlock s;
             if constexpr (type == Q6_K) {
                 s = decode_q6k(w + b * bytes);

@@ -83,6 +83,7 @@ void tile_rows(const uint8_t* wq, const float* wd, const float* wm, const float*
         I16 dots[2][ROWS];
         for (int r = 0; r < ROWS; ++r) dots[0][r] = dots[1][r] = simd::izero();
         const uint8_t* steps = wq + b * (kBlock / 4) * kQuadBytes;
+        simd::prefetch_ahead(steps, (kBlock / 4) * kQuadBytes);
         for (int step = 0; step < kBlock / 4; ++step) {
             const simd::Nibbles w = simd::unpack_nibbles(steps + step * kQuadBytes);
             for (int r = 0; r < ROWS; ++r) {
@@ -165,6 +166,7 @@ void head_rows(const int8_t* wq, const float* wd, int64_t blocks, int64_t k, con
         I16 dots[ROWS];
         for (int r = 0; r < ROWS; ++r) dots[r] = simd::izero();
         const int8_t* steps = wq + b * kBlock * kTile;
+        simd::prefetch_ahead(steps, kBlock * kTile);
         for (int step = 0; step < kBlock / 2; ++step) {
             const simd::Pairs w = simd::load_pairs(steps + step * 32);
             for (int r = 0; r < ROWS; ++r) {
@@ -225,6 +227,7 @@ struct HeadNorm {
 // dims: out[i] = x[i] cos[i] + x[i +- rotated/2] sin[i] (sin's first half negated, the runner's layout; cos and sin
 // rows of rotated elements), the rest as it is. dim and rotated are multiples of 32, dim at most kMaxHeadDim.
 constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kRowsAhead = 16;  // cache rows requested ahead of the one a decode attention loop reads
 template <typename T>
 inline void rotated_head(const T* x, HeadNorm norm, const T* cos, const T* sin, int64_t dim, int64_t rotated,
                          F16* out) {
@@ -262,6 +265,10 @@ struct PlainCache {
     }
     void put_key(int64_t r, const F16* x, int64_t chunks) const { put(k + r * chunks * 16, x, chunks); }
     void put_value(int64_t r, const F16* x, int64_t chunks) const { put(v + r * chunks * 16, x, chunks); }
+    void prefetch_key(int64_t r, int64_t chunks) const { simd::prefetch(k + r * chunks * 16, chunks * 16 * sizeof(T)); }
+    void prefetch_value(int64_t r, int64_t chunks) const {
+        simd::prefetch(v + r * chunks * 16, chunks * 16 * sizeof(T));
+    }
     float key_dot(int64_t r, const F16* query, int64_t chunks) const {
         const T* key = k + r * chunks * 16;
         F16 dot = simd::mul(query[0], load_elements(key));
@@ -290,6 +297,14 @@ struct Int8Cache {
     }
     void put_key(int64_t r, const F16* x, int64_t chunks) const { put(k + r * chunks * 16, k_scale + r, x, chunks); }
     void put_value(int64_t r, const F16* x, int64_t chunks) const { put(v + r * chunks * 16, v_scale + r, x, chunks); }
+    void prefetch_key(int64_t r, int64_t chunks) const {
+        simd::prefetch(k + r * chunks * 16, chunks * 16);
+        simd::prefetch(k_scale + r, 4);
+    }
+    void prefetch_value(int64_t r, int64_t chunks) const {
+        simd::prefetch(v + r * chunks * 16, chunks * 16);
+        simd::prefetch(v_scale + r, 4);
+    }
     float key_dot(int64_t r, const F16* query, int64_t chunks) const {
         const int8_t* key = k + r * chunks * 16;
         F16 dot = simd::mul(query[0], simd::load_int8(key));
@@ -342,7 +357,9 @@ void attend(const T* qkv, HeadNorm q_norm, HeadNorm k_norm, const T* cos, const 
         if (logn) factor *= to_float(logn[b]);
         for (int64_t c = 0; c < chunks; ++c) query[c] = simd::mul(query[c], simd::set1(factor));
         float best = -INFINITY;
+        // a head's rows are kv_heads rows apart (a page or more): no hardware prefetcher follows them
         for (int64_t t = 0; t < len; ++t) {
+            if (t + kRowsAhead < len) cache.prefetch_key(slots[t + kRowsAhead] * kv_heads + kvh, chunks);
             scores[t] = cache.key_dot(slots[t] * kv_heads + kvh, query, chunks);
             best = std::max(best, scores[t]);
         }
@@ -361,7 +378,10 @@ void attend(const T* qkv, HeadNorm q_norm, HeadNorm k_norm, const T* cos, const 
         const float inverse = 1.0f / simd::reduce_add(total);
         F16 acc[kMaxHeadDim / 16];
         for (int64_t c = 0; c < chunks; ++c) acc[c] = simd::zero();
-        for (int64_t u = 0; u < len; ++u) cache.add_value(slots[u] * kv_heads + kvh, scores[u], acc, chunks);
+        for (int64_t u = 0; u < len; ++u) {
+            if (u + kRowsAhead < len) cache.prefetch_value(slots[u + kRowsAhead] * kv_heads + kvh, chunks);
+            cache.add_value(slots[u] * kv_heads + kvh, scores[u], acc, chunks);
+        }
         for (int64_t c = 0; c < chunks; ++c)
             store_elements(out + (b * heads + h) * dim + c * 16, simd::mul(acc[c], simd::set1(inverse)));
     }
