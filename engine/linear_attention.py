@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from engine.config import ModelConfig
 from engine.kernels import triton_recurrent
 from engine.kernels.recurrent import DeltaRuleDecode
+from engine.layers import project
 
 CHUNK = 64  # tokens per chunk of the chunked form
 
@@ -104,7 +105,9 @@ class GatedDeltaNet(nn.Module):
         self.decode_kernel: DeltaRuleDecode | None = None  # the native recurrent form (CPU), set by the builder
         self.triton = False  # the delta rule on its Triton kernel (CUDA), set by ``DecoderModel.use_triton_kernels``
 
-    def forward(self, x: torch.Tensor, step: RecurrentStep, state: LayerState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: RecurrentStep, state: LayerState,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``residual``: the output added to it."""
         for source, target in step.restores:
             state.copy(source, target)
         if step.fresh_slots is not None:
@@ -112,7 +115,7 @@ class GatedDeltaNet(nn.Module):
         projected, gates = self.in_proj(x), self.gate_proj(x)
         if step.decode_tokens is not None and step.decode_slots is not None and not step.prompts and \
                 self.decode_kernel is None:  # a decode step: every row, in order
-            return self.out_proj(self.decode_rows(state, step.decode_slots, projected, gates))
+            return project(self.out_proj, self.decode_rows(state, step.decode_slots, projected, gates), residual)
         out = torch.empty((x.shape[0], self.value_heads * self.value_dim), dtype=x.dtype, device=x.device)
         if step.decode_tokens is not None and step.decode_slots is not None:
             rows = step.decode_tokens
@@ -123,7 +126,7 @@ class GatedDeltaNet(nn.Module):
         for start, count, slot, snapshot in step.prompts:
             span = slice(start, start + count)
             out[span] = self.prompt_row(state, slot, snapshot, projected[span], gates[span])
-        return self.out_proj(out)
+        return project(self.out_proj, out, residual)
 
     def decode_rows(self, state: LayerState, slots: torch.Tensor, projected: torch.Tensor,
                     gates: torch.Tensor) -> torch.Tensor:

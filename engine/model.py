@@ -25,7 +25,7 @@ from engine.kernels.flash import VarlenAttention, VarlenKernel
 from engine.kernels.triton_decode import TritonPagedAttention
 from engine.kernels.triton_rope import TritonRopeStore
 from engine.kv_store import LayerCache
-from engine.layers import DenseLinear, RMSNorm, StoredRows, apply_rotary
+from engine.layers import DenseLinear, RMSNorm, StoredLinear, StoredRows, apply_rotary, project
 from engine.linear_attention import GatedDeltaNet, LayerState, RecurrentStep
 from engine.parallel import VocabParallel
 
@@ -118,13 +118,15 @@ class Attention(nn.Module):
         self.split = (config.q_size, config.kv_size, config.kv_size)
         self.output_gate = config.attn_output_gate
 
-    def forward(self, x: torch.Tensor, step: StepInputs, cache: LayerCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: LayerCache,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``residual``: the output added to it."""
         qkv = self.qkv(x)
         gate = None
         if self.output_gate:
             qkv, gate = self.split_gate(qkv)
         out = self.attend(qkv, step, cache)
-        return self.o_proj(out if gate is None else out * torch.sigmoid(gate))
+        return project(self.o_proj, out if gate is None else out * torch.sigmoid(gate), residual)
 
     def split_gate(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[queries, keys, values] and the output gate [N, heads * D] of a gated q_proj (each head's queries, then
@@ -204,19 +206,29 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up fused into one matmul; the activation on one Triton
-    kernel when ``triton`` is set (CUDA)."""
+    kernel when ``triton`` is set (CUDA), or inside the down projection's native kernel after ``fuse_activation``."""
 
     def __init__(self, gate_up: nn.Module, down: nn.Module) -> None:
         super().__init__()
         self.gate_up = gate_up
         self.down = down
         self.triton = False
+        self.activation_in_down = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fuse_activation(self) -> None:
+        """The down projection (a ``StoredLinear``) applies SiLU(gate) * up to gate_up's output itself."""
+        assert isinstance(self.down, StoredLinear)
+        self.down.fuse_swiglu()
+        self.activation_in_down = True
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``residual``: the output added to it."""
+        if self.activation_in_down:
+            return project(self.down, self.gate_up(x), residual)
         if self.triton:
-            return self.down(triton_norm.silu_and_mul(self.gate_up(x)))
+            return project(self.down, triton_norm.silu_and_mul(self.gate_up(x)), residual)
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return project(self.down, F.silu(gate) * up, residual)
 
 
 class SparseMoE(nn.Module):
@@ -238,7 +250,8 @@ class SparseMoE(nn.Module):
         self.renormalize = renormalize
         self.shared, self.shared_gate = shared, shared_gate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``residual``: the output added to it."""
         logits = self.router(x)
         probabilities = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
         weights, chosen = probabilities.topk(self.top_k, dim=-1)
@@ -257,7 +270,7 @@ class SparseMoE(nn.Module):
                 start += count
         if self.shared is not None and self.shared_gate is not None:
             out += torch.sigmoid(self.shared_gate(x)) * self.shared(x)
-        return out
+        return out if residual is None else residual + out
 
 
 class DecoderLayer(nn.Module):
@@ -273,13 +286,15 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, step: StepInputs, cache: LayerCache | LayerState) -> torch.Tensor:
+        """``x`` (the residual stream, a tensor of this step's own) is added to in place where a native kernel
+        projects into it."""
         if isinstance(self.attn, GatedDeltaNet):
             assert step.recurrent is not None and isinstance(cache, LayerState), "hybrid steps carry their states"
-            x = x + self.attn(self.attn_norm(x), step.recurrent, cache)
+            x = self.attn(self.attn_norm(x), step.recurrent, cache, residual=x)
         else:
             assert isinstance(cache, LayerCache)
-            x = x + self.attn(self.attn_norm(x), step, cache)
-        return x + self.mlp(self.mlp_norm(x))
+            x = self.attn(self.attn_norm(x), step, cache, residual=x)
+        return self.mlp(self.mlp_norm(x), residual=x)
 
 
 class DecoderModel(nn.Module):

@@ -79,8 +79,11 @@ struct Quantized {
     std::vector<int16_t> sums32; // [rows, k / 32]
 };
 
+// `gated`: each row of x holds 2k values, a gate and an up half, and the inputs are SiLU(gate) * up in fp32 (the
+// SwiGLU activation before an MLP's down projection); otherwise k inputs, RMSNorm-ed first where `norm` is given.
 template <typename T>
-void quantize(const T* x, int64_t rows, int64_t k, const float* norm, float eps, int64_t block, Quantized& out) {
+void quantize(const T* x, int64_t rows, int64_t k, const float* norm, float eps, bool gated, int64_t block,
+              Quantized& out) {
     const int64_t blocks = k / block;
     out.block = block;
     out.q.resize(rows * k);
@@ -89,11 +92,12 @@ void quantize(const T* x, int64_t rows, int64_t k, const float* norm, float eps,
     out.sums32.resize(rows * k / 32);
     std::vector<float> v(k);
     for (int64_t r = 0; r < rows; ++r) {
-        const T* row = x + r * k;
+        const T* row = x + r * (gated ? 2 * k : k);
         const float inverse_norm =
             norm ? simd::inverse_rms([row](int64_t i) { return simd::load_elements(row + i); }, k, eps) : 1.0f;
         for (int64_t i = 0; i < k; i += 16) {
             simd::F16 lanes = simd::load_elements(row + i);
+            if (gated) lanes = simd::mul(simd::silu(lanes), simd::load_elements(row + k + i));
             if (norm) lanes = simd::mul(simd::mul(lanes, simd::set1(inverse_norm)), simd::load(norm + i));
             simd::store(v.data() + i, lanes);
         }
@@ -437,18 +441,21 @@ struct GGUFMatrix {
 };
 
 // out [m, n] = norm?(x) [m, k] @ W^T (+ bias [n]) for the matrices stacked along the outputs (n: their rows in all).
-// x: bf16 (in_fp32 0) or fp32; out: bf16 (out_fp32 0) or fp32; norm: fp32 RMSNorm weight [k], or null.
+// x: bf16 (in_fp32 0) or fp32; out: bf16 (out_fp32 0) or fp32; norm: fp32 RMSNorm weight [k], or null; gated: x is
+// [m, 2k], SwiGLU's gate and up halves (see quantize); accumulate: out already holds rows the result is added to (a
+// residual, rounded once with the sum).
 void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k, int in_fp32, const float* bias,
-                 int out_fp32, const void* x, int64_t m, const float* norm, float eps, void* out, int threads) {
+                 int out_fp32, const void* x, int64_t m, const float* norm, float eps, int gated, int accumulate,
+                 void* out, int threads) {
     Quantized blocks32, blocks256;
     bool need32 = false, need256 = false;
     for (int64_t i = 0; i < count; ++i) (block_size(matrices[i].type) == 256 ? need256 : need32) = true;
     for (auto [need, size, target] : {std::tuple{need32, 32, &blocks32}, std::tuple{need256, 256, &blocks256}}) {
         if (!need) continue;
         if (in_fp32) {
-            quantize((const float*)x, m, k, norm, eps, size, *target);
+            quantize((const float*)x, m, k, norm, eps, gated, size, *target);
         } else {
-            quantize((const uint16_t*)x, m, k, norm, eps, size, *target);
+            quantize((const uint16_t*)x, m, k, norm, eps, gated, size, *target);
         }
     }
     // work items: tiles of up to kTile outputs of one matrix, in order; threads take contiguous ranges of them
@@ -475,6 +482,7 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
                     float y = results[i * rows + r];
                     if (bias) y += bias[column];
                     const int64_t at = (r0 + r) * n + column;
+                    if (accumulate) y += out_fp32 ? ((float*)out)[at] : simd::to_float(((uint16_t*)out)[at]);
                     if (out_fp32) {
                         ((float*)out)[at] = y;
                     } else {

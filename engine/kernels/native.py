@@ -72,7 +72,7 @@ def library(isa: str) -> ctypes.CDLL | None:
                                            + [eps, ctypes.c_int, pointer, threads])
     lib.paged_decode_attention.restype = None
     lib.gguf_linear.argtypes = [pointer, size, size, size, ctypes.c_int, pointer, ctypes.c_int, pointer, size,
-                                pointer, eps, pointer, threads]
+                                pointer, eps, ctypes.c_int, ctypes.c_int, pointer, threads]
     lib.gguf_linear.restype = None
     lib.gguf_rows.argtypes = [pointer, size, size, pointer, size, pointer]
     lib.gguf_rows.restype = None

@@ -185,23 +185,6 @@ using HeadFn = decltype(&head_rows<1>);
 constexpr HeadFn kHeadFns[kMaxRows] = {head_rows<1>, head_rows<2>, head_rows<3>, head_rows<4>,
                                        head_rows<5>, head_rows<6>, head_rows<7>, head_rows<8>};
 
-// e^x for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into an integer power and a degree-6
-// polynomial on [-0.5, 0.5]; relative error below 2e-7, and exactly 0 far below.
-inline F16 exp_nonpositive(F16 x) {
-    x = simd::max(x, simd::set1(-87.0f));
-    const F16 t = simd::mul(x, simd::set1(1.44269504088896341f));
-    const F16 n = simd::round(t);
-    const F16 f = simd::mul(simd::sub(t, n), simd::set1(0.693147180559945309f));  // in [-0.35, 0.35]
-    F16 p = simd::set1(1.0f / 720);
-    p = simd::fmadd(p, f, simd::set1(1.0f / 120));
-    p = simd::fmadd(p, f, simd::set1(1.0f / 24));
-    p = simd::fmadd(p, f, simd::set1(1.0f / 6));
-    p = simd::fmadd(p, f, simd::set1(0.5f));
-    p = simd::fmadd(p, f, simd::set1(1.0f));
-    p = simd::fmadd(p, f, simd::set1(1.0f));
-    return simd::scale_by_power_of_two(p, n);
-}
-
 // x rounded to the activations' type (bf16: to nearest, ties to even), as a float
 template <typename T>
 inline float round_as(float x) {
@@ -366,12 +349,12 @@ void attend(const T* qkv, HeadNorm q_norm, HeadNorm k_norm, const T* cos, const 
         F16 total = simd::zero();
         int64_t t = 0;
         for (; t + 16 <= len; t += 16) {
-            const F16 e = exp_nonpositive(simd::sub(simd::load(scores.data() + t), simd::set1(best)));
+            const F16 e = simd::exp_nonpositive(simd::sub(simd::load(scores.data() + t), simd::set1(best)));
             simd::store(scores.data() + t, e);
             total = simd::add(total, e);
         }
         if (t < len) {
-            const F16 e = exp_nonpositive(simd::sub(simd::load_first(scores.data() + t, len - t), simd::set1(best)));
+            const F16 e = simd::exp_nonpositive(simd::sub(simd::load_first(scores.data() + t, len - t), simd::set1(best)));
             simd::store_first(scores.data() + t, e, len - t);
             total = simd::add(total, simd::first_lanes(e, len - t));
         }

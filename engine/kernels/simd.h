@@ -25,7 +25,11 @@ inline F16 sub(F16 a, F16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline F16 mul(F16 a, F16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline F16 fmadd(F16 a, F16 b, F16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline F16 max(F16 a, F16 b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline F16 div(F16 a, F16 b) { return {_mm512_div_ps(a.v, b.v)}; }
 inline F16 abs(F16 a) { return {_mm512_abs_ps(a.v)}; }
+inline F16 select_nonnegative(F16 g, F16 a, F16 b) {  // a where g >= 0, else b
+    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(g.v, _mm512_setzero_ps(), _CMP_GE_OQ), b.v, a.v)};
+}
 inline F16 to_float(I16 a) { return {_mm512_cvtepi32_ps(a.v)}; }
 inline I16 round_to_int(F16 a) { return {_mm512_cvt_roundps_epi32(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 inline F16 round(F16 a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
@@ -151,6 +155,12 @@ inline F16 sub(F16 a, F16 b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(
 inline F16 mul(F16 a, F16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
 inline F16 fmadd(F16 a, F16 b, F16 c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
 inline F16 max(F16 a, F16 b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+inline F16 div(F16 a, F16 b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
+inline F16 select_nonnegative(F16 g, F16 a, F16 b) {  // a where g >= 0, else b
+    const __m256 zero = _mm256_setzero_ps();
+    return {_mm256_blendv_ps(b.lo, a.lo, _mm256_cmp_ps(g.lo, zero, _CMP_GE_OQ)),
+            _mm256_blendv_ps(b.hi, a.hi, _mm256_cmp_ps(g.hi, zero, _CMP_GE_OQ))};
+}
 inline F16 abs(F16 a) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     return {_mm256_andnot_ps(sign, a.lo), _mm256_andnot_ps(sign, a.hi)};
@@ -327,6 +337,30 @@ inline float to_float(uint16_t bf16) {
     float value;
     __builtin_memcpy(&value, &bits, 4);
     return value;
+}
+
+// e^x for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into an integer power and a degree-6
+// polynomial on [-0.5, 0.5]; relative error below 2e-7, and exactly 0 far below.
+inline F16 exp_nonpositive(F16 x) {
+    x = max(x, set1(-87.0f));
+    const F16 t = mul(x, set1(1.44269504088896341f));
+    const F16 n = round(t);
+    const F16 f = mul(sub(t, n), set1(0.693147180559945309f));  // in [-0.35, 0.35]
+    F16 p = set1(1.0f / 720);
+    p = fmadd(p, f, set1(1.0f / 120));
+    p = fmadd(p, f, set1(1.0f / 24));
+    p = fmadd(p, f, set1(1.0f / 6));
+    p = fmadd(p, f, set1(0.5f));
+    p = fmadd(p, f, set1(1.0f));
+    p = fmadd(p, f, set1(1.0f));
+    return scale_by_power_of_two(p, n);
+}
+
+// SiLU, g * sigmoid(g), in fp32: with e = e^-|g|, sigmoid is 1 / (1 + e) where g >= 0 and e / (1 + e) below.
+inline F16 silu(F16 g) {
+    const F16 e = exp_nonpositive(sub(zero(), abs(g)));
+    const F16 inverse = div(set1(1.0f), add(set1(1.0f), e));
+    return mul(g, select_nonnegative(g, inverse, mul(e, inverse)));
 }
 
 // 1 / sqrt(mean(x^2) + eps) of one row, the RMSNorm factor a fused norm applies before quantizing.

@@ -180,6 +180,10 @@ class ModelBuilder:
             layer.attn_norm = self._fused_norm(layer.attn_norm, first)
         if isinstance(mlp, MLP) and isinstance(mlp.gate_up, Q4Q8Linear | StoredLinear):
             layer.mlp_norm = self._fused_norm(layer.mlp_norm, mlp.gate_up)
+        mlps = [mlp] if isinstance(mlp, MLP) else [*mlp.experts, *([mlp.shared] if mlp.shared else [])]
+        for each in mlps:
+            if isinstance(each.down, StoredLinear):  # the activation inside the down projection's kernel
+                each.fuse_activation()
         return layer
 
     def _linear_attention(self, i: int) -> GatedDeltaNet:

@@ -127,6 +127,53 @@ def test_fused_matrices_of_several_types_with_placed_rows_a_bias_and_a_norm(isa)
                                     one_code=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", [T.Q4_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
+def test_a_down_projection_applies_swiglu_to_its_gate_and_up_halves(kind, dtype, isa):
+    """Rows [gate | up] of 2 x 512: the kernel's inputs are SiLU(gate) * up in float32 (its exp within 2e-7), then
+    quantized as any input; gates far below and above zero included."""
+    matrix = random_matrix(kind, 48, 512, seed=21)
+    kernel = GGUFMatmul([matrix], [None], None, isa, dtype)
+    kernel.fuse_swiglu()
+    x = (torch.randn(6, 1024, generator=torch.Generator().manual_seed(22)) * 4).to(dtype)
+    x[0, :4] = torch.tensor([-90.0, -20.0, 20.0, 90.0]).to(dtype)
+    y = kernel(x)
+    gate, up = x.double().chunk(2, dim=-1)
+    assert y.shape == (6, 48) and y.dtype == dtype
+    assert_computes_its_product(y, torch.nn.functional.silu(gate) * up, library_weight(matrix), BLOCK_SIZES[kind],
+                                one_code=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_residual_takes_the_result_in_place_rounded_once(dtype, isa):
+    """out = residual + x @ W^T: the same tensor comes back, holding the kernel's float32 result plus the residual,
+    rounded once (an fp32 model's sum is exactly torch's residual + y)."""
+    matrix = random_matrix(T.Q4_K, 64, 512, seed=23)
+    kernel = GGUFMatmul([matrix], [None], None, isa, dtype)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(24)).to(dtype)
+    residual = torch.randn(3, 64, generator=torch.Generator().manual_seed(25)).to(dtype)
+    alone = GGUFMatmul([matrix], [None], None, isa, dtype, torch.float32)(x)
+    expected = (residual.float() + alone).to(dtype)
+    target = residual.clone()
+    assert kernel(x, target) is target
+    assert torch.equal(target, expected)
+    if dtype == torch.float32:
+        assert torch.equal(target, residual + kernel(x))
+
+
+def test_many_row_steps_apply_swiglu_and_the_residual_too(isa):
+    """The dequantized-weight path (``DENSE_ROWS`` rows) computes the same activation and adds the residual."""
+    matrix = random_matrix(T.Q4_K, 32, 512, seed=26)
+    kernel = GGUFMatmul([matrix], [None], None, isa)
+    kernel.fuse_swiglu()
+    x = torch.randn(gguf_matmul.DENSE_ROWS, 1024, generator=torch.Generator().manual_seed(27)).bfloat16()
+    gate, up = x.float().chunk(2, dim=-1)
+    weight = torch.from_numpy(library_weight(matrix)).to(torch.bfloat16)
+    product = torch.nn.functional.linear((torch.nn.functional.silu(gate) * up).bfloat16(), weight)
+    residual = torch.randn(gguf_matmul.DENSE_ROWS, 32, generator=torch.Generator().manual_seed(28)).bfloat16()
+    assert torch.equal(kernel(x, residual.clone()), residual + product)
+
+
 def test_rows_do_not_depend_on_the_rest_of_the_batch(isa):
     matrix = random_matrix(T.Q4_K, 64, 1024, seed=9)
     x = torch.randn(11, 1024, generator=torch.Generator().manual_seed(10)).bfloat16()
@@ -143,6 +190,20 @@ def test_the_builds_compute_the_same_bits(kind):
     matrix = random_matrix(kind, 64, 768, seed=11)
     x = torch.randn(9, 768, generator=torch.Generator().manual_seed(12)).bfloat16()
     results = [GGUFMatmul([matrix], [None], None, isa, torch.bfloat16, torch.float32)(x) for isa in native.ISAS]
+    assert torch.equal(results[0], results[1])
+
+
+def test_the_builds_compute_the_same_activation_and_residual_bits():
+    for isa in native.ISAS:
+        runnable(isa)
+    matrix = random_matrix(T.Q4_K, 64, 512, seed=29)
+    x = (torch.randn(5, 1024, generator=torch.Generator().manual_seed(30)) * 4).bfloat16()
+    residual = torch.randn(5, 64, generator=torch.Generator().manual_seed(31)).bfloat16()
+    results = []
+    for isa in native.ISAS:
+        kernel = GGUFMatmul([matrix], [None], None, isa)
+        kernel.fuse_swiglu()
+        results.append(kernel(x, residual.clone()))
     assert torch.equal(results[0], results[1])
 
 

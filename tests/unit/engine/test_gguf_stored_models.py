@@ -133,6 +133,7 @@ def test_the_native_path_computes_on_the_mapped_blocks(twin, isa, dtype, head, m
     mlps = [m for layer in model.layers for m in getattr(layer.mlp, "experts", [layer.mlp])]
     assert all(isinstance(layer.attn.qkv, StoredLinear) for layer in model.layers)
     assert all(isinstance(m.gate_up, StoredLinear) and isinstance(m.down, StoredLinear) for m in mlps)
+    assert all(m.activation_in_down for m in mlps)  # SwiGLU inside the down projection's kernel
     # no matrix was copied out of the file: what the model holds is norms (Qwen3's per-head ones, the MoE layer's)
     # and the experts' router
     experts = getattr(reference.config, "num_experts", None)

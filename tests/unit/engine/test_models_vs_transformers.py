@@ -57,6 +57,9 @@ def test_smollm2_knows_the_capital_of_france(smollm2_fp32):
 # (activation dtype, cpu_isa): layer module, LM head module (None: the tied embedding), max mean KL to fp32: twice
 # the largest measured over the three questions below (torch 0.0049-0.0053; native bf16 0.0207-0.0234, fp32
 # 0.0200-0.0211, the same on both builds)
+# nats: the token a path ranks first is never much less likely under fp32 than fp32's own first (worst measured: 1.06
+# native bf16, 0.45 native fp32, 0 torch's kernel)
+MAX_CHOICE_GAP = 2.0
 CPU_KERNELS = {("bfloat16", "torch"): ("Int4Linear", "NoneType", 0.011),
                ("bfloat16", "avx512"): ("Q4Q8Linear", "Q8Linear", 0.047),
                ("bfloat16", "avx2"): ("Q4Q8Linear", "Q8Linear", 0.047),
@@ -89,7 +92,8 @@ def test_int4_paths_follow_fp32_distribution(smollm2_fp32, smollm2_int4, questio
     """The packed-int4 paths run the same Q4 weights with bf16 activations (torch's kernel) or with activations
     quantized to int8 per block of 16 and the Q8_0 head as stored (the native kernels, for each build, around a
     bf16 or an fp32 model): close to fp32, not bit-equal (near-ties such as 'The' vs 'L' 0.08 apart on the France
-    question may flip)."""
+    question may flip; at a flat position of the chat template, fp32's fourth choice, 1.06 nats below its first,
+    comes first on the native bf16 path on a Xeon with AMX)."""
     module, head, max_mean_kl = CPU_KERNELS[smollm2_int4.kernel]
     model = smollm2_int4.engine.runner.model
     assert type(model.layers[0].attn.qkv).__name__ == module
@@ -99,8 +103,8 @@ def test_int4_paths_follow_fp32_distribution(smollm2_fp32, smollm2_int4, questio
     approx = smollm2_int4.engine.prompt_logits(ids).log_softmax(-1)
     kl = (exact.exp() * (exact - approx)).sum(-1)
     assert kl.mean() < max_mean_kl
-    top3 = exact.topk(3, dim=-1).indices
-    assert (top3 == approx.argmax(-1, keepdim=True)).any(-1).all()
+    chosen = exact.gather(-1, approx.argmax(-1, keepdim=True))[:, 0]
+    assert (exact.max(-1).values - chosen).max() < MAX_CHOICE_GAP
 
 
 def test_int4_paths_answer(smollm2_int4):
