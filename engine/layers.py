@@ -126,9 +126,14 @@ class NativeLinear(nn.Module):
         """Apply ``norm`` inside the kernel (the caller then drops its own)."""
         self.matmul.fuse_norm(norm.weight, norm.eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: [tokens, in] (the model's packed rows)."""
-        return self.matmul(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: [tokens, in] (the model's packed rows; [tokens, 2 in] after ``fuse_swiglu``); with ``residual``
+        (a fusable kernel), the result added to it in place."""
+        return self.matmul(x, residual)
+
+    def fuse_swiglu(self) -> None:
+        """Take an MLP's gate/up output and apply its activation inside the kernel (a down projection)."""
+        self.matmul.fuse_swiglu()
 
 
 class Q4Q8Linear(NativeLinear):
@@ -160,28 +165,22 @@ class StoredLinear(NativeLinear):
     """A linear over GGUF matrices used in place from the mapped file (fused parts stacked along the outputs, each in
     its own type), on the native kernel built for ``isa``; ``out_dtype`` fp32 for an LM head."""
 
-    matmul: GGUFMatmul
-
     def __init__(self, matrices: list[StoredMatrix], columns: list[torch.Tensor | None], bias: torch.Tensor | None,
                  *, isa: str, dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.matmul = GGUFMatmul(matrices, columns, bias, isa, dtype, out_dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: [tokens, in] (or [tokens, 2 in] after ``fuse_swiglu``); with ``residual``, the result added to it in
-        place."""
-        return self.matmul(x, residual)
 
-    def fuse_swiglu(self) -> None:
-        """Take an MLP's gate/up output and apply its activation inside the kernel (a down projection)."""
-        self.matmul.fuse_swiglu()
+def fuses(linear: nn.Module) -> bool:
+    """Whether ``linear``'s native kernel applies SwiGLU and adds into a residual itself."""
+    return isinstance(linear, NativeLinear) and linear.matmul.fusable
 
 
 def project(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """``linear(x)``, added to ``residual`` when given: in place, inside the kernel, for a ``StoredLinear``."""
+    """``linear(x)``, added to ``residual`` when given: in place, inside the kernel, where it ``fuses``."""
     if residual is None:
         return linear(x)
-    if isinstance(linear, StoredLinear):
+    if fuses(linear):
         return linear(x, residual)
     return residual + linear(x)
 

@@ -25,7 +25,7 @@ from engine.kernels.flash import VarlenAttention, VarlenKernel
 from engine.kernels.triton_decode import TritonPagedAttention
 from engine.kernels.triton_rope import TritonRopeStore
 from engine.kv_store import LayerCache
-from engine.layers import DenseLinear, RMSNorm, StoredLinear, StoredRows, apply_rotary, project
+from engine.layers import DenseLinear, NativeLinear, RMSNorm, StoredRows, apply_rotary, fuses, project
 from engine.linear_attention import GatedDeltaNet, LayerState, RecurrentStep
 from engine.parallel import VocabParallel
 
@@ -216,8 +216,8 @@ class MLP(nn.Module):
         self.activation_in_down = False
 
     def fuse_activation(self) -> None:
-        """The down projection (a ``StoredLinear``) applies SiLU(gate) * up to gate_up's output itself."""
-        assert isinstance(self.down, StoredLinear)
+        """The down projection (a native linear that ``fuses``) applies SiLU(gate) * up to gate_up's output itself."""
+        assert isinstance(self.down, NativeLinear) and fuses(self.down)
         self.down.fuse_swiglu()
         self.activation_in_down = True
 

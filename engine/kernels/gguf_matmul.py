@@ -48,8 +48,7 @@ class GGUFMatmul(native.RowKernel):
     """``y = norm?(x) @ W^T (+ bias)`` for rows ``x`` [M, in] -> [M, out] over ``matrices`` stacked along the outputs
     (fused q/k/v or gate/up; their types may differ). ``columns``: per matrix, None (its outputs in order) or where
     each of its rows goes among the outputs. ``dtype``: the activations' (bf16, or fp32 for an fp32 model);
-    ``out_dtype``: the result's. After ``fuse_swiglu`` the rows are [M, 2 in], an MLP's gate and up halves, and
-    the inputs SiLU(gate) * up (fp32, inside the kernel)."""
+    ``out_dtype``: the result's."""
 
     def __init__(self, matrices: list[StoredMatrix], columns: list[torch.Tensor | None], bias: torch.Tensor | None,
                  isa: str, dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None) -> None:
@@ -68,34 +67,16 @@ class GGUFMatmul(native.RowKernel):
             start += matrix.out_features
         self.table = (_Matrix * len(table))(*table)
         self._isa = isa
-        self.gated = False
         super().__init__(native.library(isa).gguf_linear,
                          (ctypes.addressof(self.table), len(table), start, k, int(dtype == torch.float32),
                           None if self.bias is None else self.bias.data_ptr(), int(out_dtype == torch.float32)),
-                         start, dtype, out_dtype)
-
-    def fuse_swiglu(self) -> None:
-        """Take an MLP's gate/up output and apply SiLU(gate) * up to it first (the down projection)."""
-        assert self.norm is None, "a projection applies a norm or the activation, not both"
-        self.gated = True
+                         start, dtype, out_dtype, fusable=True)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``residual`` [M, out] (contiguous, the output dtype): the result is added to it, in place, and it is
-        returned (one rounding of the sum, in the kernel)."""
-        rows = x.shape[0]
-        if rows >= DENSE_ROWS and self.in_dtype == torch.bfloat16:
-            y = self.dense(x)
-            return y if residual is None else residual.add_(y)
-        x = x.to(self.in_dtype).contiguous()
-        if residual is None:
-            out = torch.empty((rows, self.out_features), dtype=self.out_dtype)
-        else:
-            assert residual.shape == (rows, self.out_features) and residual.dtype == self.out_dtype
-            out = residual
-        assert out.is_contiguous()
-        self._kernel(*self._weight_args, x.data_ptr(), rows, *self._norm_args, int(self.gated),
-                     int(residual is not None), out.data_ptr(), self._threads)
-        return out
+        if x.shape[0] < DENSE_ROWS or self.in_dtype != torch.bfloat16:
+            return super().__call__(x, residual)
+        y = self.dense(x)
+        return y if residual is None else residual.add_(y)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """The same product on the bf16-dequantized weight and torch's GEMM (many rows)."""

@@ -64,7 +64,7 @@ def library(isa: str) -> ctypes.CDLL | None:
     pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     eps = ctypes.c_float
     lib.q4q8_linear.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int, pointer, size,
-                                pointer, eps, pointer, threads]
+                                pointer, eps, ctypes.c_int, ctypes.c_int, pointer, threads]
     lib.q4q8_linear.restype = None
     lib.q8_head.argtypes = [pointer, pointer, size, size, pointer, size, pointer, eps, pointer, threads]
     lib.q8_head.restype = None
@@ -122,22 +122,41 @@ def build(isa: str) -> Path | None:
 class RowKernel:
     """A native matmul over rows ``x`` [M, in] with its weight's arguments bound once (batch-1 decode makes ~120
     calls a step, so a call should cost little more than the kernel) and, after ``fuse_norm``, an RMSNorm applied
-    to each row inside the kernel (fp32, before quantizing)."""
+    to each row inside the kernel (fp32, before quantizing). A ``fusable`` kernel (the layer matmuls) also takes
+    an MLP's gate and up halves and applies SwiGLU first (after ``fuse_swiglu``: rows [M, 2 in]), and adds its
+    result into a residual in place."""
 
     def __init__(self, kernel: Callable[..., None], weight_args: tuple, out_features: int, in_dtype: torch.dtype,
-                 out_dtype: torch.dtype) -> None:
+                 out_dtype: torch.dtype, *, fusable: bool = False) -> None:
         self._kernel, self._weight_args = kernel, weight_args
         self.out_features, self.in_dtype, self.out_dtype = out_features, in_dtype, out_dtype
+        self.fusable = fusable
         self.norm: torch.Tensor | None = None
         self._norm_args: tuple[int | None, float] = (None, 0.0)
+        self.gated = False
         self._threads = torch.get_num_threads()
 
     def fuse_norm(self, weight: torch.Tensor, eps: float) -> None:
+        assert not self.gated, "a projection applies a norm or the activation, not both"
         self.norm = weight.float().contiguous()
         self._norm_args = (self.norm.data_ptr(), eps)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def fuse_swiglu(self) -> None:
+        """Take an MLP's gate/up output and apply SiLU(gate) * up to it first, in fp32 (a down projection)."""
+        assert self.fusable and self.norm is None, "a projection applies a norm or the activation, not both"
+        self.gated = True
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual`` [M, out] (contiguous, the output dtype): the result is added to it in place, rounded once with
+        the sum, and it is returned."""
         x = x.to(self.in_dtype).contiguous()
-        out = torch.empty((x.shape[0], self.out_features), dtype=self.out_dtype)
-        self._kernel(*self._weight_args, x.data_ptr(), x.shape[0], *self._norm_args, out.data_ptr(), self._threads)
+        if residual is None:
+            out = torch.empty((x.shape[0], self.out_features), dtype=self.out_dtype)
+        else:
+            assert self.fusable and residual.shape == (x.shape[0], self.out_features)
+            assert residual.dtype == self.out_dtype and residual.is_contiguous()
+            out = residual
+        modes = (int(self.gated), int(residual is not None)) if self.fusable else ()
+        self._kernel(*self._weight_args, x.data_ptr(), x.shape[0], *self._norm_args, *modes, out.data_ptr(),
+                     self._threads)
         return out

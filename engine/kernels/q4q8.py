@@ -56,4 +56,4 @@ class Q4Q8Matmul(native.RowKernel):
                          (weight.q.data_ptr(), weight.scale.data_ptr(), weight.offset.data_ptr(),
                           None if self.bias is None else self.bias.data_ptr(), weight.out_features,
                           weight.in_features, weight.group_size // BLOCK, int(dtype == torch.float32)),
-                         weight.out_features, dtype, dtype)
+                         weight.out_features, dtype, dtype, fusable=True)

@@ -47,21 +47,23 @@ struct Activations {
     std::vector<float> s;   // [rows, K / 32] block sums of x
 };
 
-// Rows of x, optionally RMS-normalized first (norm: fp32 weight [k], or null), into int8 blocks of 16.
+// Rows of x, optionally RMS-normalized first (norm: fp32 weight [k], or null), into int8 blocks of 16. `gated`: each
+// row holds 2k values, SwiGLU's gate and up halves, and the inputs are SiLU(gate) * up in fp32.
 template <typename T>
-void quantize_rows(const T* x, int64_t rows, int64_t k, const float* norm, float eps, Activations& out) {
+void quantize_rows(const T* x, int64_t rows, int64_t k, const float* norm, float eps, bool gated, Activations& out) {
     const int64_t blocks = k / kBlock, halves = k / kHalf;
     out.q.resize(rows * k);
     out.d.resize(rows * halves);
     out.s.resize(rows * blocks);
     for (int64_t r = 0; r < rows; ++r) {
-        const T* row = x + r * k;
+        const T* row = x + r * (gated ? 2 * k : k);
         const float inverse_norm = norm ? inverse_rms([row](int64_t i) { return load_elements(row + i); }, k, eps) : 1.0f;
         for (int64_t b = 0; b < blocks; ++b) {
             F16 v[2];
             for (int h = 0; h < 2; ++h) {
                 const int64_t at = b * kBlock + h * kHalf;
                 v[h] = load_elements(row + at);
+                if (gated) v[h] = simd::mul(simd::silu(v[h]), load_elements(row + k + at));
                 if (norm) v[h] = simd::mul(simd::mul(v[h], simd::set1(inverse_norm)), simd::load(norm + at));
                 const float amax = simd::reduce_max(simd::abs(v[h]));
                 const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -76,7 +78,7 @@ void quantize_rows(const T* x, int64_t rows, int64_t k, const float* norm, float
 template <int ROWS, typename T>
 void tile_rows(const uint8_t* wq, const float* wd, const float* wm, const float* bias, int64_t blocks,
                int64_t group_blocks, int64_t k, const int8_t* xq, const float* xd, const float* xs, T* y,
-               int64_t n) {
+               int64_t n, bool accumulate) {
     F16 acc[ROWS];
     for (int r = 0; r < ROWS; ++r) acc[r] = simd::zero();
     for (int64_t b = 0; b < blocks; ++b) {
@@ -101,17 +103,21 @@ void tile_rows(const uint8_t* wq, const float* wd, const float* wm, const float*
         }
     }
     const F16 b = bias ? simd::load(bias) : simd::zero();
-    for (int r = 0; r < ROWS; ++r) store_elements(y + r * n, simd::add(acc[r], b));
+    for (int r = 0; r < ROWS; ++r) {
+        const F16 sum = simd::add(acc[r], b);
+        store_elements(y + r * n, accumulate ? simd::add(sum, load_elements(y + r * n)) : sum);
+    }
 }
 
 template <typename T>
 void q4q8_rows(const uint8_t* wq, const float* wd, const float* wm, const float* bias, int64_t n, int64_t k,
-               int64_t group_blocks, const T* x, int64_t rows, const float* norm, float eps, T* y, int threads) {
+               int64_t group_blocks, const T* x, int64_t rows, const float* norm, float eps, bool gated,
+               bool accumulate, T* y, int threads) {
     using TileFn = decltype(&tile_rows<1, T>);
     static constexpr TileFn tile_fns[kMaxRows] = {tile_rows<1, T>, tile_rows<2, T>, tile_rows<3, T>, tile_rows<4, T>,
                                                   tile_rows<5, T>, tile_rows<6, T>, tile_rows<7, T>, tile_rows<8, T>};
     thread_local Activations act;
-    quantize_rows(x, rows, k, norm, eps, act);
+    quantize_rows(x, rows, k, norm, eps, gated, act);
     const int64_t blocks = k / kBlock, tiles = n / kTile;
     const int64_t tile_bytes = blocks * (kBlock / 4) * kQuadBytes, tile_scales = blocks / group_blocks * kTile;
     const int8_t* xq = act.q.data();
@@ -122,7 +128,7 @@ void q4q8_rows(const uint8_t* wq, const float* wd, const float* wm, const float*
             const int count = (int)std::min<int64_t>(kMaxRows, rows - r0);
             tile_fns[count - 1](wq + t * tile_bytes, wd + t * tile_scales, wm + t * tile_scales,
                                 bias ? bias + t * kTile : nullptr, blocks, group_blocks, k, xq + r0 * k,
-                                xd + r0 * 2 * blocks, xs + r0 * blocks, y + r0 * n + t * kTile, n);
+                                xd + r0 * 2 * blocks, xs + r0 * blocks, y + r0 * n + t * kTile, n, accumulate);
         }
     }
 }
@@ -419,14 +425,17 @@ void q8_head(const int8_t* wq, const float* wd, int64_t n, int64_t k, const floa
 
 // y[rows, n] = rmsnorm?(x[rows, k]) @ W^T (+ bias, fp32), x and y bf16 (or fp32 with fp32 set), W packed in tiles
 // by q4q8.py with one scale and offset per group of group_blocks blocks of 32 inputs; with norm (fp32 weight [k])
-// each row is first scaled by 1 / sqrt(mean(x^2) + eps) and the weight, in fp32.
+// each row is first scaled by 1 / sqrt(mean(x^2) + eps) and the weight, in fp32; gated: x is [rows, 2k], SwiGLU's
+// gate and up halves (see quantize_rows); accumulate: y already holds rows the result is added to (one rounding).
 void q4q8_linear(const uint8_t* wq, const float* wd, const float* wm, const float* bias, int64_t n, int64_t k,
-                 int64_t group_blocks, int fp32, const void* x, int64_t rows, const float* norm, float eps, void* y,
-                 int threads) {
+                 int64_t group_blocks, int fp32, const void* x, int64_t rows, const float* norm, float eps, int gated,
+                 int accumulate, void* y, int threads) {
     if (fp32)
-        q4q8_rows(wq, wd, wm, bias, n, k, group_blocks, (const float*)x, rows, norm, eps, (float*)y, threads);
+        q4q8_rows(wq, wd, wm, bias, n, k, group_blocks, (const float*)x, rows, norm, eps, gated, accumulate, (float*)y,
+                  threads);
     else
-        q4q8_rows(wq, wd, wm, bias, n, k, group_blocks, (const uint16_t*)x, rows, norm, eps, (uint16_t*)y, threads);
+        q4q8_rows(wq, wd, wm, bias, n, k, group_blocks, (const uint16_t*)x, rows, norm, eps, gated, accumulate,
+                  (uint16_t*)y, threads);
 }
 
 }

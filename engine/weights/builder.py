@@ -26,6 +26,7 @@ from engine.layers import (
     StoredLinear,
     StoredRows,
     TritonInt4Linear,
+    fuses,
 )
 from engine.linear_attention import GatedDeltaNet
 from engine.model import MLP, Attention, DecoderLayer, DecoderModel, SparseMoE
@@ -182,7 +183,7 @@ class ModelBuilder:
             layer.mlp_norm = self._fused_norm(layer.mlp_norm, mlp.gate_up)
         mlps = [mlp] if isinstance(mlp, MLP) else [*mlp.experts, *([mlp.shared] if mlp.shared else [])]
         for each in mlps:
-            if isinstance(each.down, StoredLinear):  # the activation inside the down projection's kernel
+            if fuses(each.down):  # the activation inside the down projection's kernel
                 each.fuse_activation()
         return layer
 

@@ -98,6 +98,8 @@ def test_int4_paths_follow_fp32_distribution(smollm2_fp32, smollm2_int4, questio
     model = smollm2_int4.engine.runner.model
     assert type(model.layers[0].attn.qkv).__name__ == module
     assert type(model.lm_head).__name__ == head
+    # the native kernels apply SwiGLU inside the down projection (torch's int4 kernel leaves it to torch)
+    assert all(layer.mlp.activation_in_down == (module == "Q4Q8Linear") for layer in model.layers)
     ids = chat_ids(smollm2_int4, question)
     exact = smollm2_fp32.engine.prompt_logits(ids).log_softmax(-1)
     approx = smollm2_int4.engine.prompt_logits(ids).log_softmax(-1)

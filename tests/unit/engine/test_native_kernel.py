@@ -149,6 +149,32 @@ def test_a_fused_rms_norm_normalizes_each_row_before_quantizing(isa):
     assert (y - exact).norm() / exact.norm() < 0.01
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_down_projection_applies_swiglu_and_adds_into_the_residual(dtype, isa):
+    """Rows [gate | up] of 2 x 256 (gates far below and above zero included): the inputs are SiLU(gate) * up in
+    float32 (its exp within 2e-7), quantized as any input; the result lands in the residual, rounded once, and for
+    an fp32 model is exactly torch's residual + y."""
+    weight = random_weight(64, 256, seed=5)
+    matmul = q4q8.Q4Q8Matmul(q4q8.pack(weight), None, isa, dtype)
+    matmul.fuse_swiglu()
+    x = (torch.randn(5, 512, generator=torch.Generator().manual_seed(6)) * 4).to(dtype)
+    x[0, :4] = torch.tensor([-90.0, -20.0, 20.0, 90.0]).to(dtype)
+    gate, up = x.double().chunk(2, dim=-1)
+    activated = torch.nn.functional.silu(gate) * up
+    y = matmul(x).double()
+    expected = reference(activated.float(), weight)
+    # the kernel's own float32 activation may land a value on the other side of a rounding boundary
+    assert (y - expected).abs().max() < 0.02 * expected.abs().max()
+    exact = activated @ weight.dequantize().double().T
+    assert (y - exact).norm() / exact.norm() < 0.01
+    residual = torch.randn(5, 64, generator=torch.Generator().manual_seed(7)).to(dtype)
+    target = residual.clone()
+    assert matmul(x, target) is target
+    unrounded = q4q8.Q4Q8Matmul(q4q8.pack(weight), None, isa, torch.float32)
+    unrounded.fuse_swiglu()
+    assert torch.equal(target, (residual.float() + unrounded(x.float())).to(dtype))
+
+
 def test_q8_head_fused_norm(isa):
     generator = torch.Generator().manual_seed(3)
     q = torch.randint(-127, 128, (64, 96), dtype=torch.int8, generator=generator)
