@@ -213,13 +213,16 @@ class MLP(nn.Module):
         self.gate_up = gate_up
         self.down = down
         self.triton = False
-        self.activation_in_down = False
+
+    @property
+    def activation_in_down(self) -> bool:
+        """Whether the down projection's kernel applies SiLU(gate) * up itself (after ``fuse_activation``)."""
+        return isinstance(self.down, NativeLinear) and self.down.matmul.gated
 
     def fuse_activation(self) -> None:
         """The down projection (a native linear that ``fuses``) applies SiLU(gate) * up to gate_up's output itself."""
         assert isinstance(self.down, NativeLinear) and fuses(self.down)
         self.down.fuse_swiglu()
-        self.activation_in_down = True
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """With ``residual``: the output added to it."""
