@@ -80,9 +80,10 @@ class Settings(BaseSettings):
                                       "set: the other ranks join from other nodes (python -m engine.tp_worker)")
     dtype: str = "auto"
     device: str = "auto"
-    cpu_isa: Literal["auto", "avx512", "avx2", "torch"] = Field(
-        default="auto", description="4-bit weights on a bf16 CPU: the native int4 x int8 kernels built for avx512 or "
-        "avx2 (auto: the fastest this CPU runs), or torch's weight-only kernel (bf16 activations)")
+    cpu_isa: Literal["auto", "amx", "avx512", "avx2", "torch"] = Field(
+        default="auto", description="4-bit weights on a bf16 CPU: the native int4 x int8 kernels built for amx "
+        "(avx512's, with GGUF products of several rows on AMX tiles), avx512 or avx2 (auto: the fastest this CPU "
+        "runs), or torch's weight-only kernel (bf16 activations)")
     quantization: Literal["none", "q8_0", "q4_0", "q4_k"] = Field(
         default="none", description="quantize a dense checkpoint folder's layers while loading (native CPU kernels; "
         "the bytes llama-quantize writes; q4_k: Q8_0 for rows that are not whole 256-value blocks)")

@@ -428,6 +428,12 @@ void dequantize_row(const uint8_t* row, int64_t type, int64_t k, float* y) {
 
 }  // namespace
 
+#if defined(__AMX_INT8__)
+namespace {
+#include "gguf_tiles.h"
+}  // namespace
+#endif
+
 extern "C" {
 
 // One matrix of a fused product: `rows` outputs of GGML type `type` at `data` (each row k / block_size blocks),
@@ -443,10 +449,10 @@ struct GGUFMatrix {
 // out [m, n] = norm?(x) [m, k] @ W^T (+ bias [n]) for the matrices stacked along the outputs (n: their rows in all).
 // x: bf16 (in_fp32 0) or fp32; out: bf16 (out_fp32 0) or fp32; norm: fp32 RMSNorm weight [k], or null; gated: x is
 // [m, 2k], SwiGLU's gate and up halves (see quantize); accumulate: out already holds rows the result is added to (a
-// residual, rounded once with the sum).
+// residual, rounded once with the sum); tile_rows: the amx build runs steps of at least this many rows on tiles.
 void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k, int in_fp32, const float* bias,
-                 int out_fp32, const void* x, int64_t m, const float* norm, float eps, int gated, int accumulate,
-                 void* out, int threads) {
+                 int out_fp32, int64_t tile_rows, const void* x, int64_t m, const float* norm, float eps, int gated,
+                 int accumulate, void* out, int threads) {
     Quantized blocks32, blocks256;
     bool need32 = false, need256 = false;
     for (int64_t i = 0; i < count; ++i) (block_size(matrices[i].type) == 256 ? need256 : need32) = true;
@@ -464,35 +470,86 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
     for (int64_t i = 0; i < count; ++i)
         for (int64_t row = 0; row < matrices[i].rows; row += kTile)
             tiles.push_back({i, row, std::min<int64_t>(kTile, matrices[i].rows - row)});
-#pragma omp parallel for num_threads(threads) schedule(static)
+    // y[i][r]: output row tile.row + i of activation row r0 + r, finished (bias, residual, rounding) into out
+    auto finish = [&](const Tile& tile, const GGUFMatrix& matrix, int64_t r0, int rows, auto y) {
+        for (int64_t i = 0; i < tile.count; ++i) {
+            const int64_t row = tile.row + i;
+            const int64_t column = matrix.index ? matrix.index[row] : matrix.column + row;
+            for (int r = 0; r < rows; ++r) {
+                float value = y(i, r);
+                if (bias) value += bias[column];
+                const int64_t at = (r0 + r) * n + column;
+                if (accumulate) value += out_fp32 ? ((float*)out)[at] : simd::to_float(((uint16_t*)out)[at]);
+                if (out_fp32) {
+                    ((float*)out)[at] = value;
+                } else {
+                    ((uint16_t*)out)[at] = float_to_bf16(value);
+                }
+            }
+        }
+    };
+#if defined(__AMX_INT8__)
+    // the tile path: activations interleaved once, per 16 rows, for the block sizes its matrices read
+    std::vector<tiles::Columns> columns32, columns256;
+    const bool use_tiles = m >= tile_rows && tiles::enabled();
+    bool tiles32 = false, tiles256 = false;
+    for (int64_t i = 0; i < count; ++i)
+        if (use_tiles && tiles::supports(matrices[i].type, k)) (block_size(matrices[i].type) == 256 ? tiles256 : tiles32) = true;
+    for (int64_t r0 = 0; r0 < m && (tiles32 || tiles256); r0 += tiles::kRows) {
+        const int64_t rows = std::min<int64_t>(tiles::kRows, m - r0);
+        if (tiles32) columns32.emplace_back(blocks32, k, r0, rows);
+        if (tiles256) columns256.emplace_back(blocks256, k, r0, rows);
+    }
+#else
+    (void)tile_rows;
+#endif
+#pragma omp parallel num_threads(threads)
+    {
+#if defined(__AMX_INT8__)
+    tiles::configured = 0;
+#endif
+#pragma omp for schedule(static)
     for (size_t t = 0; t < tiles.size(); ++t) {
         const Tile& tile = tiles[t];
         const GGUFMatrix& matrix = matrices[tile.matrix];
         const int64_t row_bytes = k / block_size(matrix.type) * block_bytes(matrix.type);
+        const uint8_t* w = matrix.data + tile.row * row_bytes;
+#if defined(__AMX_INT8__)
+        if (use_tiles && tiles::supports(matrix.type, k)) {
+            float results[tiles::kRows][tiles::kRows];
+            for (size_t chunk = 0; chunk * tiles::kRows < (size_t)m; ++chunk) {
+                const int64_t r0 = chunk * tiles::kRows;
+                const auto& x = block_size(matrix.type) == 256 ? columns256[chunk] : columns32[chunk];
+                tiles::dot_type(matrix.type, w, row_bytes, tile.count, k, x, results);
+                const int rows = (int)std::min<int64_t>(tiles::kRows, m - r0);
+                if (tile.count == tiles::kRows && matrix.index == nullptr) {  // 16 outputs side by side
+                    tiles::finish(results, rows, bias ? bias + matrix.column + tile.row : nullptr, accumulate, out_fp32,
+                                  out, r0 * n + matrix.column + tile.row, n);
+                } else {
+                    finish(tile, matrix, r0, rows, [&](int64_t i, int r) { return results[i][r]; });
+                }
+            }
+            continue;
+        }
+#endif
         const Quantized& quantized = block_size(matrix.type) == 256 ? blocks256 : blocks32;
         float results[kTile * kMaxRows];
         for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
             const int rows = (int)std::min<int64_t>(kMaxRows, m - r0);
-            dot_some_rows(rows, matrix.data + tile.row * row_bytes, row_bytes, tile.count, matrix.type, k, quantized,
-                          r0, results);
-            for (int64_t i = 0; i < tile.count; ++i) {
-                const int64_t row = tile.row + i;
-                const int64_t column = matrix.index ? matrix.index[row] : matrix.column + row;
-                for (int r = 0; r < rows; ++r) {
-                    float y = results[i * rows + r];
-                    if (bias) y += bias[column];
-                    const int64_t at = (r0 + r) * n + column;
-                    if (accumulate) y += out_fp32 ? ((float*)out)[at] : simd::to_float(((uint16_t*)out)[at]);
-                    if (out_fp32) {
-                        ((float*)out)[at] = y;
-                    } else {
-                        ((uint16_t*)out)[at] = float_to_bf16(y);
-                    }
-                }
-            }
+            dot_some_rows(rows, w, row_bytes, tile.count, matrix.type, k, quantized, r0, results);
+            finish(tile, matrix, r0, rows, [&](int64_t i, int r) { return results[i * rows + r]; });
         }
     }
+#if defined(__AMX_INT8__)
+    tiles::release();
+#endif
+    }
 }
+
+#if defined(__AMX_INT8__)
+// Whether this process may use the tile registers: the amx build runs only where it may.
+int tiles_enabled() { return tiles::enabled(); }
+#endif
 
 // Rows `ids` of one matrix, dequantized to fp32 (out [count, k]): embedding lookups from a quantized table.
 void gguf_rows(const uint8_t* data, int64_t type, int64_t k, const int64_t* ids, int64_t count, float* out) {

@@ -17,6 +17,10 @@ BLOCK_SIZES = {T.Q4_0: 32, T.Q4_1: 32, T.Q8_0: 32, T.IQ4_NL: 32, T.Q4_K: 256, T.
 # Steps with at least this many rows (prompts) dequantize the weight to bf16 and run torch's GEMM: above it the
 # GEMM's throughput pays for writing the weight out once (SmolLM2-1.7B Q4_K_M, Zen 4: 64-row products break even).
 DENSE_ROWS = 64
+# The amx build computes steps of at least this many rows on AMX tiles (Q4_K, Q5_K, Q6_K, and Q8_0 over whole
+# super-blocks of inputs), fewer on the vector kernel (Xeon 6 model 167: a tile step costs about as much for 2 rows
+# as for 8; the vector kernel's cost grows with each row, and passes the tiles' at 4).
+TILE_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,8 @@ class GGUFMatmul(native.RowKernel):
         self._isa = isa
         super().__init__(native.library(isa).gguf_linear,
                          (ctypes.addressof(self.table), len(table), start, k, int(dtype == torch.float32),
-                          None if self.bias is None else self.bias.data_ptr(), int(out_dtype == torch.float32)),
+                          None if self.bias is None else self.bias.data_ptr(), int(out_dtype == torch.float32),
+                          TILE_ROWS),
                          start, dtype, out_dtype, fusable=True)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,14 +28,20 @@ from engine.weights.embedded import cache_dir
 
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("quant_matmul.cpp", "gguf_matmul.cpp", "recurrent.cpp", "quantize.cpp"))
-HEADER = Path(__file__).with_name("simd.h")
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "gguf_tiles.h"))
 # per build: the CPU flags it needs, and the compiler flags for exactly those (not -march=native: a build, e.g. in
 # an image, runs on any CPU that has them)
 ISAS = {
+    "amx": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "amx_tile", "amx_int8"),
+            ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma", "-mf16c", "-mamx-tile",
+             "-mamx-int8"]),
     "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c"),
                ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma", "-mf16c"]),
     "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 }
+# The builds whose every kernel computes the same bits: the amx build runs avx512's kernels too, except GGUF
+# products of several rows, which it sums on AMX tiles in another float32 order (``gguf_tiles.h``).
+SAME_BITS = ("avx512", "avx2")
 COMMON_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,9 @@ def library(isa: str) -> ctypes.CDLL | None:
     if target is None:
         return None
     lib = ctypes.CDLL(str(target))
+    if isa == "amx" and not lib.tiles_enabled():
+        log.warning("the kernel does not grant this process AMX tiles: the amx build is not used")
+        return None
     pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     eps = ctypes.c_float
     lib.q4q8_linear.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int, pointer, size,
@@ -71,7 +80,7 @@ def library(isa: str) -> ctypes.CDLL | None:
     lib.paged_decode_attention.argtypes = ([pointer] * 3 + [eps] + [pointer] * 10 + [size] * 6
                                            + [eps, ctypes.c_int, pointer, threads])
     lib.paged_decode_attention.restype = None
-    lib.gguf_linear.argtypes = [pointer, size, size, size, ctypes.c_int, pointer, ctypes.c_int, pointer, size,
+    lib.gguf_linear.argtypes = [pointer, size, size, size, ctypes.c_int, pointer, ctypes.c_int, size, pointer, size,
                                 pointer, eps, ctypes.c_int, ctypes.c_int, pointer, threads]
     lib.gguf_linear.restype = None
     lib.gguf_rows.argtypes = [pointer, size, size, pointer, size, pointer]
@@ -95,7 +104,8 @@ def build(isa: str) -> Path | None:
     """The kernels compiled for ``isa`` (built now when missing), or None when they cannot be built here."""
     flags = [*COMMON_FLAGS, *ISAS[isa][1]]
     sources = b"".join(source.read_bytes() for source in SOURCES)
-    key = hashlib.sha256(sources + HEADER.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    headers = b"".join(header.read_bytes() for header in HEADERS)
+    key = hashlib.sha256(sources + headers + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"quant_matmul-{isa}-{key}.so"
     if target.exists():
         return target

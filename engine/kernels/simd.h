@@ -392,5 +392,8 @@ inline void prefetch(const void* p, int64_t bytes) {
     for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch((const char*)p + line, _MM_HINT_T0);
 }
 inline void prefetch_ahead(const void* p, int64_t bytes) { prefetch((const char*)p + kPrefetchDistance, bytes); }
+inline void prefetch_to_l2(const void* p, int64_t bytes) {
+    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch((const char*)p + line, _MM_HINT_T1);
+}
 
 }  // namespace simd

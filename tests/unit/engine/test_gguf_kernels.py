@@ -31,7 +31,7 @@ def runnable(isa: str) -> str:
     here fails, as tests/test_environment.py reports)."""
     if not native.runs_here(isa):
         pytest.skip(f"this CPU lacks the {isa} build's instructions")
-    assert isa in native.isas(), f"the {isa} build did not compile"
+    assert isa in native.isas(), f"the {isa} build did not compile (or, amx, the kernel refused the tiles)"
     return isa
 
 
@@ -144,14 +144,24 @@ def test_a_down_projection_applies_swiglu_to_its_gate_and_up_halves(kind, dtype,
                                 one_code=True)
 
 
+@pytest.mark.parametrize("rows", [3, 6])
+def test_the_bias_is_added_to_the_float32_result(rows, isa):
+    matrix = random_matrix(T.Q6_K, 48, 512, seed=34)
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(35))
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(36))
+    with_bias = GGUFMatmul([matrix], [None], bias, isa, torch.float32)(x)
+    assert torch.equal(with_bias, GGUFMatmul([matrix], [None], None, isa, torch.float32)(x) + bias)
+
+
+@pytest.mark.parametrize("rows", [3, 6])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_residual_takes_the_result_in_place_rounded_once(dtype, isa):
+def test_a_residual_takes_the_result_in_place_rounded_once(dtype, rows, isa):
     """out = residual + x @ W^T: the same tensor comes back, holding the kernel's float32 result plus the residual,
     rounded once (an fp32 model's sum is exactly torch's residual + y)."""
     matrix = random_matrix(T.Q4_K, 64, 512, seed=23)
     kernel = GGUFMatmul([matrix], [None], None, isa, dtype)
-    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(24)).to(dtype)
-    residual = torch.randn(3, 64, generator=torch.Generator().manual_seed(25)).to(dtype)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(24)).to(dtype)
+    residual = torch.randn(rows, 64, generator=torch.Generator().manual_seed(25)).to(dtype)
     alone = GGUFMatmul([matrix], [None], None, isa, dtype, torch.float32)(x)
     expected = (residual.float() + alone).to(dtype)
     target = residual.clone()
@@ -174,33 +184,60 @@ def test_many_row_steps_apply_swiglu_and_the_residual_too(isa):
     assert torch.equal(kernel(x, residual.clone()), residual + product)
 
 
-def test_rows_do_not_depend_on_the_rest_of_the_batch(isa):
-    matrix = random_matrix(T.Q4_K, 64, 1024, seed=9)
+@pytest.mark.parametrize("kind", [T.Q4_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
+def test_rows_do_not_depend_on_the_rest_of_the_batch(kind, isa):
+    """A row's outputs depend on its own inputs only, whichever rows share its step, as long as the step runs the
+    same kernel (the amx build: steps of ``TILE_ROWS`` rows or more on tiles)."""
+    matrix = random_matrix(kind, 64, 1024, seed=9)
     x = torch.randn(11, 1024, generator=torch.Generator().manual_seed(10)).bfloat16()
-    kernel = GGUFMatmul([matrix], [None], None, isa)
+    kernel = GGUFMatmul([matrix], [None], None, isa, torch.bfloat16, torch.float32)
     together = kernel(x)
-    for row in (0, 5, 10):
-        assert torch.equal(kernel(x[row : row + 1]), together[row : row + 1])
+    for row in (0, 5, 7):
+        assert torch.equal(kernel(x[row : row + gguf_matmul.TILE_ROWS])[0], together[row])
+    alone = torch.cat([kernel(x[row : row + 1]) for row in range(11)])
+    assert torch.equal(kernel(x[:2]), alone[:2])
+    assert torch.equal(together, alone) == (isa != "amx")
 
 
 @pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
 def test_the_builds_compute_the_same_bits(kind):
-    for isa in native.ISAS:
+    for isa in native.SAME_BITS:
         runnable(isa)
     matrix = random_matrix(kind, 64, 768, seed=11)
     x = torch.randn(9, 768, generator=torch.Generator().manual_seed(12)).bfloat16()
-    results = [GGUFMatmul([matrix], [None], None, isa, torch.bfloat16, torch.float32)(x) for isa in native.ISAS]
+    results = [GGUFMatmul([matrix], [None], None, isa, torch.bfloat16, torch.float32)(x) for isa in native.SAME_BITS]
     assert torch.equal(results[0], results[1])
 
 
+TILE_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0]
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
+def test_the_amx_build_runs_steps_of_several_rows_on_tiles(kind):
+    """The amx build: steps of ``TILE_ROWS`` rows or more of a tile type (Q8_0 over whole super-blocks of inputs)
+    on AMX tiles, whose sums are rounded in their own order (their bound: test_kernel_computes_its_quantized_product),
+    so some output differs from the vector kernel's bits; fewer rows, and the other types, give avx512's bits."""
+    for isa in ("amx", "avx512"):
+        runnable(isa)
+    for in_features in (768, 800) if kind == T.Q8_0 else (768,):
+        matrix = random_matrix(kind, 48, in_features, seed=32)
+        x = torch.randn(gguf_matmul.TILE_ROWS, in_features, generator=torch.Generator().manual_seed(33)).bfloat16()
+        tiles, vector = (GGUFMatmul([matrix], [None], None, isa, torch.bfloat16, torch.float32)
+                         for isa in ("amx", "avx512"))
+        few = x[: gguf_matmul.TILE_ROWS - 1]
+        assert torch.equal(tiles(few), vector(few))
+        on_tiles = kind in TILE_TYPES and in_features % 256 == 0
+        assert torch.equal(tiles(x), vector(x)) != on_tiles
+
+
 def test_the_builds_compute_the_same_activation_and_residual_bits():
-    for isa in native.ISAS:
+    for isa in native.SAME_BITS:
         runnable(isa)
     matrix = random_matrix(T.Q4_K, 64, 512, seed=29)
     x = (torch.randn(5, 1024, generator=torch.Generator().manual_seed(30)) * 4).bfloat16()
     residual = torch.randn(5, 64, generator=torch.Generator().manual_seed(31)).bfloat16()
     results = []
-    for isa in native.ISAS:
+    for isa in native.SAME_BITS:
         kernel = GGUFMatmul([matrix], [None], None, isa)
         kernel.fuse_swiglu()
         results.append(kernel(x, residual.clone()))
