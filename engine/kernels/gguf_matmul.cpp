@@ -429,6 +429,7 @@ void dequantize_row(const uint8_t* row, int64_t type, int64_t k, float* y) {
 }  // namespace
 
 #if defined(__AMX_INT8__)
+#include "amx.h"
 namespace {
 #include "gguf_tiles.h"
 }  // namespace
@@ -491,7 +492,7 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
 #if defined(__AMX_INT8__)
     // the tile path: activations interleaved once, per 16 rows, for the block sizes its matrices read
     std::vector<tiles::Columns> columns32, columns256;
-    const bool use_tiles = m >= tile_rows && tiles::enabled();
+    const bool use_tiles = m >= tile_rows && amx::enabled();
     bool tiles32 = false, tiles256 = false;
     for (int64_t i = 0; i < count; ++i)
         if (use_tiles && tiles::supports(matrices[i].type, k)) (block_size(matrices[i].type) == 256 ? tiles256 : tiles32) = true;
@@ -506,7 +507,7 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
 #pragma omp parallel num_threads(threads)
     {
 #if defined(__AMX_INT8__)
-    tiles::configured = 0;
+    amx::forget();
 #endif
 #pragma omp for schedule(static)
     for (size_t t = 0; t < tiles.size(); ++t) {
@@ -541,14 +542,14 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
         }
     }
 #if defined(__AMX_INT8__)
-    tiles::release();
+    amx::release();
 #endif
     }
 }
 
 #if defined(__AMX_INT8__)
 // Whether this process may use the tile registers: the amx build runs only where it may.
-int tiles_enabled() { return tiles::enabled(); }
+int tiles_enabled() { return amx::enabled(); }
 #endif
 
 // Rows `ids` of one matrix, dequantized to fp32 (out [count, k]): embedding lookups from a quantized table.

@@ -7,51 +7,13 @@
 // sub-block's C is scaled in fp32 by d x its sub-block scale (less its offset term: the mins times the activations'
 // code sums), and each block of activations by its scale: per output, the same math as the vector kernels, with
 // the products summed per sub-block first (other float32 roundings than theirs, within the same bound).
-#include <sys/syscall.h>
-#include <unistd.h>
-
 namespace tiles {
 
 constexpr int kRows = 16;     // weight rows (A rows) and activation rows (B columns / 4) of one tile op
 constexpr int kGroup = 256;   // inputs decoded per step: a K-quant super-block, or 8 Q8_0 blocks
-constexpr int kCTiles = 4;    // C tiles (tmm0-3); A in tmm4/5, B in tmm6/7
 
 bool supports(int64_t type, int64_t k) {
     return type == Q4_K || type == Q5_K || type == Q6_K || (type == Q8_0 && k % kGroup == 0);
-}
-
-// Whether this process may use the tile registers (Linux grants them on request, once per process).
-bool enabled() {
-    static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-    return granted;
-}
-
-struct alignas(64) Config {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-};
-
-// The sub-block width this thread's tiles are shaped for (0: none). Other libraries on the same threads (oneDNN's
-// GEMMs) load their own shapes or release the tiles, so a parallel region starts from none and releases at its end.
-thread_local int configured = 0;
-
-// Tiles shaped for sub-blocks of `width` inputs (32, or Q6_K's 16), loaded on this thread when they differ.
-void configure(int width) {
-    if (configured == width) return;
-    Config config;
-    for (int t = 0; t < kCTiles; ++t) config.colsb[t] = 64, config.rows[t] = kRows;
-    for (int t = 4; t < 6; ++t) config.colsb[t] = (uint16_t)width, config.rows[t] = kRows;
-    for (int t = 6; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = (uint8_t)(width / 4);
-    // the whole 64 bytes as the asm's input (GCC's _tile_loadconfig names only the first 8, so the compiler may drop
-    // the stores to the rest)
-    __asm__ volatile("ldtilecfg %0" ::"m"(config));
-    configured = width;
-}
-
-void release() {
-    if (configured != 0) _tile_release();
-    configured = 0;
 }
 
 // Up to 16 activation rows as B tiles read them: per 4 inputs, 16 rows of 4 codes (missing rows 0), and per block
@@ -132,7 +94,7 @@ void dot(const uint8_t* w, int64_t row_bytes, int64_t count, int64_t k, const Co
     constexpr int width = S::width, subs = S::subs;
     constexpr bool is_signed = type == Q8_0;
     constexpr int64_t b_step = width / 4 * (4 * kRows);  // bytes of B per sub-block
-    configure(width);
+    amx::configure(width);
     // two steps in turn: a step's codes are written a whole step before tiles read them (a tile load of lines that
     // vector stores have just written waits for them to reach the cache)
     thread_local S steps[2];

@@ -28,7 +28,7 @@ from engine.weights.embedded import cache_dir
 
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("quant_matmul.cpp", "gguf_matmul.cpp", "recurrent.cpp", "quantize.cpp"))
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "gguf_tiles.h"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "amx.h", "gguf_tiles.h"))
 # per build: the CPU flags it needs, and the compiler flags for exactly those (not -march=native: a build, e.g. in
 # an image, runs on any CPU that has them)
 ISAS = {
@@ -72,8 +72,8 @@ def library(isa: str) -> ctypes.CDLL | None:
         return None
     pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     eps = ctypes.c_float
-    lib.q4q8_linear.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int, pointer, size,
-                                pointer, eps, ctypes.c_int, ctypes.c_int, pointer, threads]
+    lib.q4q8_linear.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int, size, pointer,
+                                size, pointer, eps, ctypes.c_int, ctypes.c_int, pointer, threads]
     lib.q4q8_linear.restype = None
     lib.q8_head.argtypes = [pointer, pointer, size, size, pointer, size, pointer, eps, pointer, threads]
     lib.q8_head.restype = None

@@ -24,6 +24,9 @@
 #include <vector>
 
 #include "simd.h"
+#if defined(__AMX_INT8__)
+#include "amx.h"
+#endif
 
 namespace {
 
@@ -109,10 +112,84 @@ void tile_rows(const uint8_t* wq, const float* wd, const float* wm, const float*
     }
 }
 
+#if defined(__AMX_INT8__)
+// The amx build: one tile of 16 outputs against 16 activation rows (xq: 16 rows, those past `count` zero) on AMX
+// tiles. Per block of 32 inputs, each half's exact int32 dots (A: the rows' 16 codes, B: the 4 unpacked steps, which
+// are B's layout as packed) are scaled as tile_rows scales them, in the same order: the same bits.
+template <typename T>
+void tile_rows_on_tiles(const uint8_t* wq, const float* wd, const float* wm, const float* bias, int64_t blocks,
+                        int64_t group_blocks, int64_t k, const int8_t* xq, const float* xd, const float* xs, int count,
+                        T* y, int64_t n, bool accumulate) {
+    amx::configure(kHalf);
+    alignas(64) uint8_t steps[2][kBlock / 4][64];     // a block's 8 steps unpacked, two blocks in turn
+    alignas(64) int32_t dots[2][2][kTile][kTile];     // per block in turn, per half: [row][output]
+    F16 acc[kTile];
+    for (int r = 0; r < kTile; ++r) acc[r] = simd::zero();
+    // the products of block b: C tiles 0-1 (even blocks) or 2-3 (odd), stored to dots[b % 2]
+    auto products = [&](int64_t b) {
+        const uint8_t* packed = wq + b * (kBlock / 4) * kQuadBytes;
+        simd::prefetch_ahead(packed, (kBlock / 4) * kQuadBytes);
+        for (int s = 0; s < kBlock / 4; s += 2) {
+            simd::Bytes first, second;
+            simd::nibble_pairs(packed + s * kQuadBytes, first, second);
+            _mm512_store_si512(steps[b % 2][s], first.v);
+            _mm512_store_si512(steps[b % 2][s + 1], second.v);
+        }
+        const int8_t* a = xq + b * kBlock;
+        if (b % 2 == 0) {
+            _tile_zero(0);
+            _tile_loadd(4, a, k);
+            _tile_loadd(6, steps[0][0], 64);
+            _tile_dpbsud(0, 4, 6);
+            _tile_zero(1);
+            _tile_loadd(5, a + kHalf, k);
+            _tile_loadd(7, steps[0][4], 64);
+            _tile_dpbsud(1, 5, 7);
+            _tile_stored(0, dots[0][0], 64);
+            _tile_stored(1, dots[0][1], 64);
+        } else {
+            _tile_zero(2);
+            _tile_loadd(4, a, k);
+            _tile_loadd(6, steps[1][0], 64);
+            _tile_dpbsud(2, 4, 6);
+            _tile_zero(3);
+            _tile_loadd(5, a + kHalf, k);
+            _tile_loadd(7, steps[1][4], 64);
+            _tile_dpbsud(3, 5, 7);
+            _tile_stored(2, dots[1][0], 64);
+            _tile_stored(3, dots[1][1], 64);
+        }
+    };
+    auto scale = [&](int64_t b) {
+        const int64_t group = b / group_blocks;
+        const F16 dw = simd::load(wd + group * kTile), mw = simd::load(wm + group * kTile);
+        for (int r = 0; r < count; ++r) {
+            const float* d = xd + r * 2 * blocks + 2 * b;
+            const F16 low = simd::to_float(I16{_mm512_load_si512(dots[b % 2][0][r])});
+            const F16 high = simd::to_float(I16{_mm512_load_si512(dots[b % 2][1][r])});
+            acc[r] = simd::fmadd(low, simd::mul(dw, simd::set1(d[0])), acc[r]);
+            acc[r] = simd::fmadd(high, simd::mul(dw, simd::set1(d[1])), acc[r]);
+            acc[r] = simd::fmadd(mw, simd::set1(xs[r * blocks + b]), acc[r]);
+        }
+    };
+    products(0);
+    for (int64_t b = 1; b < blocks; ++b) {
+        products(b);
+        scale(b - 1);
+    }
+    scale(blocks - 1);
+    const F16 b = bias ? simd::load(bias) : simd::zero();
+    for (int r = 0; r < count; ++r) {
+        const F16 sum = simd::add(acc[r], b);
+        store_elements(y + r * n, accumulate ? simd::add(sum, load_elements(y + r * n)) : sum);
+    }
+}
+#endif
+
 template <typename T>
 void q4q8_rows(const uint8_t* wq, const float* wd, const float* wm, const float* bias, int64_t n, int64_t k,
-               int64_t group_blocks, const T* x, int64_t rows, const float* norm, float eps, bool gated,
-               bool accumulate, T* y, int threads) {
+               int64_t group_blocks, int64_t tile_rows_from, const T* x, int64_t rows, const float* norm, float eps,
+               bool gated, bool accumulate, T* y, int threads) {
     using TileFn = decltype(&tile_rows<1, T>);
     static constexpr TileFn tile_fns[kMaxRows] = {tile_rows<1, T>, tile_rows<2, T>, tile_rows<3, T>, tile_rows<4, T>,
                                                   tile_rows<5, T>, tile_rows<6, T>, tile_rows<7, T>, tile_rows<8, T>};
@@ -120,16 +197,42 @@ void q4q8_rows(const uint8_t* wq, const float* wd, const float* wm, const float*
     quantize_rows(x, rows, k, norm, eps, gated, act);
     const int64_t blocks = k / kBlock, tiles = n / kTile;
     const int64_t tile_bytes = blocks * (kBlock / 4) * kQuadBytes, tile_scales = blocks / group_blocks * kTile;
+#if defined(__AMX_INT8__)
+    const bool on_tiles = rows >= tile_rows_from && amx::enabled();
+    if (on_tiles) act.q.resize((rows + kTile - 1) / kTile * kTile * k, 0);  // A tiles read whole 16 rows
+#else
+    (void)tile_rows_from;
+#endif
     const int8_t* xq = act.q.data();
     const float *xd = act.d.data(), *xs = act.s.data();
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel num_threads(threads)
+    {
+#if defined(__AMX_INT8__)
+    amx::forget();
+#endif
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
+#if defined(__AMX_INT8__)
+        if (on_tiles) {
+            for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+                tile_rows_on_tiles(wq + t * tile_bytes, wd + t * tile_scales, wm + t * tile_scales,
+                                   bias ? bias + t * kTile : nullptr, blocks, group_blocks, k, xq + r0 * k,
+                                   xd + r0 * 2 * blocks, xs + r0 * blocks, (int)std::min<int64_t>(kTile, rows - r0),
+                                   y + r0 * n + t * kTile, n, accumulate);
+            }
+            continue;
+        }
+#endif
         for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
             const int count = (int)std::min<int64_t>(kMaxRows, rows - r0);
             tile_fns[count - 1](wq + t * tile_bytes, wd + t * tile_scales, wm + t * tile_scales,
                                 bias ? bias + t * kTile : nullptr, blocks, group_blocks, k, xq + r0 * k,
                                 xd + r0 * 2 * blocks, xs + r0 * blocks, y + r0 * n + t * kTile, n, accumulate);
         }
+    }
+#if defined(__AMX_INT8__)
+    amx::release();
+#endif
     }
 }
 
@@ -426,16 +529,17 @@ void q8_head(const int8_t* wq, const float* wd, int64_t n, int64_t k, const floa
 // y[rows, n] = rmsnorm?(x[rows, k]) @ W^T (+ bias, fp32), x and y bf16 (or fp32 with fp32 set), W packed in tiles
 // by q4q8.py with one scale and offset per group of group_blocks blocks of 32 inputs; with norm (fp32 weight [k])
 // each row is first scaled by 1 / sqrt(mean(x^2) + eps) and the weight, in fp32; gated: x is [rows, 2k], SwiGLU's
-// gate and up halves (see quantize_rows); accumulate: y already holds rows the result is added to (one rounding).
+// gate and up halves (see quantize_rows); accumulate: y already holds rows the result is added to (one rounding);
+// tile_rows: the amx build runs steps of at least this many rows on AMX tiles (the same bits).
 void q4q8_linear(const uint8_t* wq, const float* wd, const float* wm, const float* bias, int64_t n, int64_t k,
-                 int64_t group_blocks, int fp32, const void* x, int64_t rows, const float* norm, float eps, int gated,
-                 int accumulate, void* y, int threads) {
+                 int64_t group_blocks, int fp32, int64_t tile_rows, const void* x, int64_t rows, const float* norm,
+                 float eps, int gated, int accumulate, void* y, int threads) {
     if (fp32)
-        q4q8_rows(wq, wd, wm, bias, n, k, group_blocks, (const float*)x, rows, norm, eps, gated, accumulate, (float*)y,
-                  threads);
+        q4q8_rows(wq, wd, wm, bias, n, k, group_blocks, tile_rows, (const float*)x, rows, norm, eps, gated, accumulate,
+                  (float*)y, threads);
     else
-        q4q8_rows(wq, wd, wm, bias, n, k, group_blocks, (const uint16_t*)x, rows, norm, eps, gated, accumulate,
-                  (uint16_t*)y, threads);
+        q4q8_rows(wq, wd, wm, bias, n, k, group_blocks, tile_rows, (const uint16_t*)x, rows, norm, eps, gated,
+                  accumulate, (uint16_t*)y, threads);
 }
 
 }

@@ -88,6 +88,30 @@ def test_rows_do_not_depend_on_the_rest_of_the_batch(isa):
     assert torch.equal(matmul(x[5:11]), together[5:11])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_amx_build_computes_avx512s_bits_on_tiles(dtype):
+    """From ``q4q8.TILE_ROWS`` rows the amx build computes on AMX tiles (rows in chunks of 16, the last one padded)
+    and scales each half-block's exact dots as the vector kernel does, in its order: the same bits, with a bias, a
+    fused norm, or SwiGLU and a residual."""
+    for isa in ("amx", "avx512"):
+        if isa not in native.isas():
+            pytest.skip(f"this CPU does not run the {isa} build")
+    weight = q4q8.pack(random_weight(96, 512, group_size=64, seed=8))
+    bias = torch.randn(96, generator=torch.Generator().manual_seed(9))
+    norm = torch.rand(512, generator=torch.Generator().manual_seed(10)) + 0.5
+    for rows in (q4q8.TILE_ROWS - 1, q4q8.TILE_ROWS, 17, 40):
+        x = (torch.randn(rows, 1024, generator=torch.Generator().manual_seed(rows)) * 4).to(dtype)
+        residual = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows + 1)).to(dtype)
+        results = []
+        for isa in ("amx", "avx512"):
+            plain, normed, gated = (q4q8.Q4Q8Matmul(weight, bias, isa, dtype) for _ in range(3))
+            normed.fuse_norm(norm, 1e-5)
+            gated.fuse_swiglu()
+            results.append((plain(x[:, :512]), normed(x[:, 512:]), gated(x, residual.clone())))
+        for tiles, vector in zip(*results, strict=True):
+            assert torch.equal(tiles, vector)
+
+
 def test_bias_is_added_in_float32(isa):
     weight = random_weight(32, 64)
     bias = torch.randn(32)
