@@ -1,11 +1,12 @@
 """The native CPU kernels (``quant_matmul.cpp``, ``gguf_matmul.cpp`` and ``recurrent.cpp`` over ``simd.h``, and the
 load-time quantizer ``quantize.cpp``): built once per instruction set into one library, loaded with ctypes.
 
-One source, two builds: ``avx512`` (AVX512 F/BW/VL with VNNI and BF16) and ``avx2`` (AVX2 with FMA), which compute
-the same bits. Each is compiled with the system's C++ compiler (``$CXX``, else ``g++``) and cached next to the
-fetched assets under a name that covers the sources and the flags (``qwen-serve-assets`` builds them ahead, as the
-image build does; a server without a compiler then still finds them). ``isas()`` lists the builds this CPU can run,
-fastest first; without any (or without a compiler) callers keep torch's kernels.
+One source, three builds: ``avx512`` (AVX512 F/BW/VL with VNNI and BF16) and ``avx2`` (AVX2 with FMA), which
+compute the same bits, and ``amx`` (avx512's, with steps of several rows on AMX tiles: ``amx.h``, where the kernel
+must also grant the process its tiles). Each is compiled with the system's C++ compiler (``$CXX``, else ``g++``)
+and cached next to the fetched assets under a name that covers the sources and the flags (``qwen-serve-assets``
+builds them ahead, as the image build does; a server without a compiler then still finds them). ``isas()`` lists
+the builds this CPU can run, fastest first; without any (or without a compiler) callers keep torch's kernels.
 """
 
 from __future__ import annotations

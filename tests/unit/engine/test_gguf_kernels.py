@@ -1,7 +1,8 @@
 """The native kernels over GGUF blocks as stored (``gguf_matmul.cpp``) against the math they claim, for every type
 and every build this CPU runs: rows dequantized exactly as the ``gguf`` library dequantizes them; products equal to
 float64 products of those weights with the activations as the kernel quantizes them (int8 per block of 32, or of
-256 for the K-quants, scale amax / 127, round half to even), up to float32 accumulation; the builds bit-equal.
+256 for the K-quants, scale amax / 127, round half to even), up to float32 accumulation; the vector builds
+bit-equal, and the amx build's tile path (steps of several rows) within the same bound.
 
 Weights are random bytes: every bit pattern of a block's codes and sub-block scales is a valid weight, so random
 blocks reach every code and scale a file can hold."""

@@ -1,6 +1,6 @@
 """The native kernels against the math they claim (int4 x int8: activations quantized to int8 per block of 16,
 scale amax / 127, round half to even, exact integer dots, weight scales and offsets per block of 32), for every
-build this CPU runs (``isa``: avx512, avx2), and the builds against each other bit for bit."""
+build this CPU runs (``isa``: amx, avx512, avx2), and the builds against each other bit for bit."""
 
 from __future__ import annotations
 
