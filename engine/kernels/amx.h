@@ -49,3 +49,12 @@ inline void release() {
 }
 
 }  // namespace amx
+
+// C tile C = A x B over the tiles' width: A tile A loaded from A_PTR (rows A_STRIDE bytes apart), B tile B from B_PTR
+// (rows 64 bytes apart), DOT the product intrinsic (its signedness: _tile_dpbusd, _tile_dpbssd, _tile_dpbsud). The
+// intrinsics take tile numbers as literals, hence a macro.
+#define AMX_PRODUCT(C, A, B, A_PTR, A_STRIDE, B_PTR, DOT) \
+    _tile_zero(C);                                       \
+    _tile_loadd(A, A_PTR, A_STRIDE);                     \
+    _tile_loadd(B, B_PTR, 64);                           \
+    DOT(C, A, B);

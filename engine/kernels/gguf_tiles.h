@@ -74,25 +74,12 @@ struct Step {
     }
 };
 
-// The product of one sub-block into C tile C: its codes into A tile A, its activations into B tile B (the
-// intrinsics take the tile numbers as literals).
-#define TILE_PRODUCT(C, A, B, A_PTR, A_STRIDE, B_PTR, SIGNED) \
-    _tile_zero(C);                                           \
-    _tile_loadd(A, A_PTR, A_STRIDE);                         \
-    _tile_loadd(B, B_PTR, 64);                               \
-    if (SIGNED) {                                            \
-        _tile_dpbssd(C, A, B);                               \
-    } else {                                                 \
-        _tile_dpbusd(C, A, B);                               \
-    }
-
 // y[i][r] (i < count weight rows from w, row_bytes apart; r < 16 activation rows of x) over k inputs. Sub-blocks
 // go two at a time into C tiles 0-1 or 2-3 in turn, so a pair's products run while the one before is scaled.
 template <int64_t type>
 void dot(const uint8_t* w, int64_t row_bytes, int64_t count, int64_t k, const Columns& x, float (*y)[kRows]) {
     using S = Step<type>;
     constexpr int width = S::width, subs = S::subs;
-    constexpr bool is_signed = type == Q8_0;
     constexpr int64_t b_step = width / 4 * (4 * kRows);  // bytes of B per sub-block
     amx::configure(width);
     // two steps in turn: a step's codes are written a whole step before tiles read them (a tile load of lines that
@@ -127,17 +114,19 @@ void dot(const uint8_t* w, int64_t row_bytes, int64_t count, int64_t k, const Co
         auto products = [&](int j) {
             const int8_t* b = x.q.data() + (g * kGroup + j * width) / 4 * (4 * kRows);
             const uint8_t* a = step.codes[0] + j * width;
-            if (j / 2 % 2 == 0) {
-                TILE_PRODUCT(0, 4, 6, a, kGroup, b, is_signed)
-                TILE_PRODUCT(1, 5, 7, a + width, kGroup, b + b_step, is_signed)
-                _tile_stored(0, c[0][0], 64);
-                _tile_stored(1, c[0][1], 64);
+            // Q8_0's codes are signed, the others' unsigned; the activations signed
+#define SUB_BLOCK_PAIR(C0, C1, DOT)                                       \
+    AMX_PRODUCT(C0, 4, 6, a, kGroup, b, DOT)                              \
+    AMX_PRODUCT(C1, 5, 7, a + width, kGroup, b + b_step, DOT)             \
+    _tile_stored(C0, c[(C0) / 2][0], 64);                                 \
+    _tile_stored(C1, c[(C0) / 2][1], 64);
+            const bool first = j / 2 % 2 == 0;
+            if constexpr (type == Q8_0) {
+                if (first) { SUB_BLOCK_PAIR(0, 1, _tile_dpbssd) } else { SUB_BLOCK_PAIR(2, 3, _tile_dpbssd) }
             } else {
-                TILE_PRODUCT(2, 4, 6, a, kGroup, b, is_signed)
-                TILE_PRODUCT(3, 5, 7, a + width, kGroup, b + b_step, is_signed)
-                _tile_stored(2, c[1][0], 64);
-                _tile_stored(3, c[1][1], 64);
+                if (first) { SUB_BLOCK_PAIR(0, 1, _tile_dpbusd) } else { SUB_BLOCK_PAIR(2, 3, _tile_dpbusd) }
             }
+#undef SUB_BLOCK_PAIR
         };
         // sub-blocks j, j + 1 scaled into part
         auto scale = [&](int j0) {
@@ -177,8 +166,6 @@ void dot(const uint8_t* w, int64_t row_bytes, int64_t count, int64_t k, const Co
     }
     for (int n = 0; n < count; ++n) _mm512_storeu_ps(y[n], total[n]);
 }
-
-#undef TILE_PRODUCT
 
 // The 16 outputs y[0..15][r] of each activation row r < rows written side by side at out[at + r * stride], as
 // gguf_linear finishes one: plus bias, plus what out holds (accumulate), rounded once to out's dtype.

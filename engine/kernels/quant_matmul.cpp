@@ -136,29 +136,18 @@ void tile_rows_on_tiles(const uint8_t* wq, const float* wd, const float* wm, con
             _mm512_store_si512(steps[b % 2][s + 1], second.v);
         }
         const int8_t* a = xq + b * kBlock;
+        // A: the rows' codes of each half (signed), B: its 4 unpacked steps (unsigned weights)
+#define HALF_PRODUCTS(C0, C1)                                                \
+    AMX_PRODUCT(C0, 4, 6, a, k, steps[(C0) / 2][0], _tile_dpbsud)            \
+    AMX_PRODUCT(C1, 5, 7, a + kHalf, k, steps[(C0) / 2][4], _tile_dpbsud)    \
+    _tile_stored(C0, dots[(C0) / 2][0], 64);                                 \
+    _tile_stored(C1, dots[(C0) / 2][1], 64);
         if (b % 2 == 0) {
-            _tile_zero(0);
-            _tile_loadd(4, a, k);
-            _tile_loadd(6, steps[0][0], 64);
-            _tile_dpbsud(0, 4, 6);
-            _tile_zero(1);
-            _tile_loadd(5, a + kHalf, k);
-            _tile_loadd(7, steps[0][4], 64);
-            _tile_dpbsud(1, 5, 7);
-            _tile_stored(0, dots[0][0], 64);
-            _tile_stored(1, dots[0][1], 64);
+            HALF_PRODUCTS(0, 1)
         } else {
-            _tile_zero(2);
-            _tile_loadd(4, a, k);
-            _tile_loadd(6, steps[1][0], 64);
-            _tile_dpbsud(2, 4, 6);
-            _tile_zero(3);
-            _tile_loadd(5, a + kHalf, k);
-            _tile_loadd(7, steps[1][4], 64);
-            _tile_dpbsud(3, 5, 7);
-            _tile_stored(2, dots[1][0], 64);
-            _tile_stored(3, dots[1][1], 64);
+            HALF_PRODUCTS(2, 3)
         }
+#undef HALF_PRODUCTS
     };
     auto scale = [&](int64_t b) {
         const int64_t group = b / group_blocks;
