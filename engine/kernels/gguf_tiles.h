@@ -82,8 +82,7 @@ void dot(const uint8_t* w, int64_t row_bytes, int64_t count, int64_t k, const Co
     constexpr int width = S::width, subs = S::subs;
     constexpr int64_t b_step = width / 4 * (4 * kRows);  // bytes of B per sub-block
     amx::configure(width);
-    // two steps in turn: a step's codes are written a whole step before tiles read them (a tile load of lines that
-    // vector stores have just written waits for them to reach the cache)
+    // two steps in turn: the next step decodes while this one's tile products run
     thread_local S steps[2];
     for (S& step : steps) {  // rows past count: zero codes and factors
         for (int n = (int)count; n < kRows; ++n) {
