@@ -167,7 +167,7 @@ class LLMEngine:
                    tensor_parallel_size: int = 1, quantization: str | None = None) -> LLMEngine:
         """Load ``model`` (hub id, folder, ``.gguf``; None = the embedded default) and build an engine.
         ``cpu_isa`` (bf16 on CPU): "amx", "avx512" or "avx2" runs that build of the native kernels (int4 x int8
-        linears, the Q8_0 head, decode attention; amx: avx512's, with GGUF products of several rows on AMX tiles),
+        linears, the Q8_0 head, decode attention; amx: avx512's, with the products of several rows on AMX tiles),
         "auto" the fastest build the CPU runs, "torch" torch's weight-only int4 kernel
         (slower, closer to fp32). ``cuda_int4_kernel``: 4-bit weights on CUDA on "tinygemm" (fastest at batch 1) or
         "triton" (more throughput at many streams); "auto" tinygemm where it runs. ``tensor_parallel_size`` > 1

@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     cpu_isa: Literal["auto", "amx", "avx512", "avx2", "torch"] = Field(
         default="auto", description="4-bit weights on a bf16 CPU: the native int4 x int8 kernels built for amx "
-        "(avx512's, with GGUF products of several rows on AMX tiles), avx512 or avx2 (auto: the fastest this CPU "
+        "(avx512's, with the products of several rows on AMX tiles), avx512 or avx2 (auto: the fastest this CPU "
         "runs), or torch's weight-only kernel (bf16 activations)")
     quantization: Literal["none", "q8_0", "q4_0", "q4_k"] = Field(
         default="none", description="quantize a dense checkpoint folder's layers while loading (native CPU kernels; "

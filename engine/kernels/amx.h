@@ -24,11 +24,9 @@ struct alignas(64) Config {
 };
 
 // The width this thread's tiles are shaped for (0: none). Other libraries on the same threads (oneDNN's GEMMs)
-// load their own shapes or release the tiles, so a parallel region starts from none (`forget`) and releases at its
+// load their own shapes or release the tiles, so every parallel region that configures them releases them at its
 // end.
 inline thread_local int configured = 0;
-
-inline void forget() { configured = 0; }
 
 // Tiles shaped for products over `width` inputs (16 or 32), loaded on this thread when they differ.
 inline void configure(int width) {

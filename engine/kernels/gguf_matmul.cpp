@@ -506,9 +506,6 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
 #endif
 #pragma omp parallel num_threads(threads)
     {
-#if defined(__AMX_INT8__)
-    amx::forget();
-#endif
 #pragma omp for schedule(static)
     for (size_t t = 0; t < tiles.size(); ++t) {
         const Tile& tile = tiles[t];

@@ -83,14 +83,7 @@ void dot(const uint8_t* w, int64_t row_bytes, int64_t count, int64_t k, const Co
     constexpr int64_t b_step = width / 4 * (4 * kRows);  // bytes of B per sub-block
     amx::configure(width);
     // two steps in turn: the next step decodes while this one's tile products run
-    thread_local S steps[2];
-    for (S& step : steps) {  // rows past count: zero codes and factors
-        for (int n = (int)count; n < kRows; ++n) {
-            std::memset(step.codes[n], 0, sizeof(step.codes[n]));
-            std::memset(step.scale[n], 0, sizeof(step.scale[n]));
-            std::memset(step.offset[n], 0, sizeof(step.offset[n]));
-        }
-    }
+    thread_local S steps[2];  // rows past count hold what an earlier call left: their sums are never stored
     alignas(64) int32_t c[2][2][kRows][kRows];  // per pair in turn, per sub-block of the pair
     __m512 total[kRows];
     for (int n = 0; n < kRows; ++n) total[n] = _mm512_setzero_ps();

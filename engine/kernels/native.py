@@ -32,16 +32,16 @@ SOURCES = tuple(Path(__file__).with_name(name)
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "amx.h", "gguf_tiles.h"))
 # per build: the CPU flags it needs, and the compiler flags for exactly those (not -march=native: a build, e.g. in
 # an image, runs on any CPU that has them)
+_AVX512 = (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c"),
+           ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma", "-mf16c"])
 ISAS = {
-    "amx": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "amx_tile", "amx_int8"),
-            ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma", "-mf16c", "-mamx-tile",
-             "-mamx-int8"]),
-    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c"),
-               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma", "-mf16c"]),
+    "amx": ((*_AVX512[0], "amx_tile", "amx_int8"), [*_AVX512[1], "-mamx-tile", "-mamx-int8"]),
+    "avx512": _AVX512,
     "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 }
 # The builds whose every kernel computes the same bits: the amx build runs avx512's kernels too, except GGUF
-# products of several rows, which it sums on AMX tiles in another float32 order (``gguf_tiles.h``).
+# products of several rows, which it sums on AMX tiles in another float32 order (``gguf_tiles.h``; its repacked
+# 4-bit products on tiles keep avx512's bits).
 SAME_BITS = ("avx512", "avx2")
 COMMON_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 

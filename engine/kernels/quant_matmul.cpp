@@ -196,9 +196,6 @@ void q4q8_rows(const uint8_t* wq, const float* wd, const float* wm, const float*
     const float *xd = act.d.data(), *xs = act.s.data();
 #pragma omp parallel num_threads(threads)
     {
-#if defined(__AMX_INT8__)
-    amx::forget();
-#endif
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
 #if defined(__AMX_INT8__)

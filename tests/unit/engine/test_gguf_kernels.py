@@ -106,6 +106,17 @@ def test_kernel_computes_its_quantized_product(kind, rows, dtype, isa):
     assert_computes_its_product(y, x, library_weight(matrix), BLOCK_SIZES[kind])
 
 
+@pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
+def test_a_last_tile_of_fewer_than_16_outputs(kind, isa):
+    """40 outputs: two tiles of 16 and one of 8 (the tile path's rows past 8 hold whatever an earlier call left)."""
+    in_features = 512
+    for seed in (37, 38):  # the second call reuses the first one's tile state
+        matrix = random_matrix(kind, 48 if seed == 37 else 40, in_features, seed=seed)
+        x = torch.randn(6, in_features, generator=torch.Generator().manual_seed(seed))
+        y = GGUFMatmul([matrix], [None], None, isa, torch.float32)(x)
+        assert_computes_its_product(y, x, library_weight(matrix), BLOCK_SIZES[kind])
+
+
 def test_fused_matrices_of_several_types_with_placed_rows_a_bias_and_a_norm(isa):
     """q/k/v-like parts of different types in one call; the second part's rows written to permuted columns (GGUF
     llama's q/k order), a bias over the outputs, and an RMSNorm applied to each row before quantizing."""
