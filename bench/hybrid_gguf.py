@@ -3,13 +3,17 @@ transformers (``Qwen3_5TextConfig``; SmolLM2's tokenizer, so the benchmark's end
 converted by llama.cpp's own converter (``tests/llama_converter.py``) to F16 and quantized by its
 ``llama-quantize``. The values of the weights do not change the speed.
 
-    .venv/bin/python -m bench.hybrid_gguf [--type Q4_K_M] [--layers 24]
+    .venv/bin/python -m bench.hybrid_gguf [--type Q4_K_M] [--layers 24] [--mtp]
     MODEL=<printed path> REQS=4,32 bash ../shared/bench/vs-llama-server.sh
+
+``--mtp`` adds a multi-token-prediction block of random weights (Qwen3.5's ``mtp.*``, written by the converter as
+llama.cpp's ``nextn`` block) for ``bench.speculative``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import tempfile
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from engine.weights.embedded import SMOLLM2_GGUF, asset_path
 from tests.llama_converter import convert
@@ -27,31 +32,52 @@ SHAPE = dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=8, nu
              linear_conv_kernel_dim=4, max_position_embeddings=8192, tie_word_embeddings=True, vocab_size=49152)
 
 
-def write_folder(folder: Path, layers: int) -> None:
-    """Random bf16 weights of the shape, three linear layers to one attention layer, with SmolLM2's tokenizer."""
+def write_folder(folder: Path, layers: int, mtp: bool = False) -> None:
+    """Random bf16 weights of the shape, three linear layers to one attention layer, with SmolLM2's tokenizer; with
+    ``mtp``, a multi-token-prediction block shaped as the last layer."""
     config = transformers.Qwen3_5TextConfig(num_hidden_layers=layers, **SHAPE)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     for parameter in model.parameters():
         parameter.data.normal_(0, 0.02)
     model.save_pretrained(folder)
+    if mtp:
+        add_block(folder, layers)
     gguf = asset_path(SMOLLM2_GGUF)
     transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
+
+
+def add_block(folder: Path, layers: int) -> None:
+    """``mtp.*`` beside the saved weights (random, as the model's), and ``mtp_num_hidden_layers`` in the config."""
+    weights = load_file(folder / "model.safetensors")
+    last = f"model.layers.{layers - 1}."
+    block = {f"mtp.layers.0.{name.removeprefix(last)}": torch.randn_like(tensor) * 0.02
+             for name, tensor in weights.items() if name.startswith(last)}
+    hidden = SHAPE["hidden_size"]
+    block["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden, dtype=torch.bfloat16) * 0.02
+    block |= {f"mtp.{norm}.weight": torch.zeros(hidden, dtype=torch.bfloat16)  # scales of 1 (stored as 1 + w)
+              for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}
+    save_file(weights | block, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["mtp_num_hidden_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--type", default="Q4_K_M", help="llama-quantize type (F16: no quantization)")
     parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--mtp", action="store_true", help="with a multi-token-prediction block")
     args = parser.parse_args()
     models = PEER_DIR / "models"
-    f16 = models / f"bench-qwen3.5-{args.layers}l-F16.gguf"
+    stem = f"bench-qwen3.5-{args.layers}l{'-mtp' if args.mtp else ''}"
+    f16 = models / f"{stem}-F16.gguf"
     if not f16.is_file():
         with tempfile.TemporaryDirectory() as folder:
-            write_folder(Path(folder), args.layers)
-            convert(Path(folder), f16.with_suffix(".part"), "--no-mtp", "--outtype", "f16")
+            write_folder(Path(folder), args.layers, args.mtp)
+            convert(Path(folder), f16.with_suffix(".part"), *(() if args.mtp else ("--no-mtp",)), "--outtype", "f16")
         f16.with_suffix(".part").rename(f16)
-    out = f16 if args.type == "F16" else models / f"bench-qwen3.5-{args.layers}l-{args.type}.gguf"
+    out = f16 if args.type == "F16" else models / f"{stem}-{args.type}.gguf"
     if not out.is_file():
         quantize = PEER_DIR / "llama.cpp-build" / "bin" / "llama-quantize"
         subprocess.run([str(quantize), str(f16), str(out), args.type, "2"], check=True, capture_output=True)

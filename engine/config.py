@@ -60,6 +60,10 @@ class ModelConfig:
     # llama.cpp's Qwen3.5 files order value heads tiled over the key heads (head j reads key head j % key heads)
     # instead of grouped (j // (value heads / key heads)).
     linear_value_tiled: bool = False
+    # Multi-token prediction (Qwen3-Next, Qwen3.5): blocks that draft the token after next from the last hidden
+    # state and the next token's embedding, when the model is built with them (speculative decoding; the loader
+    # sets it): each keeps keys and values in the paged cache like an attention layer.
+    mtp_layers: int = 0
 
     @property
     def q_size(self) -> int:
@@ -76,8 +80,8 @@ class ModelConfig:
 
     @property
     def num_attention_layers(self) -> int:
-        """Layers that keep keys and values in the paged cache."""
-        return self.num_layers - len(self.linear_layers)
+        """Layers that keep keys and values in the paged cache (a multi-token-prediction block's last)."""
+        return self.num_layers - len(self.linear_layers) + self.mtp_layers
 
     @property
     def rotated_dim(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 from collections import deque
@@ -21,10 +22,10 @@ from engine.kv_store import kv_bytes_per_token
 from engine.layers import qwen_ntk_alpha
 from engine.linear_attention import state_bytes_per_sequence
 from engine.pooling import POOLINGS, PooledPrompt, PoolingJob, PoolingTask, pool_chunk
-from engine.runner import ModelRunner
+from engine.runner import DraftRows, ModelRunner, round_slots
 from engine.sampling import PenaltyState, Sampler, SampleRequest, SampleResult, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import Sequence
+from engine.sequence import Sequence, Status
 from engine.state_slots import StateSlots
 from engine.tensor_parallel import Leader, worker_device
 from engine.transfer import to_device
@@ -47,6 +48,16 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: no graphs for decode steps
     kv_cache_dtype: str = "auto"  # "int8"/"fp8": keys and values in 8 bits with a scale per slot and head
     state_snapshots: int = 8  # hybrid models: cached prefixes' linear-layer states kept (from the cache budget)
+    speculative_tokens: int = 0  # tokens the multi-token-prediction block drafts a step for each decoding sequence
+
+    def __post_init__(self) -> None:
+        if self.speculative_tokens < 0:
+            raise ValueError("speculative_tokens must be 0 (off) or more")
+        rows = self.scheduler.max_num_seqs * (self.speculative_tokens + 1)
+        if self.speculative_tokens and self.scheduler.max_num_batched_tokens <= rows:
+            raise ValueError(f"max_num_batched_tokens ({self.scheduler.max_num_batched_tokens}) must exceed "
+                             f"max_num_seqs x (speculative tokens + 1) ({rows}): every running sequence verifies its "
+                             "drafted tokens in each step")
 
 
 @dataclass
@@ -91,6 +102,9 @@ class EngineStats:
     prefix_queries: int = 0
     prefix_hits: int = 0
     preemptions: int = 0
+    spec_drafts: int = 0  # speculative decoding: rows that verified drafted tokens,
+    spec_draft_tokens: int = 0  # the tokens drafted for them,
+    spec_accepted_tokens: int = 0  # and those the model's own choice confirmed
 
 
 @dataclass
@@ -129,14 +143,19 @@ class LLMEngine:
         if self.config.kv_cache_dtype == "fp8" and not reads_fp8(self.device):
             raise ValueError("kv_cache_dtype fp8 needs a CUDA card that reads fp8 (sm89: Ada, Hopper and later); "
                              "use int8 on this one")
-        self.states = (StateSlots(self.config.scheduler.max_num_seqs, self.config.state_snapshots)
+        self.drafted = self.config.speculative_tokens
+        if self.drafted and model.mtp is None:
+            raise ValueError("speculative decoding needs the model built with its multi-token-prediction block "
+                             "(load it with speculative='mtp')")
+        self.states = (StateSlots(self.config.scheduler.max_num_seqs, self.config.state_snapshots, self.drafted + 1)
                        if self.model_config.hybrid else None)
         num_blocks = self._num_blocks()
         self.blocks = BlockManager(num_blocks, self.config.block_size,
                                    self.states.resumable if self.states is not None else None)
         self.runner = ModelRunner(model, model.config, num_blocks, self.config.block_size, self.device, self.dtype,
                                   self.config.kv_cache_dtype,
-                                  state_slots=self.states.total if self.states is not None else 0)
+                                  state_slots=self.states.total if self.states is not None else 0,
+                                  slot_group=self.drafted + 1)
         if leader is not None:
             leader.setup(num_blocks, self.config.block_size, self.config.kv_cache_dtype)
             self.runner.followers = leader
@@ -148,6 +167,7 @@ class LLMEngine:
         self._sequences: dict[str, Sequence] = {}
         self._jobs: dict[str, PoolingJob] = {}
         self._backlog: deque[PoolingJob] = deque()  # pooling jobs with prompts not yet handed to the scheduler
+        self.speculation = SpeculationCounts()
         scheduler = self.config.scheduler
         self.info = ModelInfo(self.tokenizer, self.max_model_len, self.vocab_size, loaded.config.vocab_size,
                               MappingProxyType(dict(loaded.generation_config)), scheduler.max_num_seqs,
@@ -156,9 +176,10 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """The engine's load now (call on the thread that steps it)."""
         blocks = self.blocks
+        spec = self.speculation
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), blocks.usage,
                            blocks.num_blocks - blocks.num_free, blocks.prefix_queries, blocks.prefix_hits,
-                           self.scheduler.num_preemptions)
+                           self.scheduler.num_preemptions, spec.drafts, spec.draft_tokens, spec.accepted_tokens)
 
     @classmethod
     def from_model(cls, model: str | None = None, *, dtype: str | torch.dtype | None = None,
@@ -172,12 +193,15 @@ class LLMEngine:
         (slower, closer to fp32). ``cuda_int4_kernel``: 4-bit weights on CUDA on "tinygemm" (fastest at batch 1) or
         "triton" (more throughput at many streams); "auto" tinygemm where it runs. ``tensor_parallel_size`` > 1
         splits the model over that many processes (this one rank 0; ``engine.tensor_parallel``). ``quantization``
-        ("q8_0", "q4_0", "q4_k"): a dense checkpoint's layers quantized while loading, for the native CPU kernels."""
+        ("q8_0", "q4_0", "q4_k"): a dense checkpoint's layers quantized while loading, for the native CPU kernels.
+        ``config.speculative_tokens`` > 0 builds the model with its multi-token-prediction block, which drafts
+        them."""
         torch_device = select_device(device)
+        speculative = "mtp" if config is not None and config.speculative_tokens else None
         torch_dtype = select_dtype(dtype, torch_device)
         if tensor_parallel_size > 1:
-            if quantization is not None:
-                raise ValueError("--quantization runs in one process: drop --tensor-parallel-size")
+            if quantization is not None or speculative is not None:
+                raise ValueError("--quantization and --speculative run in one process: drop --tensor-parallel-size")
             leader = Leader.start(model, torch_dtype, torch_device, tensor_parallel_size)
             try:
                 loaded = load_model(model, dtype=torch_dtype, device=worker_device(torch_device, 0),
@@ -189,7 +213,7 @@ class LLMEngine:
         kernel = int4_kernel_for(torch_device, torch_dtype, cpu_isa, dtype_chosen=dtype in (None, "auto"),
                                  cuda_kernel=cuda_int4_kernel)
         loaded = load_model(model, dtype=torch_dtype, device=torch_device, int4_kernel=kernel, progress=progress,
-                            quantization=quantization)
+                            quantization=quantization, speculative=speculative)
         return cls(loaded, config)
 
     def close(self) -> None:
@@ -235,7 +259,7 @@ class LLMEngine:
         prefix snapshots'; 0 for other models."""
         if self.states is None:
             return 0
-        slots = self.states.seats + 1 if running else self.states.snapshots
+        slots = self.states.running_slots + 1 if running else self.states.snapshots
         return slots * state_bytes_per_sequence(self.model_config)
 
     def _cache_key(self, seq: Sequence) -> Hashable:
@@ -403,11 +427,15 @@ class LLMEngine:
         if not batch:
             return []
         rows = [row for row, seq in enumerate(batch) if not seq.prefilling and seq.pool is None]
-        hidden, ends = None, []
-        if any(seq.pool is not None for seq in batch):
+        starts = [seq.num_computed for seq in batch]
+        ends = list(itertools.accumulate(seq.step_end - seq.num_computed for seq in batch))
+        hidden = None
+        if self.drafted or any(seq.pool is not None for seq in batch):
             hidden = self.runner.hidden(batch)
-            ends = list(itertools.accumulate(seq.step_end - seq.num_computed for seq in batch))
-            logits = self.runner.head([ends[row] - 1 for row in rows]) if rows else None
+            # every sampled row's last token, and before it any drafted ones it verifies
+            head_rows = [ends[row] - 1 - len(batch[row].draft_ids) + j for row in rows
+                         for j in range(len(batch[row].draft_ids) + 1)]
+            logits = self.runner.head(head_rows) if rows else None
         else:
             logits = self.runner.run(batch)
             logits = self._rows_of(logits, rows) if rows else None
@@ -420,6 +448,9 @@ class LLMEngine:
         for seq in batch:
             if seq.prefilling:
                 seq.num_computed = seq.step_end
+        if self.drafted:
+            assert hidden is not None
+            self._draft(batch, hidden, [0, *ends[:-1]], starts)
         return outputs + pooled
 
     def _pool(self, batch: list[Sequence], hidden: torch.Tensor, ends: list[int]) -> list[StepOutput]:
@@ -466,19 +497,87 @@ class LLMEngine:
                           pooled=None if error is not None else job.result())
 
     def _sample(self, batch: list[Sequence], logits: torch.Tensor, rows: list[int]) -> list[StepOutput]:
-        """A token for each of ``batch``'s ``rows`` (the sequences whose tokens are all computed; ``logits``: theirs,
-        in that order)."""
+        """Tokens for ``batch``'s ``rows`` (the sequences whose tokens are all computed; ``logits``: theirs, in that
+        order, with a row before the last for each token a sequence drafted). A sequence verifying drafted tokens
+        samples in rounds, as it would have one step at a time: round j samples its j-th row, with its state (output,
+        penalties, grammar, random stream) after the rounds before, and it goes on while the token sampled is the one
+        drafted. A greedy sequence thus gets the tokens it would without drafts, a sampling one tokens of the same
+        distribution (a drafted token stands exactly when the model samples it)."""
         sampled = [batch[row] for row in rows]
+        drafts = [seq.draft_ids for seq in sampled]
+        firsts = list(itertools.accumulate((len(d) + 1 for d in drafts), initial=0))
+        outputs: list[StepOutput | None] = [None] * len(sampled)
+        active, j = list(range(len(sampled))), 0
+        while active:
+            picks = self._round(logits if j == 0 and firsts[-1] == len(sampled) else
+                                logits[to_device([firsts[i] + j for i in active], torch.long, logits.device)],
+                                [sampled[i] for i in active], batch, rows)
+            going = []
+            for i, pick in zip(active, picks, strict=True):
+                out = self._advance(sampled[i], pick)
+                outputs[i] = out if outputs[i] is None else merged(outputs[i], out)
+                if not out.finished and j < len(drafts[i]) and out.new_token_ids == [drafts[i][j]]:
+                    going.append(i)
+            active, j = going, j + 1
+        for seq, drafted, out in zip(sampled, drafts, outputs, strict=True):
+            if drafted:
+                self._accepted(seq, drafted, len(out.new_token_ids) - 1 if out is not None else 0)
+        return [out for out in outputs if out is not None]
+
+    def _round(self, logits: torch.Tensor, sequences: list[Sequence], batch: list[Sequence],
+               rows: list[int]) -> list[Pick]:
+        """A token for each of ``sequences`` from its row of ``logits``; when the batch fails, each row alone."""
         requests = [SampleRequest(s.params, s.prompt_ids, s.output_ids, s.stop_ids, s.generator, s.matcher,
-                                  s.penalties) for s in sampled]
-        # a hybrid model's step advanced its states: it cannot run again, so its logits are kept for the failure path
-        kept = logits.clone() if self.states is not None else None
+                                  s.penalties) for s in sequences]
+        # a hybrid model's step advanced its states, and a step with drafts its cache: it cannot run again
+        kept = logits.clone() if self.states is not None or self.drafted else None
         try:
-            picks: list[Pick] = list(self._picks(self.sampler(logits, requests)))
+            return list(self._picks(self.sampler(logits, requests)))
         except Exception:
-            log.warning("sampling a batch of %d failed; sampling its rows one by one", len(rows), exc_info=True)
-            picks = self._sample_rows_alone(batch, rows, requests, kept)
-        return [self._advance(seq, pick) for seq, pick in zip(sampled, picks, strict=True)]
+            log.warning("sampling a batch of %d failed; sampling its rows one by one", len(requests), exc_info=True)
+            return self._sample_rows_alone(batch, rows, requests, kept)
+
+    def _accepted(self, seq: Sequence, drafted: list[int], accepted: int) -> None:
+        """``seq`` verified ``drafted`` tokens and the first ``accepted`` stood: count them, and a hybrid model's
+        sequence takes up the states after them (kept by that round: ``round_slots``)."""
+        self.speculation.record(len(drafted), accepted)
+        if seq.status is Status.RUNNING and seq.state_slot is not None and seq.slot_group is not None:
+            seq.state_slot = round_slots(seq.state_slot, seq.slot_group, self.drafted + 1, len(drafted) + 1)[accepted]
+        seq.draft_ids = []
+
+    def _draft(self, batch: list[Sequence], hidden: torch.Tensor, packed_starts: list[int],
+               positions: list[int]) -> None:
+        """The multi-token-prediction block over every row this step computed and kept (``hidden``: the step's
+        last-layer output, each sequence's rows from ``packed_starts``, its first at ``positions``), which writes
+        its keys; each sequence that sampled drafts up to ``speculative_tokens`` tokens for its next step to verify
+        (greedy from the block's logits; the first from the model's hidden state, each next from the block's own
+        output), as many as its token budget, context and free cache blocks allow."""
+        rows, indices, drafting = [], [], []
+        for seq, packed, start in zip(batch, packed_starts, positions, strict=True):
+            if seq.status is not Status.RUNNING or seq.pool is not None or seq.num_computed <= start:
+                continue
+            tokens = [seq.token_at(position + 1) for position in range(start, seq.num_computed)]
+            rows.append(DraftRows(start, seq.num_computed, tokens, seq.block_table, seq.ntk_alpha))
+            indices += range(packed, packed + len(tokens))
+            if not seq.prefilling and seq.num_computed == len(seq) - 1:
+                room = min(self.drafted, seq.max_tokens - len(seq.output_ids) - 1, self.max_model_len - len(seq) - 1)
+                drafting.append((seq, len(rows) - 1, self.blocks.reserve(seq, len(seq) + max(room, 0)) - len(seq)))
+        if not rows:
+            return
+        normed, logits = self.runner.draft(rows, hidden[to_device(indices, torch.long, hidden.device)], True)
+        drafting = [(seq, row, room) for seq, row, room in drafting if room > 0]
+        for round_ in range(self.drafted):
+            picked = logits[:, : self.vocab_size].argmax(-1).tolist()
+            for seq, row, _ in drafting:
+                seq.draft_ids.append(picked[row])
+            drafting = [(seq, row, room) for seq, row, room in drafting if room > round_ + 1]
+            if not drafting:
+                return
+            chain = [DraftRows(seq.num_computed + round_, seq.num_computed + round_ + 1, [seq.draft_ids[-1]],
+                               seq.block_table, seq.ntk_alpha) for seq, _, _ in drafting]
+            selected = to_device([row for _, row, _ in drafting], torch.long, normed.device)
+            normed, logits = self.runner.draft(chain, normed[selected], False)
+            drafting = [(seq, index, room) for index, (seq, _, room) in enumerate(drafting)]
 
     @staticmethod
     def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -538,6 +637,27 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_prompt_tokens,
             error=error,
         )
+
+
+@dataclass
+class SpeculationCounts:
+    """Speculative decoding so far: rows that verified drafted tokens, the tokens drafted, those accepted."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.drafts += 1
+        self.draft_tokens += drafted
+        self.accepted_tokens += accepted
+
+
+def merged(first: StepOutput, then: StepOutput) -> StepOutput:
+    """One request's output of a step that sampled it twice or more (verifying drafted tokens): ``then`` after
+    ``first``."""
+    return dataclasses.replace(then, new_token_ids=first.new_token_ids + then.new_token_ids,
+                               new_logprobs=first.new_logprobs + then.new_logprobs)
 
 
 class LLM:

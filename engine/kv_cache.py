@@ -107,11 +107,17 @@ class BlockManager:
         if len(seq.block_table) < self.blocks_needed(len(seq)):
             seq.block_table.append(self._take_fresh())
 
+    def reserve(self, seq: Sequence, tokens: int) -> int:
+        """Give ``seq`` blocks for up to ``tokens`` positions while free ones last; how many positions it has."""
+        while len(seq.block_table) < self.blocks_needed(tokens) and self._free:
+            seq.block_table.append(self._take_fresh())
+        return min(tokens, len(seq.block_table) * self.block_size)
+
     def register(self, seq: Sequence, extra: Hashable = None) -> None:
-        """Offer ``seq``'s full blocks up to ``step_end`` for sharing: call once the step that computes them is
-        scheduled, so no other sequence can hit a block before its keys are written (a sequence scheduled in the
-        same step reads them after they are written, layer by layer)."""
-        full = min(seq.step_end // self.block_size, len(seq.block_table))
+        """Offer ``seq``'s full blocks up to ``step_end`` for sharing (never a drafted token's): call once the step
+        that computes them is scheduled, so no other sequence can hit a block before its keys are written (a sequence
+        scheduled in the same step reads them after they are written, layer by layer)."""
+        full = min(min(seq.step_end, len(seq)) // self.block_size, len(seq.block_table))
         if full <= seq.registered_blocks:
             return
         chain = self._chain(seq, extra)

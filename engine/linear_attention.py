@@ -28,15 +28,29 @@ Snapshot = tuple[int, int]  # (tokens into the row, slot): keep the row's state 
 
 
 @dataclass
-class RecurrentStep:
-    """Where a step's rows keep their states: ``decode_tokens``/``decode_slots`` [R] the packed index and slot of
-    every row with one new token (None when there are none); ``prompts`` (packed start, token count, slot,
-    snapshot or None) of each other row; ``fresh_slots`` the slots of rows that start at position 0 (their state
-    starts at zero; None when there are none); ``restores`` (snapshot slot, slot) of rows that resume a cached
-    prefix."""
+class DecodeRound:
+    """Rows with one new token each, computed together: ``tokens`` [R] their packed indices, ``sources`` [R] the
+    slots their states are read from and ``slots`` [R] the slots the advanced states are written to (the same for a
+    plain decode; a row verifying drafted tokens keeps the state after each of them in a slot of its own)."""
 
-    decode_tokens: torch.Tensor | None
-    decode_slots: torch.Tensor | None
+    tokens: torch.Tensor
+    sources: torch.Tensor
+    slots: torch.Tensor
+
+    @property
+    def in_place(self) -> bool:
+        return self.sources is self.slots
+
+
+@dataclass
+class RecurrentStep:
+    """Where a step's rows keep their states: ``rounds`` the rows with one new token (a plain decode, all in round
+    0) or a few (a row verifying drafted tokens: its j-th token in round j, each round reading the state the one
+    before wrote); ``prompts`` (packed start, token count, slot, snapshot or None) of each other row;
+    ``fresh_slots`` the slots of rows that start at position 0 (their state starts at zero; None when there are
+    none); ``restores`` (snapshot slot, slot) of rows that resume a cached prefix."""
+
+    rounds: list[DecodeRound]
     prompts: list[tuple[int, int, int, Snapshot | None]]
     fresh_slots: torch.Tensor | None
     restores: list[tuple[int, int]] = field(default_factory=list)
@@ -113,36 +127,37 @@ class GatedDeltaNet(nn.Module):
         if step.fresh_slots is not None:
             state.reset(step.fresh_slots)
         projected, gates = self.in_proj(x), self.gate_proj(x)
-        if step.decode_tokens is not None and step.decode_slots is not None and not step.prompts and \
-                self.decode_kernel is None:  # a decode step: every row, in order
-            return project(self.out_proj, self.decode_rows(state, step.decode_slots, projected, gates), residual)
+        if len(step.rounds) == 1 and not step.prompts and self.decode_kernel is None:  # a decode step, in order
+            each = step.rounds[0]
+            return project(self.out_proj, self.decode_rows(state, each, projected, gates), residual)
         out = torch.empty((x.shape[0], self.value_heads * self.value_dim), dtype=x.dtype, device=x.device)
-        if step.decode_tokens is not None and step.decode_slots is not None:
-            rows = step.decode_tokens
+        for each in step.rounds:
             if self.decode_kernel is not None:
-                self.decode_kernel(state, step.decode_slots, rows, projected, gates, out)
+                self.decode_kernel(state, each, projected, gates, out)
             else:
-                out[rows] = self.decode_rows(state, step.decode_slots, projected[rows], gates[rows])
+                out[each.tokens] = self.decode_rows(state, each, projected[each.tokens], gates[each.tokens])
         for start, count, slot, snapshot in step.prompts:
             span = slice(start, start + count)
             out[span] = self.prompt_row(state, slot, snapshot, projected[span], gates[span])
         return project(self.out_proj, out, residual)
 
-    def decode_rows(self, state: LayerState, slots: torch.Tensor, projected: torch.Tensor,
+    def decode_rows(self, state: LayerState, rows: DecodeRound, projected: torch.Tensor,
                     gates: torch.Tensor) -> torch.Tensor:
-        """Rows with one new token each (torch's ops; ``DeltaRuleDecode`` computes the same in one native call):
-        the conv over each row's stored window and its input, then the recurrent form and the gated norm;
-        [R, value size] in the model's dtype."""
+        """A round of rows with one new token each (``projected``/``gates``: theirs; torch's ops, which
+        ``DeltaRuleDecode`` computes in one native call): the conv over each row's stored window and its input,
+        then the recurrent form and the gated norm; [R, value size] in the model's dtype."""
         mixed, z = projected.split(self.split, dim=-1)
         decay, beta = self.gate_values(gates)
-        window = torch.cat((state.conv[slots], mixed[:, None].to(state.conv.dtype)), dim=1)
-        state.conv.index_copy_(0, slots, window[:, 1:])
+        window = torch.cat((state.conv[rows.sources], mixed[:, None].to(state.conv.dtype)), dim=1)
+        state.conv.index_copy_(0, rows.slots, window[:, 1:])
         q, k, v = self.heads(F.silu((window * self.conv_taps).sum(1)))
-        if self.triton:
-            return self.gated_norm(triton_recurrent.decode(state.recurrent, slots, q, k, v, decay, beta), z)
-        states = state.recurrent[slots]
+        if self.triton:  # the kernel advances states in place: a verifying row's copied to its round's slot first
+            if not rows.in_place:
+                state.recurrent.index_copy_(0, rows.slots, state.recurrent[rows.sources])
+            return self.gated_norm(triton_recurrent.decode(state.recurrent, rows.slots, q, k, v, decay, beta), z)
+        states = state.recurrent[rows.sources]
         out = recurrent_update(states, q, k, v, decay, beta)
-        state.recurrent.index_copy_(0, slots, states)
+        state.recurrent.index_copy_(0, rows.slots, states)
         return self.gated_norm(out, z)
 
     def prompt_row(self, state: LayerState, slot: int, snapshot: Snapshot | None, projected: torch.Tensor,

@@ -300,6 +300,31 @@ class DecoderLayer(nn.Module):
         return self.mlp(self.mlp_norm(x), residual=x)
 
 
+class DraftHead(nn.Module):
+    """A multi-token-prediction block (Qwen3-Next, Qwen3.5): at a position, the model's last hidden state after its
+    final norm (``target_norm``) and the embedding of the token that follows, each RMS-normalised, are joined by
+    ``fc`` (embedding first) into one decoder layer (attention over the block's own keys in the paged cache, and its
+    MLP); its output, after ``norm``, drafts the token after that through the model's LM head (``head``: the
+    model's, or a copy applying ``norm`` inside its kernel)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, fc: nn.Module, layer: DecoderLayer,
+                 embed_norm: torch.Tensor, hidden_norm: torch.Tensor, target_norm: torch.Tensor, norm: torch.Tensor,
+                 head: nn.Module | None) -> None:
+        super().__init__()
+        self.fc, self.layer, self.head = fc, layer, head
+        size, eps = config.hidden_size, config.rms_norm_eps
+        self.embed_norm, self.hidden_norm = RMSNorm(size, eps, dtype), RMSNorm(size, eps, dtype)
+        self.target_norm, self.norm = RMSNorm(size, eps, norm.dtype), RMSNorm(size, eps, norm.dtype)
+        for module, weight in ((self.embed_norm, embed_norm), (self.hidden_norm, hidden_norm),
+                               (self.target_norm, target_norm), (self.norm, norm)):
+            module.weight = nn.Parameter(weight, requires_grad=False)
+
+    @property
+    def head_norms(self) -> bool:
+        """Whether ``head`` applies ``norm`` itself (a native kernel's fused norm)."""
+        return isinstance(self.head, NativeLinear) and self.head.matmul.norm is not None
+
+
 class DecoderModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head. ``forward`` returns fp32 logits of the last tokens.
 
@@ -321,6 +346,7 @@ class DecoderModel(nn.Module):
         self.lm_head = lm_head
         self.vocab_parallel: VocabParallel | None = None  # tensor parallelism: this rank's rows of embed and head
         self.varlen_prompts_only = False
+        self.mtp: DraftHead | None = None  # the multi-token-prediction block, when built (speculative decoding)
 
     @property
     def device(self) -> torch.device:
@@ -330,8 +356,10 @@ class DecoderModel(nn.Module):
 
     @property
     def attentions(self) -> list[Attention]:
-        """The attention modules of the layers that have one (every layer but a hybrid model's linear ones)."""
-        return [layer.attn for layer in self.layers if isinstance(layer.attn, Attention)]
+        """The attention modules of the layers that have one (every layer but a hybrid model's linear ones), and the
+        multi-token-prediction block's."""
+        layers = [*self.layers, *([self.mtp.layer] if self.mtp is not None else [])]
+        return [layer.attn for layer in layers if isinstance(layer.attn, Attention)]
 
     @property
     def graph_safe(self) -> bool:
@@ -405,15 +433,37 @@ class DecoderModel(nn.Module):
     def hidden(self, token_ids: torch.Tensor, step: StepInputs, caches: Sequence[LayerCache | LayerState]
                ) -> torch.Tensor:
         """The last layer's output for every packed token (before the final norm)."""
-        if isinstance(self.embed, StoredRows):
-            x = self.embed(token_ids).to(self.dtype)
-        elif self.vocab_parallel is None:
-            x = F.embedding(token_ids, self.embed).to(self.dtype)
-        else:
-            x = self.vocab_parallel.embed(token_ids, self.embed).to(self.dtype)
+        x = self.embedding(token_ids)
         for layer, cache in zip(self.layers, caches, strict=True):
             x = layer(x, step, cache)
         return x
+
+    def embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of ``token_ids``, in the layers' dtype."""
+        if isinstance(self.embed, StoredRows):
+            return self.embed(token_ids).to(self.dtype)
+        if self.vocab_parallel is None:
+            return F.embedding(token_ids, self.embed).to(self.dtype)
+        return self.vocab_parallel.embed(token_ids, self.embed).to(self.dtype)
+
+    def draft(self, token_ids: torch.Tensor, hidden: torch.Tensor, step: StepInputs, cache: LayerCache,
+              from_model: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The multi-token-prediction block over packed rows: ``token_ids`` the token after each row's position,
+        ``hidden`` the model's last-layer output there (``from_model``; else the block's own normed output at the
+        position before, to draft one more). At each sequence's last row: the block's normed output and fp32
+        logits."""
+        mtp = self.mtp
+        assert mtp is not None, "the model was built without its multi-token-prediction block"
+        if from_model:
+            hidden = mtp.target_norm(hidden.to(self.head_dtype))
+        joined = torch.cat((mtp.embed_norm(self.embedding(token_ids)), mtp.hidden_norm(hidden.to(self.dtype))), -1)
+        x = mtp.layer(mtp.fc(joined), step, cache)[step.last_index].to(self.head_dtype)
+        normed = mtp.norm(x)
+        return normed, (mtp.head(x).float() if mtp.head_norms else self.logits(normed))
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of rows after the final norm (a head applying the norm itself takes rows before it)."""
+        return (F.linear(normed, self.embed) if self.lm_head is None else self.lm_head(normed)).float()
 
     def token_logits(self, x: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
         """fp32 logits of ``token_ids`` only (a reranker's answers): their rows of a dense head, else the whole
@@ -426,6 +476,5 @@ class DecoderModel(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits of hidden states ``x`` (final norm, then the LM head)."""
-        x = self.final_norm(x.to(self.head_dtype))
-        logits = (F.linear(x, self.embed) if self.lm_head is None else self.lm_head(x)).float()
+        logits = self.logits(self.final_norm(x.to(self.head_dtype)))
         return logits if self.vocab_parallel is None else self.vocab_parallel.gather_logits(logits)

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from engine.config import ModelConfig
 from engine.kv_store import KVCache, LayerCache
 from engine.layers import inverse_frequencies, qwen_ntk_alpha
-from engine.linear_attention import LayerState, RecurrentStep, StateCache
+from engine.linear_attention import DecodeRound, LayerState, RecurrentStep, StateCache
 from engine.model import DecoderModel, PaddedLayout, PagedLayout, StepInputs, VarlenLayout
 from engine.sequence import Sequence
 from engine.transfer import to_device
@@ -26,7 +26,10 @@ class ModelRunner:
     sequences' states (``StateCache``); each sequence names its slot (``Sequence.state_slot``)."""
 
     def __init__(self, model: DecoderModel, config: ModelConfig, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto", state_slots: int = 0) -> None:
+                 device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto", state_slots: int = 0,
+                 slot_group: int = 1) -> None:
+        """``slot_group``: with speculative decoding, the slots each running sequence's states move between (one
+        more than the tokens drafted at most)."""
         self.model, self.config = model, config
         self.block_size, self.device, self.dtype = block_size, device, dtype
         if device.type == "cuda":
@@ -36,6 +39,7 @@ class ModelRunner:
         self.scratch_page = num_blocks
         self.kv_cache = KVCache(config, (num_blocks + 1) * block_size, dtype, device, kv_cache_dtype)
         self.states = StateCache(config, state_slots, device) if config.hybrid else None
+        self.slot_group = slot_group
         self.caches = self._layer_caches()
         alphas = ntk_alphas(config.max_model_len, config.seq_length) if config.use_dynamic_ntk else [1.0]
         self.alpha_index = {alpha: index for index, alpha in enumerate(alphas)}
@@ -50,6 +54,11 @@ class ModelRunner:
         kv, states = iter(self.kv_cache.layers), iter(self.states.layers if self.states is not None else ())
         linear = set(self.config.linear_layers)
         return [next(states) if i in linear else next(kv) for i in range(self.config.num_layers)]
+
+    @property
+    def draft_cache(self) -> LayerCache:
+        """The multi-token-prediction block's keys and values (the cache's last attention layer)."""
+        return self.kv_cache.layers[-1]
 
     def use_decode_graphs(self, graphs: DecodeStep | None) -> None:
         """Run the decode steps ``graphs`` fits on it (CUDA graphs), the rest eagerly."""
@@ -72,6 +81,15 @@ class ModelRunner:
         """fp32 logits of ``rows`` (a range, or packed indices) of the last ``hidden`` result."""
         return self.execute(Command.HEAD, None, None, rows)
 
+    @torch.inference_mode()
+    def draft(self, rows: list[DraftRows], hidden: torch.Tensor, from_model: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The multi-token-prediction block over ``rows`` (``hidden``: their input hidden states, packed in order;
+        ``from_model``: the model's last-layer output, else the block's own): at each one's last row, the block's
+        normed output and fp32 logits (``DecoderModel.draft``)."""
+        ints, shape = self.plan(rows, states=False)
+        token_ids, inputs = self.step_inputs(to_device(ints, torch.long, self.device), shape)
+        return self.model.draft(token_ids, hidden, inputs, self.draft_cache, from_model)
+
     def execute(self, command: Command, ints: np.ndarray | None, shape: StepShape | None,
                 extra: object = None) -> torch.Tensor:
         """Run one command on this rank (after sending it to the followers, if any): ``RUN`` a step (``extra``:
@@ -90,16 +108,17 @@ class ModelRunner:
             return self._hidden
         return self.model(token_ids, inputs, self.caches, all_logits=bool(extra))
 
-    def host_ints(self, batch: list[Sequence], width: int, rows: int | None = None) -> np.ndarray:
+    def host_ints(self, batch: list[Sequence] | list[DraftRows], width: int, rows: int | None = None,
+                  states: bool = True) -> np.ndarray:
         """Every integer a step needs, in ``StepShape`` order: tokens, positions, new-token counts, key counts, NTK
         alpha indices, block tables padded to ``width`` pages. ``rows`` > len(batch) adds padding rows (one token
         at position 0 in the scratch page) for a captured step of that many rows. Filled in one int64 array: a
         captured step's tables are ``rows`` x the longest context's pages, mostly padding. A hybrid model's step
-        ends with each row's states (``state_ints``)."""
+        ends with each row's states (``state_ints``), unless not ``states``."""
         rows = rows or len(batch)
         q_lens = [s.step_end - s.num_computed for s in batch]
         n = sum(q_lens) + rows - len(batch)
-        state_slots = STATE_INTS * rows if self.states is not None else 0
+        state_slots = STATE_INTS * rows if self.states is not None and states else 0
         ints = np.empty(2 * n + 3 * rows + rows * width + state_slots, dtype=np.int64)
         if state_slots:
             ints[-state_slots:] = np.array([state_ints(seq) for seq in batch]).T.reshape(-1)
@@ -110,7 +129,7 @@ class ModelRunner:
         at = 0
         for row, (seq, q_len) in enumerate(zip(batch, q_lens, strict=True)):
             end = seq.step_end
-            tokens[at : at + q_len] = seq.token_ids[seq.num_computed : end] if q_len > 1 else seq.token_at(end - 1)
+            tokens[at : at + q_len] = seq.step_tokens()
             positions[at : at + q_len] = np.arange(seq.num_computed, end)
             q_len_t[row], kv_len_t[row], alpha_t[row] = q_len, end, self.alpha_index[seq.ntk_alpha]
             tables[row, : len(seq.block_table)] = seq.block_table
@@ -119,13 +138,13 @@ class ModelRunner:
         q_len_t[len(batch) :], kv_len_t[len(batch) :], alpha_t[len(batch) :] = 1, 1, 0
         return ints
 
-    def plan(self, batch: list[Sequence]) -> tuple[np.ndarray, StepShape]:
+    def plan(self, batch: list[Sequence] | list[DraftRows], states: bool = True) -> tuple[np.ndarray, StepShape]:
         """Every integer of the step (``host_ints``) and its shape: all any rank needs to run it."""
         q_lens = [s.step_end - s.num_computed for s in batch]
         kv_lens = [s.step_end for s in batch]
         width = max(len(s.block_table) for s in batch)
         shape = StepShape(tokens=sum(q_lens), rows=len(batch), width=width, max_q=max(q_lens), kv_lens=kv_lens)
-        return self.host_ints(batch, width), shape
+        return self.host_ints(batch, width, states=states), shape
 
     def prepare(self, batch: list[Sequence]) -> tuple[torch.Tensor, StepInputs]:
         """The step's tensors (``plan``, then ``inputs``)."""
@@ -141,7 +160,7 @@ class ModelRunner:
         tail = STATE_INTS * b
         token_ids, inputs = self.step_inputs(to_device(ints[:-tail], torch.long, self.device), shape)
         inputs.recurrent = recurrent_step(counts[0].tolist(), counts[1].tolist(),
-                                          ints[-tail:].reshape(STATE_INTS, b).T.tolist(), self.device)
+                                          ints[-tail:].reshape(STATE_INTS, b).T.tolist(), self.slot_group, self.device)
         return token_ids, inputs
 
     def step_inputs(self, packed: torch.Tensor, shape: StepShape) -> tuple[torch.Tensor, StepInputs]:
@@ -215,38 +234,76 @@ class StepShape:
     kv_lens: list[int] | None = None
 
 
-STATE_INTS = 4  # per row of a hybrid model's step: state slot, snapshot to restore, position and slot to keep
+@dataclass
+class DraftRows:
+    """One sequence's rows of a multi-token-prediction pass, shaped as the runner reads a sequence: positions
+    ``num_computed`` to ``step_end`` over ``block_table``, each with ``tokens[i]``, the token after it."""
+
+    num_computed: int
+    step_end: int
+    tokens: list[int]
+    block_table: list[int]
+    ntk_alpha: float = 1.0
+
+    def step_tokens(self) -> list[int]:
+        return self.tokens
 
 
-def state_ints(seq: Sequence) -> tuple[int, int, int, int]:
-    """``seq``'s state slot, the snapshot it resumes from, and where this step keeps a snapshot (-1: none)."""
+STATE_INTS = 5  # per row of a hybrid model's step: state slot, snapshot to restore, position and slot to keep, group
+
+
+def state_ints(seq: Sequence) -> tuple[int, int, int, int, int]:
+    """``seq``'s state slot, the snapshot it resumes from, where this step keeps a snapshot, and the first slot of
+    its group when it verifies drafted tokens (-1: none)."""
     position, slot = seq.snapshot or (-1, -1)
+    group = seq.slot_group if seq.draft_ids and seq.slot_group is not None else -1
     return (seq.state_slot if seq.state_slot is not None else -1,
-            seq.restore_slot if seq.restore_slot is not None else -1, position, slot)
+            seq.restore_slot if seq.restore_slot is not None else -1, position, slot, group)
 
 
-def recurrent_step(q_lens: list[int], kv_lens: list[int], rows: list[list[int]],
+def round_slots(slot: int, group: int, size: int, count: int) -> list[int]:
+    """Where a row verifying drafted tokens keeps its states: the slot each of its ``count`` tokens' rounds writes
+    (its group's other slots in order, then its own ``slot``, which the last round advances; a row that accepts
+    ``a`` drafted tokens then holds the state after them in the ``a``-th)."""
+    others = [s for s in range(group, group + size) if s != slot]
+    return [*others[: count - 1], slot]
+
+
+def recurrent_step(q_lens: list[int], kv_lens: list[int], rows: list[list[int]], group_size: int,
                    device: torch.device) -> RecurrentStep:
     """Where each row of a hybrid model's step keeps its states (``rows``: each one's ``state_ints``): rows with
-    one new token and no snapshot to keep together, the others one by one; rows at position 0 start from zero
-    states, rows that resume a cached prefix from its snapshot."""
+    one new token and no snapshot to keep in round 0, rows verifying drafted tokens their j-th in round j (each
+    round reading the slot the one before wrote: ``round_slots``), the others one by one; rows at position 0 start
+    from zero states, rows that resume a cached prefix from its snapshot."""
     starts = np.cumsum([0, *q_lens[:-1]]).tolist()
-    decodes, prompts, fresh, restores = [], [], [], []
-    for start, q_len, kv_len, (slot, restore, position, snapshot) in zip(starts, q_lens, kv_lens, rows, strict=True):
+    rounds: list[list[tuple[int, int, int]]] = [[]]
+    prompts, fresh, restores = [], [], []
+    for start, q_len, kv_len, (slot, restore, position, snapshot, group) in zip(starts, q_lens, kv_lens, rows,
+                                                                                 strict=True):
         if q_len == 1 and snapshot < 0:
-            decodes.append((start, slot))
+            rounds[0].append((start, slot, slot))
+        elif group >= 0:
+            targets = round_slots(slot, group, group_size, q_len)
+            rounds += [[] for _ in range(q_len - len(rounds))]
+            for j, target in enumerate(targets):
+                rounds[j].append((start + j, targets[j - 1] if j else slot, target))
         else:
             prompts.append((start, q_len, slot, (position - (kv_len - q_len), snapshot) if snapshot >= 0 else None))
         if q_len == kv_len:
             fresh.append(slot)
         elif restore >= 0:
             restores.append((restore, slot))
-
-    indices = [start for start, _ in decodes] + [slot for _, slot in decodes] + fresh  # one copy to the device
-    tokens, slots, fresh_slots = (to_device(indices, torch.long, device) if indices else torch.empty(0)).split(
-        [len(decodes), len(decodes), len(fresh)])
-    return RecurrentStep(decode_tokens=tokens if decodes else None, decode_slots=slots if decodes else None,
-                         prompts=prompts, fresh_slots=fresh_slots if fresh else None, restores=restores)
+    rounds = [each for each in rounds if each]
+    indices = [index for each in rounds for row in each for index in row] + fresh  # one copy to the device
+    packed = to_device(indices, torch.long, device) if indices else torch.empty(0, dtype=torch.long)
+    pieces = packed.split([3 * len(each) for each in rounds] + [len(fresh)])
+    decode_rounds = []
+    for each, piece in zip(rounds, pieces, strict=False):
+        tokens, sources, slots = (column.contiguous() for column in piece.view(-1, 3).t())
+        in_place = all(source == target for _, source, target in each)
+        decode_rounds.append(DecodeRound(tokens, slots if in_place else sources, slots))
+    return RecurrentStep(rounds=decode_rounds, prompts=prompts, fresh_slots=pieces[-1] if fresh else None,
+                         restores=restores)
 
 
 def ntk_alphas(max_model_len: int, seq_length: int) -> list[float]:

@@ -64,10 +64,11 @@ class Scheduler:
     def schedule(self) -> list[Sequence]:
         """The sequences of the next step, each computing from ``num_computed`` to its ``step_end``.
 
-        Every running decode comes first (one token each), then waiting prompts that fit the token budget whole
-        (admitted in order as seats and blocks allow), then prompts too long for what is left, oldest first, take
-        the rest of the budget as a chunk. A long prompt is thus prefilled over several steps (chunked prefill): it
-        never holds the queue behind it, and decodes and short prompts keep flowing while it is computed."""
+        Every running decode comes first (one token each, and any drafted after it), then waiting prompts that fit
+        the token budget whole (admitted in order as seats and blocks allow), then prompts too long for what is left,
+        oldest first, take the rest of the budget as a chunk. A long prompt is thus prefilled over several steps
+        (chunked prefill): it never holds the queue behind it, and decodes and short prompts keep flowing while it is
+        computed."""
         decodes: list[Sequence] = []
         prefilling: list[Sequence] = []
         for seq in list(self.running):
@@ -86,7 +87,7 @@ class Scheduler:
                 self._take(seq, 1)
                 decodes.append(seq)
         batch = decodes
-        budget = self.config.max_num_batched_tokens - len(decodes)
+        budget = self.config.max_num_batched_tokens - sum(seq.step_end - seq.num_computed for seq in decodes)
         while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             if not self.blocks.allocate(seq, self.cache_key(seq), share=seq.reads_cached_prefix):
@@ -153,7 +154,8 @@ class Scheduler:
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        """Give back ``seq``'s blocks and state slot."""
+        """Give back ``seq``'s blocks and state slot (and forget its drafted tokens: their blocks go too)."""
         self.blocks.free(seq)
+        seq.draft_ids = []
         if self.states is not None:
             self.states.give_back(seq)

@@ -49,6 +49,8 @@ class Sequence:
     state_slot: int | None = None  # hybrid models: where the linear layers keep this sequence's states,
     restore_slot: int | None = None  # the snapshot its cached prefix resumes from (copied in at its next step),
     snapshot: tuple[int, int] | None = None  # and (position, slot): keep the state at that position this step
+    slot_group: int | None = None  # with speculative decoding: the first of the slots its states move between
+    draft_ids: list[int] = field(default_factory=list)  # tokens drafted after its last, verified by its next step
     pool: PooledPrompt | None = None  # a pooling request's prompt: computed, pooled, finished; nothing sampled
 
     def __post_init__(self) -> None:
@@ -60,8 +62,15 @@ class Sequence:
 
     @property
     def step_end(self) -> int:
-        """The position this step computes up to: the end of a prefill chunk, else every token."""
-        return len(self) if self.chunk_end is None else self.chunk_end
+        """The position this step computes up to: the end of a prefill chunk, else every token and any drafted
+        ones."""
+        return len(self) + len(self.draft_ids) if self.chunk_end is None else self.chunk_end
+
+    def step_tokens(self) -> list[int]:
+        """The tokens this step computes (``num_computed`` to ``step_end``)."""
+        if self.step_end - self.num_computed == 1:
+            return [self.token_at(self.num_computed)]
+        return (self.token_ids + self.draft_ids)[self.num_computed : self.step_end]
 
     @property
     def prefilling(self) -> bool:

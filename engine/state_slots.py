@@ -10,18 +10,22 @@ from engine.sequence import Sequence
 
 
 class StateSlots:
-    """Slots [0, seats) for running sequences (one each, from admission until it finishes or is preempted: as many
-    as seats, so admission never waits), slot ``seats`` for the prompt passes, then ``snapshots`` slots holding the
+    """Slots for running sequences (a group of ``group`` each, from admission until it finishes or is preempted: as
+    many groups as seats, so admission never waits; a sequence's states are in one slot of its group, which
+    speculative decoding moves between them, the others holding the states after each drafted token), then one slot
+    for the prompt passes, then ``snapshots`` slots holding the
     states at the end of cached prefixes, keyed by the digest of the prefix's last block (least recently used go
     first; never one a sequence is still to restore from). A snapshot is written during a step and can be restored
     from once that step is done (``commit``)."""
 
-    def __init__(self, seats: int, snapshots: int) -> None:
+    def __init__(self, seats: int, snapshots: int, group: int = 1) -> None:
         self.seats = seats
         self.snapshots = snapshots
-        self.pass_slot = seats
-        self._free = list(range(seats - 1, -1, -1))
-        self._free_snapshots = list(range(seats + snapshots, seats, -1))
+        self.group = group
+        self.running_slots = seats * group
+        self.pass_slot = self.running_slots
+        self._free = list(range(self.running_slots - group, -1, -group))
+        self._free_snapshots = list(range(self.pass_slot + snapshots, self.pass_slot, -1))
         self._ready: OrderedDict[bytes, int] = OrderedDict()
         self._pending: dict[bytes, int] = {}
         self._held: Counter[int] = Counter()  # snapshot slots sequences are still to restore from
@@ -29,16 +33,16 @@ class StateSlots:
     @property
     def total(self) -> int:
         """Slots the state cache needs."""
-        return self.seats + 1 + self.snapshots
+        return self.running_slots + 1 + self.snapshots
 
     def take(self, seq: Sequence) -> None:
-        seq.state_slot = self._free.pop()
+        seq.state_slot = seq.slot_group = self._free.pop()
 
     def give_back(self, seq: Sequence) -> None:
-        if seq.state_slot is not None:
-            self._free.append(seq.state_slot)
+        if seq.slot_group is not None:
+            self._free.append(seq.slot_group)
         self.restored(seq)
-        seq.state_slot = seq.snapshot = None
+        seq.state_slot = seq.slot_group = seq.snapshot = None
 
     def resumable(self, digest: bytes) -> bool:
         """Whether a prefix ending with the block of ``digest`` has a snapshot to resume from."""

@@ -14,7 +14,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
 
 class EngineStateCollector(Collector):
     """Read at scrape time from the engine's last published stats: requests running/waiting, KV-cache usage,
-    prefix-cache counters (never from the engine's own fields)."""
+    prefix-cache and speculative-decoding counters (never from the engine's own fields)."""
 
     def __init__(self, engine: AsyncEngine, model_name: str) -> None:
         self.engine = engine
@@ -35,6 +35,11 @@ class EngineStateCollector(Collector):
             ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_queries),
             ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_hits),
             ("vllm:num_preemptions", "Sequences preempted for lack of KV-cache blocks.", stats.preemptions),
+            ("vllm:spec_decode_num_drafts", "Speculative decoding: steps of a request that verified drafted tokens.",
+             stats.spec_drafts),
+            ("vllm:spec_decode_num_draft_tokens", "Speculative decoding: tokens drafted.", stats.spec_draft_tokens),
+            ("vllm:spec_decode_num_accepted_tokens", "Speculative decoding: drafted tokens the model confirmed.",
+             stats.spec_accepted_tokens),
         ):
             counter = CounterMetricFamily(name, doc, labels=list(self.labels))
             counter.add_metric(list(self.labels.values()), value)

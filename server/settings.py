@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         default=_ENGINE.state_snapshots, ge=0, le=4096, description="hybrid models (Qwen3.5, Qwen3-Next): cached "
         "prefixes whose linear-layer states are kept, so a shared prompt resumes where it ended (each the size of one "
         "sequence's states, taken from the KV cache budget; 0: prefixes are recomputed)")
+    speculative: Literal["none", "mtp"] = Field(
+        default="none", description="speculative decoding: mtp drafts tokens with the checkpoint's own "
+        "multi-token-prediction block (Qwen3.5, Qwen3-Next: mtp.* weights, or a GGUF file's nextn block) and each "
+        "step verifies them; the tokens are those the model gives without it")
+    num_speculative_tokens: int = Field(default=2, ge=1, le=8, description="with --speculative: tokens drafted a "
+                                        "step for each decoding request")
     enforce_eager: bool = Field(default=_ENGINE.enforce_eager,
                                 description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     task: Literal["auto", "generate", "embed", "rerank"] = Field(

@@ -88,7 +88,7 @@ def library(isa: str) -> ctypes.CDLL | None:
     lib.gguf_rows.restype = None
     lib.gguf_dequantize.argtypes = [pointer, size, size, size, pointer, pointer, threads]
     lib.gguf_dequantize.restype = None
-    lib.gated_delta_decode.argtypes = [pointer] * 10 + [eps] + [size] * 6 + [ctypes.c_int, ctypes.c_int, pointer,
+    lib.gated_delta_decode.argtypes = [pointer] * 11 + [eps] + [size] * 6 + [ctypes.c_int, ctypes.c_int, pointer,
                                                                               pointer, threads]
     lib.gated_delta_decode.restype = None
     lib.quantize_q4_k.argtypes = [pointer, size, size, pointer, threads]

@@ -61,7 +61,8 @@ float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // 
 
 }  // namespace
 
-extern "C" void gated_delta_decode(float* conv_state, float* states, const int64_t* slots, const int64_t* tokens,
+extern "C" void gated_delta_decode(float* conv_state, float* states, const int64_t* sources, const int64_t* slots,
+                                   const int64_t* tokens,
                                    const float* taps, const void* projected, const void* gates,
                                    const float* decay_rate, const float* dt_bias, const float* norm_weight, float eps,
                                    int64_t rows, int64_t kernel, int64_t key_heads, int64_t value_heads,
@@ -80,15 +81,16 @@ extern "C" void gated_delta_decode(float* conv_state, float* states, const int64
 #pragma omp for schedule(static)
         for (int64_t block = 0; block < rows * (channels / 16); ++block) {
             const int64_t row = block / (channels / 16), c = 16 * (block % (channels / 16));
-            float* window = conv_state + slots[row] * (kernel - 1) * channels;
+            const float* window = conv_state + sources[row] * (kernel - 1) * channels;
+            float* kept = conv_state + slots[row] * (kernel - 1) * channels;  // may be ``window`` itself
             const F16 input = load_activations(projection(row), c, fp32);
             F16 sum = simd::mul(simd::load(taps + (kernel - 1) * channels + c), input);
             for (int64_t j = 0; j < kernel - 1; ++j) {
                 const F16 tap = simd::load(taps + j * channels + c);
                 const F16 held = simd::load(window + j * channels + c);
                 sum = simd::fmadd(tap, held, sum);
-                simd::store(window + j * channels + c, j + 1 < kernel - 1 ? simd::load(window + (j + 1) * channels + c)
-                                                                           : input);
+                simd::store(kept + j * channels + c, j + 1 < kernel - 1 ? simd::load(window + (j + 1) * channels + c)
+                                                                         : input);
             }
             float lane[16];
             simd::store(lane, sum);
@@ -104,7 +106,8 @@ extern "C" void gated_delta_decode(float* conv_state, float* states, const int64
             l2_normalise(y + key_head * key_dim, key_dim, 1.0f / std::sqrt((float)key_dim), qr);
             l2_normalise(y + (key_heads + key_head) * key_dim, key_dim, 1.0f, kr);
             const float* vr = y + 2 * key_heads * key_dim + head * value_dim;
-            float* s = states + (slots[row] * value_heads + head) * key_dim * value_dim;
+            const float* s = states + (sources[row] * value_heads + head) * key_dim * value_dim;
+            float* advanced = states + (slots[row] * value_heads + head) * key_dim * value_dim;  // may be ``s``
             const char* gate_row = static_cast<const char*>(gates) + tokens[row] * 2 * value_heads * width;
             const float b = 1.0f / (1.0f + std::exp(-element(gate_row, head, fp32)));
             const float log_decay = -decay_rate[head] * softplus(element(gate_row, value_heads + head, fp32) +
@@ -131,8 +134,8 @@ extern "C" void gated_delta_decode(float* conv_state, float* states, const int64
             for (int64_t i = 0; i < key_dim; ++i) {
                 const F16 ki = simd::set1(kr[i]);
                 for (int64_t j = 0; j < lanes; ++j) {
-                    float* p = s + i * value_dim + 16 * j;
-                    simd::store(p, simd::fmadd(gv, simd::load(p), simd::mul(ki, d[j])));
+                    const int64_t at = i * value_dim + 16 * j;
+                    simd::store(advanced + at, simd::fmadd(gv, simd::load(s + at), simd::mul(ki, d[j])));
                 }
             }
             float squares = 0.0f;

@@ -13,7 +13,7 @@ from engine.config import ModelConfig
 from engine.kernels import native
 
 if TYPE_CHECKING:
-    from engine.linear_attention import GatedDeltaNet, LayerState
+    from engine.linear_attention import DecodeRound, GatedDeltaNet, LayerState
 
 
 def fits(config: ModelConfig) -> bool:
@@ -35,18 +35,20 @@ class DeltaRuleDecode:
         self._channels = config.linear_conv_dim
         self._threads = torch.get_num_threads()
 
-    def __call__(self, state: LayerState, slots: torch.Tensor, tokens: torch.Tensor, projected: torch.Tensor,
-                 gates: torch.Tensor, out: torch.Tensor) -> None:
-        """Rows ``tokens`` [R] (packed indices) of ``projected`` [N, conv channels + value size] (in_proj's output)
-        and ``gates`` [N, 2 value heads] (gate_proj's) advance the states of ``slots`` [R] in place; the gated norm's
-        output goes to those rows of ``out`` [N, value size] (all three in the model's dtype, contiguous)."""
+    def __call__(self, state: LayerState, rows: DecodeRound, projected: torch.Tensor, gates: torch.Tensor,
+                 out: torch.Tensor) -> None:
+        """Rows ``rows.tokens`` [R] (packed indices) of ``projected`` [N, conv channels + value size] (in_proj's
+        output) and ``gates`` [N, 2 value heads] (gate_proj's) advance the states read from ``rows.sources`` into
+        ``rows.slots`` (in place where they are the same); the gated norm's output goes to those rows of ``out``
+        [N, value size] (all three in the model's dtype, contiguous)."""
         assert projected.is_contiguous() and gates.is_contiguous() and out.is_contiguous()
         assert projected.dtype in (torch.bfloat16, torch.float32)
-        tokens, slots = tokens.contiguous(), slots.contiguous()
-        rows = tokens.shape[0]
-        convolved = torch.empty((rows, self._channels), dtype=torch.float32)
+        tokens, sources, slots = rows.tokens.contiguous(), rows.sources.contiguous(), rows.slots.contiguous()
+        count = tokens.shape[0]
+        convolved = torch.empty((count, self._channels), dtype=torch.float32)
         taps, decay_rate, dt_bias, norm_weight = (t.data_ptr() for t in self._parameters)
-        self._kernel(state.conv.data_ptr(), state.recurrent.data_ptr(), slots.data_ptr(), tokens.data_ptr(), taps,
-                     projected.data_ptr(), gates.data_ptr(), decay_rate, dt_bias, norm_weight, self._eps, rows,
+        self._kernel(state.conv.data_ptr(), state.recurrent.data_ptr(), sources.data_ptr(), slots.data_ptr(),
+                     tokens.data_ptr(), taps, projected.data_ptr(), gates.data_ptr(), decay_rate, dt_bias,
+                     norm_weight, self._eps, count,
                      *self._shape, int(projected.dtype == torch.float32), convolved.data_ptr(), out.data_ptr(),
                      self._threads)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
 
 import torch
 import torch.distributed as dist
@@ -29,7 +31,7 @@ from engine.layers import (
     fuses,
 )
 from engine.linear_attention import GatedDeltaNet
-from engine.model import MLP, Attention, DecoderLayer, DecoderModel, SparseMoE
+from engine.model import MLP, Attention, DecoderLayer, DecoderModel, DraftHead, SparseMoE
 from engine.parallel import RowParallel, Shard, VocabParallel
 from engine.weights.int4 import CUDA_INT4, TRITON_INT4, Int4Weight
 from engine.weights.sources import WeightSource
@@ -93,6 +95,8 @@ class ModelBuilder:
         if self.shard is not None:
             model.vocab_parallel = VocabParallel(self.shard, self.full.vocab_size, self.group)
         model.final_norm.weight = self._norm_weight("final_norm", dtype=self.head_dtype)
+        if self.config.mtp_layers:
+            model.mtp = self._draft_head(model)
         if isinstance(lm_head, Q8Linear | StoredLinear):
             model.final_norm = self._fused_norm(model.final_norm, lm_head)
         if flash.fits(self.device, self.dtype, self.config.head_dim):
@@ -171,7 +175,35 @@ class ModelBuilder:
         return self._tensor(part, layer)
 
     def _layer(self, i: int) -> DecoderLayer:
-        mixer = self._linear_attention(i) if i in self.config.linear_layers else self._attention(i)
+        return self._assemble(i, self._linear_attention(i) if i in self.config.linear_layers else self._attention(i))
+
+    def _draft_head(self, model: DecoderModel) -> DraftHead:
+        """The multi-token-prediction block: ``mtp.layers.0.*`` beside ``mtp.fc`` and its norms in a folder, one more
+        block after the model's in a GGUF file (its final norm there optional: the model's then). Its head is the
+        model's, applying the block's own final norm."""
+        c, names = self.config, self.names
+        in_file = "{i}" in names["mtp_fc"]
+        index = c.num_layers if in_file else 0
+        if not in_file:
+            self.names = {part: re.sub(r"^model\.(language_model\.)?layers\.", "mtp.layers.", name)
+                          for part, name in names.items()}
+        try:
+            layer = self._assemble(index, self._attention(index))
+            fc = self._linear(["mtp_fc"], index, [None])
+            norms = [self._norm_weight(part, index) for part in ("mtp_embed_norm", "mtp_hidden_norm")]
+            final = "mtp_norm" if self._name("mtp_norm", index) in self.source else "final_norm"
+            norm = self._norm_weight(final, index, dtype=self.head_dtype)
+        finally:
+            self.names = names
+        head = model.lm_head
+        if isinstance(head, Q8Linear | StoredLinear):  # its kernel normalizes its rows: a copy with the block's norm
+            head = copy.copy(head)
+            head.matmul = copy.copy(head.matmul)
+            head.matmul.fuse_norm(norm, c.rms_norm_eps)
+        return DraftHead(c, self.dtype, fc, layer, *norms, model.final_norm.weight, norm, head)
+
+    def _assemble(self, i: int, mixer: Attention | GatedDeltaNet) -> DecoderLayer:
+        """Layer ``i`` around its token mixer: norms (fused into native kernels that apply them) and the MLP."""
         mlp = self._mlp(i)
         layer = DecoderLayer(self.config, self.dtype, mixer, mlp)
         layer.attn_norm.weight = self._norm_weight("attn_norm", i)

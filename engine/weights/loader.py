@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -114,12 +115,15 @@ def int4_kernel_for(device: torch.device, dtype: torch.dtype, cpu_isa: str = "au
 
 def load_model(model: str | None, *, dtype: torch.dtype, device: torch.device, int4_kernel: str | None = None,
                progress=None, shard: Shard | None = None, group: dist.ProcessGroup | None = None,
-               quantization: str | None = None) -> LoadedModel:
+               quantization: str | None = None, speculative: str | None = None) -> LoadedModel:
     """``shard``: load only this rank's slices (tensor parallelism over ``group``). ``quantization`` ("q8_0",
-    "q4_0", "q4_k"): a dense checkpoint folder's layer matrices quantized as they load, for the native CPU kernels."""
+    "q4_0", "q4_k"): a dense checkpoint folder's layer matrices quantized as they load, for the native CPU kernels.
+    ``speculative`` ("mtp"): the checkpoint's multi-token-prediction block is built too (``DecoderModel.mtp``)."""
     path = resolve_model_path(model)
     name = model or SMOLLM2_GGUF.filename.removesuffix(".gguf")
     split = {"shard": shard, "group": group}
+    if speculative is not None and shard is not None:
+        raise ValueError("--speculative runs in one process: drop --tensor-parallel-size")
     if quantization is not None:
         if path.suffix == ".gguf":
             raise ValueError("--quantization applies to checkpoint folders; a GGUF file is served as quantized")
@@ -127,17 +131,30 @@ def load_model(model: str | None, *, dtype: torch.dtype, device: torch.device, i
             raise ValueError("--quantization runs on the native CPU kernels: a CPU with AVX2 or AVX512, --cpu-isa "
                              "auto/avx512/avx2, one process")
     if path.suffix == ".gguf":
-        return _load_gguf(name, path, dtype, device, int4_kernel, progress, split)
-    return _load_folder(name, path, dtype, device, int4_kernel, progress, split, quantization)
+        return _load_gguf(name, path, dtype, device, int4_kernel, progress, split, speculative)
+    return _load_folder(name, path, dtype, device, int4_kernel, progress, split, quantization, speculative)
+
+
+def with_drafter(config: ModelConfig, shipped: int, speculative: str | None, name: str) -> ModelConfig:
+    """``config`` built with its multi-token-prediction block when ``speculative`` asks for it (``shipped``: the
+    blocks the checkpoint has)."""
+    if speculative is None:
+        return config
+    if not shipped:
+        raise ValueError(f"{name} has no multi-token-prediction weights (mtp.* in a folder, nextn blocks in a GGUF "
+                         "file): --speculative mtp needs them")
+    return dataclasses.replace(config, mtp_layers=1)
 
 
 def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, int4_kernel: str | None,
-               progress, split: dict[str, Any]) -> LoadedModel:
+               progress, split: dict[str, Any], speculative: str | None = None) -> LoadedModel:
     tensors = GGUFTensors(path)
     metadata = gguf_metadata(tensors.reader)
     blocks = metadata.get(f"{metadata['general.architecture']}.block_count", 0)
     dense_mlp = tuple(i for i in range(blocks) if f"blk.{i}.ffn_gate_inp.weight" not in tensors)
     config = ModelConfig.from_gguf(metadata, has_output_weight="output.weight" in tensors, mlp_only_layers=dense_mlp)
+    shipped = metadata.get(f"{metadata['general.architecture']}.nextn_predict_layers", 0)
+    config = with_drafter(config, shipped, speculative, name)
     names = GGUF_HYBRID_NAMES if config.hybrid else GGUF_NAMES
     builder = ModelBuilder(config, GGUFSource(tensors), names, dtype, device, int4_kernel=int4_kernel,
                            rope_permuted=config.arch == "llama", **split)
@@ -146,9 +163,13 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device, 
 
 
 def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.device, int4_kernel: str | None,
-                 progress, split: dict[str, Any], quantization: str | None = None) -> LoadedModel:
+                 progress, split: dict[str, Any], quantization: str | None = None,
+                 speculative: str | None = None) -> LoadedModel:
     raw_config = json.loads((folder / "config.json").read_text())
     config = ModelConfig.from_hf(raw_config)
+    text_config = raw_config.get("text_config") or raw_config
+    shipped = text_config.get("mtp_num_hidden_layers") or text_config.get("num_nextn_predict_layers") or 0
+    config = with_drafter(config, shipped, speculative, name)
     names = QWEN1_NAMES if config.arch == "qwen" else QWEN3_NEXT_NAMES if config.arch == "qwen3_next" else HF_NAMES
     scheme = None
     if raw_config.get("quantization_config"):

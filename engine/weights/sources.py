@@ -123,6 +123,9 @@ HF_NAMES = {
     "lin_conv": "model.layers.{i}.linear_attn.conv1d.weight", "lin_a_log": "model.layers.{i}.linear_attn.A_log",
     "lin_dt_bias": "model.layers.{i}.linear_attn.dt_bias", "lin_norm": "model.layers.{i}.linear_attn.norm.weight",
     "lin_out": "model.layers.{i}.linear_attn.out_proj.weight",
+    # the multi-token-prediction block: its own decoder layer (``mtp.layers.0.``, as the model's layers) and these
+    "mtp_fc": "mtp.fc.weight", "mtp_embed_norm": "mtp.pre_fc_norm_embedding.weight",
+    "mtp_hidden_norm": "mtp.pre_fc_norm_hidden.weight", "mtp_norm": "mtp.norm.weight",
 }
 # Qwen3-Next stores the linear layers' input projections in two matrices, grouped per key head.
 QWEN3_NEXT_NAMES = {**{k: v for k, v in HF_NAMES.items() if k not in ("lin_qkv", "lin_z", "lin_b", "lin_a")},
@@ -147,4 +150,7 @@ GGUF_HYBRID_NAMES = {
     "lin_a": "blk.{i}.ssm_alpha.weight", "lin_ba": "blk.{i}.ssm_ba.weight", "lin_conv": "blk.{i}.ssm_conv1d.weight",
     "lin_minus_a": "blk.{i}.ssm_a", "lin_dt_bias": "blk.{i}.ssm_dt.bias", "lin_norm": "blk.{i}.ssm_norm.weight",
     "lin_out": "blk.{i}.ssm_out.weight",
+    # the multi-token-prediction block: one more block after the model's (a decoder layer's tensors) with these
+    "mtp_fc": "blk.{i}.nextn.eh_proj.weight", "mtp_embed_norm": "blk.{i}.nextn.enorm.weight",
+    "mtp_hidden_norm": "blk.{i}.nextn.hnorm.weight", "mtp_norm": "blk.{i}.nextn.shared_head_norm.weight",
 }

@@ -287,22 +287,30 @@ def test_llama_cpp_conversion_of_the_checkpoint_gives_the_same_model(arch, smoll
         [o.token_ids for o in from_folder.generate(prompts, GREEDY)]
 
 
-def add_mtp_weights(folder) -> None:
-    """A multi-token-prediction block as Qwen3.5 checkpoints ship it (``mtp.*``: one attention layer and MLP, the fc
-    that joins the embedding and the hidden state, their norms), made of the last layer's weights."""
+def add_mtp_weights(folder, seed: int = 5) -> dict[str, torch.Tensor]:
+    """A multi-token-prediction block as Qwen3-Next and Qwen3.5 checkpoints ship it (``mtp.*``: one decoder layer
+    shaped as the last, full-attention one, the fc that joins the normed embedding and hidden state, and three
+    norms), of random weights; returns them."""
     from safetensors.torch import load_file, save_file
 
     weights = load_file(folder / "model.safetensors")
-    last = "model.layers.3."
-    mtp = {f"mtp.layers.0.{name.removeprefix(last)}": tensor.clone() for name, tensor in weights.items()
-           if name.startswith(last)}
-    hidden = weights["model.norm.weight"].shape[0]
-    mtp |= {"mtp.fc.weight": torch.zeros(hidden, 2 * hidden), **{f"mtp.{norm}.weight": torch.zeros(hidden)
+    config = json.loads((folder / "config.json").read_text())
+    text = config.get("text_config", config)
+    last = "model.language_model.layers.3." if "text_config" in config else "model.layers.3."
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, std: float = 0.15) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * std
+
+    mtp = {f"mtp.layers.0.{name.removeprefix(last)}": rand(*tensor.shape, std=0.15 if tensor.dim() > 1 else 0.2)
+           for name, tensor in weights.items() if name.startswith(last)}
+    hidden = text["hidden_size"]
+    mtp |= {"mtp.fc.weight": rand(hidden, 2 * hidden), **{f"mtp.{norm}.weight": rand(hidden, std=0.2)
             for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}}
     save_file(weights | mtp, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((folder / "config.json").read_text())
-    config["mtp_num_hidden_layers"] = 1
+    text["mtp_num_hidden_layers"] = 1
     (folder / "config.json").write_text(json.dumps(config))
+    return mtp
 
 
 def test_a_gguf_file_with_its_mtp_block_serves_the_model_without_it(smollm2_tokenizer_files, tmp_path):

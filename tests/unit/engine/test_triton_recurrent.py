@@ -1,6 +1,7 @@
 """The gated delta rule on its Triton kernel (under ``TRITON_INTERPRET=1`` where there is no GPU) against the
 recurrent form in fp64: decode rows on scattered slots, prompts from a carried state with a prefix snapshot kept on
-the way, and a hybrid model whose linear layers run on the kernel giving transformers' greedy tokens."""
+the way, and a hybrid model whose linear layers run on the kernel giving transformers' greedy tokens, also when it
+verifies drafted tokens."""
 
 from __future__ import annotations
 
@@ -9,10 +10,18 @@ import os
 import pytest
 import torch
 
-from engine import LLM
+from engine import LLM, EngineConfig
 from engine.kernels import triton_recurrent
 from engine.linear_attention import GatedDeltaNet, l2norm, recurrent_update
-from tests.unit.engine.test_hybrid_models import GREEDY, build_config, greedy_reference, random_prompt, write_checkpoint
+from tests.unit.engine.test_hybrid_models import (
+    GREEDY,
+    add_mtp_weights,
+    build_config,
+    greedy_reference,
+    random_prompt,
+    write_checkpoint,
+)
+from tests.unit.engine.test_speculative import oracle
 
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py sets it
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,3 +107,19 @@ def test_a_hybrid_model_on_the_kernel_gives_the_reference_tokens(tmp_path):
     assert layers and all(layer.triton and layer.decode_kernel is None for layer in layers)
     prompts = [random_prompt(40), random_prompt(11, seed=2)]
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == [greedy_reference(reference, p) for p in prompts]
+
+
+def test_drafted_tokens_verified_on_the_kernel_give_the_reference_tokens(tmp_path):
+    """Speculative decoding with every linear layer on the kernel: a row verifying drafted tokens advances its
+    states round by round into the slots of its group (each round's state copied ahead of the kernel, which works
+    in place), and drafts right two times in three give transformers' greedy tokens, alone and batched."""
+    reference = write_checkpoint(tmp_path, build_config("qwen3_5_text"))
+    add_mtp_weights(tmp_path)
+    prompts = [random_prompt(40), random_prompt(11, seed=2)]
+    expected = [greedy_reference(reference, p) for p in prompts]
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_isa="torch", config=EngineConfig(speculative_tokens=2))
+    llm.engine.runner.model.use_triton_recurrence(True)
+    oracle(llm, [p + e for p, e in zip(prompts, expected, strict=True)])
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
+    stats = llm.engine.stats()
+    assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens
