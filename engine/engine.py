@@ -22,7 +22,7 @@ from engine.kv_store import kv_bytes_per_token
 from engine.layers import qwen_ntk_alpha
 from engine.linear_attention import state_bytes_per_sequence
 from engine.pooling import POOLINGS, PooledPrompt, PoolingJob, PoolingTask, pool_chunk
-from engine.runner import DraftRows, ModelRunner, round_slots
+from engine.runner import DraftRows, ModelRunner
 from engine.sampling import PenaltyState, Sampler, SampleRequest, SampleResult, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, Status
@@ -154,8 +154,7 @@ class LLMEngine:
                                    self.states.resumable if self.states is not None else None)
         self.runner = ModelRunner(model, model.config, num_blocks, self.config.block_size, self.device, self.dtype,
                                   self.config.kv_cache_dtype,
-                                  state_slots=self.states.total if self.states is not None else 0,
-                                  slot_group=self.drafted + 1)
+                                  state_slots=self.states.total if self.states is not None else 0)
         if leader is not None:
             leader.setup(num_blocks, self.config.block_size, self.config.kv_cache_dtype)
             self.runner.followers = leader
@@ -431,7 +430,7 @@ class LLMEngine:
         ends = list(itertools.accumulate(seq.step_end - seq.num_computed for seq in batch))
         hidden = None
         if self.drafted or any(seq.pool is not None for seq in batch):
-            hidden = self.runner.hidden(batch)
+            hidden = self.runner.hidden(self._step_rows(batch))
             # every sampled row's last token, and before it any drafted ones it verifies
             head_rows = [ends[row] - 1 - len(batch[row].draft_ids) + j for row in rows
                          for j in range(len(batch[row].draft_ids) + 1)]
@@ -452,6 +451,25 @@ class LLMEngine:
             assert hidden is not None
             self._draft(batch, hidden, [0, *ends[:-1]], starts)
         return outputs + pooled
+
+    def _step_rows(self, batch: list[Sequence]) -> list[Sequence | DraftRows]:
+        """The runner's rows for ``batch``: each sequence, or for one verifying drafted tokens a row per token
+        (attention then reads each as a decode row; a hybrid model's linear layers advance them in rounds, each
+        token's state kept in a slot of the sequence's group: ``StateSlots.round_slots``). Packed the same."""
+        rows: list[Sequence | DraftRows] = []
+        for seq in batch:
+            if not seq.draft_ids:
+                rows.append(seq)
+                continue
+            position, count = seq.num_computed, len(seq.draft_ids) + 1
+            tokens = [seq.token_at(position), *seq.draft_ids]
+            targets = self.states.round_slots(seq, count) if self.states is not None else None
+            for j, token in enumerate(tokens):
+                states = None if targets is None else (
+                    targets[j], -1, -1, -1, targets[j - 1] if j else seq.state_slot, j)
+                rows.append(DraftRows(position + j, position + j + 1, [token], seq.block_table, seq.ntk_alpha,
+                                      states))
+        return rows
 
     def _pool(self, batch: list[Sequence], hidden: torch.Tensor, ends: list[int]) -> list[StepOutput]:
         """Each pooling sequence's chunk folded into its pooling (``hidden``: the step's last-layer output, packed;
@@ -539,10 +557,10 @@ class LLMEngine:
 
     def _accepted(self, seq: Sequence, drafted: list[int], accepted: int) -> None:
         """``seq`` verified ``drafted`` tokens and the first ``accepted`` stood: count them, and a hybrid model's
-        sequence takes up the states after them (kept by that round: ``round_slots``)."""
+        sequence takes up the states after them (kept by that round: ``StateSlots.round_slots``)."""
         self.speculation.record(len(drafted), accepted)
-        if seq.status is Status.RUNNING and seq.state_slot is not None and seq.slot_group is not None:
-            seq.state_slot = round_slots(seq.state_slot, seq.slot_group, self.drafted + 1, len(drafted) + 1)[accepted]
+        if seq.status is Status.RUNNING and self.states is not None:
+            seq.state_slot = self.states.round_slots(seq, len(drafted) + 1)[accepted]
         seq.draft_ids = []
 
     def _draft(self, batch: list[Sequence], hidden: torch.Tensor, packed_starts: list[int],

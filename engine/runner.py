@@ -26,10 +26,7 @@ class ModelRunner:
     sequences' states (``StateCache``); each sequence names its slot (``Sequence.state_slot``)."""
 
     def __init__(self, model: DecoderModel, config: ModelConfig, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto", state_slots: int = 0,
-                 slot_group: int = 1) -> None:
-        """``slot_group``: with speculative decoding, the slots each running sequence's states move between (one
-        more than the tokens drafted at most)."""
+                 device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto", state_slots: int = 0) -> None:
         self.model, self.config = model, config
         self.block_size, self.device, self.dtype = block_size, device, dtype
         if device.type == "cuda":
@@ -39,7 +36,6 @@ class ModelRunner:
         self.scratch_page = num_blocks
         self.kv_cache = KVCache(config, (num_blocks + 1) * block_size, dtype, device, kv_cache_dtype)
         self.states = StateCache(config, state_slots, device) if config.hybrid else None
-        self.slot_group = slot_group
         self.caches = self._layer_caches()
         alphas = ntk_alphas(config.max_model_len, config.seq_length) if config.use_dynamic_ntk else [1.0]
         self.alpha_index = {alpha: index for index, alpha in enumerate(alphas)}
@@ -160,7 +156,7 @@ class ModelRunner:
         tail = STATE_INTS * b
         token_ids, inputs = self.step_inputs(to_device(ints[:-tail], torch.long, self.device), shape)
         inputs.recurrent = recurrent_step(counts[0].tolist(), counts[1].tolist(),
-                                          ints[-tail:].reshape(STATE_INTS, b).T.tolist(), self.slot_group, self.device)
+                                          ints[-tail:].reshape(STATE_INTS, b).T.tolist(), self.device)
         return token_ids, inputs
 
     def step_inputs(self, packed: torch.Tensor, shape: StepShape) -> tuple[torch.Tensor, StepInputs]:
@@ -236,64 +232,56 @@ class StepShape:
 
 @dataclass
 class DraftRows:
-    """One sequence's rows of a multi-token-prediction pass, shaped as the runner reads a sequence: positions
-    ``num_computed`` to ``step_end`` over ``block_table``, each with ``tokens[i]``, the token after it."""
+    """Rows of one sequence shaped as the runner reads a sequence, for a pass other than its plain step: positions
+    ``num_computed`` to ``step_end`` over ``block_table`` with ``tokens`` (the drafting block's rows: each the token
+    after its position), or one token of a sequence verifying drafted tokens, a row of its own (``states``: its
+    ``state_ints``, for a hybrid model)."""
 
     num_computed: int
     step_end: int
     tokens: list[int]
     block_table: list[int]
     ntk_alpha: float = 1.0
+    states: tuple[int, ...] | None = None
 
     def step_tokens(self) -> list[int]:
         return self.tokens
 
 
-STATE_INTS = 5  # per row of a hybrid model's step: state slot, snapshot to restore, position and slot to keep, group
+STATE_INTS = 6  # per row of a hybrid model's step: slot, snapshot to restore, position and slot to keep, source, round
 
 
-def state_ints(seq: Sequence) -> tuple[int, int, int, int, int]:
-    """``seq``'s state slot, the snapshot it resumes from, where this step keeps a snapshot, and the first slot of
-    its group when it verifies drafted tokens (-1: none)."""
-    position, slot = seq.snapshot or (-1, -1)
-    group = seq.slot_group if seq.draft_ids and seq.slot_group is not None else -1
-    return (seq.state_slot if seq.state_slot is not None else -1,
-            seq.restore_slot if seq.restore_slot is not None else -1, position, slot, group)
+def state_ints(row: Sequence | DraftRows) -> tuple[int, ...]:
+    """A row's state slot, the snapshot it resumes from, where this step keeps a snapshot (-1: none), and the slot
+    its state is read from and its round (a row verifying drafted tokens: see ``recurrent_step``)."""
+    if isinstance(row, DraftRows):
+        assert row.states is not None, "a hybrid model's step rows carry their states"
+        return row.states
+    position, slot = row.snapshot or (-1, -1)
+    state_slot = row.state_slot if row.state_slot is not None else -1
+    return (state_slot, row.restore_slot if row.restore_slot is not None else -1, position, slot, state_slot, 0)
 
 
-def round_slots(slot: int, group: int, size: int, count: int) -> list[int]:
-    """Where a row verifying drafted tokens keeps its states: the slot each of its ``count`` tokens' rounds writes
-    (its group's other slots in order, then its own ``slot``, which the last round advances; a row that accepts
-    ``a`` drafted tokens then holds the state after them in the ``a``-th)."""
-    others = [s for s in range(group, group + size) if s != slot]
-    return [*others[: count - 1], slot]
-
-
-def recurrent_step(q_lens: list[int], kv_lens: list[int], rows: list[list[int]], group_size: int,
+def recurrent_step(q_lens: list[int], kv_lens: list[int], rows: list[list[int]],
                    device: torch.device) -> RecurrentStep:
     """Where each row of a hybrid model's step keeps its states (``rows``: each one's ``state_ints``): rows with
-    one new token and no snapshot to keep in round 0, rows verifying drafted tokens their j-th in round j (each
-    round reading the slot the one before wrote: ``round_slots``), the others one by one; rows at position 0 start
-    from zero states, rows that resume a cached prefix from its snapshot."""
+    one new token and no snapshot to keep in their round (0 for a plain decode; a sequence verifying drafted tokens
+    has a row per token, the j-th in round j, reading the slot the round before wrote), the others one by one; rows
+    at position 0 start from zero states, rows that resume a cached prefix from its snapshot."""
     starts = np.cumsum([0, *q_lens[:-1]]).tolist()
-    rounds: list[list[tuple[int, int, int]]] = [[]]
+    rounds: list[list[tuple[int, int, int]]] = []
     prompts, fresh, restores = [], [], []
-    for start, q_len, kv_len, (slot, restore, position, snapshot, group) in zip(starts, q_lens, kv_lens, rows,
-                                                                                 strict=True):
+    for start, q_len, kv_len, (slot, restore, position, snapshot, source, round_) in zip(starts, q_lens, kv_lens,
+                                                                                         rows, strict=True):
         if q_len == 1 and snapshot < 0:
-            rounds[0].append((start, slot, slot))
-        elif group >= 0:
-            targets = round_slots(slot, group, group_size, q_len)
-            rounds += [[] for _ in range(q_len - len(rounds))]
-            for j, target in enumerate(targets):
-                rounds[j].append((start + j, targets[j - 1] if j else slot, target))
+            rounds += [[] for _ in range(round_ + 1 - len(rounds))]
+            rounds[round_].append((start, source, slot))
         else:
             prompts.append((start, q_len, slot, (position - (kv_len - q_len), snapshot) if snapshot >= 0 else None))
         if q_len == kv_len:
             fresh.append(slot)
         elif restore >= 0:
             restores.append((restore, slot))
-    rounds = [each for each in rounds if each]
     indices = [index for each in rounds for row in each for index in row] + fresh  # one copy to the device
     packed = to_device(indices, torch.long, device) if indices else torch.empty(0, dtype=torch.long)
     pieces = packed.split([3 * len(each) for each in rounds] + [len(fresh)])

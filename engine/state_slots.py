@@ -35,6 +35,14 @@ class StateSlots:
         """Slots the state cache needs."""
         return self.running_slots + 1 + self.snapshots
 
+    def round_slots(self, seq: Sequence, count: int) -> list[int]:
+        """Where ``seq``, verifying ``count`` - 1 drafted tokens, keeps its states: the slot each of its ``count``
+        tokens' rounds writes (its group's other slots in order, then its own, which the last round advances; a
+        sequence that accepts ``a`` drafted tokens then holds the state after them in the ``a``-th)."""
+        assert seq.state_slot is not None and seq.slot_group is not None
+        others = [slot for slot in range(seq.slot_group, seq.slot_group + self.group) if slot != seq.state_slot]
+        return [*others[: count - 1], seq.state_slot]
+
     def take(self, seq: Sequence) -> None:
         seq.state_slot = seq.slot_group = self._free.pop()
 
