@@ -525,6 +525,7 @@ class LLMEngine:
         drafts = [seq.draft_ids for seq in sampled]
         firsts = list(itertools.accumulate((len(d) + 1 for d in drafts), initial=0))
         outputs: list[StepOutput | None] = [None] * len(sampled)
+        accepted = [0] * len(sampled)
         active, j = list(range(len(sampled))), 0
         while active:
             picks = self._round(logits if j == 0 and firsts[-1] == len(sampled) else
@@ -534,12 +535,14 @@ class LLMEngine:
             for i, pick in zip(active, picks, strict=True):
                 out = self._advance(sampled[i], pick)
                 outputs[i] = out if outputs[i] is None else merged(outputs[i], out)
-                if not out.finished and j < len(drafts[i]) and out.new_token_ids == [drafts[i][j]]:
-                    going.append(i)
+                if j < len(drafts[i]) and not isinstance(pick, str) and pick[0] == drafts[i][j]:
+                    accepted[i] += 1
+                    if not out.finished:
+                        going.append(i)
             active, j = going, j + 1
-        for seq, drafted, out in zip(sampled, drafts, outputs, strict=True):
+        for seq, drafted, count in zip(sampled, drafts, accepted, strict=True):
             if drafted:
-                self._accepted(seq, drafted, len(out.new_token_ids) - 1 if out is not None else 0)
+                self._accepted(seq, drafted, count)
         return [out for out in outputs if out is not None]
 
     def _round(self, logits: torch.Tensor, sequences: list[Sequence], batch: list[Sequence],
