@@ -24,7 +24,7 @@ from engine.linear_attention import GatedDeltaNet, state_bytes_per_sequence
 from engine.model import Attention, DecoderModel, SparseMoE
 from engine.quant import QuantScheme
 from engine.weights.builder import ModelBuilder
-from engine.weights.loader import int4_kernel_for
+from engine.weights.loader import drafting_layers, int4_kernel_for, with_drafter
 from engine.weights.shapes import ShapeSource
 from engine.weights.sources import HF_NAMES, QWEN1_NAMES, QWEN3_NEXT_NAMES
 
@@ -86,7 +86,7 @@ class MemoryPlan:
     max_model_len: int
     kv_cache_memory: int | None
     state_bytes_per_sequence: int = 0  # hybrid models: one sequence's (or prefix snapshot's) linear-layer states
-    state_slots: int = 0  # the seats, the prompt passes' slot and the prefix snapshots
+    state_slots: int = 0  # the seats' (speculative decoding: k + 1 each), the prompt passes' and the prefix snapshots'
 
     @property
     def seats(self) -> int | None:
@@ -109,7 +109,8 @@ class MemoryPlan:
                 f"kv_bytes_per_token: {self.kv_bytes_per_token}",
                 f"kv_cache: {budget}",
                 *([f"state_bytes_per_sequence: {self.state_bytes_per_sequence}",
-                   f"state_cache: {self.state_slots} slots (seats, prompt passes, prefix snapshots), "
+                   f"state_cache: {self.state_slots} slots (seats, drafted tokens' states, prompt passes, prefix "
+                   f"snapshots), "
                    f"{self.state_slots * self.state_bytes_per_sequence / gib:.2f} GiB"]
                   if self.state_bytes_per_sequence else [])]
 
@@ -117,7 +118,7 @@ class MemoryPlan:
 def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: int | None = None,
                 kv_cache_memory: int | None = None, kv_cache_dtype: str = "auto", cuda_int4_kernel: str = "auto",
                 capability: tuple[int, int] | None = None, max_num_seqs: int | None = None,
-                state_snapshots: int | None = None) -> MemoryPlan:
+                state_snapshots: int | None = None, speculative_tokens: int = 0) -> MemoryPlan:
     """The plan for the model folder ``model_dir`` (only ``config.json`` is read) on one CUDA card: this machine's
     when it has one, else one of ``capability`` (default sm90); the other arguments as the settings of their
     names."""
@@ -127,6 +128,8 @@ def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: in
         raise FileNotFoundError(f"{config_file} does not exist (the dry run reads a local model folder's config)")
     raw = json.loads(config_file.read_text())
     config = ModelConfig.from_hf(raw)
+    if speculative_tokens:
+        config = with_drafter(config, drafting_layers(raw), "mtp", folder.name)
     if capability is None:
         capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else ASSUMED_CAPABILITY
     with simulated_cuda(capability):
@@ -151,6 +154,9 @@ def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: in
                                            f"{'Triton' if recurrence_on_triton(config) else 'torch'} recurrence")
         if isinstance(layer.mlp, SparseMoE):
             modules["mlp"] = f"SparseMoE: {config.num_experts} experts, {config.experts_per_token} per token"
+        if model.mtp is not None:
+            modules["speculative decoding"] = (f"the multi-token-prediction block drafts {speculative_tokens} "
+                                               f"tokens a step, fc {kernel_name(model.mtp.fc)}")
         weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     engine = EngineConfig()
     seats = max_num_seqs or engine.scheduler.max_num_seqs
@@ -159,4 +165,4 @@ def plan_memory(model_dir: str | Path, *, dtype: str = "auto", max_model_len: in
                       kv_bytes_per_token(config, torch_dtype, kv_cache_dtype),
                       min(max_model_len or config.max_model_len, config.max_model_len), kv_cache_memory,
                       state_bytes_per_sequence(config) if config.hybrid else 0,
-                      seats + 1 + snapshots if config.hybrid else 0)
+                      seats * (speculative_tokens + 1) + 1 + snapshots if config.hybrid else 0)

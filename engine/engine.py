@@ -571,8 +571,9 @@ class LLMEngine:
         """The multi-token-prediction block over every row this step computed and kept (``hidden``: the step's
         last-layer output, each sequence's rows from ``packed_starts``, its first at ``positions``), which writes
         its keys; each sequence that sampled drafts up to ``speculative_tokens`` tokens for its next step to verify
-        (greedy from the block's logits; the first from the model's hidden state, each next from the block's own
-        output), as many as its token budget, context and free cache blocks allow."""
+        (greedy from the block's logits, read back as the sampler reads its tokens; the first from the model's hidden
+        state, each next from the block's own output), as many as its token budget, context and free cache blocks
+        allow."""
         rows, indices, drafting = [], [], []
         for seq, packed, start in zip(batch, packed_starts, positions, strict=True):
             if seq.status is not Status.RUNNING or seq.pool is not None or seq.num_computed <= start:
@@ -588,7 +589,7 @@ class LLMEngine:
         normed, logits = self.runner.draft(rows, hidden[to_device(indices, torch.long, hidden.device)], True)
         drafting = [(seq, row, room) for seq, row, room in drafting if room > 0]
         for round_ in range(self.drafted):
-            picked = logits[:, : self.vocab_size].argmax(-1).tolist()
+            picked = self.sampler.read_back(logits[:, : self.vocab_size].argmax(-1))[0].tolist()
             for seq, row, _ in drafting:
                 seq.draft_ids.append(picked[row])
             drafting = [(seq, row, room) for seq, row, room in drafting if room > round_ + 1]

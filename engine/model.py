@@ -308,8 +308,9 @@ class DraftHead(nn.Module):
     model's, or a copy applying ``norm`` inside its kernel)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, fc: nn.Module, layer: DecoderLayer,
-                 embed_norm: torch.Tensor, hidden_norm: torch.Tensor, target_norm: torch.Tensor, norm: torch.Tensor,
+                 embed_norm: nn.Parameter, hidden_norm: nn.Parameter, target_norm: nn.Parameter, norm: nn.Parameter,
                  head: nn.Module | None) -> None:
+        """``target_norm``: the model's final norm's own weight (shared)."""
         super().__init__()
         self.fc, self.layer, self.head = fc, layer, head
         size, eps = config.hidden_size, config.rms_norm_eps
@@ -317,7 +318,7 @@ class DraftHead(nn.Module):
         self.target_norm, self.norm = RMSNorm(size, eps, norm.dtype), RMSNorm(size, eps, norm.dtype)
         for module, weight in ((self.embed_norm, embed_norm), (self.hidden_norm, hidden_norm),
                                (self.target_norm, target_norm), (self.norm, norm)):
-            module.weight = nn.Parameter(weight, requires_grad=False)
+            module.weight = weight
 
     @property
     def head_norms(self) -> bool:

@@ -64,7 +64,8 @@ def dry_run(settings: Settings) -> None:
         plan = plan_memory(settings.model, dtype=settings.dtype, max_model_len=settings.max_model_len,
                            kv_cache_memory=settings.kv_cache_memory, kv_cache_dtype=settings.kv_cache_dtype,
                            cuda_int4_kernel=settings.cuda_int4_kernel, max_num_seqs=settings.max_num_seqs,
-                           state_snapshots=settings.state_snapshots)
+                           state_snapshots=settings.state_snapshots,
+                           speculative_tokens=settings.num_speculative_tokens if settings.speculative == "mtp" else 0)
     except (OSError, ValueError, KeyError) as exc:
         sys.exit(f"qwen-serve: --dry-run: {exc}")
     print("\n".join(plan.lines()))

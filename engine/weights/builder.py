@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 
 import torch
 import torch.distributed as dist
@@ -34,7 +33,7 @@ from engine.linear_attention import GatedDeltaNet
 from engine.model import MLP, Attention, DecoderLayer, DecoderModel, DraftHead, SparseMoE
 from engine.parallel import RowParallel, Shard, VocabParallel
 from engine.weights.int4 import CUDA_INT4, TRITON_INT4, Int4Weight
-from engine.weights.sources import WeightSource
+from engine.weights.sources import WeightSource, drafting_layer_names
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +184,7 @@ class ModelBuilder:
         in_file = "{i}" in names["mtp_fc"]
         index = c.num_layers if in_file else 0
         if not in_file:
-            self.names = {part: re.sub(r"^model\.(language_model\.)?layers\.", "mtp.layers.", name)
-                          for part, name in names.items()}
+            self.names = drafting_layer_names(names)
         try:
             layer = self._assemble(index, self._attention(index))
             fc = self._linear(["mtp_fc"], index, [None])

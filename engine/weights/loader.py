@@ -135,6 +135,12 @@ def load_model(model: str | None, *, dtype: torch.dtype, device: torch.device, i
     return _load_folder(name, path, dtype, device, int4_kernel, progress, split, quantization, speculative)
 
 
+def drafting_layers(raw_config: dict[str, Any]) -> int:
+    """Multi-token-prediction blocks a folder's ``config.json`` says the checkpoint ships."""
+    text = raw_config.get("text_config") or raw_config
+    return text.get("mtp_num_hidden_layers") or text.get("num_nextn_predict_layers") or 0
+
+
 def with_drafter(config: ModelConfig, shipped: int, speculative: str | None, name: str) -> ModelConfig:
     """``config`` built with its multi-token-prediction block when ``speculative`` asks for it (``shipped``: the
     blocks the checkpoint has)."""
@@ -167,9 +173,7 @@ def _load_folder(name: str, folder: Path, dtype: torch.dtype, device: torch.devi
                  speculative: str | None = None) -> LoadedModel:
     raw_config = json.loads((folder / "config.json").read_text())
     config = ModelConfig.from_hf(raw_config)
-    text_config = raw_config.get("text_config") or raw_config
-    shipped = text_config.get("mtp_num_hidden_layers") or text_config.get("num_nextn_predict_layers") or 0
-    config = with_drafter(config, shipped, speculative, name)
+    config = with_drafter(config, drafting_layers(raw_config), speculative, name)
     names = QWEN1_NAMES if config.arch == "qwen" else QWEN3_NEXT_NAMES if config.arch == "qwen3_next" else HF_NAMES
     scheme = None
     if raw_config.get("quantization_config"):

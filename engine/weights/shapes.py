@@ -3,12 +3,14 @@ and speed runs with random weights."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 
 from engine.config import ModelConfig
 from engine.weights.int4 import Int4Weight
+from engine.weights.sources import drafting_layer_names
 
 Fill = Callable[[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor]  # (what, shape, dtype, device)
 MATRICES = ("qkv", "q", "k", "v", "o", "gate", "up", "down")  # the parts a 4-bit checkpoint stores 4-bit
@@ -37,9 +39,10 @@ def part_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             "down": (h, inner), "q_norm": (config.head_dim,), "k_norm": (config.head_dim,),
             "router": (config.num_experts, h), "expert_gate": (config.moe_intermediate_size, h),
             "expert_up": (config.moe_intermediate_size, h), "expert_down": (h, config.moe_intermediate_size),
-            **(hybrid if config.hybrid else {})}
+            "mtp_fc": (h, 2 * h), **{norm: (h,) for norm in DRAFTING_NORMS}, **(hybrid if config.hybrid else {})}
 
 
+DRAFTING_NORMS = ("mtp_embed_norm", "mtp_hidden_norm", "mtp_norm")
 MOE_PARTS = ("router", "expert_gate", "expert_up", "expert_down", "shared_gate", "shared_up", "shared_down",
              "shared_expert_gate")
 ATTENTION_PARTS = ("qkv", "qkv_bias", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm")
@@ -83,6 +86,8 @@ class ShapeSource:
             skipped |= {"q_norm", "k_norm"}
         if config.tie_word_embeddings:
             skipped.add("lm_head")
+        if not config.mtp_layers:
+            skipped |= {"mtp_fc", *DRAFTING_NORMS}
         self.parts: dict[str, str] = {}
         experts = range(config.num_experts)
         for part, template in names.items():
@@ -94,6 +99,12 @@ class ShapeSource:
             layers = _layers_with(config, part.removesuffix(".stacked")) if "{i}" in template else [0]
             self.parts.update({template.format(i=i, j=j): part for i in layers
                                for j in (experts if "{j}" in template else [0])})
+        if config.mtp_layers:  # the drafting block's layer: an attention layer, with layer 0's kind of MLP
+            for part, template in drafting_layer_names(names).items():
+                if "{i}" in template and part in self.shapes and part not in skipped and 0 in _layers_with(
+                        dataclasses.replace(config, linear_layers=()), part):
+                    self.parts.update({template.format(i=0, j=j): part
+                                       for j in (experts if "{j}" in template else [0])})
 
     def __contains__(self, name: str) -> bool:
         return name in self.parts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -127,6 +128,14 @@ HF_NAMES = {
     "mtp_fc": "mtp.fc.weight", "mtp_embed_norm": "mtp.pre_fc_norm_embedding.weight",
     "mtp_hidden_norm": "mtp.pre_fc_norm_hidden.weight", "mtp_norm": "mtp.norm.weight",
 }
+
+
+def drafting_layer_names(names: dict[str, str]) -> dict[str, str]:
+    """``names`` with a folder's layer parts renamed to the multi-token-prediction block's own layer
+    (``mtp.layers.{i}.``, the language model's prefix of a multimodal layout dropped)."""
+    return {part: re.sub(r"^model\.(language_model\.)?layers\.", "mtp.layers.", name) for part, name in names.items()}
+
+
 # Qwen3-Next stores the linear layers' input projections in two matrices, grouped per key head.
 QWEN3_NEXT_NAMES = {**{k: v for k, v in HF_NAMES.items() if k not in ("lin_qkv", "lin_z", "lin_b", "lin_a")},
                     **{f"lin_{p}": f"model.layers.{{i}}.linear_attn.in_proj_{p}.weight" for p in ("qkvz", "ba")}}

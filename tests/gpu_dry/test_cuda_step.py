@@ -9,6 +9,7 @@ dry run fails."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +99,11 @@ def simulated_card(monkeypatch) -> Iterator[TransferWatch]:
 
 def on_the_card(name: str, engine_config: EngineConfig, watch: TransferWatch, monkeypatch, *,
                 rope: bool = True) -> Card:
-    """``name``'s model and engine on the simulated card (call within ``simulated_card``), every stand-in in place."""
+    """``name``'s model and engine on the simulated card (call within ``simulated_card``), every stand-in in place;
+    with its multi-token-prediction block when ``engine_config`` drafts."""
     config = model_config(name)
+    if engine_config.speculative_tokens:
+        config = dataclasses.replace(config, mtp_layers=1)
     model = fake_model(config, dtype=torch.bfloat16, quantization=raw_config(name).get("quantization_config"))
     elementwise = ElementwiseContract()
     monkeypatch.setattr(triton_norm, "rms_norm", elementwise.rms_norm)
@@ -213,6 +217,29 @@ def test_a_hybrid_models_steps_run_on_the_card(simulated_card, monkeypatch):
     states = card.engine.runner.states.layers
     assert len(states) == 24 and states[0].recurrent.dtype == torch.float32
     on_stand_in(states[0].recurrent, states[0].conv)
+
+
+def test_a_drafting_hybrid_model_s_steps_run_on_the_card(simulated_card, monkeypatch):
+    """Qwen3.5's shapes with a multi-token-prediction block drafting 2 tokens a step (the read-back stand-in reads
+    the same token for every row, so every draft stands): the block's passes read their drafts back as the sampler
+    reads its tokens, the verifying step's tokens are decode rows of the paged kernel, its linear layers advance in
+    three rounds (a Triton call each), and each request gets its tokens in two steps."""
+    card = on_the_card("qwen3.5-defaults", EngineConfig(kv_cache_memory=1 << 30, max_model_len=1024, state_snapshots=2,
+                                                        speculative_tokens=2), simulated_card, monkeypatch,
+                       rope=False)
+    config, engine = card.engine.model_config, card.engine
+    assert engine.runner.model.mtp is not None and config.num_attention_layers == 8 + 1
+    card.add_requests()
+    outputs = card.steps()
+    assert all(output.error is None for step in outputs for output in step)
+    assert len(outputs) == 2 and all(len(output.new_token_ids) == MAX_TOKENS - 1 for output in outputs[1])
+    stats = engine.stats()
+    assert stats.spec_drafts == len(PROMPTS) and stats.spec_accepted_tokens == stats.spec_draft_tokens == 8
+    assert card.read_back.calls == 1 + 2 + 3  # the prefill's sampling, two drafts, three verifying rounds
+    assert card.paged.calls == 8 + 1  # the verifying step's attention layers, the block's second draft
+    linear_layers = len(config.linear_layers)
+    assert card.recurrence is not None and card.recurrence.calls == (len(PROMPTS) + 3) * linear_layers
+    assert card.recurrence.rows == (len(PROMPTS) + 3 * len(PROMPTS)) * linear_layers
 
 
 # -- injected defects: the dry run must fail on each ------------------------------------------------------------

@@ -178,5 +178,26 @@ def test_a_hybrid_plan_counts_both_layer_kinds_and_the_state_cache():
     assert (plan.state_bytes_per_sequence, plan.state_slots) == (per_sequence, 8 + 1 + 4)
     assert plan.modules["decode attention"] == "TritonPagedAttention, eager (linear-attention states)"
     assert plan.modules["linear attention"].endswith(", Triton recurrence")
-    assert plan.lines()[-1] == f"state_cache: 13 slots (seats, prompt passes, prefix snapshots), " \
+    assert plan.lines()[-1] == f"state_cache: 13 slots (seats, drafted tokens' states, prompt passes, prefix " \
+        f"snapshots), " \
         f"{13 * per_sequence / 2**30:.2f} GiB"
+
+
+def test_a_drafting_plan_counts_the_block_its_keys_and_its_state_slots(tmp_path):
+    """Qwen3.5's defaults with a multi-token-prediction block, drafting 2 tokens a step: the block's weights (its
+    fc, one attention layer and MLP, three norms), one more attention layer's keys and values a token, and three
+    state slots a seat (the state after each drafted token)."""
+    raw = json.loads((CONFIGS / "qwen3.5-defaults" / "config.json").read_text())
+    raw["text_config"]["mtp_num_hidden_layers"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    plain = plan_memory(tmp_path, max_num_seqs=8, state_snapshots=4)
+    plan = plan_memory(tmp_path, max_num_seqs=8, state_snapshots=4, speculative_tokens=2)
+    c = model_config("qwen3.5-defaults")
+    h, q, kv, inner = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
+    attention = h * (2 * q + 2 * kv) + q * h + 2 * c.head_dim
+    assert plan.weights_bytes - plain.weights_bytes == 2 * (2 * h * h + attention + 3 * inner * h + 5 * h)
+    assert plan.kv_bytes_per_token == plain.kv_bytes_per_token * 9 // 8
+    assert (plain.state_slots, plan.state_slots) == (8 + 1 + 4, 8 * 3 + 1 + 4)
+    assert plan.modules["speculative decoding"].startswith("the multi-token-prediction block drafts 2 tokens")
+    with pytest.raises(ValueError, match="multi-token-prediction"):
+        plan_memory(CONFIGS / "qwen3.5-defaults", speculative_tokens=2)
