@@ -3,8 +3,8 @@ checkpoints (Qwen3.5, Qwen3-Next with experts, Qwen3.5's multimodal layout): the
 transformers' own decoder layer and norms fed as the published block is; greedy tokens identical with and without
 drafts (alone, batched, after a preemption, on the torch and the native paths); drafts verified in rounds that keep
 exactly the model's own tokens when most drafts are right (a drafter that knows the answer, wrong every third
-token), the states rolled back to the last accepted token; a seeded sampling request unchanged; the GGUF file's
-block equal to the folder's; the counters."""
+token), the states rolled back to the last accepted token; a seeded sampling request and a grammar-constrained one
+unchanged; the GGUF file's block equal to the folder's; the counters."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import transformers
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.config import ModelConfig
+from engine.grammar import GrammarCompiler, json_schema_grammar
 from engine.kernels import native
 from engine.kv_store import kv_bytes_per_token
 from engine.runner import DraftRows
@@ -263,3 +264,27 @@ def test_drafting_needs_the_block_and_room_for_the_drafts(hybrid_without_block):
 def hybrid_without_block(tmp_path):
     write_checkpoint(tmp_path, build_config("qwen3_5_text"))
     return tmp_path
+
+
+def test_a_grammar_sees_only_the_tokens_that_stand(smollm2_tokenizer_files, tmp_path):
+    """A JSON-schema grammar with drafts right two times in three: each round's mask is the grammar's after the
+    rounds before (a refused draft never reaches the matcher), so the tokens are those without drafts."""
+    folder = tmp_path / "hf"
+    write_checkpoint(folder, build_config("qwen3_5_text", vocab_size=49152))
+    for file in smollm2_tokenizer_files.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    add_mtp_weights(folder)
+    plain = LLM(str(folder), dtype="float32", device="cpu")
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    grammar = GrammarCompiler(plain.tokenizer, plain.engine.info.logits_width).compile(
+        json_schema_grammar(json.dumps(schema)))
+    params = SamplingParams(temperature=0, max_tokens=24, grammar=grammar)
+    prompt = [token * 151 % 49152 for token in random_prompt(40)]
+    expected = tokens_of(plain, [prompt], params)
+    assert plain.tokenizer.decode(expected[0]).startswith("{")
+    llm = speculative(folder, 2)
+    oracle(llm, [prompt + expected[0]], vocab=49152)
+    assert tokens_of(llm, [prompt], params) == expected
+    stats = llm.engine.stats()
+    assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens
