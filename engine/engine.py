@@ -104,7 +104,8 @@ class EngineStats:
     preemptions: int = 0
     spec_drafts: int = 0  # speculative decoding: rows that verified drafted tokens,
     spec_draft_tokens: int = 0  # the tokens drafted for them,
-    spec_accepted_tokens: int = 0  # and those the model's own choice confirmed
+    spec_accepted_tokens: int = 0  # and those the model's own choice confirmed,
+    spec_accepted_per_position: tuple[int, ...] = ()  # by position among a row's drafts (the first, the second...)
 
 
 @dataclass
@@ -178,7 +179,8 @@ class LLMEngine:
         spec = self.speculation
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), blocks.usage,
                            blocks.num_blocks - blocks.num_free, blocks.prefix_queries, blocks.prefix_hits,
-                           self.scheduler.num_preemptions, spec.drafts, spec.draft_tokens, spec.accepted_tokens)
+                           self.scheduler.num_preemptions, spec.drafts, spec.draft_tokens, spec.accepted_tokens,
+                           tuple(spec.per_position))
 
     @classmethod
     def from_model(cls, model: str | None = None, *, dtype: str | torch.dtype | None = None,
@@ -663,16 +665,21 @@ class LLMEngine:
 
 @dataclass
 class SpeculationCounts:
-    """Speculative decoding so far: rows that verified drafted tokens, the tokens drafted, those accepted."""
+    """Speculative decoding so far: rows that verified drafted tokens, the tokens drafted, those accepted (in all,
+    and by their position among a row's drafts)."""
 
     drafts: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    per_position: list[int] = field(default_factory=list)
 
     def record(self, drafted: int, accepted: int) -> None:
         self.drafts += 1
         self.draft_tokens += drafted
         self.accepted_tokens += accepted
+        self.per_position += [0] * (drafted - len(self.per_position))
+        for position in range(accepted):
+            self.per_position[position] += 1
 
 
 def merged(first: StepOutput, then: StepOutput) -> StepOutput:

@@ -44,6 +44,13 @@ class EngineStateCollector(Collector):
             counter = CounterMetricFamily(name, doc, labels=list(self.labels))
             counter.add_metric(list(self.labels.values()), value)
             yield counter
+        if stats.spec_accepted_per_position:
+            counter = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                          "Speculative decoding: drafted tokens the model confirmed, by position.",
+                                          labels=[*self.labels, "position"])
+            for position, value in enumerate(stats.spec_accepted_per_position):
+                counter.add_metric([*self.labels.values(), str(position)], value)
+            yield counter
 
 
 class Metrics:

@@ -110,3 +110,9 @@ def test_a_drafting_server_streams_the_model_s_own_tokens_and_counts_its_drafts(
     assert text == want and len(logprobs) == 24 and chunks < 20
     accepted = server.metric("vllm:spec_decode_num_accepted_tokens_total")
     assert 0 < accepted <= server.metric("vllm:spec_decode_num_draft_tokens_total")
+    lines = httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines()
+    by_position = [float(line.rsplit(" ", 1)[1]) for position in range(3) for line in lines
+                   if line.startswith("vllm:spec_decode_num_accepted_tokens_per_pos_total{")
+                   and f'position="{position}"' in line]
+    assert len(by_position) == 3 and sum(by_position) == accepted
+    assert by_position[0] >= by_position[1] >= by_position[2]  # a later draft stands only after the ones before
