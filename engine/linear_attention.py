@@ -5,7 +5,7 @@ A linear layer keeps, for each running sequence, a fixed-size state in a slot of
 rows with one new token update their states together (the recurrent form); a row with several (a prompt or a chunk
 of one) runs the chunked form from its state, in chunks of ``CHUNK`` tokens. Both are the reference definitions in
 plain torch, in fp32; on CPU with the native kernels the decode rows run in one native call instead
-(``kernels/recurrent``).
+(``kernels/recurrent``), on CUDA both forms on Triton kernels (``kernels/triton_recurrent``).
 """
 
 from __future__ import annotations
@@ -173,17 +173,28 @@ class GatedDeltaNet(nn.Module):
             state.conv[snapshot[1]] = window[snapshot[0] : snapshot[0] + kernel - 1]
         state.conv[slot] = window[count:]
         q, k, v = self.heads(F.silu((window.unfold(0, kernel, 1) * self.conv_taps.t()).sum(-1)))
-        if self.triton:
+        if self.triton and count < CHUNK:  # token by token on the kernel, the snapshot kept on the way
             return self.gated_norm(triton_recurrent.prompt(state.recurrent, slot, snapshot, q, k, v, decay, beta), z)
         offset, kept = snapshot if snapshot is not None else (count, -1)
         out = torch.empty_like(v)
         for span in (slice(0, offset), slice(offset, count)):
             if span.stop > span.start:
-                out[span] = chunked_delta_rule(state.recurrent[slot], q[span], k[span], v[span], decay[span],
-                                               beta[span])
+                out[span] = self.delta_rule(state.recurrent, slot, q[span], k[span], v[span], decay[span],
+                                            beta[span])
             if kept >= 0 and span.stop == offset:
                 state.recurrent[kept] = state.recurrent[slot]
         return self.gated_norm(out, z)
+
+    def delta_rule(self, states: torch.Tensor, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   decay: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """T tokens of one row ([T, H, *]) from the state in ``slot`` of ``states`` (advanced in place): the chunked
+        form (on the Triton kernels: its terms in torch, the chunks' scan on the kernel; under a chunk, the
+        recurrent kernel token by token). [T, H, V]."""
+        if not self.triton:
+            return chunked_delta_rule(states[slot], q, k, v, decay, beta)
+        if q.shape[0] < CHUNK:
+            return triton_recurrent.prompt(states, slot, None, q, k, v, decay, beta)
+        return triton_recurrent.scan(states, slot, chunk_terms(q, k, v, decay, beta))[:, : q.shape[0]].transpose(0, 1)
 
     def gate_values(self, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The log of each row's state decay and its beta [R, value heads], fp32, from gate_proj's output."""
@@ -229,11 +240,27 @@ def recurrent_update(states: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     return (states * q[..., None]).sum(dim=-2)
 
 
-def chunked_delta_rule(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
-                       beta: torch.Tensor) -> torch.Tensor:
-    """The same rule over T tokens of one sequence ([T, H, *]), ``CHUNK`` tokens at a time: within a chunk the
-    corrections are solved as one unit-triangular system (the WY form), between chunks the state carries over.
-    ``state`` [H, K, V] is advanced in place; returns [T, H, V]."""
+@dataclass
+class ChunkTerms:
+    """The chunked form's per-chunk terms of one sequence's T tokens, for ``H`` heads and ``N`` chunks of ``CHUNK``
+    (the last padded with tokens that neither decay nor update the state): ``values`` [H, N, C, V] and ``key_decay``
+    [H, N, C, K] the corrections' WY factors (solved within each chunk); ``within`` [H, N, C, C] the causal,
+    decayed query-key products inside a chunk; ``q_decayed`` [H, N, C, K] and ``k_to_end`` [H, N, C, K] the queries
+    and keys decayed from the chunk's start and to its end; ``chunk_decay`` [H, N] a chunk's total decay. Given
+    them, the chunks carry the state one after another (``scan_chunks``)."""
+
+    values: torch.Tensor
+    key_decay: torch.Tensor
+    within: torch.Tensor
+    q_decayed: torch.Tensor
+    k_to_end: torch.Tensor
+    chunk_decay: torch.Tensor
+
+
+def chunk_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                beta: torch.Tensor) -> ChunkTerms:
+    """``ChunkTerms`` of T tokens ([T, H, *]): within each chunk the corrections are one unit-triangular system (the
+    WY form), solved for all chunks at once."""
     t = q.shape[0]
     pad = -t % CHUNK
     q, k, v = (F.pad(x.transpose(0, 1), (0, 0, 0, pad)) for x in (q, k, v))  # [H, T', *]
@@ -246,18 +273,31 @@ def chunked_delta_rule(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     cumulative = decay.cumsum(dim=-1)
     pairwise = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(upper, float("-inf")).exp()
     system = (k_beta @ k.transpose(-1, -2)) * pairwise
-    values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
-    key_decay = torch.linalg.solve_triangular(system, k_beta * cumulative.exp()[..., None], upper=False,
-                                              unitriangular=True)
-    within = (q @ k.transpose(-1, -2)) * pairwise
-    q_decayed = q * cumulative.exp()[..., None]
-    k_to_end = k * (cumulative[..., -1:] - cumulative).exp()[..., None]
-    chunk_decay = cumulative[..., -1].exp()[..., None, None]
-    out = torch.empty_like(values)
+    return ChunkTerms(
+        values=torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True),
+        key_decay=torch.linalg.solve_triangular(system, k_beta * cumulative.exp()[..., None], upper=False,
+                                                unitriangular=True),
+        within=(q @ k.transpose(-1, -2)) * pairwise,
+        q_decayed=q * cumulative.exp()[..., None],
+        k_to_end=k * (cumulative[..., -1:] - cumulative).exp()[..., None],
+        chunk_decay=cumulative[..., -1].exp())
+
+
+def scan_chunks(state: torch.Tensor, terms: ChunkTerms) -> torch.Tensor:
+    """The chunks one after another from ``state`` [H, K, V] (advanced in place): each chunk's corrections against
+    the state it starts from, its outputs, and the state it leaves. [H, N * CHUNK, V] (padding included)."""
+    out = torch.empty_like(terms.values)
     current = state.clone()
-    for i in range(q.shape[1]):
-        corrected = values[:, i] - key_decay[:, i] @ current
-        out[:, i] = q_decayed[:, i] @ current + within[:, i] @ corrected
-        current = current * chunk_decay[:, i] + k_to_end[:, i].transpose(-1, -2) @ corrected
+    for i in range(terms.values.shape[1]):
+        corrected = terms.values[:, i] - terms.key_decay[:, i] @ current
+        out[:, i] = terms.q_decayed[:, i] @ current + terms.within[:, i] @ corrected
+        current = current * terms.chunk_decay[:, i, None, None] + terms.k_to_end[:, i].transpose(-1, -2) @ corrected
     state.copy_(current)
-    return out.reshape(heads, -1, out.shape[-1])[:, :t].transpose(0, 1)
+    return out.reshape(out.shape[0], -1, out.shape[-1])
+
+
+def chunked_delta_rule(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                       beta: torch.Tensor) -> torch.Tensor:
+    """The same rule over T tokens of one sequence ([T, H, *]), ``CHUNK`` tokens at a time (``chunk_terms``, then
+    ``scan_chunks``). ``state`` [H, K, V] is advanced in place; returns [T, H, V]."""
+    return scan_chunks(state, chunk_terms(q, k, v, decay, beta))[:, : q.shape[0]].transpose(0, 1)

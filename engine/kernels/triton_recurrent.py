@@ -1,19 +1,25 @@
-"""The gated delta rule of a hybrid model's linear layers as one Triton kernel (CUDA; the tests run it on CPU tensors
-under ``TRITON_INTERPRET=1``): every row of a call, one new token (decode) or many (a prompt), advances its state in
-place, token by token, in the recurrent form's order of operations. Torch's form on a card gathers the states, runs
-six elementwise kernels and a reduction per token and scatters them back; here each program keeps one value block of
-one head's state in registers over all of the row's tokens, reading and writing it once.
+"""The gated delta rule of a hybrid model's linear layers as Triton kernels (CUDA; the tests run them on CPU tensors
+under ``TRITON_INTERPRET=1``). ``delta_rule``: every row of a call, one new token (decode) or a few, advances its
+state in place, token by token, in the recurrent form's order of operations. Torch's form on a card gathers the
+states, runs six elementwise kernels and a reduction per token and scatters them back; here each program keeps one
+value block of one head's state in registers over all of the row's tokens, reading and writing it once.
 
-A prompt runs the same recurrence, not the chunked form's tensor-core matmuls: T sequential steps per program, with
-rows x heads x value blocks programs side by side.
+``scan``: a prompt of a chunk or more takes the chunked form instead. Its per-chunk terms (``ChunkTerms``: the WY
+system solved within every chunk at once) are batched torch ops; the chunks then carry the state one after
+another, and that sequential part is one kernel: each program keeps one value block of one head's state in
+registers across all chunks, three tensor-core matmuls a chunk (the state's corrections, the chunk's outputs, the
+state it leaves), where torch's loop launches a handful of kernels per chunk.
 """
 
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.linear_attention import ChunkTerms
 
 
 def value_block(value_dim: int) -> int:
@@ -60,6 +66,53 @@ def _kernel() -> Any:
         tl.store(state_ptr + slot * slot_size + within, state)
 
     return delta_rule_rows
+
+
+@cache
+def _scan_kernel() -> Any:
+    """Built on first use, as ``_kernel``."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scan_chunks(values_ptr, key_decay_ptr, within_ptr, q_decayed_ptr, k_to_end_ptr, chunk_decay_ptr, out_ptr,
+                    state_ptr, slot, chunks, KEY: tl.constexpr, VALUE: tl.constexpr, BLOCK: tl.constexpr,
+                    CHUNK: tl.constexpr):
+        head, block = tl.program_id(0), tl.program_id(1)
+        heads = tl.num_programs(0)
+        keys, rows = tl.arange(0, KEY), tl.arange(0, CHUNK)
+        columns = block * BLOCK + tl.arange(0, BLOCK)
+        at = slot.to(tl.int64) * heads * KEY * VALUE + head * KEY * VALUE + keys[:, None] * VALUE + columns[None, :]
+        state = tl.load(state_ptr + at)
+        for i in range(chunks):
+            chunk = (head * chunks + i).to(tl.int64)
+            by_key = chunk * CHUNK * KEY + rows[:, None] * KEY + keys[None, :]
+            by_value = chunk * CHUNK * VALUE + rows[:, None] * VALUE + columns[None, :]
+            corrected = tl.load(values_ptr + by_value) - tl.dot(tl.load(key_decay_ptr + by_key), state,
+                                                                input_precision="ieee")
+            within = tl.load(within_ptr + chunk * CHUNK * CHUNK + rows[:, None] * CHUNK + rows[None, :])
+            out = tl.dot(tl.load(q_decayed_ptr + by_key), state, input_precision="ieee")
+            tl.store(out_ptr + by_value, out + tl.dot(within, corrected, input_precision="ieee"))
+            state = state * tl.load(chunk_decay_ptr + chunk) + tl.dot(tl.trans(tl.load(k_to_end_ptr + by_key)),
+                                                                       corrected, input_precision="ieee")
+        tl.store(state_ptr + at, state)
+
+    return scan_chunks
+
+
+def scan(states: torch.Tensor, slot: int, terms: ChunkTerms) -> torch.Tensor:
+    """``linear_attention.scan_chunks`` on the kernel: the chunks of ``terms`` (fp32) one after another from the
+    state in ``slot`` of ``states`` ([slots, H, K, V], fp32, advanced in place). [H, N * CHUNK, V]."""
+    heads, key_dim, value_dim = states.shape[1:]
+    assert states.is_contiguous() and states.dtype == torch.float32 and fits(key_dim, value_dim)
+    chunks, chunk = terms.values.shape[1:3]
+    parts = [x.float().contiguous() for x in (terms.values, terms.key_decay, terms.within, terms.q_decayed,
+                                               terms.k_to_end, terms.chunk_decay)]
+    out = torch.empty_like(parts[0])
+    block = value_block(value_dim)
+    _scan_kernel()[(heads, value_dim // block)](*parts, out, states, slot, chunks, KEY=key_dim, VALUE=value_dim,
+                                                BLOCK=block, CHUNK=chunk)
+    return out.reshape(heads, -1, value_dim)
 
 
 def delta_rule(states: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,

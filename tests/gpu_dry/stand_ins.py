@@ -167,6 +167,28 @@ class RecurrenceContract:
         return v.new_empty(v.shape, dtype=torch.float32)
 
 
+class ChunkScanContract:
+    """The Triton chunk scan's contract (``triton_recurrent.scan``): the states [slots, H, K, V] in fp32, one slot,
+    and the chunked form's terms of matching shapes (``ChunkTerms``: [H, N, C, *], chunk decays [H, N]), all on the
+    card."""
+
+    def __init__(self) -> None:
+        self.calls = self.chunks = 0
+
+    def scan(self, states: torch.Tensor, slot: int, terms) -> torch.Tensor:
+        on_stand_in(states, terms.values, terms.key_decay, terms.within, terms.q_decayed, terms.k_to_end,
+                    terms.chunk_decay)
+        _, heads, key_dim, value_dim = states.shape
+        assert states.dtype == torch.float32 and states.is_contiguous() and 0 <= slot < states.shape[0]
+        _, chunks, chunk, _ = terms.values.shape
+        assert terms.values.shape == (heads, chunks, chunk, value_dim)
+        assert terms.key_decay.shape == terms.q_decayed.shape == terms.k_to_end.shape == (heads, chunks, chunk, key_dim)
+        assert terms.within.shape == (heads, chunks, chunk, chunk) and terms.chunk_decay.shape == (heads, chunks)
+        self.calls += 1
+        self.chunks += chunks
+        return terms.values.new_empty((heads, chunks * chunk, value_dim))
+
+
 class MatcherStandIn:
     """A grammar's matcher: fills a host bitmask (pinned, as the sampler must hand it to the card) allowing all."""
 

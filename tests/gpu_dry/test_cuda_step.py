@@ -30,6 +30,7 @@ from engine.scheduler import SchedulerConfig
 from engine.weights.loader import LoadedModel
 from tests.gpu_dry.conftest import model_config, raw_config
 from tests.gpu_dry.stand_ins import (
+    ChunkScanContract,
     ElementwiseContract,
     GrammarStandIn,
     PagedDecodeContract,
@@ -70,6 +71,7 @@ class Card:
     capture: RecordedCapture | None
     rope: RopeStoreContract | None = None
     recurrence: RecurrenceContract | None = None
+    chunk_scan: ChunkScanContract | None = None
 
     def add_requests(self) -> list[SamplingParams]:
         """``PROMPTS`` with ``sampling_params``, admitted under the watch (their penalty tensors are uploads)."""
@@ -108,8 +110,9 @@ def on_the_card(name: str, engine_config: EngineConfig, watch: TransferWatch, mo
     elementwise = ElementwiseContract()
     monkeypatch.setattr(triton_norm, "rms_norm", elementwise.rms_norm)
     monkeypatch.setattr(triton_norm, "silu_and_mul", elementwise.silu_and_mul)
-    recurrence = RecurrenceContract()
+    recurrence, chunk_scan = RecurrenceContract(), ChunkScanContract()
     monkeypatch.setattr(triton_recurrent, "delta_rule", recurrence.delta_rule)
+    monkeypatch.setattr(triton_recurrent, "scan", chunk_scan.scan)
     engine = LLMEngine(LoadedModel(name, Path(name), config, model, None), engine_config)
     paged = PagedDecodeContract(config.num_heads, config.num_kv_heads, config.head_dim)
     model.use_paged_decode(lambda: paged)
@@ -121,7 +124,7 @@ def on_the_card(name: str, engine_config: EngineConfig, watch: TransferWatch, mo
     capture = None
     if engine.runner.decode_graphs is not None:
         capture = engine.runner.decode_graphs.capture = RecordedCapture(watch)
-    return Card(engine, watch, paged, elementwise, read_back, capture, store, recurrence)
+    return Card(engine, watch, paged, elementwise, read_back, capture, store, recurrence, chunk_scan)
 
 
 def chunking_card(name: str, kv_cache_dtype: str, watch: TransferWatch, monkeypatch) -> Card:
@@ -197,7 +200,8 @@ def test_the_varlen_path_passes_flash_attn_its_contract(card):
 
 def test_a_hybrid_models_steps_run_on_the_card(simulated_card, monkeypatch):
     """Qwen3.5's shapes (24 Gated DeltaNet layers, 8 gated-attention layers with partial rotary): every linear
-    layer's delta rule on its Triton kernel (one call for a step's decode rows, one for each prompt), the states in
+    layer's delta rule on its Triton kernels (one call for a step's decode rows, one for each prompt or span of one
+    under a chunk; the chunk scan for a longer span, the chunked form's terms in torch on the card), the states in
     the card's state cache; decode attention on the paged kernel for the attention layers alone, eagerly (no graphs:
     states are placed by host indices), RoPE in torch ops (the fused kernel rotates whole heads)."""
     card = on_the_card("qwen3.5-defaults", EngineConfig(kv_cache_memory=1 << 30, max_model_len=1024,
@@ -211,9 +215,13 @@ def test_a_hybrid_models_steps_run_on_the_card(simulated_card, monkeypatch):
     assert len(outputs) == MAX_TOKENS and card.read_back.calls == MAX_TOKENS  # one prefill, then decode steps
     assert card.paged.calls == (MAX_TOKENS - 1) * config.num_attention_layers == (MAX_TOKENS - 1) * 8
     assert card.elementwise.norms > 0 and card.elementwise.activations == MAX_TOKENS * config.num_layers
-    linear_layers = len(config.linear_layers)
-    assert card.recurrence is not None and card.recurrence.calls == (len(PROMPTS) + MAX_TOKENS - 1) * linear_layers
-    assert card.recurrence.rows == len(PROMPTS) * MAX_TOKENS * linear_layers
+    # the 100-token prompt: its first 96 on the chunk scan (64 and a padded 32; a snapshot kept at its last full
+    # block), its last 4 on the token kernel beside the other prompts' rows
+    linear_layers, rows = len(config.linear_layers), len(PROMPTS)
+    assert card.recurrence is not None and card.recurrence.calls == (rows + MAX_TOKENS - 1) * linear_layers
+    assert card.recurrence.rows == rows * MAX_TOKENS * linear_layers
+    assert card.chunk_scan is not None and card.chunk_scan.calls == linear_layers
+    assert card.chunk_scan.chunks == 2 * linear_layers
     states = card.engine.runner.states.layers
     assert len(states) == 24 and states[0].recurrent.dtype == torch.float32
     on_stand_in(states[0].recurrent, states[0].conv)
@@ -237,9 +245,10 @@ def test_a_drafting_hybrid_model_s_steps_run_on_the_card(simulated_card, monkeyp
     assert stats.spec_drafts == len(PROMPTS) and stats.spec_accepted_tokens == stats.spec_draft_tokens == 8
     assert card.read_back.calls == 1 + 2 + 3  # the prefill's sampling, two drafts, three verifying rounds
     assert card.paged.calls == 8 + 1  # the verifying step's attention layers, the block's second draft
-    linear_layers = len(config.linear_layers)
-    assert card.recurrence is not None and card.recurrence.calls == (len(PROMPTS) + 3) * linear_layers
-    assert card.recurrence.rows == (len(PROMPTS) + 3 * len(PROMPTS)) * linear_layers
+    linear_layers, rows = len(config.linear_layers), len(PROMPTS)  # the prompts as in the test above
+    assert card.recurrence is not None and card.recurrence.calls == (rows + 3) * linear_layers
+    assert card.recurrence.rows == (rows + 3 * rows) * linear_layers
+    assert card.chunk_scan is not None and card.chunk_scan.calls == linear_layers
 
 
 # -- injected defects: the dry run must fail on each ------------------------------------------------------------
