@@ -150,6 +150,10 @@ class LLMEngine:
                              "(load it with speculative='mtp')")
         self.states = (StateSlots(self.config.scheduler.max_num_seqs, self.config.state_snapshots, self.drafted + 1)
                        if self.model_config.hybrid else None)
+        if self.drafted:
+            log.info("speculative decoding: the multi-token-prediction block drafts %d tokens a step; running "
+                     "sequences' states take %.2f GiB (%d slots a seat)", self.drafted,
+                     self.state_bytes(running=True) / 2**30, self.drafted + 1 if self.states is not None else 0)
         num_blocks = self._num_blocks()
         self.blocks = BlockManager(num_blocks, self.config.block_size,
                                    self.states.resumable if self.states is not None else None)
