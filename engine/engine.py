@@ -432,10 +432,10 @@ class LLMEngine:
         if not batch:
             return []
         rows = [row for row, seq in enumerate(batch) if not seq.prefilling and seq.pool is None]
-        starts = [seq.num_computed for seq in batch]
-        ends = list(itertools.accumulate(seq.step_end - seq.num_computed for seq in batch))
-        hidden = None
+        hidden, ends, starts = None, [], []
         if self.drafted or any(seq.pool is not None for seq in batch):
+            starts = [seq.num_computed for seq in batch]
+            ends = list(itertools.accumulate(seq.step_end - seq.num_computed for seq in batch))
             hidden = self.runner.hidden(self._step_rows(batch))
             # every sampled row's last token, and before it any drafted ones it verifies
             head_rows = [ends[row] - 1 - len(batch[row].draft_ids) + j for row in rows
@@ -582,7 +582,7 @@ class LLMEngine:
         allow."""
         rows, indices, drafting = [], [], []
         for seq, packed, start in zip(batch, packed_starts, positions, strict=True):
-            if seq.status is not Status.RUNNING or seq.pool is not None or seq.num_computed <= start:
+            if seq.status is not Status.RUNNING or seq.pool is not None:
                 continue
             tokens = [seq.token_at(position + 1) for position in range(start, seq.num_computed)]
             rows.append(DraftRows(start, seq.num_computed, tokens, seq.block_table, seq.ntk_alpha))

@@ -304,8 +304,8 @@ class DraftHead(nn.Module):
     """A multi-token-prediction block (Qwen3-Next, Qwen3.5): at a position, the model's last hidden state after its
     final norm (``target_norm``) and the embedding of the token that follows, each RMS-normalised, are joined by
     ``fc`` (embedding first) into one decoder layer (attention over the block's own keys in the paged cache, and its
-    MLP); its output, after ``norm``, drafts the token after that through the model's LM head (``head``: the
-    model's, or a copy applying ``norm`` inside its kernel)."""
+    MLP); its output, after ``norm``, drafts the token after that through the model's LM head (``head``: a copy of
+    it that applies ``norm`` inside its kernel, where the model's head fuses its own norm; else None)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, fc: nn.Module, layer: DecoderLayer,
                  embed_norm: nn.Parameter, hidden_norm: nn.Parameter, target_norm: nn.Parameter, norm: nn.Parameter,
@@ -319,11 +319,6 @@ class DraftHead(nn.Module):
         for module, weight in ((self.embed_norm, embed_norm), (self.hidden_norm, hidden_norm),
                                (self.target_norm, target_norm), (self.norm, norm)):
             module.weight = weight
-
-    @property
-    def head_norms(self) -> bool:
-        """Whether ``head`` applies ``norm`` itself (a native kernel's fused norm)."""
-        return isinstance(self.head, NativeLinear) and self.head.matmul.norm is not None
 
 
 class DecoderModel(nn.Module):
@@ -460,7 +455,7 @@ class DecoderModel(nn.Module):
         joined = torch.cat((mtp.embed_norm(self.embedding(token_ids)), mtp.hidden_norm(hidden.to(self.dtype))), -1)
         x = mtp.layer(mtp.fc(joined), step, cache)[step.last_index].to(self.head_dtype)
         normed = mtp.norm(x)
-        return normed, (mtp.head(x).float() if mtp.head_norms else self.logits(normed))
+        return normed, (mtp.head(x).float() if mtp.head is not None else self.logits(normed))
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """fp32 logits of rows after the final norm (a head applying the norm itself takes rows before it)."""

@@ -67,10 +67,11 @@ class Sequence:
         return len(self) + len(self.draft_ids) if self.chunk_end is None else self.chunk_end
 
     def step_tokens(self) -> list[int]:
-        """The tokens this step computes (``num_computed`` to ``step_end``)."""
+        """The tokens this step computes (``num_computed`` to ``step_end``; a sequence verifying drafted tokens
+        reaches the runner as rows of its own: ``LLMEngine._step_rows``)."""
         if self.step_end - self.num_computed == 1:
             return [self.token_at(self.num_computed)]
-        return (self.token_ids + self.draft_ids)[self.num_computed : self.step_end]
+        return self.token_ids[self.num_computed : self.step_end]
 
     @property
     def prefilling(self) -> bool:

@@ -37,7 +37,7 @@ def build_engine(settings: Settings, progress=None) -> AsyncEngine:
         enforce_eager=settings.enforce_eager,
         kv_cache_dtype=settings.kv_cache_dtype,
         state_snapshots=settings.state_snapshots,
-        speculative_tokens=settings.num_speculative_tokens if settings.speculative == "mtp" else 0,
+        speculative_tokens=settings.speculative_tokens,
         scheduler=SchedulerConfig(max_num_seqs=settings.max_num_seqs,
                                   max_num_batched_tokens=settings.max_num_batched_tokens,
                                   max_waiting=settings.max_waiting),

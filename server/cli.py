@@ -65,7 +65,7 @@ def dry_run(settings: Settings) -> None:
                            kv_cache_memory=settings.kv_cache_memory, kv_cache_dtype=settings.kv_cache_dtype,
                            cuda_int4_kernel=settings.cuda_int4_kernel, max_num_seqs=settings.max_num_seqs,
                            state_snapshots=settings.state_snapshots,
-                           speculative_tokens=settings.num_speculative_tokens if settings.speculative == "mtp" else 0)
+                           speculative_tokens=settings.speculative_tokens)
     except (OSError, ValueError, KeyError) as exc:
         sys.exit(f"qwen-serve: --dry-run: {exc}")
     print("\n".join(plan.lines()))

@@ -193,9 +193,9 @@ class ModelBuilder:
             norm = self._norm_weight(final, index, dtype=self.head_dtype)
         finally:
             self.names = names
-        head = model.lm_head
-        if isinstance(head, Q8Linear | StoredLinear):  # its kernel normalizes its rows: a copy with the block's norm
-            head = copy.copy(head)
+        head = None
+        if isinstance(model.lm_head, Q8Linear | StoredLinear):  # its kernel normalizes its rows: a copy with ours
+            head = copy.copy(model.lm_head)
             head.matmul = copy.copy(head.matmul)
             head.matmul.fuse_norm(norm, c.rms_norm_eps)
         return DraftHead(c, self.dtype, fc, layer, *norms, model.final_norm.weight, norm, head)

@@ -100,9 +100,10 @@ class ShapeSource:
             self.parts.update({template.format(i=i, j=j): part for i in layers
                                for j in (experts if "{j}" in template else [0])})
         if config.mtp_layers:  # the drafting block's layer: an attention layer, with layer 0's kind of MLP
+            attention_only = dataclasses.replace(config, linear_layers=())
             for part, template in drafting_layer_names(names).items():
-                if "{i}" in template and part in self.shapes and part not in skipped and 0 in _layers_with(
-                        dataclasses.replace(config, linear_layers=()), part):
+                if "{i}" in template and part in self.shapes and part not in skipped and \
+                        0 in _layers_with(attention_only, part):
                     self.parts.update({template.format(i=0, j=j): part
                                        for j in (experts if "{j}" in template else [0])})
 
