@@ -6,6 +6,8 @@
 // (amax / 127) for the 32-blocks, per super-block of 256 for the K-quants, with the sums of every 16 codes for the
 // offset terms. A block's integer dot is exact; its scale is applied in fp32, lane by lane, and a row's lanes are
 // added once at its end, so a result never depends on the other rows of the call.
+// Steps of several rows run other kernels over the same blocks: gguf_lanes.h (the vector builds) and gguf_tiles.h
+// (the amx build).
 //
 // Per block, with dx the activation scale and q the activation codes:
 //   Q4_0  d (c - 8) . q dx          Q4_1  (d c + m) . q dx              Q8_0  d c . q dx
@@ -426,6 +428,23 @@ void dequantize_row(const uint8_t* row, int64_t type, int64_t k, float* y) {
     }
 }
 
+// One activation row's 16 outputs side by side at out[at..at + 15], as gguf_linear finishes them: plus bias (its 16
+// entries, or none), plus what out holds (accumulate), rounded once to out's dtype.
+void store_outputs(simd::F16 value, const float* bias, bool accumulate, bool out_fp32, void* out, int64_t at) {
+    if (bias) value = simd::add(value, simd::load(bias));
+    if (out_fp32) {
+        float* target = (float*)out + at;
+        if (accumulate) value = simd::add(value, simd::load(target));
+        simd::store(target, value);
+    } else {
+        uint16_t* target = (uint16_t*)out + at;
+        if (accumulate) value = simd::add(value, simd::load_bf16(target));
+        simd::store_bf16(target, value);
+    }
+}
+
+#include "gguf_lanes.h"
+
 }  // namespace
 
 #if defined(__AMX_INT8__)
@@ -450,9 +469,10 @@ struct GGUFMatrix {
 // out [m, n] = norm?(x) [m, k] @ W^T (+ bias [n]) for the matrices stacked along the outputs (n: their rows in all).
 // x: bf16 (in_fp32 0) or fp32; out: bf16 (out_fp32 0) or fp32; norm: fp32 RMSNorm weight [k], or null; gated: x is
 // [m, 2k], SwiGLU's gate and up halves (see quantize); accumulate: out already holds rows the result is added to (a
-// residual, rounded once with the sum); tile_rows: the amx build runs steps of at least this many rows on tiles.
+// residual, rounded once with the sum); tile_rows: the amx build runs steps of at least this many rows on tiles;
+// lane_rows: the others run steps of at least this many rows of Q4_K, Q5_K and Q6_K on the lanes (gguf_lanes.h).
 void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k, int in_fp32, const float* bias,
-                 int out_fp32, int64_t tile_rows, const void* x, int64_t m, const float* norm, float eps, int gated,
+                 int out_fp32, int64_t tile_rows, int64_t lane_rows, const void* x, int64_t m, const float* norm, float eps, int gated,
                  int accumulate, void* out, int threads) {
     Quantized blocks32, blocks256;
     bool need32 = false, need256 = false;
@@ -531,6 +551,22 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
         }
 #endif
         const Quantized& quantized = block_size(matrix.type) == 256 ? blocks256 : blocks32;
+        if (m >= lane_rows && lanes::supports(matrix.type)) {
+            alignas(64) float y[lanes::kChunk][lanes::kOutputs];
+            const uint8_t* next = w + tile.count * row_bytes;
+            for (int64_t r0 = 0; r0 < m; r0 += lanes::kChunk) {
+                const int rows = (int)std::min<int64_t>(lanes::kChunk, m - r0);
+                lanes::dot_type(matrix.type, w, row_bytes, (int)tile.count, k, quantized, r0, rows, next, y);
+                if (tile.count == lanes::kOutputs && matrix.index == nullptr) {  // 16 outputs side by side
+                    const float* tile_bias = bias ? bias + matrix.column + tile.row : nullptr;
+                    for (int r = 0; r < rows; ++r)
+                        store_outputs(simd::load(y[r]), tile_bias, accumulate, out_fp32, out, (r0 + r) * n + matrix.column + tile.row);
+                } else {
+                    finish(tile, matrix, r0, rows, [&](int64_t i, int r) { return y[r][i]; });
+                }
+            }
+            continue;
+        }
         float results[kTile * kMaxRows];
         for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
             const int rows = (int)std::min<int64_t>(kMaxRows, m - r0);

@@ -15,12 +15,24 @@ from engine.kernels import native
 BLOCK_SIZES = {T.Q4_0: 32, T.Q4_1: 32, T.Q8_0: 32, T.IQ4_NL: 32, T.Q4_K: 256, T.Q5_K: 256, T.Q6_K: 256,
                T.IQ4_XS: 256}
 # Steps with at least this many rows (prompts) dequantize the weight to bf16 and run torch's GEMM: above it the
-# GEMM's throughput pays for writing the weight out once (SmolLM2-1.7B Q4_K_M, Zen 4: 64-row products break even).
+# GEMM's throughput pays for writing the weight out once (SmolLM2-1.7B Q4_K_M, Zen 4: 64-row products break even
+# against the row kernel) ...
 DENSE_ROWS = 64
+# ... or, where every matrix of the product runs on the build's many-row kernel (lanes, or the amx build's tiles),
+# from these many rows (Xeon 6 model 167, 16384 x 2048 Q4_K, bf16 GEMM on oneDNN's AMX path: 384 rows take 65 ms on
+# avx2's lanes against 63 dense, avx512's 47 against 68 and 109 against 78 at 768, the tiles 78 against 85 at 768;
+# dequantizing the weight is most of the dense path's cost below 1,000 rows).
+MANY_ROW_DENSE_ROWS = {"amx": 768, "avx512": 512, "avx2": 384}
+LANE_TYPES = frozenset({T.Q4_K, T.Q5_K, T.Q6_K})
 # The amx build computes steps of at least this many rows on AMX tiles (Q4_K, Q5_K, Q6_K, and Q8_0 over whole
 # super-blocks of inputs), fewer on the vector kernel (Xeon 6 model 167, 16384 x 2048 Q4_K from memory: the tiles
 # take about as long for 4 rows as for 16, 2.5 ms; the vector kernel 1.4 ms at 4 rows and 4.8 at 16).
 TILE_ROWS = 4
+# The vector builds compute steps of at least this many rows of Q4_K, Q5_K and Q6_K on lanes (16 weight rows side
+# by side, a super-block decoded once for all the step's rows), fewer on the row kernel (Xeon 6 model 167, 16384 x
+# 2048 from memory, avx2 / avx512 builds: Q4_K at 4 rows 1.33 / 1.13 ms against 1.80 / 1.39, at 16 rows 3.5 / 2.4
+# against 6.3 / 4.9; Q6_K's larger decode breaks even at about 4 rows, 1.86 / 1.61 against 1.95 / 1.45).
+LANE_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,14 @@ class StoredMatrix:
     @property
     def out_features(self) -> int:
         return self.blocks.shape[0]
+
+
+def dense_rows(matrices: list[StoredMatrix], isa: str) -> int:
+    """The rows from which a product of ``matrices`` on build ``isa`` runs on the dequantized weight."""
+    def many_row(matrix: StoredMatrix) -> bool:
+        on_tiles = isa == "amx" and matrix.type == T.Q8_0 and matrix.in_features % 256 == 0
+        return matrix.type in LANE_TYPES or on_tiles
+    return MANY_ROW_DENSE_ROWS[isa] if all(map(many_row, matrices)) else DENSE_ROWS
 
 
 def fits(matrix: StoredMatrix) -> bool:
@@ -71,14 +91,15 @@ class GGUFMatmul(native.RowKernel):
             start += matrix.out_features
         self.table = (_Matrix * len(table))(*table)
         self._isa = isa
+        self.dense_rows = dense_rows(matrices, isa)
         super().__init__(native.library(isa).gguf_linear,
                          (ctypes.addressof(self.table), len(table), start, k, int(dtype == torch.float32),
                           None if self.bias is None else self.bias.data_ptr(), int(out_dtype == torch.float32),
-                          TILE_ROWS),
+                          TILE_ROWS, LANE_ROWS),
                          start, dtype, out_dtype, fusable=True)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if x.shape[0] < DENSE_ROWS or self.in_dtype != torch.bfloat16:
+        if x.shape[0] < self.dense_rows or self.in_dtype != torch.bfloat16:
             return super().__call__(x, residual)
         y = self.dense(x)
         return y if residual is None else residual.add_(y)

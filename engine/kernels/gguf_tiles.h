@@ -160,24 +160,13 @@ void dot(const uint8_t* w, int64_t row_bytes, int64_t count, int64_t k, const Co
 }
 
 // The 16 outputs y[0..15][r] of each activation row r < rows written side by side at out[at + r * stride], as
-// gguf_linear finishes one: plus bias, plus what out holds (accumulate), rounded once to out's dtype.
+// gguf_linear finishes one (store_outputs).
 void finish(const float (*y)[kRows], int rows, const float* bias, bool accumulate, bool out_fp32, void* out, int64_t at,
             int64_t stride) {
     const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                               _mm512_set1_epi32(kRows));
-    for (int r = 0; r < rows; ++r, at += stride) {
-        simd::F16 value = {_mm512_i32gather_ps(column, &y[0][r], 4)};
-        if (bias) value = simd::add(value, simd::load(bias));
-        if (out_fp32) {
-            float* target = (float*)out + at;
-            if (accumulate) value = simd::add(value, simd::load(target));
-            simd::store(target, value);
-        } else {
-            uint16_t* target = (uint16_t*)out + at;
-            if (accumulate) value = simd::add(value, simd::load_bf16(target));
-            simd::store_bf16(target, value);
-        }
-    }
+    for (int r = 0; r < rows; ++r, at += stride)
+        store_outputs({_mm512_i32gather_ps(column, &y[0][r], 4)}, bias, accumulate, out_fp32, out, at);
 }
 
 void dot_type(int64_t type, const uint8_t* w, int64_t row_bytes, int64_t count, int64_t k, const Columns& x,

@@ -29,7 +29,7 @@ from engine.weights.embedded import cache_dir
 
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("quant_matmul.cpp", "gguf_matmul.cpp", "recurrent.cpp", "quantize.cpp"))
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "amx.h", "gguf_tiles.h"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "amx.h", "gguf_tiles.h", "gguf_lanes.h"))
 # per build: the CPU flags it needs, and the compiler flags for exactly those (not -march=native: a build, e.g. in
 # an image, runs on any CPU that has them)
 _AVX512 = (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c"),
@@ -81,8 +81,8 @@ def library(isa: str) -> ctypes.CDLL | None:
     lib.paged_decode_attention.argtypes = ([pointer] * 3 + [eps] + [pointer] * 10 + [size] * 6
                                            + [eps, ctypes.c_int, pointer, threads])
     lib.paged_decode_attention.restype = None
-    lib.gguf_linear.argtypes = [pointer, size, size, size, ctypes.c_int, pointer, ctypes.c_int, size, pointer, size,
-                                pointer, eps, ctypes.c_int, ctypes.c_int, pointer, threads]
+    lib.gguf_linear.argtypes = [pointer, size, size, size, ctypes.c_int, pointer, ctypes.c_int, size, size, pointer,
+                                size, pointer, eps, ctypes.c_int, ctypes.c_int, pointer, threads]
     lib.gguf_linear.restype = None
     lib.gguf_rows.argtypes = [pointer, size, size, pointer, size, pointer]
     lib.gguf_rows.restype = None

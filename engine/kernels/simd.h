@@ -120,6 +120,28 @@ inline F16 halves(const float* p) {  // p[0] in lanes 0-7, p[1] in 8-15
 }
 // acc[i] += the sum of bytes 4i..4i+3 of u * s (vpdpbusd)
 inline I16 dot_bytes(I16 acc, Bytes u, Bytes s) { return {_mm512_dpbusd_epi32(acc.v, u.v, s.v)}; }
+inline void bytes_store(void* p, Bytes a) { _mm512_storeu_si512(p, a.v); }
+// Quads: 16 outputs x 4 unsigned codes (64 bytes, 64-aligned; output o at bytes 4o..4o+3), against 4 signed
+// activation codes broadcast. For each of R activation rows x[r]: acc[r][o] += scale[o] * sum over Steps quads of
+// codes[s][o] . x[r][4s..4s+3], exactly (each quad loaded once for the R rows); scales: per output the pair (s, s)
+// of int16 (the AVX2 build's vpmaddwd operand); Group: quads the AVX2 build sums in int16, as many as cannot
+// overflow (here vpdpbusd sums in int32).
+template <int Steps, int Group, int R>
+inline void scaled_quads(I16 (&acc)[R], const uint8_t* codes, const int8_t* const (&x)[R], const int16_t* scales) {
+    __m512i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+    for (int s = 0; s < Steps; ++s) {
+        const __m512i quad = _mm512_load_si512(codes + 64 * s);
+        for (int r = 0; r < R; ++r) {
+            int32_t four;
+            __builtin_memcpy(&four, x[r] + 4 * s, 4);
+            dot[r] = _mm512_dpbusd_epi32(dot[r], quad, _mm512_set1_epi32(four));
+            __asm__("" : "+v"(dot[r]));  // a running sum in a register (see the AVX2 build's)
+        }
+    }
+    const __m512i scale = _mm512_srai_epi32(_mm512_load_si512(scales), 16);
+    for (int r = 0; r < R; ++r) acc[r] = {_mm512_add_epi32(acc[r].v, _mm512_mullo_epi32(dot[r], scale))};
+}
 // each byte of indices (0-15) replaced by that entry of the 16-byte table
 inline Bytes bytes_lookup(const int8_t* table, Bytes indices) {
     return {_mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)table)), indices.v)};
@@ -302,6 +324,37 @@ inline I16 dot_bytes(I16 acc, Bytes u, Bytes s) {  // vpmaddubsw cannot saturate
     return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(u.lo, s.lo), ones)),
             _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(u.hi, s.hi), ones))};
 }
+inline void bytes_store(void* p, Bytes a) {
+    _mm256_storeu_si256((__m256i*)p, a.lo);
+    _mm256_storeu_si256((__m256i*)((uint8_t*)p + 32), a.hi);
+}
+template <int Steps, int Group, int R>
+inline void scaled_quads(I16 (&acc)[R], const uint8_t* codes, const int8_t* const (&x)[R], const int16_t* scales) {
+    static_assert(Steps % Group == 0);
+    const __m256i scale_lo = _mm256_load_si256((const __m256i*)scales);
+    const __m256i scale_hi = _mm256_load_si256((const __m256i*)(scales + 16));
+    for (int g = 0; g < Steps; g += Group) {
+        __m256i lo[R], hi[R];
+        for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+        for (int s = g; s < g + Group; ++s) {
+            const __m256i quad_lo = _mm256_load_si256((const __m256i*)(codes + 64 * s));
+            const __m256i quad_hi = _mm256_load_si256((const __m256i*)(codes + 64 * s + 32));
+            for (int r = 0; r < R; ++r) {
+                int32_t four;
+                __builtin_memcpy(&four, x[r] + 4 * s, 4);
+                const __m256i xs = _mm256_set1_epi32(four);
+                lo[r] = _mm256_add_epi16(lo[r], _mm256_maddubs_epi16(quad_lo, xs));
+                hi[r] = _mm256_add_epi16(hi[r], _mm256_maddubs_epi16(quad_hi, xs));
+                // kept a running sum in a register: reassociated into a tree, the products spill to the stack
+                __asm__("" : "+x"(lo[r]), "+x"(hi[r]));
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            acc[r].lo = _mm256_add_epi32(acc[r].lo, _mm256_madd_epi16(lo[r], scale_lo));
+            acc[r].hi = _mm256_add_epi32(acc[r].hi, _mm256_madd_epi16(hi[r], scale_hi));
+        }
+    }
+}
 inline Bytes bytes_lookup(const int8_t* table, Bytes indices) {
     const __m256i entries = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)table));
     return {_mm256_shuffle_epi8(entries, indices.lo), _mm256_shuffle_epi8(entries, indices.hi)};
@@ -382,6 +435,38 @@ inline __m128i madd16(__m256i a, __m256i b) {  // the 8 pair sums of a * b, fold
 inline float reduce_add4(__m128 a) {
     const __m128 two = _mm_add_ps(a, _mm_movehl_ps(a, a));
     return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+
+// The 8 x 8 32-bit words of r transposed: word j of r[i] becomes word i of r[j] (both builds: the same instructions).
+inline void transpose_words(__m256i (&r)[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {
+        r[j] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x20);
+        r[j + 4] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x31);
+    }
+}
+
+// The 16 x 16 bytes of r transposed: byte j of r[i] becomes byte i of r[j] (four rounds of interleaving rows i and
+// i + 8, each a rotation of a byte's 8-bit row:column index).
+inline void transpose_bytes(__m128i (&r)[16]) {
+    for (int round = 0; round < 4; ++round) {
+        __m128i next[16];
+        for (int i = 0; i < 8; ++i) {
+            next[2 * i] = _mm_unpacklo_epi8(r[i], r[i + 8]);
+            next[2 * i + 1] = _mm_unpackhi_epi8(r[i], r[i + 8]);
+        }
+        for (int i = 0; i < 16; ++i) r[i] = next[i];
+    }
 }
 
 // Weights stream from memory once a step: a kernel asks for the bytes it will read kPrefetchDistance ahead of the

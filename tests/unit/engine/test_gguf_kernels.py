@@ -184,31 +184,78 @@ def test_a_residual_takes_the_result_in_place_rounded_once(dtype, rows, isa):
 
 
 def test_many_row_steps_apply_swiglu_and_the_residual_too(isa):
-    """The dequantized-weight path (``DENSE_ROWS`` rows) computes the same activation and adds the residual."""
+    """The dequantized-weight path (``dense_rows`` rows) computes the same activation and adds the residual."""
     matrix = random_matrix(T.Q4_K, 32, 512, seed=26)
     kernel = GGUFMatmul([matrix], [None], None, isa)
     kernel.fuse_swiglu()
-    x = torch.randn(gguf_matmul.DENSE_ROWS, 1024, generator=torch.Generator().manual_seed(27)).bfloat16()
+    x = torch.randn(kernel.dense_rows, 1024, generator=torch.Generator().manual_seed(27)).bfloat16()
     gate, up = x.float().chunk(2, dim=-1)
     weight = torch.from_numpy(library_weight(matrix)).to(torch.bfloat16)
     product = torch.nn.functional.linear((torch.nn.functional.silu(gate) * up).bfloat16(), weight)
-    residual = torch.randn(gguf_matmul.DENSE_ROWS, 32, generator=torch.Generator().manual_seed(28)).bfloat16()
+    residual = torch.randn(kernel.dense_rows, 32, generator=torch.Generator().manual_seed(28)).bfloat16()
     assert torch.equal(kernel(x, residual.clone()), residual + product)
+
+
+LANE_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 @pytest.mark.parametrize("kind", [T.Q4_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
 def test_rows_do_not_depend_on_the_rest_of_the_batch(kind, isa):
     """A row's outputs depend on its own inputs only, whichever rows share its step, as long as the step runs the
-    same kernel (the amx build: steps of ``TILE_ROWS`` rows or more on tiles)."""
+    same kernel (steps of ``TILE_ROWS`` rows or more: the amx build's tiles; of ``LANE_ROWS`` or more: the vector
+    builds' lanes for the K-quants)."""
     matrix = random_matrix(kind, 64, 1024, seed=9)
     x = torch.randn(11, 1024, generator=torch.Generator().manual_seed(10)).bfloat16()
     kernel = GGUFMatmul([matrix], [None], None, isa, torch.bfloat16, torch.float32)
     together = kernel(x)
+    many = gguf_matmul.TILE_ROWS if isa == "amx" else gguf_matmul.LANE_ROWS
     for row in (0, 5, 7):
-        assert torch.equal(kernel(x[row : row + gguf_matmul.TILE_ROWS])[0], together[row])
+        assert torch.equal(kernel(x[row : row + many])[0], together[row])
     alone = torch.cat([kernel(x[row : row + 1]) for row in range(11)])
     assert torch.equal(kernel(x[:2]), alone[:2])
-    assert torch.equal(together, alone) == (isa != "amx")
+    assert torch.equal(together, alone) == (isa != "amx" and kind not in LANE_TYPES)
+
+
+@pytest.mark.parametrize("isa", native.SAME_BITS)
+@pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
+def test_the_vector_builds_run_steps_of_several_rows_on_lanes(kind, isa):
+    """The avx512 and avx2 builds: steps of ``LANE_ROWS`` rows or more of Q4_K, Q5_K and Q6_K run 16 weight rows
+    side by side, rounded in their own order (their bound: test_kernel_computes_its_quantized_product), so some
+    output differs from the row-by-row kernel's bits; fewer rows, and the other types, give that kernel's bits."""
+    runnable(isa)
+    in_features = 768 if BLOCK_SIZES[kind] == 256 else 800
+    matrix = random_matrix(kind, 48, in_features, seed=34)
+    x = torch.randn(gguf_matmul.LANE_ROWS, in_features, generator=torch.Generator().manual_seed(35)).bfloat16()
+    kernel = GGUFMatmul([matrix], [None], None, isa, torch.bfloat16, torch.float32)
+    alone = torch.cat([kernel(x[row : row + 1]) for row in range(len(x))])
+    assert torch.equal(kernel(x[:-1]), alone[:-1])
+    assert torch.equal(kernel(x), alone) != (kind in LANE_TYPES)
+
+
+@pytest.mark.parametrize("kind", LANE_TYPES, ids=lambda t: t.name)
+def test_the_largest_codes_against_the_largest_activations(kind, isa):
+    """Every code at its largest (all bits set) against activations all +127 or all -127: the lanes' int16 sums
+    reach their largest magnitude (Q6_K: 2 x 2 x 63 x 127 = 32,004) without overflowing."""
+    blocks = np.full((16, 2 * BLOCK_BYTES[kind]), 0xFF, np.uint8)
+    matrix = random_matrix(kind, 16, 512, seed=39)  # its fp16 factors, on all-ones codes and scales
+    for at in HALF_FLOATS[kind]:
+        for block in range(2):
+            start = block * BLOCK_BYTES[kind] + at
+            blocks[:, start : start + 2] = matrix.blocks[:, start : start + 2]
+    matrix = StoredMatrix(blocks, kind, 512)
+    x = torch.ones(gguf_matmul.LANE_ROWS + 1, 512)
+    x[1::2] = -1.0
+    y = GGUFMatmul([matrix], [None], None, isa, torch.float32)(x)
+    assert_computes_its_product(y, x, library_weight(matrix), BLOCK_SIZES[kind])
+
+
+@pytest.mark.parametrize("kind", LANE_TYPES, ids=lambda t: t.name)
+def test_a_float32_step_of_more_rows_than_a_decoded_super_block_serves(kind, isa):
+    """An fp32 model's steps never take the dequantized weight: 150 rows run as chunks of 64 over each super-block."""
+    matrix = random_matrix(kind, 40, 512, seed=36)
+    x = torch.randn(150, 512, generator=torch.Generator().manual_seed(36))
+    y = GGUFMatmul([matrix], [None], None, isa, torch.float32)(x)
+    assert_computes_its_product(y, x, library_weight(matrix), BLOCK_SIZES[kind])
 
 
 @pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
@@ -270,10 +317,26 @@ def test_many_row_steps_run_the_dequantized_weight(kind, isa):
     assert torch.equal(kernel.dense_weight(), weight.to(torch.bfloat16))
     norm = torch.rand(512, generator=torch.Generator().manual_seed(17)) + 0.5
     kernel.fuse_norm(norm, 1e-5)
-    x = torch.randn(gguf_matmul.DENSE_ROWS, 512, generator=torch.Generator().manual_seed(18)).bfloat16()
+    x = torch.randn(kernel.dense_rows, 512, generator=torch.Generator().manual_seed(18)).bfloat16()
     normalized = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * norm).bfloat16()
     expected = (torch.nn.functional.linear(normalized, weight.to(torch.bfloat16)).float() + bias).bfloat16()
     assert torch.equal(kernel(x), expected)
+    assert not torch.equal(kernel(x[:-1]), expected[:-1])  # one row fewer: the quantized kernels
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
+def test_the_many_row_kernels_take_steps_up_to_more_rows_than_the_row_kernel(kind, isa):
+    """A product whose every matrix runs on the build's many-row kernel (lanes for the K-quants; the amx build's
+    tiles for Q8_0 too) leaves the quantized kernels later than one that does not."""
+    matrix = random_matrix(kind, 16, 512)
+    many_row = kind in LANE_TYPES or (isa == "amx" and kind == T.Q8_0)
+    rows = GGUFMatmul([matrix], [None], None, isa).dense_rows
+    if many_row:
+        assert rows == gguf_matmul.MANY_ROW_DENSE_ROWS[isa] > gguf_matmul.DENSE_ROWS
+    else:
+        assert rows == gguf_matmul.DENSE_ROWS
+    mixed = [matrix, random_matrix(T.Q4_0, 16, 512)]
+    assert GGUFMatmul(mixed, [None, None], None, isa).dense_rows == gguf_matmul.DENSE_ROWS
 
 
 def test_types_without_a_kernel_are_refused():

@@ -1,0 +1,200 @@
+// The vector builds' products of many activation rows over Q4_K, Q5_K and Q6_K (included by gguf_matmul.cpp, which
+// defines the blocks' decoders): 16 weight rows side by side, one output per 32-bit lane.
+//
+// A super-block of 16 weight rows is decoded once and its codes interleaved per 4 inputs ("quads": 16 outputs x 4
+// codes, 64 bytes); every activation row then broadcasts its 4 codes of a quad against all 16 outputs. A sub-block's
+// integer dot is exact and its scale applied in integers (AVX512: vpdpbusd then one multiply; AVX2: vpmaddubsw
+// products summed in int16 as far as they cannot overflow, then vpmaddwd by the scale), so the two builds give the
+// same bits and the decode is paid once for all rows, not once per few. Per super-block and row, in fp32:
+//   y += float(sum_j s_j c_j . q) d dx - float(sum_j o_j S_j) o dx
+// with o_j, o the offset weights and scale (Q4_K/Q5_K: the mins and dmin; Q6_K: the scales and 32 d) and S_j the
+// activations' code sums per sub-block: the vector kernels' math with other float32 roundings, within their bound.
+namespace lanes {
+
+constexpr int kOutputs = 16;  // weight rows side by side
+constexpr int64_t kChunk = 64;  // activation rows a decoded super-block serves before the next is decoded
+
+bool supports(int64_t type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
+
+// What rows past a matrix's last read instead of a block: zeros (d = 0, so their outputs are 0).
+alignas(64) constexpr uint8_t kZeroBlock[256] = {};
+
+// One super-block of 16 weight rows, as the rows' products read it. The codes are taken 8 outputs at a time: the
+// same 32 bytes of each output's block, transposed as 32-bit words (word t of each output side by side), and only
+// then unpacked, so each word's bytes land on the quads of their inputs.
+template <int64_t type>
+struct Step {
+    static constexpr int width = type == Q6_K ? 16 : 32;  // inputs per sub-block
+    static constexpr int subs = 256 / width;
+    // quads whose int16 sums cannot overflow: 2 x (largest code) x 127 per quad, below 32768
+    static constexpr int group = type == Q4_K ? 8 : type == Q5_K ? 4 : 2;
+    alignas(64) uint8_t codes[64][kOutputs][4];        // quad, output, input
+    alignas(64) int16_t scales[subs][kOutputs][2];     // s_j per output, twice (vpmaddwd's pairs)
+    alignas(64) int8_t offsets[subs / 2][kOutputs][2]; // o_j, o_j+1 per output
+    alignas(64) float d[kOutputs], offset_scale[kOutputs];
+
+    // Rows n < count of the super-block at w (row_bytes apart); the others zero.
+    void decode(const uint8_t* w, int64_t row_bytes, int count) {
+        const uint8_t* blocks[kOutputs];
+        for (int n = 0; n < kOutputs; ++n) blocks[n] = n < count ? w + n * row_bytes : kZeroBlock;
+        factors(blocks);
+        for (int half = 0; half < 2; ++half) {
+            if constexpr (type == Q6_K) {
+                q6k_codes(blocks + 8 * half, half);
+            } else {
+                q4k_q5k_codes(blocks + 8 * half, half);
+            }
+        }
+    }
+
+  private:
+    // d, the offset scale, and the sub-block factors: each output's 16 bytes of them (Q4_K/Q5_K: 8 scales then 8
+    // mins, 6 bits each; Q6_K: 16 int8 scales) transposed, so byte vector j holds factor j of the 16 outputs
+    void factors(const uint8_t* const* blocks) {
+        __m128i bytes[16];
+        for (int n = 0; n < kOutputs; ++n) {
+            if constexpr (type == Q6_K) {
+                d[n] = half_to_float(blocks[n] + 208);
+                offset_scale[n] = 32.0f * d[n];
+                bytes[n] = _mm_loadu_si128((const __m128i*)(blocks[n] + 192));
+            } else {
+                d[n] = half_to_float(blocks[n]);
+                offset_scale[n] = half_to_float(blocks[n] + 2);
+                bytes[n] = scales_and_mins(blocks[n] + 4);
+            }
+        }
+        simd::transpose_bytes(bytes);
+        for (int j = 0; j < subs; ++j) {  // int8 to int16 (Q4_K's scales are below 64), each twice
+            const __m128i first = _mm_cvtepi8_epi16(bytes[j]), second = _mm_cvtepi8_epi16(_mm_srli_si128(bytes[j], 8));
+            _mm_store_si128((__m128i*)scales[j][0], _mm_unpacklo_epi16(first, first));
+            _mm_store_si128((__m128i*)scales[j][4], _mm_unpackhi_epi16(first, first));
+            _mm_store_si128((__m128i*)scales[j][8], _mm_unpacklo_epi16(second, second));
+            _mm_store_si128((__m128i*)scales[j][12], _mm_unpackhi_epi16(second, second));
+        }
+        const int first_offset = type == Q6_K ? 0 : 8;
+        for (int i = 0; i < subs / 2; ++i) {
+            const __m128i even = bytes[first_offset + 2 * i], odd = bytes[first_offset + 2 * i + 1];
+            _mm_store_si128((__m128i*)offsets[i][0], _mm_unpacklo_epi8(even, odd));
+            _mm_store_si128((__m128i*)offsets[i][8], _mm_unpackhi_epi8(even, odd));
+        }
+    }
+    // the 32 bytes at `at` of 8 outputs' blocks, word t of each output side by side in r[t]
+    static void words(const uint8_t* const* blocks, int at, __m256i (&r)[8]) {
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256((const __m256i*)(blocks[i] + at));
+        simd::transpose_words(r);
+    }
+    // bits [shift, shift + width) of each byte, moved to bits 4.. (the codes' tops)
+    static __m256i tops(__m256i v, int shift, uint8_t mask) {
+        return _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8((char)mask)), 4);
+    }
+    void store(int quad, int half, __m256i v) { _mm256_store_si256((__m256i*)codes[quad][8 * half], v); }
+    // Q4_K/Q5_K: byte l of the 32 at qs + 32j holds input 64j + l (low nibble) and 64j + 32 + l (high nibble); Q5_K's
+    // fifth bits: bit 2j (low) and 2j + 1 (high) of byte l of the 32 at 16
+    void q4k_q5k_codes(const uint8_t* const* blocks, int half) {
+        const __m256i nibble = _mm256_set1_epi8(0x0F);
+        __m256i fifth[8];
+        if constexpr (type == Q5_K) words(blocks, 16, fifth);
+        for (int j = 0; j < 4; ++j) {
+            __m256i r[8];
+            words(blocks, (type == Q4_K ? 16 : 48) + 32 * j, r);
+            for (int t = 0; t < 8; ++t) {
+                __m256i low = _mm256_and_si256(r[t], nibble), high = _mm256_and_si256(_mm256_srli_epi16(r[t], 4), nibble);
+                if constexpr (type == Q5_K) {
+                    low = _mm256_or_si256(low, tops(fifth[t], 2 * j, 1));
+                    high = _mm256_or_si256(high, tops(fifth[t], 2 * j + 1, 1));
+                }
+                store(16 * j + t, half, low);
+                store(16 * j + 8 + t, half, high);
+            }
+        }
+    }
+    // Q6_K: half h, byte l of the 32 at 64h + 32c holds input 128h + 32c + l (low nibble) and 128h + 64 + 32c + l
+    // (high nibble); their tops: bits 2c, 2c + 1 and 4 + 2c, 5 + 2c of byte l of the 32 at 128 + 32h
+    void q6k_codes(const uint8_t* const* blocks, int half) {
+        const __m256i nibble = _mm256_set1_epi8(0x0F);
+        for (int h = 0; h < 2; ++h) {
+            __m256i top[8];
+            words(blocks, 128 + 32 * h, top);
+            for (int c = 0; c < 2; ++c) {
+                __m256i r[8];
+                words(blocks, 64 * h + 32 * c, r);
+                for (int t = 0; t < 8; ++t) {
+                    const __m256i low = _mm256_or_si256(_mm256_and_si256(r[t], nibble), tops(top[t], 2 * c, 3));
+                    const __m256i high = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(r[t], 4), nibble),
+                                                         tops(top[t], 4 + 2 * c, 3));
+                    store(32 * h + 8 * c + t, half, low);
+                    store(32 * h + 16 + 8 * c + t, half, high);
+                }
+            }
+        }
+    }
+};
+
+// y[r] (16 outputs side by side) += the products of activation rows first + r, r < R, with this super-block (index b
+// of the rows' super-blocks).
+template <int64_t type, int R>
+void accumulate_rows(const Step<type>& step, int64_t b, const Quantized& x, int64_t k, int64_t first,
+                     float (*y)[kOutputs]) {
+    using S = Step<type>;
+    constexpr int quads = S::width / 4;
+    const int8_t* q[R];
+    simd::I16 dots[R];
+    for (int r = 0; r < R; ++r) {
+        q[r] = x.q.data() + (first + r) * k + b * 256;
+        dots[r] = simd::izero();
+    }
+    for (int j = 0; j < S::subs; ++j) {
+        const int8_t* sub_block[R];
+        for (int r = 0; r < R; ++r) sub_block[r] = q[r] + j * S::width;
+        simd::scaled_quads<quads, S::group, R>(dots, step.codes[j * quads][0], sub_block, step.scales[j][0]);
+    }
+    for (int r = 0; r < R; ++r) {
+        const int64_t row = first + r;
+        const int16_t* sums = type == Q6_K ? x.sums.data() + row * (k / 16) + 16 * b : x.sums32.data() + row * (k / 32) + 8 * b;
+        simd::I16 offsets = simd::izero();
+        for (int i = 0; i < S::subs / 2; ++i) {
+            int32_t pair;
+            std::memcpy(&pair, sums + 2 * i, 4);
+            offsets = simd::dot2(offsets, simd::load_pairs(step.offsets[i][0]), pair);
+        }
+        const float dx = x.d[row * (k / 256) + b];
+        simd::F16 sum = simd::fmadd(simd::to_float(dots[r]), simd::mul(simd::load(step.d), simd::set1(dx)), simd::load(y[r]));
+        sum = simd::fmadd(simd::to_float(offsets), simd::mul(simd::load(step.offset_scale), simd::set1(-dx)), sum);
+        simd::store(y[r], sum);
+    }
+}
+
+// The same for activation rows first .. first + rows - 1, two at a time (each quad loaded once for both).
+template <int64_t type>
+void accumulate(const Step<type>& step, int64_t b, const Quantized& x, int64_t k, int64_t first, int rows,
+                float (*y)[kOutputs]) {
+    int r = 0;
+    for (; r + 2 <= rows; r += 2) accumulate_rows<type, 2>(step, b, x, k, first + r, y + r);
+    if (r < rows) accumulate_rows<type, 1>(step, b, x, k, first + r, y + r);
+}
+
+// y[r] for activation rows first .. first + rows - 1 (rows <= kChunk) of `count` <= 16 weight rows at w; `next`:
+// the rows after these (the next tile's), requested into L2 a share per super-block.
+template <int64_t type>
+void dot(const uint8_t* w, int64_t row_bytes, int count, int64_t k, const Quantized& quantized, int64_t first,
+         int rows, const uint8_t* next, float (*y)[kOutputs]) {
+    thread_local Step<type> step;
+    const int64_t bytes = block_bytes(type);
+    for (int r = 0; r < rows; ++r) simd::store(y[r], simd::zero());
+    for (int64_t b = 0; b < k / 256; ++b) {
+        simd::prefetch_to_l2(next + b * kOutputs * bytes, kOutputs * bytes);
+        step.decode(w + b * bytes, row_bytes, count);
+        accumulate(step, b, quantized, k, first, rows, y);
+    }
+}
+
+void dot_type(int64_t type, const uint8_t* w, int64_t row_bytes, int count, int64_t k, const Quantized& quantized,
+              int64_t first, int rows, const uint8_t* next, float (*y)[kOutputs]) {
+    switch (type) {
+        case Q4_K: dot<Q4_K>(w, row_bytes, count, k, quantized, first, rows, next, y); break;
+        case Q5_K: dot<Q5_K>(w, row_bytes, count, k, quantized, first, rows, next, y); break;
+        default: dot<Q6_K>(w, row_bytes, count, k, quantized, first, rows, next, y); break;
+    }
+}
+
+}  // namespace lanes
