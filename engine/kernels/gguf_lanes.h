@@ -174,17 +174,24 @@ void accumulate(const Step<type>& step, int64_t b, const Quantized& x, int64_t k
 }
 
 // y[r] for activation rows first .. first + rows - 1 (rows <= kChunk) of `count` <= 16 weight rows at w; `next`:
-// the rows after these (the next tile's), requested into L2 a share per super-block.
+// the rows after these (the next tile's), requested into L2 a share per super-block, in kShares parts between the
+// rows' products (requested at once, a share's lines found the queues to memory full: 16 rows of a Q4_K matrix
+// read from memory took 20-30% longer than from cache, now ~10%).
 template <int64_t type>
 void dot(const uint8_t* w, int64_t row_bytes, int count, int64_t k, const Quantized& quantized, int64_t first,
          int rows, const uint8_t* next, float (*y)[kOutputs]) {
+    constexpr int kShares = 4;
     thread_local Step<type> step;
-    const int64_t bytes = block_bytes(type);
+    const int64_t share = kOutputs * block_bytes(type), part = (share / 64 + kShares - 1) / kShares * 64;
+    const int pairs = (rows + 1) / 2;  // rows split between the parts in pairs (accumulate takes two at a time)
     for (int r = 0; r < rows; ++r) simd::store(y[r], simd::zero());
     for (int64_t b = 0; b < k / 256; ++b) {
-        simd::prefetch_to_l2(next + b * kOutputs * bytes, kOutputs * bytes);
-        step.decode(w + b * bytes, row_bytes, count);
-        accumulate(step, b, quantized, k, first, rows, y);
+        step.decode(w + b * block_bytes(type), row_bytes, count);
+        for (int i = 0; i < kShares; ++i) {
+            simd::prefetch_to_l2(next + b * share + i * part, std::min<int64_t>(part, share - i * part));
+            const int r0 = std::min(rows, 2 * (pairs * i / kShares)), r1 = std::min(rows, 2 * (pairs * (i + 1) / kShares));
+            accumulate(step, b, quantized, k, first + r0, r1 - r0, y + r0);
+        }
     }
 }
 
