@@ -404,25 +404,24 @@ void dequantize_row(const uint8_t* row, int64_t type, int64_t k, float* y) {
                     y[32 * j + i] = dl * (float)kIQ4Values[i < 16 ? byte & 0x0F : byte >> 4];
                 }
             }
-        } else if (type == Q6_K) {
-            const float d = half_to_float(block + 208);
-            for (int i = 0; i < 256; ++i) {
-                const int h = i / 128, e = i % 128, l = e % 64, quarter = e / 32;
-                const int nibble = (block[64 * h + l] >> (e < 64 ? 0 : 4)) & 0x0F;
-                const int top = (block[128 + 32 * h + e % 32] >> (2 * quarter)) & 3;
-                y[i] = d * (float)((const int8_t*)(block + 192))[8 * h + e / 16] * (float)((nibble | (top << 4)) - 32);
-            }
-        } else {
-            const float d = half_to_float(block), dmin = half_to_float(block + 2);
-            uint8_t scale_min[16];
-            _mm_storeu_si128((__m128i*)scale_min, scales_and_mins(block + 4));
-            const uint8_t *scale = scale_min, *min = scale_min + 8;
-            const uint8_t* qs = block + (type == Q4_K ? 16 : 48);
-            for (int i = 0; i < 256; ++i) {
-                const int sub = i / 32, j = i / 64, l = i % 32;
-                int code = (qs[32 * j + l] >> (sub % 2 ? 4 : 0)) & 0x0F;
-                if (type == Q5_K) code |= ((block[16 + l] >> sub) & 1) << 4;
-                y[i] = d * (float)scale[sub] * (float)code - dmin * (float)min[sub];
+        } else {  // the K-quants' codes as the products decode them, in input order
+            const SuperBlock s = type == Q6_K ? decode_q6k(block) : type == Q5_K ? decode_q4k_q5k<Q5_K>(block)
+                                                                                  : decode_q4k_q5k<Q4_K>(block);
+            alignas(64) int8_t codes[256];  // below 64
+            for (int j = 0; j < 4; ++j) simd::bytes_store(codes + 64 * j, s.codes[j]);
+            if (type == Q6_K) {  // d s_j (c - 32) over sub-blocks of 16, s_j int8
+                const int8_t* scales = (const int8_t*)(block + 192);
+                for (int j = 0; j < 16; ++j) {
+                    const simd::F16 centered = simd::sub(simd::load_int8(codes + 16 * j), simd::set1(32.0f));
+                    simd::store(y + 16 * j, simd::mul(simd::set1(s.d * (float)scales[j]), centered));
+                }
+            } else {  // d s_j c - dmin m_j over sub-blocks of 32 (d s_j c exact)
+                uint8_t scale_min[16];
+                _mm_storeu_si128((__m128i*)scale_min, scales_and_mins(block + 4));
+                for (int i = 0; i < 256; i += 16) {
+                    const simd::F16 scaled = simd::mul(simd::set1(s.d * (float)scale_min[i / 32]), simd::load_int8(codes + i));
+                    simd::store(y + i, simd::sub(scaled, simd::set1(s.offset_scale * (float)scale_min[8 + i / 32])));
+                }
             }
         }
     }

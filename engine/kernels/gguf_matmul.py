@@ -19,10 +19,11 @@ BLOCK_SIZES = {T.Q4_0: 32, T.Q4_1: 32, T.Q8_0: 32, T.IQ4_NL: 32, T.Q4_K: 256, T.
 # against the row kernel) ...
 DENSE_ROWS = 64
 # ... or, where every matrix of the product runs on the build's many-row kernel (lanes, or the amx build's tiles),
-# from these many rows (Xeon 6 model 167, 16384 x 2048 Q4_K, bf16 GEMM on oneDNN's AMX path: 384 rows take 65 ms on
-# avx2's lanes against 63 dense, avx512's 47 against 68 and 109 against 78 at 768, the tiles 78 against 85 at 768;
-# dequantizing the weight is most of the dense path's cost below 1,000 rows).
-MANY_ROW_DENSE_ROWS = {"amx": 768, "avx512": 512, "avx2": 384}
+# from this many rows (Xeon 6 model 167, 16384 x 2048 Q4_K, bf16 GEMM on oneDNN's AMX path: 256 rows take 33 / 25 ms
+# on avx512's lanes / the tiles against 35 / 34 dense, 384 rows 50 / 37 against 46 / 39, 768 rows 115 / 80 against
+# 51 / 55). The avx2 build never takes the dense path: it is what CPUs without AVX512 run, whose bf16 GEMM is ten
+# times slower than the lanes (oneDNN held to AVX2 there: 560 rows in 1.2 s against 0.11 s).
+MANY_ROW_DENSE_ROWS = 384
 LANE_TYPES = frozenset({T.Q4_K, T.Q5_K, T.Q6_K})
 # The amx build computes steps of at least this many rows on AMX tiles (Q4_K, Q5_K, Q6_K, and Q8_0 over whole
 # super-blocks of inputs), fewer on the vector kernel (Xeon 6 model 167, 16384 x 2048 Q4_K from memory: the tiles
@@ -49,12 +50,16 @@ class StoredMatrix:
         return self.blocks.shape[0]
 
 
-def dense_rows(matrices: list[StoredMatrix], isa: str) -> int:
-    """The rows from which a product of ``matrices`` on build ``isa`` runs on the dequantized weight."""
+def dense_rows(matrices: list[StoredMatrix], isa: str) -> int | None:
+    """The rows from which a bf16 product of ``matrices`` on build ``isa`` runs on the dequantized weight (None:
+    never)."""
+    if isa == "avx2":
+        return None
+
     def many_row(matrix: StoredMatrix) -> bool:
         on_tiles = isa == "amx" and matrix.type == T.Q8_0 and matrix.in_features % 256 == 0
         return matrix.type in LANE_TYPES or on_tiles
-    return MANY_ROW_DENSE_ROWS[isa] if all(map(many_row, matrices)) else DENSE_ROWS
+    return MANY_ROW_DENSE_ROWS if all(map(many_row, matrices)) else DENSE_ROWS
 
 
 def fits(matrix: StoredMatrix) -> bool:
@@ -99,7 +104,7 @@ class GGUFMatmul(native.RowKernel):
                          start, dtype, out_dtype, fusable=True)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if x.shape[0] < self.dense_rows or self.in_dtype != torch.bfloat16:
+        if self.dense_rows is None or x.shape[0] < self.dense_rows or self.in_dtype != torch.bfloat16:
             return super().__call__(x, residual)
         y = self.dense(x)
         return y if residual is None else residual.add_(y)

@@ -41,6 +41,12 @@ def isa(request) -> str:
     return runnable(request.param)
 
 
+@pytest.fixture(params=[isa for isa in native.ISAS if isa != "avx2"])
+def dense_isa(request) -> str:
+    """The builds with a dequantized-weight path for many-row bf16 steps (not avx2: see gguf_matmul.dense_rows)."""
+    return runnable(request.param)
+
+
 def random_matrix(kind: T, rows: int, in_features: int, seed: int = 0, scale: float = 0.01) -> StoredMatrix:
     """Random blocks: random codes and sub-block scales, the block's fp16 factors uniform in +-``scale``."""
     rng = np.random.default_rng(seed)
@@ -183,10 +189,10 @@ def test_a_residual_takes_the_result_in_place_rounded_once(dtype, rows, isa):
         assert torch.equal(target, residual + kernel(x))
 
 
-def test_many_row_steps_apply_swiglu_and_the_residual_too(isa):
+def test_many_row_steps_apply_swiglu_and_the_residual_too(dense_isa):
     """The dequantized-weight path (``dense_rows`` rows) computes the same activation and adds the residual."""
     matrix = random_matrix(T.Q4_K, 32, 512, seed=26)
-    kernel = GGUFMatmul([matrix], [None], None, isa)
+    kernel = GGUFMatmul([matrix], [None], None, dense_isa)
     kernel.fuse_swiglu()
     x = torch.randn(kernel.dense_rows, 1024, generator=torch.Generator().manual_seed(27)).bfloat16()
     gate, up = x.float().chunk(2, dim=-1)
@@ -304,39 +310,58 @@ def test_the_builds_compute_the_same_activation_and_residual_bits():
 
 
 @pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
-def test_many_row_steps_run_the_dequantized_weight(kind, isa):
-    """From ``DENSE_ROWS`` rows the weight is dequantized to bf16 (each part's rows at their columns) and torch's
-    GEMM runs on it, with the fused norm applied first and the bias in float32."""
+def test_the_dequantized_weight_is_the_library_dequantization(kind, isa):
+    """The weight a dense step runs on: each part's rows at their columns, in bf16."""
     parts = [random_matrix(kind, 32, 512, 13), random_matrix(kind, 16, 512, 14)]
     order = torch.randperm(16, generator=torch.Generator().manual_seed(15)) + 32
-    bias = torch.randn(48, generator=torch.Generator().manual_seed(16))
-    kernel = GGUFMatmul(parts, [None, order], bias, isa)
+    kernel = GGUFMatmul(parts, [None, order], None, isa)
     weight = torch.zeros(48, 512, dtype=torch.float64)
     weight[:32] = torch.from_numpy(library_weight(parts[0]))
     weight[order] = torch.from_numpy(library_weight(parts[1]))
     assert torch.equal(kernel.dense_weight(), weight.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
+def test_many_row_steps_run_the_dequantized_weight(kind, dense_isa):
+    """From ``dense_rows`` rows torch's GEMM runs on the dequantized weight, with the fused norm applied first and
+    the bias in float32; one row fewer runs the quantized kernels."""
+    parts = [random_matrix(kind, 32, 512, 13), random_matrix(kind, 16, 512, 14)]
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(15)) + 32
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(16))
+    kernel = GGUFMatmul(parts, [None, order], bias, dense_isa)
     norm = torch.rand(512, generator=torch.Generator().manual_seed(17)) + 0.5
     kernel.fuse_norm(norm, 1e-5)
     x = torch.randn(kernel.dense_rows, 512, generator=torch.Generator().manual_seed(18)).bfloat16()
     normalized = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * norm).bfloat16()
-    expected = (torch.nn.functional.linear(normalized, weight.to(torch.bfloat16)).float() + bias).bfloat16()
+    expected = (torch.nn.functional.linear(normalized, kernel.dense_weight()).float() + bias).bfloat16()
     assert torch.equal(kernel(x), expected)
-    assert not torch.equal(kernel(x[:-1]), expected[:-1])  # one row fewer: the quantized kernels
+    assert not torch.equal(kernel(x[:-1]), expected[:-1])
 
 
 @pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
-def test_the_many_row_kernels_take_steps_up_to_more_rows_than_the_row_kernel(kind, isa):
+def test_the_many_row_kernels_take_steps_up_to_more_rows_than_the_row_kernel(kind, dense_isa):
     """A product whose every matrix runs on the build's many-row kernel (lanes for the K-quants; the amx build's
     tiles for Q8_0 too) leaves the quantized kernels later than one that does not."""
     matrix = random_matrix(kind, 16, 512)
-    many_row = kind in LANE_TYPES or (isa == "amx" and kind == T.Q8_0)
-    rows = GGUFMatmul([matrix], [None], None, isa).dense_rows
-    if many_row:
-        assert rows == gguf_matmul.MANY_ROW_DENSE_ROWS[isa] > gguf_matmul.DENSE_ROWS
-    else:
-        assert rows == gguf_matmul.DENSE_ROWS
+    many_row = kind in LANE_TYPES or (dense_isa == "amx" and kind == T.Q8_0)
+    rows = GGUFMatmul([matrix], [None], None, dense_isa).dense_rows
+    assert rows == (gguf_matmul.MANY_ROW_DENSE_ROWS if many_row else gguf_matmul.DENSE_ROWS)
+    assert gguf_matmul.MANY_ROW_DENSE_ROWS > gguf_matmul.DENSE_ROWS
     mixed = [matrix, random_matrix(T.Q4_0, 16, 512)]
-    assert GGUFMatmul(mixed, [None, None], None, isa).dense_rows == gguf_matmul.DENSE_ROWS
+    assert GGUFMatmul(mixed, [None, None], None, dense_isa).dense_rows == gguf_matmul.DENSE_ROWS
+
+
+@pytest.mark.parametrize("kind", [T.Q4_K, T.Q8_0], ids=lambda t: t.name)
+def test_the_avx2_build_never_runs_the_dequantized_weight(kind):
+    """The avx2 build (what CPUs without AVX512 run, whose bf16 GEMM is slow) keeps a step of many bf16 rows on its
+    kernels: each row's bits are those of the row computed in a step of its kernel's kind."""
+    runnable("avx2")
+    matrix = random_matrix(kind, 32, 512, seed=40)
+    kernel = GGUFMatmul([matrix], [None], None, "avx2", torch.bfloat16, torch.float32)
+    step = gguf_matmul.LANE_ROWS if kind in LANE_TYPES else 1
+    x = torch.randn(gguf_matmul.MANY_ROW_DENSE_ROWS + step, 512, generator=torch.Generator().manual_seed(41)).bfloat16()
+    apart = torch.cat([kernel(x[row : row + step]) for row in range(0, len(x), step)])
+    assert torch.equal(kernel(x), apart)
 
 
 def test_types_without_a_kernel_are_refused():
