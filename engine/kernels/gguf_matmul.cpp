@@ -471,8 +471,8 @@ struct GGUFMatrix {
 // residual, rounded once with the sum); tile_rows: the amx build runs steps of at least this many rows on tiles;
 // lane_rows: the others run steps of at least this many rows of Q4_K, Q5_K and Q6_K on the lanes (gguf_lanes.h).
 void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k, int in_fp32, const float* bias,
-                 int out_fp32, int64_t tile_rows, int64_t lane_rows, const void* x, int64_t m, const float* norm, float eps, int gated,
-                 int accumulate, void* out, int threads) {
+                 int out_fp32, int64_t tile_rows, int64_t lane_rows, const void* x, int64_t m, const float* norm,
+                 float eps, int gated, int accumulate, void* out, int threads) {
     Quantized blocks32, blocks256;
     bool need32 = false, need256 = false;
     for (int64_t i = 0; i < count; ++i) (block_size(matrices[i].type) == 256 ? need256 : need32) = true;
@@ -558,8 +558,9 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
                 lanes::dot_type(matrix.type, w, row_bytes, (int)tile.count, k, quantized, r0, rows, next, y);
                 if (tile.count == lanes::kOutputs && matrix.index == nullptr) {  // 16 outputs side by side
                     const float* tile_bias = bias ? bias + matrix.column + tile.row : nullptr;
+                    const int64_t at = r0 * n + matrix.column + tile.row;
                     for (int r = 0; r < rows; ++r)
-                        store_outputs(simd::load(y[r]), tile_bias, accumulate, out_fp32, out, (r0 + r) * n + matrix.column + tile.row);
+                        store_outputs(simd::load(y[r]), tile_bias, accumulate, out_fp32, out, at + r * n);
                 } else {
                     finish(tile, matrix, r0, rows, [&](int64_t i, int r) { return y[r][i]; });
                 }
