@@ -78,11 +78,6 @@ struct Step {
             _mm_store_si128((__m128i*)offsets[i][8], _mm_unpackhi_epi8(even, odd));
         }
     }
-    // the 32 bytes at `at` of 8 outputs' blocks, word t of each output side by side in r[t]
-    static void words(const uint8_t* const* blocks, int at, __m256i (&r)[8]) {
-        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256((const __m256i*)(blocks[i] + at));
-        simd::transpose_words(r);
-    }
     // bits [shift, shift + width) of each byte, moved to bits 4.. (the codes' tops)
     static __m256i tops(__m256i v, int shift, uint8_t mask) {
         return _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8((char)mask)), 4);
@@ -93,10 +88,10 @@ struct Step {
     void q4k_q5k_codes(const uint8_t* const* blocks, int half) {
         const __m256i nibble = _mm256_set1_epi8(0x0F);
         __m256i fifth[8];
-        if constexpr (type == Q5_K) words(blocks, 16, fifth);
+        if constexpr (type == Q5_K) simd::transpose_words(blocks, 16, fifth);
         for (int j = 0; j < 4; ++j) {
             __m256i r[8];
-            words(blocks, (type == Q4_K ? 16 : 48) + 32 * j, r);
+            simd::transpose_words(blocks, (type == Q4_K ? 16 : 48) + 32 * j, r);
             for (int t = 0; t < 8; ++t) {
                 __m256i low = _mm256_and_si256(r[t], nibble), high = _mm256_and_si256(_mm256_srli_epi16(r[t], 4), nibble);
                 if constexpr (type == Q5_K) {
@@ -114,10 +109,10 @@ struct Step {
         const __m256i nibble = _mm256_set1_epi8(0x0F);
         for (int h = 0; h < 2; ++h) {
             __m256i top[8];
-            words(blocks, 128 + 32 * h, top);
+            simd::transpose_words(blocks, 128 + 32 * h, top);
             for (int c = 0; c < 2; ++c) {
                 __m256i r[8];
-                words(blocks, 64 * h + 32 * c, r);
+                simd::transpose_words(blocks, 64 * h + 32 * c, r);
                 for (int t = 0; t < 8; ++t) {
                     const __m256i low = _mm256_or_si256(_mm256_and_si256(r[t], nibble), tops(top[t], 2 * c, 3));
                     const __m256i high = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(r[t], 4), nibble),

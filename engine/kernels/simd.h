@@ -437,22 +437,24 @@ inline float reduce_add4(__m128 a) {
     return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
 }
 
-// The 8 x 8 32-bit words of r transposed: word j of r[i] becomes word i of r[j] (both builds: the same instructions).
-inline void transpose_words(__m256i (&r)[8]) {
-    __m256i t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int j = 0; j < 4; ++j) {
-        r[j] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x20);
-        r[j + 4] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x31);
+// Words 0-7 (32 bits each) of the 32 bytes at rows[i] + at, i < 8, transposed: word t of each row side by side
+// in out[t] (both builds: the same instructions). The 128-bit halves of rows i and i + 4 are loaded into one
+// register each, then transposed 4 x 4 within the halves: shifts and blends pair the words, one unpack a pair of
+// pairs, so only a third of the port-5 shuffles of a full 8 x 8 transpose remain.
+inline void transpose_words(const uint8_t* const* rows, int at, __m256i (&out)[8]) {
+    for (int half = 0; half < 2; ++half) {  // words 0-3, then 4-7
+        __m256i a[4], t[4];
+        for (int i = 0; i < 4; ++i)
+            a[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(rows[i] + at + 16 * half))),
+                                           _mm_loadu_si128((const __m128i*)(rows[i + 4] + at + 16 * half)), 1);
+        for (int i = 0; i < 4; i += 2) {  // (a_i w0, a_i+1 w0, a_i w2, a_i+1 w2) and the same of w1, w3
+            t[i] = _mm256_blend_epi32(a[i], _mm256_slli_epi64(a[i + 1], 32), 0xAA);
+            t[i + 1] = _mm256_blend_epi32(_mm256_srli_epi64(a[i], 32), a[i + 1], 0xAA);
+        }
+        out[4 * half] = _mm256_unpacklo_epi64(t[0], t[2]);
+        out[4 * half + 1] = _mm256_unpacklo_epi64(t[1], t[3]);
+        out[4 * half + 2] = _mm256_unpackhi_epi64(t[0], t[2]);
+        out[4 * half + 3] = _mm256_unpackhi_epi64(t[1], t[3]);
     }
 }
 
