@@ -105,11 +105,6 @@ class Settings(BaseSettings):
         "step verifies them; the tokens are those the model gives without it")
     num_speculative_tokens: int = Field(default=2, ge=1, le=8, description="with --speculative: tokens drafted a "
                                         "step for each decoding request")
-
-    @property
-    def speculative_tokens(self) -> int:
-        """Tokens drafted a step (0: no speculative decoding)."""
-        return self.num_speculative_tokens if self.speculative == "mtp" else 0
     enforce_eager: bool = Field(default=_ENGINE.enforce_eager,
                                 description="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     task: Literal["auto", "generate", "embed", "rerank"] = Field(
@@ -184,6 +179,11 @@ class Settings(BaseSettings):
     @classmethod
     def _bytes(cls, value: Any) -> Any:
         return parse_bytes(value)
+
+    @property
+    def speculative_tokens(self) -> int:
+        """Tokens drafted a step (0: no speculative decoding)."""
+        return self.num_speculative_tokens if self.speculative == "mtp" else 0
 
     @property
     def model_name(self) -> str:
