@@ -1,5 +1,5 @@
-// The vector builds' products of many activation rows over Q4_K, Q5_K and Q6_K (included by gguf_matmul.cpp, which
-// defines the blocks' decoders): 16 weight rows side by side, one output per 32-bit lane.
+// The vector builds' products of many activation rows over Q4_K, Q5_K, Q6_K and Q8_0 (included by gguf_matmul.cpp,
+// which defines the blocks' decoders): 16 weight rows side by side, one output per 32-bit lane.
 //
 // A super-block of 16 weight rows is decoded once and its codes interleaved per 4 inputs ("quads": 16 outputs x 4
 // codes, 64 bytes); every activation row then broadcasts its 4 codes of a quad against all 16 outputs. A sub-block's
@@ -9,15 +9,22 @@
 //   y += float(sum_j s_j c_j . q) d dx - float(sum_j o_j S_j) o dx
 // with o_j, o the offset weights and scale (Q4_K/Q5_K: the mins and dmin; Q6_K: the scales and 32 d) and S_j the
 // activations' code sums per sub-block: the vector kernels' math with other float32 roundings, within their bound.
+// Q8_0 takes 8 blocks of 32 as its super-block, each block's exact integer dot scaled by its own d dx.
 namespace lanes {
 
 constexpr int kOutputs = 16;  // weight rows side by side
 constexpr int64_t kChunk = 64;  // activation rows a decoded super-block serves before the next is decoded
 
-bool supports(int64_t type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
+bool supports(int64_t type, int64_t k) {
+    return type == Q4_K || type == Q5_K || type == Q6_K || (type == Q8_0 && k % 256 == 0);
+}
 
-// What rows past a matrix's last read instead of a block: zeros (d = 0, so their outputs are 0).
-alignas(64) constexpr uint8_t kZeroBlock[256] = {};
+// A row's bytes for 256 inputs (one super-block; Q8_0: 8 blocks).
+int64_t step_bytes(int64_t type) { return 256 / block_size(type) * block_bytes(type); }
+
+// What rows past a matrix's last read instead of a super-block: zeros (d = 0, so their outputs are 0); Q8_0's 8
+// blocks are the largest (272 bytes).
+alignas(64) constexpr uint8_t kZeroBlock[288] = {};
 
 // One super-block of 16 weight rows, as the rows' products read it. The codes are taken 8 outputs at a time: the
 // same 32 bytes of each output's block, transposed as 32-bit words (word t of each output side by side), and only
@@ -125,6 +132,28 @@ struct Step {
     }
 };
 
+// Q8_0: 8 blocks of 32 inputs of 16 weight rows, each block's 8 quads in the build's signed layout and its scale per
+// output.
+template <>
+struct Step<Q8_0> {
+    static constexpr int blocks = 8;
+    alignas(64) uint8_t codes[8 * blocks][simd::kSignedQuadBytes];
+    alignas(64) float d[blocks][kOutputs];
+
+    void decode(const uint8_t* w, int64_t row_bytes, int count) {
+        const uint8_t* rows[kOutputs];
+        for (int n = 0; n < kOutputs; ++n) rows[n] = n < count ? w + n * row_bytes : kZeroBlock;
+        for (int j = 0; j < blocks; ++j) {
+            for (int n = 0; n < kOutputs; ++n) d[j][n] = half_to_float(rows[n] + 34 * j);
+            for (int half = 0; half < 2; ++half) {
+                __m256i words[8];
+                simd::transpose_words(rows + 8 * half, 34 * j + 2, words);
+                for (int t = 0; t < 8; ++t) simd::store_signed_quad_half(codes[8 * j + t], half, words[t]);
+            }
+        }
+    }
+};
+
 // y[r] (16 outputs side by side) += the products of activation rows first + r, r < R, with this super-block (index b
 // of the rows' super-blocks).
 template <int64_t type, int R>
@@ -159,13 +188,48 @@ void accumulate_rows(const Step<type>& step, int64_t b, const Quantized& x, int6
     }
 }
 
+// The same for Q8_0: per block, the rows' exact dots times d dx, added in fp32.
+template <int R>
+void accumulate_blocks32(const Step<Q8_0>& step, int64_t b, const Quantized& x, int64_t k, int64_t first,
+                         float (*y)[kOutputs]) {
+    const int8_t* q[R];
+    const float* dx[R];
+    const int16_t* sums[R];
+    simd::F16 acc[R];
+    for (int r = 0; r < R; ++r) {
+        const int64_t row = first + r, at = row * (k / 32) + Step<Q8_0>::blocks * b;
+        q[r] = x.q.data() + row * k + b * 256;
+        dx[r] = x.d.data() + at;
+        sums[r] = x.sums32.data() + at;
+        acc[r] = simd::load(y[r]);
+    }
+    for (int j = 0; j < Step<Q8_0>::blocks; ++j) {
+        const int8_t* block[R];
+        int32_t block_sums[R];
+        simd::I16 dots[R];
+        for (int r = 0; r < R; ++r) {
+            block[r] = q[r] + 32 * j;
+            block_sums[r] = sums[r][j];
+        }
+        simd::signed_quads<8, R>(dots, step.codes[8 * j], block, block_sums);
+        const simd::F16 d = simd::load(step.d[j]);
+        for (int r = 0; r < R; ++r) acc[r] = simd::fmadd(simd::to_float(dots[r]), simd::mul(d, simd::set1(dx[r][j])), acc[r]);
+    }
+    for (int r = 0; r < R; ++r) simd::store(y[r], acc[r]);
+}
+
 // The same for activation rows first .. first + rows - 1, two at a time (each quad loaded once for both).
 template <int64_t type>
 void accumulate(const Step<type>& step, int64_t b, const Quantized& x, int64_t k, int64_t first, int rows,
                 float (*y)[kOutputs]) {
     int r = 0;
-    for (; r + 2 <= rows; r += 2) accumulate_rows<type, 2>(step, b, x, k, first + r, y + r);
-    if (r < rows) accumulate_rows<type, 1>(step, b, x, k, first + r, y + r);
+    if constexpr (type == Q8_0) {
+        for (; r + 2 <= rows; r += 2) accumulate_blocks32<2>(step, b, x, k, first + r, y + r);
+        if (r < rows) accumulate_blocks32<1>(step, b, x, k, first + r, y + r);
+    } else {
+        for (; r + 2 <= rows; r += 2) accumulate_rows<type, 2>(step, b, x, k, first + r, y + r);
+        if (r < rows) accumulate_rows<type, 1>(step, b, x, k, first + r, y + r);
+    }
 }
 
 // y[r] for activation rows first .. first + rows - 1 (rows <= kChunk) of `count` <= 16 weight rows at w; `next`:
@@ -177,11 +241,11 @@ void dot(const uint8_t* w, int64_t row_bytes, int count, int64_t k, const Quanti
          int rows, const uint8_t* next, float (*y)[kOutputs]) {
     constexpr int kShares = 4;
     thread_local Step<type> step;
-    const int64_t share = kOutputs * block_bytes(type), part = (share / 64 + kShares - 1) / kShares * 64;
+    const int64_t share = kOutputs * step_bytes(type), part = (share / 64 + kShares - 1) / kShares * 64;
     const int pairs = (rows + 1) / 2;  // rows split between the parts in pairs (accumulate takes two at a time)
     for (int r = 0; r < rows; ++r) simd::store(y[r], simd::zero());
     for (int64_t b = 0; b < k / 256; ++b) {
-        step.decode(w + b * block_bytes(type), row_bytes, count);
+        step.decode(w + b * step_bytes(type), row_bytes, count);
         for (int i = 0; i < kShares; ++i) {
             simd::prefetch_to_l2(next + b * share + i * part, std::min<int64_t>(part, share - i * part));
             const int r0 = std::min(rows, 2 * (pairs * i / kShares)), r1 = std::min(rows, 2 * (pairs * (i + 1) / kShares));
@@ -195,6 +259,7 @@ void dot_type(int64_t type, const uint8_t* w, int64_t row_bytes, int count, int6
     switch (type) {
         case Q4_K: dot<Q4_K>(w, row_bytes, count, k, quantized, first, rows, next, y); break;
         case Q5_K: dot<Q5_K>(w, row_bytes, count, k, quantized, first, rows, next, y); break;
+        case Q8_0: dot<Q8_0>(w, row_bytes, count, k, quantized, first, rows, next, y); break;
         default: dot<Q6_K>(w, row_bytes, count, k, quantized, first, rows, next, y); break;
     }
 }

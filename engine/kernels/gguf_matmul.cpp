@@ -469,7 +469,8 @@ struct GGUFMatrix {
 // x: bf16 (in_fp32 0) or fp32; out: bf16 (out_fp32 0) or fp32; norm: fp32 RMSNorm weight [k], or null; gated: x is
 // [m, 2k], SwiGLU's gate and up halves (see quantize); accumulate: out already holds rows the result is added to (a
 // residual, rounded once with the sum); tile_rows: the amx build runs steps of at least this many rows on tiles;
-// lane_rows: the others run steps of at least this many rows of Q4_K, Q5_K and Q6_K on the lanes (gguf_lanes.h).
+// lane_rows: the others run steps of at least this many rows of Q4_K, Q5_K, Q6_K and Q8_0 (k a multiple of 256) on
+// the lanes (gguf_lanes.h).
 void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k, int in_fp32, const float* bias,
                  int out_fp32, int64_t tile_rows, int64_t lane_rows, const void* x, int64_t m, const float* norm,
                  float eps, int gated, int accumulate, void* out, int threads) {
@@ -550,7 +551,7 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
         }
 #endif
         const Quantized& quantized = block_size(matrix.type) == 256 ? blocks256 : blocks32;
-        if (m >= lane_rows && lanes::supports(matrix.type)) {
+        if (m >= lane_rows && lanes::supports(matrix.type, k)) {
             alignas(64) float y[lanes::kChunk][lanes::kOutputs];
             const uint8_t* next = w + tile.count * row_bytes;
             for (int64_t r0 = 0; r0 < m; r0 += lanes::kChunk) {

@@ -24,15 +24,16 @@ DENSE_ROWS = 64
 # 51 / 55). The avx2 build never takes the dense path: it is what CPUs without AVX512 run, whose bf16 GEMM is ten
 # times slower than the lanes (oneDNN held to AVX2 there: 560 rows in 1.2 s against 0.11 s).
 MANY_ROW_DENSE_ROWS = 384
-LANE_TYPES = frozenset({T.Q4_K, T.Q5_K, T.Q6_K})
+LANE_TYPES = frozenset({T.Q4_K, T.Q5_K, T.Q6_K})  # and Q8_0 over whole super-blocks of inputs (on_lanes)
 # The amx build computes steps of at least this many rows on AMX tiles (Q4_K, Q5_K, Q6_K, and Q8_0 over whole
 # super-blocks of inputs), fewer on the vector kernel (Xeon 6 model 167, 16384 x 2048 Q4_K from memory: the tiles
 # take about as long for 4 rows as for 16, 2.5 ms; the vector kernel 1.4 ms at 4 rows and 4.8 at 16).
 TILE_ROWS = 4
-# The vector builds compute steps of at least this many rows of Q4_K, Q5_K and Q6_K on lanes (16 weight rows side
-# by side, a super-block decoded once for all the step's rows), fewer on the row kernel (Xeon 6 model 167, 16384 x
-# 2048 from memory, avx2 / avx512 builds: Q4_K at 4 rows 1.33 / 1.13 ms against 1.80 / 1.39, at 16 rows 3.5 / 2.4
-# against 6.3 / 4.9; Q6_K's larger decode breaks even at about 4 rows, 1.86 / 1.61 against 1.95 / 1.45).
+# The vector builds compute steps of at least this many rows of Q4_K, Q5_K, Q6_K and Q8_0 (``on_lanes``) on lanes
+# (16 weight rows side by side, a super-block decoded once for all the step's rows), fewer on the row kernel (Xeon 6
+# model 167, 16384 x 2048 from memory, avx2 / avx512 builds: Q4_K at 4 rows 1.33 / 1.13 ms against 1.80 / 1.39, at
+# 16 rows 3.5 / 2.4 against 6.3 / 4.9; Q6_K's larger decode breaks even at about 4 rows, 1.86 / 1.61 against
+# 1.95 / 1.45; Q8_0 from L3 at 4 rows 1.94 / 1.39 against 2.36 / 1.82, at 16 rows 5.2 / 2.7 against 10.0 / 5.6).
 LANE_ROWS = 4
 
 
@@ -56,10 +57,13 @@ def dense_rows(matrices: list[StoredMatrix], isa: str) -> int | None:
     if isa == "avx2":
         return None
 
-    def many_row(matrix: StoredMatrix) -> bool:
-        on_tiles = isa == "amx" and matrix.type == T.Q8_0 and matrix.in_features % 256 == 0
-        return matrix.type in LANE_TYPES or on_tiles
-    return MANY_ROW_DENSE_ROWS if all(map(many_row, matrices)) else DENSE_ROWS
+    return MANY_ROW_DENSE_ROWS if all(map(on_lanes, matrices)) else DENSE_ROWS
+
+
+def on_lanes(matrix: StoredMatrix) -> bool:
+    """Whether steps of ``LANE_ROWS`` rows or more of ``matrix`` run on the vector builds' lanes (the same matrices
+    as the amx build's tiles take)."""
+    return matrix.type in LANE_TYPES or (matrix.type == T.Q8_0 and matrix.in_features % 256 == 0)
 
 
 def fits(matrix: StoredMatrix) -> bool:

@@ -89,11 +89,14 @@ void tile_rows(const uint8_t* wq, const float* wd, const float* wm, const float*
         for (int r = 0; r < ROWS; ++r) dots[0][r] = dots[1][r] = simd::izero();
         const uint8_t* steps = wq + b * (kBlock / 4) * kQuadBytes;
         simd::prefetch_ahead(steps, (kBlock / 4) * kQuadBytes);
+        // unrolled: a loop's dots[step / 4] would index the accumulators at run time, in memory
+#pragma GCC unroll 8
         for (int step = 0; step < kBlock / 4; ++step) {
             const simd::Nibbles w = simd::unpack_nibbles(steps + step * kQuadBytes);
             for (int r = 0; r < ROWS; ++r) {
                 const int32_t four = *(const int32_t*)(xq + r * k + b * kBlock + step * 4);
                 dots[step / 4][r] = simd::dot4(dots[step / 4][r], w, four);
+                simd::keep_in_register(dots[step / 4][r]);
             }
         }
         const int64_t group = b / group_blocks;

@@ -49,6 +49,8 @@ inline void store_int16(int16_t* p, I16 a) { _mm256_storeu_si256((__m256i*)p, _m
 inline F16 load_int8(const int8_t* p) { return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)))}; }
 
 inline I16 izero() { return {_mm512_setzero_si512()}; }
+// a running sum kept in its register: unrolled, GCC reassociates sums into trees whose products spill to the stack
+inline void keep_in_register(I16& a) { __asm__("" : "+v"(a.v)); }
 
 // Weights of one 4-input step of a tile: 32 bytes, byte i holding element i (low nibble) and element i + 32
 // (high nibble); element e is output e / 4, input e % 4.
@@ -141,6 +143,28 @@ inline void scaled_quads(I16 (&acc)[R], const uint8_t* codes, const int8_t* cons
     }
     const __m512i scale = _mm512_srai_epi32(_mm512_load_si512(scales), 16);
     for (int r = 0; r < R; ++r) acc[r] = {_mm512_add_epi32(acc[r].v, _mm512_mullo_epi32(dot[r], scale))};
+}
+// Signed quads: 16 outputs x 4 signed codes, stored as the build's products read them (kSignedQuadBytes each; here
+// each code plus 128, unsigned). For each of R activation rows x[r] with code sum sums[r]: dots[r][o] = the exact
+// sum over Steps quads of codes[s][o] . x[r][4s..4s+3] (vpdpbusd from -128 sums[r], which takes the 128s back).
+constexpr int kSignedQuadBytes = 64;
+inline void store_signed_quad_half(uint8_t* quad, int half, __m256i codes) {  // outputs 8 half .. 8 half + 7
+    _mm256_store_si256((__m256i*)(quad + 32 * half), _mm256_xor_si256(codes, _mm256_set1_epi8((char)0x80)));
+}
+template <int Steps, int R>
+inline void signed_quads(I16 (&dots)[R], const uint8_t* quads, const int8_t* const (&x)[R], const int32_t (&sums)[R]) {
+    __m512i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm512_set1_epi32(-128 * sums[r]);
+    for (int s = 0; s < Steps; ++s) {
+        const __m512i quad = _mm512_load_si512(quads + kSignedQuadBytes * s);
+        for (int r = 0; r < R; ++r) {
+            int32_t four;
+            __builtin_memcpy(&four, x[r] + 4 * s, 4);
+            dot[r] = _mm512_dpbusd_epi32(dot[r], quad, _mm512_set1_epi32(four));
+            __asm__("" : "+v"(dot[r]));
+        }
+    }
+    for (int r = 0; r < R; ++r) dots[r] = {dot[r]};
 }
 // each byte of indices (0-15) replaced by that entry of the 16-byte table
 inline Bytes bytes_lookup(const int8_t* table, Bytes indices) {
@@ -255,6 +279,7 @@ inline F16 load_int8(const int8_t* p) {
 }
 
 inline I16 izero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+inline void keep_in_register(I16& a) { __asm__("" : "+x"(a.lo), "+x"(a.hi)); }
 
 struct Nibbles { __m256i lo, hi; };  // outputs 0..7 and 8..15
 inline Nibbles unpack_nibbles(const uint8_t* p) {
@@ -354,6 +379,34 @@ inline void scaled_quads(I16 (&acc)[R], const uint8_t* codes, const int8_t* cons
             acc[r].hi = _mm256_add_epi32(acc[r].hi, _mm256_madd_epi16(hi[r], scale_hi));
         }
     }
+}
+// Signed quads (see the AVX512 build's): here |c| of the 16 outputs, then c, so each activation takes its weight's
+// sign (vpsignb) and vpmaddubsw multiplies magnitudes (2 x 128 x 127 < 32768: no saturation); the sums are unused.
+constexpr int kSignedQuadBytes = 128;
+inline void store_signed_quad_half(uint8_t* quad, int half, __m256i codes) {
+    _mm256_store_si256((__m256i*)(quad + 32 * half), _mm256_abs_epi8(codes));
+    _mm256_store_si256((__m256i*)(quad + 64 + 32 * half), codes);
+}
+template <int Steps, int R>
+inline void signed_quads(I16 (&dots)[R], const uint8_t* quads, const int8_t* const (&x)[R], const int32_t (&sums)[R]) {
+    (void)sums;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i lo[R], hi[R];
+    for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+    for (int s = 0; s < Steps; ++s) {
+        const uint8_t* quad = quads + kSignedQuadBytes * s;
+        const __m256i size_lo = _mm256_load_si256((const __m256i*)quad), size_hi = _mm256_load_si256((const __m256i*)(quad + 32));
+        const __m256i sign_lo = _mm256_load_si256((const __m256i*)(quad + 64)), sign_hi = _mm256_load_si256((const __m256i*)(quad + 96));
+        for (int r = 0; r < R; ++r) {
+            int32_t four;
+            __builtin_memcpy(&four, x[r] + 4 * s, 4);
+            const __m256i xs = _mm256_set1_epi32(four);
+            lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(_mm256_maddubs_epi16(size_lo, _mm256_sign_epi8(xs, sign_lo)), ones));
+            hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(size_hi, _mm256_sign_epi8(xs, sign_hi)), ones));
+            __asm__("" : "+x"(lo[r]), "+x"(hi[r]));
+        }
+    }
+    for (int r = 0; r < R; ++r) dots[r] = {lo[r], hi[r]};
 }
 inline Bytes bytes_lookup(const int8_t* table, Bytes indices) {
     const __m256i entries = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)table));

@@ -104,12 +104,13 @@ def test_row_ids_are_bounded(isa):
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 17])
 @pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
 def test_kernel_computes_its_quantized_product(kind, rows, dtype, isa):
-    in_features = 768 if BLOCK_SIZES[kind] == 256 else 96 * 8 + 32  # an odd count of 32-blocks: the last unpaired
-    matrix = random_matrix(kind, 48, in_features, seed=rows)
-    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
-    y = GGUFMatmul([matrix], [None], None, isa, dtype)(x)
-    assert y.dtype == dtype and y.shape == (rows, 48)
-    assert_computes_its_product(y, x, library_weight(matrix), BLOCK_SIZES[kind])
+    """Blocks of 32 over an odd count of blocks (the last unpaired), and Q8_0 over whole super-blocks too (lanes)."""
+    for in_features in ((768,) if BLOCK_SIZES[kind] == 256 else (800, 768) if kind == T.Q8_0 else (800,)):
+        matrix = random_matrix(kind, 48, in_features, seed=rows)
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        y = GGUFMatmul([matrix], [None], None, isa, dtype)(x)
+        assert y.dtype == dtype and y.shape == (rows, 48)
+        assert_computes_its_product(y, x, library_weight(matrix), BLOCK_SIZES[kind])
 
 
 @pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
@@ -202,14 +203,14 @@ def test_many_row_steps_apply_swiglu_and_the_residual_too(dense_isa):
     assert torch.equal(kernel(x, residual.clone()), residual + product)
 
 
-LANE_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
+LANE_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0]  # Q8_0 where the inputs are whole super-blocks of 256
 
 
 @pytest.mark.parametrize("kind", [T.Q4_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
 def test_rows_do_not_depend_on_the_rest_of_the_batch(kind, isa):
     """A row's outputs depend on its own inputs only, whichever rows share its step, as long as the step runs the
     same kernel (steps of ``TILE_ROWS`` rows or more: the amx build's tiles; of ``LANE_ROWS`` or more: the vector
-    builds' lanes for the K-quants)."""
+    builds' lanes)."""
     matrix = random_matrix(kind, 64, 1024, seed=9)
     x = torch.randn(11, 1024, generator=torch.Generator().manual_seed(10)).bfloat16()
     kernel = GGUFMatmul([matrix], [None], None, isa, torch.bfloat16, torch.float32)
@@ -225,27 +226,30 @@ def test_rows_do_not_depend_on_the_rest_of_the_batch(kind, isa):
 @pytest.mark.parametrize("isa", native.SAME_BITS)
 @pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
 def test_the_vector_builds_run_steps_of_several_rows_on_lanes(kind, isa):
-    """The avx512 and avx2 builds: steps of ``LANE_ROWS`` rows or more of Q4_K, Q5_K and Q6_K run 16 weight rows
-    side by side, rounded in their own order (their bound: test_kernel_computes_its_quantized_product), so some
-    output differs from the row-by-row kernel's bits; fewer rows, and the other types, give that kernel's bits."""
+    """The avx512 and avx2 builds: steps of ``LANE_ROWS`` rows or more of Q4_K, Q5_K, Q6_K, and Q8_0 over whole
+    super-blocks of inputs, run 16 weight rows side by side, rounded in their own order (their bound:
+    test_kernel_computes_its_quantized_product), so some output differs from the row-by-row kernel's bits; fewer
+    rows, and the other matrices, give that kernel's bits."""
     runnable(isa)
-    in_features = 768 if BLOCK_SIZES[kind] == 256 else 800
-    matrix = random_matrix(kind, 48, in_features, seed=34)
-    x = torch.randn(gguf_matmul.LANE_ROWS, in_features, generator=torch.Generator().manual_seed(35)).bfloat16()
-    kernel = GGUFMatmul([matrix], [None], None, isa, torch.bfloat16, torch.float32)
-    alone = torch.cat([kernel(x[row : row + 1]) for row in range(len(x))])
-    assert torch.equal(kernel(x[:-1]), alone[:-1])
-    assert torch.equal(kernel(x), alone) != (kind in LANE_TYPES)
+    for in_features in (768, 800) if BLOCK_SIZES[kind] == 32 else (768,):
+        matrix = random_matrix(kind, 48, in_features, seed=34)
+        x = torch.randn(gguf_matmul.LANE_ROWS, in_features, generator=torch.Generator().manual_seed(35)).bfloat16()
+        kernel = GGUFMatmul([matrix], [None], None, isa, torch.bfloat16, torch.float32)
+        alone = torch.cat([kernel(x[row : row + 1]) for row in range(len(x))])
+        assert torch.equal(kernel(x[:-1]), alone[:-1])
+        assert torch.equal(kernel(x), alone) != gguf_matmul.on_lanes(matrix)
+        assert gguf_matmul.on_lanes(matrix) == (kind in LANE_TYPES and in_features % 256 == 0)
 
 
 @pytest.mark.parametrize("kind", LANE_TYPES, ids=lambda t: t.name)
 def test_the_largest_codes_against_the_largest_activations(kind, isa):
-    """Every code at its largest (all bits set) against activations all +127 or all -127: the lanes' int16 sums
-    reach their largest magnitude (Q6_K: 2 x 2 x 63 x 127 = 32,004) without overflowing."""
-    blocks = np.full((16, 2 * BLOCK_BYTES[kind]), 0xFF, np.uint8)
+    """Every code at its largest (all bits set; Q8_0: -128) against activations all +127 or all -127: the lanes'
+    int16 sums reach their largest magnitude (Q6_K: 2 x 2 x 63 x 127 = 32,004; Q8_0 on avx2: 2 x 128 x 127 =
+    32,512) without overflowing."""
+    blocks = np.full((16, 512 // BLOCK_SIZES[kind] * BLOCK_BYTES[kind]), 0x80 if kind == T.Q8_0 else 0xFF, np.uint8)
     matrix = random_matrix(kind, 16, 512, seed=39)  # its fp16 factors, on all-ones codes and scales
     for at in HALF_FLOATS[kind]:
-        for block in range(2):
+        for block in range(512 // BLOCK_SIZES[kind]):
             start = block * BLOCK_BYTES[kind] + at
             blocks[:, start : start + 2] = matrix.blocks[:, start : start + 2]
     matrix = StoredMatrix(blocks, kind, 512)
@@ -340,10 +344,10 @@ def test_many_row_steps_run_the_dequantized_weight(kind, dense_isa):
 
 @pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
 def test_the_many_row_kernels_take_steps_up_to_more_rows_than_the_row_kernel(kind, dense_isa):
-    """A product whose every matrix runs on the build's many-row kernel (lanes for the K-quants; the amx build's
-    tiles for Q8_0 too) leaves the quantized kernels later than one that does not."""
+    """A product whose every matrix runs on the build's many-row kernel (the lanes, or the amx build's tiles) leaves
+    the quantized kernels later than one that does not."""
     matrix = random_matrix(kind, 16, 512)
-    many_row = kind in LANE_TYPES or (dense_isa == "amx" and kind == T.Q8_0)
+    many_row = kind in LANE_TYPES
     rows = GGUFMatmul([matrix], [None], None, dense_isa).dense_rows
     assert rows == (gguf_matmul.MANY_ROW_DENSE_ROWS if many_row else gguf_matmul.DENSE_ROWS)
     assert gguf_matmul.MANY_ROW_DENSE_ROWS > gguf_matmul.DENSE_ROWS
