@@ -25,10 +25,11 @@ DENSE_ROWS = 64
 # times slower than the lanes (oneDNN held to AVX2 there: 560 rows in 1.2 s against 0.11 s).
 MANY_ROW_DENSE_ROWS = 384
 LANE_TYPES = frozenset({T.Q4_K, T.Q5_K, T.Q6_K})  # and Q8_0 over whole super-blocks of inputs (on_lanes)
-# The amx build computes steps of at least this many rows on AMX tiles (Q4_K, Q5_K, Q6_K, and Q8_0 over whole
-# super-blocks of inputs), fewer on the vector kernel (Xeon 6 model 167, 16384 x 2048 Q4_K from memory: the tiles
-# take about as long for 4 rows as for 16, 2.5 ms; the vector kernel 1.4 ms at 4 rows and 4.8 at 16).
-TILE_ROWS = 4
+# The amx build computes steps of at least this many rows on AMX tiles (the matrices ``on_lanes`` takes), fewer on
+# the lanes or the row kernel (Xeon 6 model 167, 16384 x 2048 from memory, tiles / avx512's lanes, ms: Q4_K 8 rows
+# 2.14 / 1.82, 10 rows 2.42 / 2.30, 12 rows 2.41 / 2.51, 16 rows 2.28 / 2.67; Q8_0 8 rows 2.89 / 2.68, 12 rows
+# 3.16 / 3.29, 16 rows 2.93 / 3.37; Q6_K 8 rows 3.34 / 2.64, 16 rows 3.46 / 3.84).
+TILE_ROWS = 12
 # The vector builds compute steps of at least this many rows of Q4_K, Q5_K, Q6_K and Q8_0 (``on_lanes``) on lanes
 # (16 weight rows side by side, a super-block decoded once for all the step's rows), fewer on the row kernel (Xeon 6
 # model 167, 16384 x 2048 from memory, avx2 / avx512 builds: Q4_K at 4 rows 1.33 / 1.13 ms against 1.80 / 1.39, at
