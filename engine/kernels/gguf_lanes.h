@@ -136,7 +136,7 @@ struct Step {
 // output.
 template <>
 struct Step<Q8_0> {
-    static constexpr int blocks = 8;
+    static constexpr int blocks = 8, bytes_per_block = 34;  // a block: its fp16 d, then 32 int8 codes
     alignas(64) uint8_t codes[8 * blocks][simd::kSignedQuadBytes];
     alignas(64) float d[blocks][kOutputs];
 
@@ -144,10 +144,10 @@ struct Step<Q8_0> {
         const uint8_t* rows[kOutputs];
         for (int n = 0; n < kOutputs; ++n) rows[n] = n < count ? w + n * row_bytes : kZeroBlock;
         for (int j = 0; j < blocks; ++j) {
-            for (int n = 0; n < kOutputs; ++n) d[j][n] = half_to_float(rows[n] + 34 * j);
+            for (int n = 0; n < kOutputs; ++n) d[j][n] = half_to_float(rows[n] + bytes_per_block * j);
             for (int half = 0; half < 2; ++half) {
                 __m256i words[8];
-                simd::transpose_words(rows + 8 * half, 34 * j + 2, words);
+                simd::transpose_words(rows + 8 * half, bytes_per_block * j + 2, words);
                 for (int t = 0; t < 8; ++t) simd::store_signed_quad_half(codes[8 * j + t], half, words[t]);
             }
         }
