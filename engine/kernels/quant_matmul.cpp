@@ -96,7 +96,7 @@ void tile_rows(const uint8_t* wq, const float* wd, const float* wm, const float*
             for (int r = 0; r < ROWS; ++r) {
                 const int32_t four = *(const int32_t*)(xq + r * k + b * kBlock + step * 4);
                 dots[step / 4][r] = simd::dot4(dots[step / 4][r], w, four);
-                simd::keep_in_register(dots[step / 4][r]);
+                if constexpr (ROWS > 1) simd::keep_in_register(dots[step / 4][r]);  // one row: latency-bound chains
             }
         }
         const int64_t group = b / group_blocks;
