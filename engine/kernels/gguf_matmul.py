@@ -57,7 +57,6 @@ def dense_rows(matrices: list[StoredMatrix], isa: str) -> int | None:
     never)."""
     if isa == "avx2":
         return None
-
     return MANY_ROW_DENSE_ROWS if all(map(on_lanes, matrices)) else DENSE_ROWS
 
 
