@@ -1,8 +1,10 @@
 // The vector builds' products of many activation rows over Q4_K, Q5_K, Q6_K and Q8_0 (included by gguf_matmul.cpp,
-// which defines the blocks' decoders): 16 weight rows side by side, one output per 32-bit lane.
+// which defines the blocks' decoders): 16 weight rows side by side, one output per 32-bit lane, two such groups to a
+// tile.
 //
 // A super-block of 16 weight rows is decoded once and its codes interleaved per 4 inputs ("quads": 16 outputs x 4
-// codes, 64 bytes); every activation row then broadcasts its 4 codes of a quad against all 16 outputs. A sub-block's
+// codes, 64 bytes); every activation row then broadcasts its 4 codes of a quad against both groups' 16 outputs (four
+// rows at a time, so a loaded quad serves four products and a broadcast two). A sub-block's
 // integer dot is exact and its scale applied in integers (AVX512: vpdpbusd then one multiply; AVX2: vpmaddubsw
 // products summed in int16 as far as they cannot overflow, then vpmaddwd by the scale), so the two builds give the
 // same bits and the decode is paid once for all rows, not once per few. Per super-block and row, in fp32:
@@ -12,7 +14,17 @@
 // Q8_0 takes 8 blocks of 32 as its super-block, each block's exact integer dot scaled by its own d dx.
 namespace lanes {
 
-constexpr int kOutputs = 16;  // weight rows side by side
+constexpr int kOutputs = 16;  // weight rows side by side (a decoded Step)
+constexpr int kGroups = simd::kQuadGroups;  // Steps a tile computes together, in steps of kWideRows rows or more
+constexpr int kTileOutputs = kOutputs * kGroups;
+constexpr int kRows = simd::kQuadRows;  // activation rows whose products run together
+// Fewer rows are bound by reading the weights, which a tile of 16 does faster (Xeon 6 model 167, 4096 x 4096 from
+// memory, 4 rows, avx512, ms, 16 / 32 outputs: Q6_K 0.83 / 1.06, Q8_0 0.78 / 0.84; at 16 rows 1.89 / 1.92,
+// 1.46 / 1.22, and Q4_K 1.48 / 1.17).
+constexpr int64_t kWideRows = 8;
+
+// The outputs of a tile in a step of `rows` activation rows.
+int64_t tile_outputs(int64_t rows) { return rows >= kWideRows ? kTileOutputs : kOutputs; }
 constexpr int64_t kChunk = 64;  // activation rows a decoded super-block serves before the next is decoded
 
 bool supports(int64_t type, int64_t k) {
@@ -37,7 +49,7 @@ struct Step {
     static constexpr int group = type == Q4_K ? 8 : type == Q5_K ? 4 : 2;
     alignas(64) uint8_t codes[64][kOutputs][4];        // quad, output, input
     alignas(64) int16_t scales[subs][kOutputs][2];     // s_j per output, twice (vpmaddwd's pairs)
-    alignas(64) int8_t offsets[subs / 2][kOutputs][2]; // o_j, o_j+1 per output
+    alignas(64) int16_t offsets[subs / 2][kOutputs][2]; // o_j, o_j+1 per output
     alignas(64) float d[kOutputs], offset_scale[kOutputs];
 
     // Rows n < count of the super-block at w (row_bytes apart); the others zero.
@@ -81,8 +93,8 @@ struct Step {
         const int first_offset = type == Q6_K ? 0 : 8;
         for (int i = 0; i < subs / 2; ++i) {
             const __m128i even = bytes[first_offset + 2 * i], odd = bytes[first_offset + 2 * i + 1];
-            _mm_store_si128((__m128i*)offsets[i][0], _mm_unpacklo_epi8(even, odd));
-            _mm_store_si128((__m128i*)offsets[i][8], _mm_unpackhi_epi8(even, odd));
+            _mm256_store_si256((__m256i*)offsets[i][0], _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(even, odd)));
+            _mm256_store_si256((__m256i*)offsets[i][8], _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(even, odd)));
         }
     }
     // bits [shift, shift + width) of each byte, moved to bits 4.. (the codes' tops)
@@ -154,113 +166,151 @@ struct Step<Q8_0> {
     }
 };
 
-// y[r] (16 outputs side by side) += the products of activation rows first + r, r < R, with this super-block (index b
-// of the rows' super-blocks).
-template <int64_t type, int R>
-void accumulate_rows(const Step<type>& step, int64_t b, const Quantized& x, int64_t k, int64_t first,
-                     float (*y)[kOutputs]) {
+// y[r] (a tile's outputs side by side) += the products of activation rows first + r, r < R, with this super-block of
+// each group (index b of the rows' super-blocks). Not inlined (nor the Q8_0 form): inlined into dot, their registers
+// spilled (avx512, Q8_0 at 4 rows: 1.7x the time).
+template <int64_t type, int R, int G>
+__attribute__((noinline)) void accumulate_rows(const Step<type> (&steps)[G], int64_t b, const Quantized& x,
+                                               int64_t k, int64_t first, float (*y)[kTileOutputs]) {
     using S = Step<type>;
     constexpr int quads = S::width / 4;
     const int8_t* q[R];
-    simd::I16 dots[R];
+    simd::I16 dots[R][G];
     for (int r = 0; r < R; ++r) {
         q[r] = x.q.data() + (first + r) * k + b * 256;
-        dots[r] = simd::izero();
+        for (int g = 0; g < G; ++g) dots[r][g] = simd::izero();
     }
     for (int j = 0; j < S::subs; ++j) {
         const int8_t* sub_block[R];
         for (int r = 0; r < R; ++r) sub_block[r] = q[r] + j * S::width;
-        simd::scaled_quads<quads, S::group, R>(dots, step.codes[j * quads][0], sub_block, step.scales[j][0]);
+        const uint8_t* codes[G];
+        const int16_t* scales[G];
+        for (int g = 0; g < G; ++g) {
+            codes[g] = steps[g].codes[j * quads][0];
+            scales[g] = steps[g].scales[j][0];
+        }
+        simd::scaled_quads<quads, S::group, R, G>(dots, codes, sub_block, scales);
     }
     for (int r = 0; r < R; ++r) {
         const int64_t row = first + r;
         const int16_t* sums = type == Q6_K ? x.sums.data() + row * (k / 16) + 16 * b : x.sums32.data() + row * (k / 32) + 8 * b;
-        simd::I16 offsets = simd::izero();
-        for (int i = 0; i < S::subs / 2; ++i) {
-            int32_t pair;
-            std::memcpy(&pair, sums + 2 * i, 4);
-            offsets = simd::dot2(offsets, simd::load_pairs(step.offsets[i][0]), pair);
-        }
         const float dx = x.d[row * (k / 256) + b];
-        simd::F16 sum = simd::fmadd(simd::to_float(dots[r]), simd::mul(simd::load(step.d), simd::set1(dx)), simd::load(y[r]));
-        sum = simd::fmadd(simd::to_float(offsets), simd::mul(simd::load(step.offset_scale), simd::set1(-dx)), sum);
-        simd::store(y[r], sum);
+        for (int g = 0; g < G; ++g) {
+            simd::I16 offsets = simd::izero();
+            for (int i = 0; i < S::subs / 2; ++i) {
+                int32_t pair;
+                std::memcpy(&pair, sums + 2 * i, 4);
+                offsets = simd::dot2(offsets, simd::load_pairs(steps[g].offsets[i][0]), pair);
+            }
+            float* out = y[r] + kOutputs * g;
+            simd::F16 sum = simd::fmadd(simd::to_float(dots[r][g]), simd::mul(simd::load(steps[g].d), simd::set1(dx)),
+                                        simd::load(out));
+            sum = simd::fmadd(simd::to_float(offsets), simd::mul(simd::load(steps[g].offset_scale), simd::set1(-dx)), sum);
+            simd::store(out, sum);
+        }
     }
 }
 
 // The same for Q8_0: per block, the rows' exact dots times d dx, added in fp32.
-template <int R>
-void accumulate_blocks32(const Step<Q8_0>& step, int64_t b, const Quantized& x, int64_t k, int64_t first,
-                         float (*y)[kOutputs]) {
+template <int R, int G>
+__attribute__((noinline)) void accumulate_blocks32(const Step<Q8_0> (&steps)[G], int64_t b, const Quantized& x,
+                                                   int64_t k, int64_t first, float (*y)[kTileOutputs]) {
     const int8_t* q[R];
     const float* dx[R];
     const int16_t* sums[R];
-    simd::F16 acc[R];
+    simd::F16 acc[R][G];
     for (int r = 0; r < R; ++r) {
         const int64_t row = first + r, at = row * (k / 32) + Step<Q8_0>::blocks * b;
         q[r] = x.q.data() + row * k + b * 256;
         dx[r] = x.d.data() + at;
         sums[r] = x.sums32.data() + at;
-        acc[r] = simd::load(y[r]);
+        for (int g = 0; g < G; ++g) acc[r][g] = simd::load(y[r] + kOutputs * g);
     }
     for (int j = 0; j < Step<Q8_0>::blocks; ++j) {
         const int8_t* block[R];
         int32_t block_sums[R];
-        simd::I16 dots[R];
+        simd::I16 dots[R][G];
         for (int r = 0; r < R; ++r) {
             block[r] = q[r] + 32 * j;
             block_sums[r] = sums[r][j];
         }
-        simd::signed_quads<8, R>(dots, step.codes[8 * j], block, block_sums);
-        const simd::F16 d = simd::load(step.d[j]);
-        for (int r = 0; r < R; ++r) acc[r] = simd::fmadd(simd::to_float(dots[r]), simd::mul(d, simd::set1(dx[r][j])), acc[r]);
+        const uint8_t* codes[G];
+        for (int g = 0; g < G; ++g) codes[g] = steps[g].codes[8 * j];
+        simd::signed_quads<8, R, G>(dots, codes, block, block_sums);
+        for (int g = 0; g < G; ++g) {
+            const simd::F16 d = simd::load(steps[g].d[j]);
+            for (int r = 0; r < R; ++r)
+                acc[r][g] = simd::fmadd(simd::to_float(dots[r][g]), simd::mul(d, simd::set1(dx[r][j])), acc[r][g]);
+        }
     }
-    for (int r = 0; r < R; ++r) simd::store(y[r], acc[r]);
+    for (int r = 0; r < R; ++r)
+        for (int g = 0; g < G; ++g) simd::store(y[r] + kOutputs * g, acc[r][g]);
 }
 
-// The same for activation rows first .. first + rows - 1, two at a time (each quad loaded once for both).
-template <int64_t type>
-void accumulate(const Step<type>& step, int64_t b, const Quantized& x, int64_t k, int64_t first, int rows,
-                float (*y)[kOutputs]) {
+// The same for activation rows first + R0 .. first + rows - 1, R at a time, then the few left fewer at a time.
+template <int64_t type, int G, int R = kRows>
+void accumulate(const Step<type> (&steps)[G], int64_t b, const Quantized& x, int64_t k, int64_t first, int rows,
+                float (*y)[kTileOutputs]) {
     int r = 0;
-    if constexpr (type == Q8_0) {
-        for (; r + 2 <= rows; r += 2) accumulate_blocks32<2>(step, b, x, k, first + r, y + r);
-        if (r < rows) accumulate_blocks32<1>(step, b, x, k, first + r, y + r);
-    } else {
-        for (; r + 2 <= rows; r += 2) accumulate_rows<type, 2>(step, b, x, k, first + r, y + r);
-        if (r < rows) accumulate_rows<type, 1>(step, b, x, k, first + r, y + r);
+    for (; r + R <= rows; r += R) {
+        if constexpr (type == Q8_0) {
+            accumulate_blocks32<R, G>(steps, b, x, k, first + r, y + r);
+        } else {
+            accumulate_rows<type, R, G>(steps, b, x, k, first + r, y + r);
+        }
+    }
+    if constexpr (R > 1) {
+        if (r < rows) accumulate<type, G, R / 2>(steps, b, x, k, first + r, rows - r, y + r);
     }
 }
 
-// y[r] for activation rows first .. first + rows - 1 (rows <= kChunk) of `count` <= 16 weight rows at w; `next`:
+// y[r] for activation rows first .. first + rows - 1 (rows <= kChunk) of `count` <= 16 G weight rows at w; `next`:
 // the rows after these (the next tile's), requested into L2 a share per super-block, in kShares parts between the
 // rows' products (requested at once, a share's lines found the queues to memory full: 16 rows of a Q4_K matrix
 // read from memory took 20-30% longer than from cache, now ~10%).
-template <int64_t type>
+template <int64_t type, int G>
 void dot(const uint8_t* w, int64_t row_bytes, int count, int64_t k, const Quantized& quantized, int64_t first,
-         int rows, const uint8_t* next, float (*y)[kOutputs]) {
+         int rows, const uint8_t* next, float (*y)[kTileOutputs]) {
     constexpr int kShares = 4;
-    thread_local Step<type> step;
-    const int64_t share = kOutputs * step_bytes(type), part = (share / 64 + kShares - 1) / kShares * 64;
-    const int pairs = (rows + 1) / 2;  // rows split between the parts in pairs (accumulate takes two at a time)
-    for (int r = 0; r < rows; ++r) simd::store(y[r], simd::zero());
+    thread_local Step<type> steps[G];
+    const int64_t share = kOutputs * G * step_bytes(type), part = (share / 64 + kShares - 1) / kShares * 64;
+    const int unit = rows >= kShares * kRows ? kRows : 2;  // rows split between the parts this many at a time
+    const int units = (rows + unit - 1) / unit;
+    for (int r = 0; r < rows; ++r)
+        for (int g = 0; g < G; ++g) simd::store(y[r] + kOutputs * g, simd::zero());
     for (int64_t b = 0; b < k / 256; ++b) {
-        step.decode(w + b * step_bytes(type), row_bytes, count);
+        for (int g = 0; g < G; ++g) {
+            const int group_count = std::clamp(count - kOutputs * g, 0, kOutputs);
+            steps[g].decode(group_count ? w + kOutputs * g * row_bytes + b * step_bytes(type) : kZeroBlock, row_bytes,
+                            group_count);
+        }
         for (int i = 0; i < kShares; ++i) {
             simd::prefetch_to_l2(next + b * share + i * part, std::min<int64_t>(part, share - i * part));
-            const int r0 = std::min(rows, 2 * (pairs * i / kShares)), r1 = std::min(rows, 2 * (pairs * (i + 1) / kShares));
-            accumulate(step, b, quantized, k, first + r0, r1 - r0, y + r0);
+            const int r0 = std::min(rows, unit * (units * i / kShares));
+            const int r1 = std::min(rows, unit * (units * (i + 1) / kShares));
+            accumulate(steps, b, quantized, k, first + r0, r1 - r0, y + r0);
         }
     }
 }
 
-void dot_type(int64_t type, const uint8_t* w, int64_t row_bytes, int count, int64_t k, const Quantized& quantized,
-              int64_t first, int rows, const uint8_t* next, float (*y)[kOutputs]) {
+template <int64_t type>
+void dot_groups(int groups, const uint8_t* w, int64_t row_bytes, int count, int64_t k, const Quantized& quantized,
+                int64_t first, int rows, const uint8_t* next, float (*y)[kTileOutputs]) {
+    if (groups == kGroups) {
+        dot<type, kGroups>(w, row_bytes, count, k, quantized, first, rows, next, y);
+    } else {
+        dot<type, 1>(w, row_bytes, count, k, quantized, first, rows, next, y);
+    }
+}
+
+// dot over `groups` (1 or kGroups) Steps of the matrix's type.
+void dot_type(int64_t type, int groups, const uint8_t* w, int64_t row_bytes, int count, int64_t k,
+              const Quantized& quantized, int64_t first, int rows, const uint8_t* next, float (*y)[kTileOutputs]) {
     switch (type) {
-        case Q4_K: dot<Q4_K>(w, row_bytes, count, k, quantized, first, rows, next, y); break;
-        case Q5_K: dot<Q5_K>(w, row_bytes, count, k, quantized, first, rows, next, y); break;
-        case Q8_0: dot<Q8_0>(w, row_bytes, count, k, quantized, first, rows, next, y); break;
-        default: dot<Q6_K>(w, row_bytes, count, k, quantized, first, rows, next, y); break;
+        case Q4_K: dot_groups<Q4_K>(groups, w, row_bytes, count, k, quantized, first, rows, next, y); break;
+        case Q5_K: dot_groups<Q5_K>(groups, w, row_bytes, count, k, quantized, first, rows, next, y); break;
+        case Q8_0: dot_groups<Q8_0>(groups, w, row_bytes, count, k, quantized, first, rows, next, y); break;
+        default: dot_groups<Q6_K>(groups, w, row_bytes, count, k, quantized, first, rows, next, y); break;
     }
 }
 

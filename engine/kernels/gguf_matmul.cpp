@@ -485,12 +485,27 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
             quantize((const uint16_t*)x, m, k, norm, eps, gated, size, *target);
         }
     }
-    // work items: tiles of up to kTile outputs of one matrix, in order; threads take contiguous ranges of them
+    // the path of a matrix's products: the amx build's tiles, the lanes, or the row kernel
+#if defined(__AMX_INT8__)
+    const bool use_tiles = m >= tile_rows && amx::enabled();
+    auto on_tiles = [&](const GGUFMatrix& matrix) { return use_tiles && tiles::supports(matrix.type, k); };
+#else
+    (void)tile_rows;
+    auto on_tiles = [](const GGUFMatrix&) { return false; };
+#endif
+    auto on_lanes = [&](const GGUFMatrix& matrix) {
+        return !on_tiles(matrix) && m >= lane_rows && lanes::supports(matrix.type, k);
+    };
+    // work items: tiles of up to kTile outputs of one matrix (the lanes': lane_tile), in order; threads take
+    // contiguous ranges of them
+    const int64_t lane_tile = lanes::tile_outputs(m);
     struct Tile { int64_t matrix, row, count; };
     std::vector<Tile> tiles;
-    for (int64_t i = 0; i < count; ++i)
-        for (int64_t row = 0; row < matrices[i].rows; row += kTile)
-            tiles.push_back({i, row, std::min<int64_t>(kTile, matrices[i].rows - row)});
+    for (int64_t i = 0; i < count; ++i) {
+        const int64_t size = on_lanes(matrices[i]) ? lane_tile : kTile;
+        for (int64_t row = 0; row < matrices[i].rows; row += size)
+            tiles.push_back({i, row, std::min<int64_t>(size, matrices[i].rows - row)});
+    }
     // y[i][r]: output row tile.row + i of activation row r0 + r, finished (bias, residual, rounding) into out
     auto finish = [&](const Tile& tile, const GGUFMatrix& matrix, int64_t r0, int rows, auto y) {
         for (int64_t i = 0; i < tile.count; ++i) {
@@ -512,17 +527,14 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
 #if defined(__AMX_INT8__)
     // the tile path: activations interleaved once, per 16 rows, for the block sizes its matrices read
     std::vector<tiles::Columns> columns32, columns256;
-    const bool use_tiles = m >= tile_rows && amx::enabled();
     bool tiles32 = false, tiles256 = false;
     for (int64_t i = 0; i < count; ++i)
-        if (use_tiles && tiles::supports(matrices[i].type, k)) (block_size(matrices[i].type) == 256 ? tiles256 : tiles32) = true;
+        if (on_tiles(matrices[i])) (block_size(matrices[i].type) == 256 ? tiles256 : tiles32) = true;
     for (int64_t r0 = 0; r0 < m && (tiles32 || tiles256); r0 += tiles::kRows) {
         const int64_t rows = std::min<int64_t>(tiles::kRows, m - r0);
         if (tiles32) columns32.emplace_back(blocks32, k, r0, rows);
         if (tiles256) columns256.emplace_back(blocks256, k, r0, rows);
     }
-#else
-    (void)tile_rows;
 #endif
 #pragma omp parallel num_threads(threads)
     {
@@ -533,7 +545,7 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
         const int64_t row_bytes = k / block_size(matrix.type) * block_bytes(matrix.type);
         const uint8_t* w = matrix.data + tile.row * row_bytes;
 #if defined(__AMX_INT8__)
-        if (use_tiles && tiles::supports(matrix.type, k)) {
+        if (on_tiles(matrix)) {
             float results[tiles::kRows][tiles::kRows];
             for (size_t chunk = 0; chunk * tiles::kRows < (size_t)m; ++chunk) {
                 const int64_t r0 = chunk * tiles::kRows;
@@ -551,17 +563,20 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
         }
 #endif
         const Quantized& quantized = block_size(matrix.type) == 256 ? blocks256 : blocks32;
-        if (m >= lane_rows && lanes::supports(matrix.type, k)) {
-            alignas(64) float y[lanes::kChunk][lanes::kOutputs];
+        if (on_lanes(matrix)) {
+            alignas(64) float y[lanes::kChunk][lanes::kTileOutputs];
             const uint8_t* next = w + tile.count * row_bytes;
             for (int64_t r0 = 0; r0 < m; r0 += lanes::kChunk) {
                 const int rows = (int)std::min<int64_t>(lanes::kChunk, m - r0);
-                lanes::dot_type(matrix.type, w, row_bytes, (int)tile.count, k, quantized, r0, rows, next, y);
-                if (tile.count == lanes::kOutputs && matrix.index == nullptr) {  // 16 outputs side by side
-                    const float* tile_bias = bias ? bias + matrix.column + tile.row : nullptr;
-                    const int64_t at = r0 * n + matrix.column + tile.row;
-                    for (int r = 0; r < rows; ++r)
-                        store_outputs(simd::load(y[r]), tile_bias, accumulate, out_fp32, out, at + r * n);
+                lanes::dot_type(matrix.type, (int)(lane_tile / lanes::kOutputs), w, row_bytes, (int)tile.count, k,
+                                quantized, r0, rows, next, y);
+                if (tile.count == lane_tile && matrix.index == nullptr) {  // groups of 16 outputs side by side
+                    for (int g = 0; g < lane_tile / lanes::kOutputs; ++g) {
+                        const int64_t column = matrix.column + tile.row + lanes::kOutputs * g;
+                        for (int r = 0; r < rows; ++r)
+                            store_outputs(simd::load(y[r] + lanes::kOutputs * g), bias ? bias + column : nullptr,
+                                          accumulate, out_fp32, out, (r0 + r) * n + column);
+                    }
                 } else {
                     finish(tile, matrix, r0, rows, [&](int64_t i, int r) { return y[r][i]; });
                 }

@@ -68,6 +68,7 @@ inline I16 dot4(I16 acc, Nibbles w, int32_t x4) { return {_mm512_dpbusd_epi32(ac
 // Weights of one 2-input step of a tile: 32 signed bytes, element e is output e / 2, input e % 2.
 struct Pairs { __m512i v; };
 inline Pairs load_pairs(const int8_t* p) { return {_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p))}; }
+inline Pairs load_pairs(const int16_t* p) { return {_mm512_load_si512(p)}; }  // already widened, 64-aligned
 // acc[o] += w[o, 0] * x[0] + w[o, 1] * x[1] over 16-bit x (vpdpwssd).
 inline I16 dot2(I16 acc, Pairs w, int32_t x2) { return {_mm512_dpwssd_epi32(acc.v, w.v, _mm512_set1_epi32(x2))}; }
 
@@ -123,48 +124,80 @@ inline F16 halves(const float* p) {  // p[0] in lanes 0-7, p[1] in 8-15
 // acc[i] += the sum of bytes 4i..4i+3 of u * s (vpdpbusd)
 inline I16 dot_bytes(I16 acc, Bytes u, Bytes s) { return {_mm512_dpbusd_epi32(acc.v, u.v, s.v)}; }
 inline void bytes_store(void* p, Bytes a) { _mm512_storeu_si512(p, a.v); }
+// The quads' register tile (gguf_lanes.h): groups of 16 outputs and activation rows whose products run together
+// (4 x 2 running sums, their runs' sums, two quads and a broadcast in 32 registers).
+constexpr int kQuadGroups = 2, kQuadRows = 4;
 // Quads: 16 outputs x 4 unsigned codes (64 bytes, 64-aligned; output o at bytes 4o..4o+3), against 4 signed
-// activation codes broadcast. For each of R activation rows x[r]: acc[r][o] += scale[o] * sum over Steps quads of
-// codes[s][o] . x[r][4s..4s+3], exactly (each quad loaded once for the R rows); scales: per output the pair (s, s)
-// of int16 (the AVX2 build's vpmaddwd operand); Group: quads the AVX2 build sums in int16, as many as cannot
-// overflow (here vpdpbusd sums in int32).
-template <int Steps, int Group, int R>
-inline void scaled_quads(I16 (&acc)[R], const uint8_t* codes, const int8_t* const (&x)[R], const int16_t* scales) {
-    __m512i dot[R];
-    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
-    for (int s = 0; s < Steps; ++s) {
-        const __m512i quad = _mm512_load_si512(codes + 64 * s);
-        for (int r = 0; r < R; ++r) {
-            int32_t four;
-            __builtin_memcpy(&four, x[r] + 4 * s, 4);
-            dot[r] = _mm512_dpbusd_epi32(dot[r], quad, _mm512_set1_epi32(four));
-            __asm__("" : "+v"(dot[r]));  // a running sum in a register (see the AVX2 build's)
-        }
+// activation codes broadcast. For each of R activation rows x[r] and G groups of 16 outputs (codes[g], scales[g]):
+// acc[r][g][o] += scale[o] * sum over Steps quads of codes[g][s][o] . x[r][4s..4s+3], exactly (each quad loaded once
+// for the R rows, each broadcast once for the G groups: a load per vpdpbusd would bound the loop); scales: per
+// output the pair (s, s) of int16 (the AVX2 build's vpmaddwd operand); Group: quads the AVX2 build sums in int16, as
+// many as cannot overflow. Here Group / 2 quads' sums fit in int16 too (4 products a lane where vpmaddubsw sums 2):
+// where that is two quads or more, each run of them is scaled by vpdpwssd against (s, 0), else the sub-block's sum
+// by one multiply (two uops).
+template <int Steps, int Group, int R, int G>
+inline void scaled_quads(I16 (&acc)[R][G], const uint8_t* const (&codes)[G], const int8_t* const (&x)[R],
+                         const int16_t* const (&scales)[G]) {
+    constexpr bool by_pairs = Group >= 4;
+    constexpr int run = by_pairs ? Group / 2 : Steps;
+    static_assert(Steps % run == 0);
+    __m512i scale[G];
+    for (int g = 0; g < G; ++g) {
+        const __m512i pairs = _mm512_load_si512(scales[g]);
+        scale[g] = by_pairs ? _mm512_srli_epi32(pairs, 16) : _mm512_srai_epi32(pairs, 16);
     }
-    const __m512i scale = _mm512_srai_epi32(_mm512_load_si512(scales), 16);
-    for (int r = 0; r < R; ++r) acc[r] = {_mm512_add_epi32(acc[r].v, _mm512_mullo_epi32(dot[r], scale))};
+    for (int first = 0; first < Steps; first += run) {
+        __m512i dot[R][G];
+        for (int r = 0; r < R; ++r)
+            for (int g = 0; g < G; ++g) dot[r][g] = _mm512_setzero_si512();
+        for (int s = first; s < first + run; ++s) {
+            __m512i quad[G];
+            for (int g = 0; g < G; ++g) quad[g] = _mm512_load_si512(codes[g] + 64 * s);
+            for (int r = 0; r < R; ++r) {
+                int32_t four;
+                __builtin_memcpy(&four, x[r] + 4 * s, 4);
+                const __m512i xs = _mm512_set1_epi32(four);
+                for (int g = 0; g < G; ++g) {
+                    dot[r][g] = _mm512_dpbusd_epi32(dot[r][g], quad[g], xs);
+                    __asm__("" : "+v"(dot[r][g]));  // a running sum in a register (see the AVX2 build's)
+                }
+            }
+        }
+        for (int r = 0; r < R; ++r)
+            for (int g = 0; g < G; ++g)
+                acc[r][g] = {by_pairs ? _mm512_dpwssd_epi32(acc[r][g].v, dot[r][g], scale[g])
+                                      : _mm512_add_epi32(acc[r][g].v, _mm512_mullo_epi32(dot[r][g], scale[g]))};
+    }
 }
 // Signed quads: 16 outputs x 4 signed codes, stored as the build's products read them (kSignedQuadBytes each; here
-// each code plus 128, unsigned). For each of R activation rows x[r] with code sum sums[r]: dots[r][o] = the exact
-// sum over Steps quads of codes[s][o] . x[r][4s..4s+3] (vpdpbusd from -128 sums[r], which takes the 128s back).
+// each code plus 128, unsigned). For each of R activation rows x[r] with code sum sums[r] and G groups of 16 outputs:
+// dots[r][g][o] = the exact sum over Steps quads of quads[g][s][o] . x[r][4s..4s+3] (vpdpbusd from -128 sums[r],
+// which takes the 128s back).
 constexpr int kSignedQuadBytes = 64;
 inline void store_signed_quad_half(uint8_t* quad, int half, __m256i codes) {  // outputs 8 half .. 8 half + 7
     _mm256_store_si256((__m256i*)(quad + 32 * half), _mm256_xor_si256(codes, _mm256_set1_epi8((char)0x80)));
 }
-template <int Steps, int R>
-inline void signed_quads(I16 (&dots)[R], const uint8_t* quads, const int8_t* const (&x)[R], const int32_t (&sums)[R]) {
-    __m512i dot[R];
-    for (int r = 0; r < R; ++r) dot[r] = _mm512_set1_epi32(-128 * sums[r]);
+template <int Steps, int R, int G>
+inline void signed_quads(I16 (&dots)[R][G], const uint8_t* const (&quads)[G], const int8_t* const (&x)[R],
+                         const int32_t (&sums)[R]) {
+    __m512i dot[R][G];
+    for (int r = 0; r < R; ++r)
+        for (int g = 0; g < G; ++g) dot[r][g] = _mm512_set1_epi32(-128 * sums[r]);
     for (int s = 0; s < Steps; ++s) {
-        const __m512i quad = _mm512_load_si512(quads + kSignedQuadBytes * s);
+        __m512i quad[G];
+        for (int g = 0; g < G; ++g) quad[g] = _mm512_load_si512(quads[g] + kSignedQuadBytes * s);
         for (int r = 0; r < R; ++r) {
             int32_t four;
             __builtin_memcpy(&four, x[r] + 4 * s, 4);
-            dot[r] = _mm512_dpbusd_epi32(dot[r], quad, _mm512_set1_epi32(four));
-            __asm__("" : "+v"(dot[r]));
+            const __m512i xs = _mm512_set1_epi32(four);
+            for (int g = 0; g < G; ++g) {
+                dot[r][g] = _mm512_dpbusd_epi32(dot[r][g], quad[g], xs);
+                __asm__("" : "+v"(dot[r][g]));
+            }
         }
     }
-    for (int r = 0; r < R; ++r) dots[r] = {dot[r]};
+    for (int r = 0; r < R; ++r)
+        for (int g = 0; g < G; ++g) dots[r][g] = {dot[r][g]};
 }
 // each byte of indices (0-15) replaced by that entry of the 16-byte table
 inline Bytes bytes_lookup(const int8_t* table, Bytes indices) {
@@ -300,6 +333,9 @@ struct Pairs { __m256i lo, hi; };
 inline Pairs load_pairs(const int8_t* p) {
     return {_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(p + 16)))};
 }
+inline Pairs load_pairs(const int16_t* p) {
+    return {_mm256_load_si256((const __m256i*)p), _mm256_load_si256((const __m256i*)(p + 16))};
+}
 inline I16 dot2(I16 acc, Pairs w, int32_t x2) {
     const __m256i x = _mm256_set1_epi32(x2);
     return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(w.lo, x)), _mm256_add_epi32(acc.hi, _mm256_madd_epi16(w.hi, x))};
@@ -353,30 +389,34 @@ inline void bytes_store(void* p, Bytes a) {
     _mm256_storeu_si256((__m256i*)p, a.lo);
     _mm256_storeu_si256((__m256i*)((uint8_t*)p + 32), a.hi);
 }
-template <int Steps, int Group, int R>
-inline void scaled_quads(I16 (&acc)[R], const uint8_t* codes, const int8_t* const (&x)[R], const int16_t* scales) {
+constexpr int kQuadGroups = 1, kQuadRows = 2;  // 16 registers: 2 x 2 running sums (lo, hi) and their int16 sums
+template <int Steps, int Group, int R, int G>
+inline void scaled_quads(I16 (&acc)[R][G], const uint8_t* const (&codes)[G], const int8_t* const (&x)[R],
+                         const int16_t* const (&scales)[G]) {
     static_assert(Steps % Group == 0);
-    const __m256i scale_lo = _mm256_load_si256((const __m256i*)scales);
-    const __m256i scale_hi = _mm256_load_si256((const __m256i*)(scales + 16));
-    for (int g = 0; g < Steps; g += Group) {
-        __m256i lo[R], hi[R];
-        for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
-        for (int s = g; s < g + Group; ++s) {
-            const __m256i quad_lo = _mm256_load_si256((const __m256i*)(codes + 64 * s));
-            const __m256i quad_hi = _mm256_load_si256((const __m256i*)(codes + 64 * s + 32));
-            for (int r = 0; r < R; ++r) {
-                int32_t four;
-                __builtin_memcpy(&four, x[r] + 4 * s, 4);
-                const __m256i xs = _mm256_set1_epi32(four);
-                lo[r] = _mm256_add_epi16(lo[r], _mm256_maddubs_epi16(quad_lo, xs));
-                hi[r] = _mm256_add_epi16(hi[r], _mm256_maddubs_epi16(quad_hi, xs));
-                // kept a running sum in a register: reassociated into a tree, the products spill to the stack
-                __asm__("" : "+x"(lo[r]), "+x"(hi[r]));
+    for (int group = 0; group < G; ++group) {  // 16 ymm registers: one group of outputs at a time
+        const __m256i scale_lo = _mm256_load_si256((const __m256i*)scales[group]);
+        const __m256i scale_hi = _mm256_load_si256((const __m256i*)(scales[group] + 16));
+        for (int first = 0; first < Steps; first += Group) {
+            __m256i lo[R], hi[R];
+            for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+            for (int s = first; s < first + Group; ++s) {
+                const __m256i quad_lo = _mm256_load_si256((const __m256i*)(codes[group] + 64 * s));
+                const __m256i quad_hi = _mm256_load_si256((const __m256i*)(codes[group] + 64 * s + 32));
+                for (int r = 0; r < R; ++r) {
+                    int32_t four;
+                    __builtin_memcpy(&four, x[r] + 4 * s, 4);
+                    const __m256i xs = _mm256_set1_epi32(four);
+                    lo[r] = _mm256_add_epi16(lo[r], _mm256_maddubs_epi16(quad_lo, xs));
+                    hi[r] = _mm256_add_epi16(hi[r], _mm256_maddubs_epi16(quad_hi, xs));
+                    // kept a running sum in a register: reassociated into a tree, the products spill to the stack
+                    __asm__("" : "+x"(lo[r]), "+x"(hi[r]));
+                }
             }
-        }
-        for (int r = 0; r < R; ++r) {
-            acc[r].lo = _mm256_add_epi32(acc[r].lo, _mm256_madd_epi16(lo[r], scale_lo));
-            acc[r].hi = _mm256_add_epi32(acc[r].hi, _mm256_madd_epi16(hi[r], scale_hi));
+            for (int r = 0; r < R; ++r) {
+                acc[r][group].lo = _mm256_add_epi32(acc[r][group].lo, _mm256_madd_epi16(lo[r], scale_lo));
+                acc[r][group].hi = _mm256_add_epi32(acc[r][group].hi, _mm256_madd_epi16(hi[r], scale_hi));
+            }
         }
     }
 }
@@ -387,26 +427,29 @@ inline void store_signed_quad_half(uint8_t* quad, int half, __m256i codes) {
     _mm256_store_si256((__m256i*)(quad + 32 * half), _mm256_abs_epi8(codes));
     _mm256_store_si256((__m256i*)(quad + 64 + 32 * half), codes);
 }
-template <int Steps, int R>
-inline void signed_quads(I16 (&dots)[R], const uint8_t* quads, const int8_t* const (&x)[R], const int32_t (&sums)[R]) {
+template <int Steps, int R, int G>
+inline void signed_quads(I16 (&dots)[R][G], const uint8_t* const (&quads)[G], const int8_t* const (&x)[R],
+                         const int32_t (&sums)[R]) {
     (void)sums;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i lo[R], hi[R];
-    for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
-    for (int s = 0; s < Steps; ++s) {
-        const uint8_t* quad = quads + kSignedQuadBytes * s;
-        const __m256i size_lo = _mm256_load_si256((const __m256i*)quad), size_hi = _mm256_load_si256((const __m256i*)(quad + 32));
-        const __m256i sign_lo = _mm256_load_si256((const __m256i*)(quad + 64)), sign_hi = _mm256_load_si256((const __m256i*)(quad + 96));
-        for (int r = 0; r < R; ++r) {
-            int32_t four;
-            __builtin_memcpy(&four, x[r] + 4 * s, 4);
-            const __m256i xs = _mm256_set1_epi32(four);
-            lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(_mm256_maddubs_epi16(size_lo, _mm256_sign_epi8(xs, sign_lo)), ones));
-            hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(size_hi, _mm256_sign_epi8(xs, sign_hi)), ones));
-            __asm__("" : "+x"(lo[r]), "+x"(hi[r]));
+    for (int group = 0; group < G; ++group) {
+        __m256i lo[R], hi[R];
+        for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+        for (int s = 0; s < Steps; ++s) {
+            const uint8_t* quad = quads[group] + kSignedQuadBytes * s;
+            const __m256i size_lo = _mm256_load_si256((const __m256i*)quad), size_hi = _mm256_load_si256((const __m256i*)(quad + 32));
+            const __m256i sign_lo = _mm256_load_si256((const __m256i*)(quad + 64)), sign_hi = _mm256_load_si256((const __m256i*)(quad + 96));
+            for (int r = 0; r < R; ++r) {
+                int32_t four;
+                __builtin_memcpy(&four, x[r] + 4 * s, 4);
+                const __m256i xs = _mm256_set1_epi32(four);
+                lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(_mm256_maddubs_epi16(size_lo, _mm256_sign_epi8(xs, sign_lo)), ones));
+                hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(size_hi, _mm256_sign_epi8(xs, sign_hi)), ones));
+                __asm__("" : "+x"(lo[r]), "+x"(hi[r]));
+            }
         }
+        for (int r = 0; r < R; ++r) dots[r][group] = {lo[r], hi[r]};
     }
-    for (int r = 0; r < R; ++r) dots[r] = {lo[r], hi[r]};
 }
 inline Bytes bytes_lookup(const int8_t* table, Bytes indices) {
     const __m256i entries = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)table));

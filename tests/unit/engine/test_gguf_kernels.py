@@ -113,13 +113,15 @@ def test_kernel_computes_its_quantized_product(kind, rows, dtype, isa):
         assert_computes_its_product(y, x, library_weight(matrix), BLOCK_SIZES[kind])
 
 
+@pytest.mark.parametrize("rows", [6, 20])
 @pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
-def test_a_last_tile_of_fewer_than_16_outputs(kind, isa):
-    """40 outputs: two tiles of 16 and one of 8 (the tile path's rows past 8 hold whatever an earlier call left)."""
+def test_a_last_tile_of_fewer_outputs_than_a_whole_tile(kind, rows, isa):
+    """Tiles of 16 outputs (the avx512 build's lanes, in steps of 8 rows or more: 32, two groups of 16): 40 and 56
+    outputs end in a tile of 8 or 24, whose rows past those hold whatever an earlier call left."""
     in_features = 512
-    for seed in (37, 38):  # the second call reuses the first one's tile state
-        matrix = random_matrix(kind, 48 if seed == 37 else 40, in_features, seed=seed)
-        x = torch.randn(6, in_features, generator=torch.Generator().manual_seed(seed))
+    for seed, outputs in ((37, 48), (38, 40), (39, 56)):  # each call reuses the one before's tile state
+        matrix = random_matrix(kind, outputs, in_features, seed=seed)
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(seed))
         y = GGUFMatmul([matrix], [None], None, isa, torch.float32)(x)
         assert_computes_its_product(y, x, library_weight(matrix), BLOCK_SIZES[kind])
 
