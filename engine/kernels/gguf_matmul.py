@@ -26,15 +26,16 @@ DENSE_ROWS = 64
 MANY_ROW_DENSE_ROWS = 384
 LANE_TYPES = frozenset({T.Q4_K, T.Q5_K, T.Q6_K})  # and Q8_0 over whole super-blocks of inputs (on_lanes)
 # The amx build computes steps of at least this many rows on AMX tiles (the matrices ``on_lanes`` takes), fewer on
-# the lanes or the row kernel (Xeon 6 model 167, 16384 x 2048 from memory, tiles / avx512's lanes, ms: Q4_K 8 rows
-# 2.14 / 1.82, 10 rows 2.42 / 2.30, 12 rows 2.41 / 2.51, 16 rows 2.28 / 2.67; Q8_0 8 rows 2.89 / 2.68, 12 rows
-# 3.16 / 3.29, 16 rows 2.93 / 3.37; Q6_K 8 rows 3.34 / 2.64, 16 rows 3.46 / 3.84).
+# the lanes or the row kernel (Xeon 6 model 167, 16384 x 2048 from memory, tiles / avx512's lanes, ms: Q4_K 12 rows
+# 2.00 / 2.00, 16 rows 2.03 / 2.26, 24 rows 3.38 / 3.07; Q8_0 12 rows 3.25 / 3.21, 16 rows 3.35 / 3.49; Q6_K 12 rows
+# 3.36 / 3.08, 16 rows 3.38 / 3.71: tiles take 16 rows at a time, so they win at 16 and 32, the lanes in between).
 TILE_ROWS = 12
 # The vector builds compute steps of at least this many rows of Q4_K, Q5_K, Q6_K and Q8_0 (``on_lanes``) on lanes
 # (16 weight rows side by side, a super-block decoded once for all the step's rows), fewer on the row kernel (Xeon 6
-# model 167, 16384 x 2048 from memory, avx2 / avx512 builds: Q4_K at 4 rows 1.33 / 1.13 ms against 1.80 / 1.39, at
-# 16 rows 3.5 / 2.4 against 6.3 / 4.9; Q6_K's larger decode breaks even at about 4 rows, 1.86 / 1.61 against
-# 1.95 / 1.45; Q8_0 from L3 at 4 rows 1.94 / 1.39 against 2.36 / 1.82, at 16 rows 5.2 / 2.7 against 10.0 / 5.6).
+# model 167, 16384 x 2048 from memory, avx2 / avx512 builds, ms: Q4_K at 4 rows 1.73 / 1.63 against 2.05 / 1.64, at
+# 16 rows 4.0 / 2.5 against 7.5 / 5.6; Q6_K's larger decode costs more below 8 rows on avx512, at 4 rows 2.38 / 2.32
+# against 2.38 / 2.09, at 8 rows 3.00 / 2.69 against 3.93 / 2.91; Q8_0 at 4 rows 2.92 / 2.41 against 2.91 / 2.61, at
+# 16 rows 6.2 / 3.3 against 11.6 / 8.2).
 LANE_ROWS = 4
 
 
