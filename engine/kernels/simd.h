@@ -127,6 +127,24 @@ inline void bytes_store(void* p, Bytes a) { _mm512_storeu_si512(p, a.v); }
 // The quads' register tile (gguf_lanes.h): groups of 16 outputs and activation rows whose products run together
 // (4 x 2 running sums, their runs' sums, two quads and a broadcast in 32 registers).
 constexpr int kQuadGroups = 2, kQuadRows = 4;
+// dot[r][g][o] += quads first .. last - 1 (64 bytes apart) of codes[g], output o, dotted with x[r]'s 4 codes each.
+template <int R, int G>
+inline __attribute__((always_inline)) void dot_quads(__m512i (&dot)[R][G], const uint8_t* const (&codes)[G],
+                                                     const int8_t* const (&x)[R], int first, int last) {
+    for (int s = first; s < last; ++s) {
+        __m512i quad[G];
+        for (int g = 0; g < G; ++g) quad[g] = _mm512_load_si512(codes[g] + 64 * s);
+        for (int r = 0; r < R; ++r) {
+            int32_t four;
+            __builtin_memcpy(&four, x[r] + 4 * s, 4);
+            const __m512i xs = _mm512_set1_epi32(four);
+            for (int g = 0; g < G; ++g) {
+                dot[r][g] = _mm512_dpbusd_epi32(dot[r][g], quad[g], xs);
+                __asm__("" : "+v"(dot[r][g]));  // a running sum in a register (see the AVX2 build's)
+            }
+        }
+    }
+}
 // Quads: 16 outputs x 4 unsigned codes (64 bytes, 64-aligned; output o at bytes 4o..4o+3), against 4 signed
 // activation codes broadcast. For each of R activation rows x[r] and G groups of 16 outputs (codes[g], scales[g]):
 // acc[r][g][o] += scale[o] * sum over Steps quads of codes[g][s][o] . x[r][4s..4s+3], exactly (each quad loaded once
@@ -150,19 +168,7 @@ inline void scaled_quads(I16 (&acc)[R][G], const uint8_t* const (&codes)[G], con
         __m512i dot[R][G];
         for (int r = 0; r < R; ++r)
             for (int g = 0; g < G; ++g) dot[r][g] = _mm512_setzero_si512();
-        for (int s = first; s < first + run; ++s) {
-            __m512i quad[G];
-            for (int g = 0; g < G; ++g) quad[g] = _mm512_load_si512(codes[g] + 64 * s);
-            for (int r = 0; r < R; ++r) {
-                int32_t four;
-                __builtin_memcpy(&four, x[r] + 4 * s, 4);
-                const __m512i xs = _mm512_set1_epi32(four);
-                for (int g = 0; g < G; ++g) {
-                    dot[r][g] = _mm512_dpbusd_epi32(dot[r][g], quad[g], xs);
-                    __asm__("" : "+v"(dot[r][g]));  // a running sum in a register (see the AVX2 build's)
-                }
-            }
-        }
+        dot_quads(dot, codes, x, first, first + run);
         for (int r = 0; r < R; ++r)
             for (int g = 0; g < G; ++g)
                 acc[r][g] = {by_pairs ? _mm512_dpwssd_epi32(acc[r][g].v, dot[r][g], scale[g])
@@ -183,19 +189,7 @@ inline void signed_quads(I16 (&dots)[R][G], const uint8_t* const (&quads)[G], co
     __m512i dot[R][G];
     for (int r = 0; r < R; ++r)
         for (int g = 0; g < G; ++g) dot[r][g] = _mm512_set1_epi32(-128 * sums[r]);
-    for (int s = 0; s < Steps; ++s) {
-        __m512i quad[G];
-        for (int g = 0; g < G; ++g) quad[g] = _mm512_load_si512(quads[g] + kSignedQuadBytes * s);
-        for (int r = 0; r < R; ++r) {
-            int32_t four;
-            __builtin_memcpy(&four, x[r] + 4 * s, 4);
-            const __m512i xs = _mm512_set1_epi32(four);
-            for (int g = 0; g < G; ++g) {
-                dot[r][g] = _mm512_dpbusd_epi32(dot[r][g], quad[g], xs);
-                __asm__("" : "+v"(dot[r][g]));
-            }
-        }
-    }
+    dot_quads(dot, quads, x, 0, Steps);
     for (int r = 0; r < R; ++r)
         for (int g = 0; g < G; ++g) dots[r][g] = {dot[r][g]};
 }
