@@ -1,13 +1,14 @@
 // The vector builds' products of many activation rows over Q4_K, Q5_K, Q6_K and Q8_0 (included by gguf_matmul.cpp,
-// which defines the blocks' decoders): 16 weight rows side by side, one output per 32-bit lane, two such groups to a
-// tile.
+// which defines the blocks' decoders): 16 weight rows side by side, one output per 32-bit lane (avx512: two such
+// groups to a tile).
 //
 // A super-block of 16 weight rows is decoded once and its codes interleaved per 4 inputs ("quads": 16 outputs x 4
-// codes, 64 bytes); every activation row then broadcasts its 4 codes of a quad against both groups' 16 outputs (four
-// rows at a time, so a loaded quad serves four products and a broadcast two). A sub-block's
-// integer dot is exact and its scale applied in integers (AVX512: vpdpbusd then one multiply; AVX2: vpmaddubsw
-// products summed in int16 as far as they cannot overflow, then vpmaddwd by the scale), so the two builds give the
-// same bits and the decode is paid once for all rows, not once per few. Per super-block and row, in fp32:
+// codes, 64 bytes); every activation row then broadcasts its 4 codes of a quad against the tile's outputs (avx512:
+// four rows x two groups at a time, so a loaded quad serves four products and a broadcast two; avx2: two rows x one
+// group). A sub-block's integer dot is exact and its scale applied in integers (AVX512: vpdpbusd, then vpdpwssd by
+// the scale over runs of quads whose sums fit in int16, or one multiply; AVX2: vpmaddubsw products summed in int16
+// as far as they cannot overflow, then vpmaddwd by the scale), so the two builds give the same bits and the decode
+// is paid once for all rows, not once per few. Per super-block and row, in fp32:
 //   y += float(sum_j s_j c_j . q) d dx - float(sum_j o_j S_j) o dx
 // with o_j, o the offset weights and scale (Q4_K/Q5_K: the mins and dmin; Q6_K: the scales and 32 d) and S_j the
 // activations' code sums per sub-block: the vector kernels' math with other float32 roundings, within their bound.
