@@ -24,8 +24,8 @@ constexpr int kRows = simd::kQuadRows;  // activation rows whose products run to
 // 1.46 / 1.22, and Q4_K 1.48 / 1.17).
 constexpr int64_t kWideRows = 8;
 
-// The outputs of a tile in a step of `rows` activation rows.
-int64_t tile_outputs(int64_t rows) { return rows >= kWideRows ? kTileOutputs : kOutputs; }
+// The groups of 16 outputs a tile holds in a step of `rows` activation rows.
+int groups(int64_t rows) { return rows >= kWideRows ? kGroups : 1; }
 constexpr int64_t kChunk = 64;  // activation rows a decoded super-block serves before the next is decoded
 
 bool supports(int64_t type, int64_t k) {
@@ -248,7 +248,7 @@ __attribute__((noinline)) void accumulate_blocks32(const Step<Q8_0> (&steps)[G],
         for (int g = 0; g < G; ++g) simd::store(y[r] + kOutputs * g, acc[r][g]);
 }
 
-// The same for activation rows first + R0 .. first + rows - 1, R at a time, then the few left fewer at a time.
+// The same for activation rows first .. first + rows - 1, R at a time, then the few left fewer at a time.
 template <int64_t type, int G, int R = kRows>
 void accumulate(const Step<type> (&steps)[G], int64_t b, const Quantized& x, int64_t k, int64_t first, int rows,
                 float (*y)[kTileOutputs]) {
@@ -304,7 +304,7 @@ void dot_groups(int groups, const uint8_t* w, int64_t row_bytes, int count, int6
     }
 }
 
-// dot over `groups` (1 or kGroups) Steps of the matrix's type.
+// dot over `groups` (1 or kGroups: groups(rows)) Steps of the matrix's type.
 void dot_type(int64_t type, int groups, const uint8_t* w, int64_t row_bytes, int count, int64_t k,
               const Quantized& quantized, int64_t first, int rows, const uint8_t* next, float (*y)[kTileOutputs]) {
     switch (type) {

@@ -496,9 +496,10 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
     auto on_lanes = [&](const GGUFMatrix& matrix) {
         return !on_tiles(matrix) && m >= lane_rows && lanes::supports(matrix.type, k);
     };
-    // work items: tiles of up to kTile outputs of one matrix (the lanes': lane_tile), in order; threads take
+    // work items: tiles of up to kTile outputs of one matrix (the lanes': lane_groups of 16), in order; threads take
     // contiguous ranges of them
-    const int64_t lane_tile = lanes::tile_outputs(m);
+    const int lane_groups = lanes::groups(m);
+    const int64_t lane_tile = lanes::kOutputs * lane_groups;
     struct Tile { int64_t matrix, row, count; };
     std::vector<Tile> tiles;
     for (int64_t i = 0; i < count; ++i) {
@@ -568,10 +569,10 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
             const uint8_t* next = w + tile.count * row_bytes;
             for (int64_t r0 = 0; r0 < m; r0 += lanes::kChunk) {
                 const int rows = (int)std::min<int64_t>(lanes::kChunk, m - r0);
-                lanes::dot_type(matrix.type, (int)(lane_tile / lanes::kOutputs), w, row_bytes, (int)tile.count, k,
-                                quantized, r0, rows, next, y);
+                lanes::dot_type(matrix.type, lane_groups, w, row_bytes, (int)tile.count, k, quantized, r0, rows, next,
+                                y);
                 if (tile.count == lane_tile && matrix.index == nullptr) {  // groups of 16 outputs side by side
-                    for (int g = 0; g < lane_tile / lanes::kOutputs; ++g) {
+                    for (int g = 0; g < lane_groups; ++g) {
                         const int64_t column = matrix.column + tile.row + lanes::kOutputs * g;
                         for (int r = 0; r < rows; ++r)
                             store_outputs(simd::load(y[r] + lanes::kOutputs * g), bias ? bias + column : nullptr,
