@@ -45,6 +45,14 @@ constexpr std::array<uint32_t, 256> kTwoBitFields = [] {
 constexpr int kMaxRows = 8;  // activation rows that share one decoded weight block
 constexpr int64_t kTile = 16;  // output rows a thread takes at a time
 
+// Weights stream from memory once a step, and one core keeps more of them in flight reading several runs of a
+// matrix's rows side by side than one run (plain reads on a 2-core Xeon slice: 16.5 GB/s as one stream a core, 19.5
+// as four). The row kernel reads kRuns(R) output rows at once, block by block in turn, where its R activation rows
+// leave it memory-bound (a 1.7B Q4_K_M model's linears at one row: 90 -> 66-77 ms a step; at three rows the kernel's
+// arithmetic bounds it and more runs gain nothing).
+constexpr int kRuns(int rows) { return rows <= 2 ? 4 : 1; }
+constexpr int kMostRuns = kRuns(1);
+
 int64_t block_size(int64_t type) { return type == Q4_0 || type == Q4_1 || type == Q8_0 || type == IQ4_NL ? 32 : 256; }
 
 int64_t block_bytes(int64_t type) {
@@ -143,9 +151,10 @@ struct Rows {
     }
 };
 
-// Every kernel below computes `n` consecutive output rows of weights `w` (row_bytes apart) against R activation
-// rows, into y[i * R + r]. Per output row, acc[r] gathers lane-wise products and offset[r] (4 lanes) the per-block
-// terms subtracted at the end; a row's sums never depend on the other rows.
+// Every kernel below computes `count` groups of N output rows against R activation rows: group g's row i at
+// w[i] + g * row_bytes, into y[(g * N + i) * R + r], a group's rows read block by block in turn. Per output row,
+// acc[r] gathers lane-wise products and offset[r] (4 lanes) the per-block terms subtracted at the end; a row's sums
+// never depend on the other rows.
 template <int R>
 struct Sums {
     simd::F16 acc[R];
@@ -165,46 +174,52 @@ struct Sums {
 // Blocks of 32, two at a time (a last odd block pairs with itself at scale 0): signed weights c (Q8_0, Q4_0 - 8,
 // IQ4_NL's values) as |c| times sign-carrying activations; Q4_1's unsigned codes directly, its offset from the code
 // sums.
-template <int R>
-void dot_blocks32(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, int64_t k, const Rows<R>& x, float* y) {
+template <int R, int N>
+void dot_blocks32(const uint8_t* const* w, int64_t row_bytes, int64_t count, int64_t type, int64_t k,
+                  const Rows<R>& x, float* y) {
     const int64_t blocks = k / 32, bytes = block_bytes(type);
     const bool is_signed = type != Q4_1;
-    for (int64_t i = 0; i < n; ++i, w += row_bytes, y += R) {
-        Sums<R> sums;
+    for (int64_t g = 0; g < count; ++g, y += N * R) {
+        Sums<R> row_sums[N];
         for (int64_t b = 0; b < blocks; b += 2) {
-            const bool pair = b + 1 < blocks;
-            const uint8_t* first = w + b * bytes;
-            const uint8_t* second = pair ? first + bytes : first;
-            simd::prefetch_ahead(first, 2 * bytes);
-            simd::Bytes codes;
-            if (type == Q8_0) {
-                codes = simd::bytes_load2(first + 2, second + 2);
-            } else {
-                const int64_t at = type == Q4_1 ? 4 : 2;
-                codes = simd::nibble_blocks(first + at, second + at);
-                if (type == Q4_0) codes = simd::bytes_sub(codes, simd::bytes_set1(8));
-                if (type == IQ4_NL) codes = simd::bytes_lookup(kIQ4Values, codes);
-            }
-            const simd::Bytes magnitude = is_signed ? simd::bytes_abs(codes) : codes;
-            const float d0 = half_to_float(first), d1 = pair ? half_to_float(second) : 0.0f;
-            const simd::F16 weight_scales = simd::halves(d0, d1);
-            for (int r = 0; r < R; ++r) {
-                const int8_t* q = x.q[r] + b * 32;
-                simd::Bytes activations = pair ? simd::bytes_load(q) : simd::bytes_dup(q);
-                if (is_signed) activations = simd::bytes_sign(activations, codes);
-                const simd::I16 dots = simd::dot_bytes(simd::izero(), magnitude, activations);
-                const float* scales = x.d[r] + b;
-                sums.acc[r] = simd::fmadd(simd::to_float(dots), simd::mul(weight_scales, simd::halves(scales)), sums.acc[r]);
-                if (type == Q4_1) {  // minus: the offset term adds here
-                    const int16_t* s = x.sums32[r] + b;
-                    const float m0 = half_to_float(first + 2) * scales[0];
-                    const float m1 = pair ? half_to_float(second + 2) * scales[1] : 0.0f;
-                    const __m128 terms = _mm_mul_ps(_mm_setr_ps(m0, m1, 0.0f, 0.0f), _mm_setr_ps(s[0], pair ? s[1] : 0, 0, 0));
-                    sums.offset[r] = _mm_sub_ps(sums.offset[r], terms);
+            for (int i = 0; i < N; ++i) {
+                Sums<R>& sums = row_sums[i];
+                const bool pair = b + 1 < blocks;
+                const uint8_t* first = w[i] + g * row_bytes + b * bytes;
+                const uint8_t* second = pair ? first + bytes : first;
+                simd::prefetch_ahead(first, 2 * bytes);
+                simd::Bytes codes;
+                if (type == Q8_0) {
+                    codes = simd::bytes_load2(first + 2, second + 2);
+                } else {
+                    const int64_t at = type == Q4_1 ? 4 : 2;
+                    codes = simd::nibble_blocks(first + at, second + at);
+                    if (type == Q4_0) codes = simd::bytes_sub(codes, simd::bytes_set1(8));
+                    if (type == IQ4_NL) codes = simd::bytes_lookup(kIQ4Values, codes);
+                }
+                const simd::Bytes magnitude = is_signed ? simd::bytes_abs(codes) : codes;
+                const float d0 = half_to_float(first), d1 = pair ? half_to_float(second) : 0.0f;
+                const simd::F16 weight_scales = simd::halves(d0, d1);
+                for (int r = 0; r < R; ++r) {
+                    const int8_t* q = x.q[r] + b * 32;
+                    simd::Bytes activations = pair ? simd::bytes_load(q) : simd::bytes_dup(q);
+                    if (is_signed) activations = simd::bytes_sign(activations, codes);
+                    const simd::I16 dots = simd::dot_bytes(simd::izero(), magnitude, activations);
+                    const float* scales = x.d[r] + b;
+                    const simd::F16 factors = simd::mul(weight_scales, simd::halves(scales));
+                    sums.acc[r] = simd::fmadd(simd::to_float(dots), factors, sums.acc[r]);
+                    if (type == Q4_1) {  // minus: the offset term adds here
+                        const int16_t* s = x.sums32[r] + b;
+                        const float m0 = half_to_float(first + 2) * scales[0];
+                        const float m1 = pair ? half_to_float(second + 2) * scales[1] : 0.0f;
+                        const __m128 terms =
+                            _mm_mul_ps(_mm_setr_ps(m0, m1, 0.0f, 0.0f), _mm_setr_ps(s[0], pair ? s[1] : 0, 0, 0));
+                        sums.offset[r] = _mm_sub_ps(sums.offset[r], terms);
+                    }
                 }
             }
         }
-        sums.finish(y);
+        for (int i = 0; i < N; ++i) row_sums[i].finish(y + i * R);
     }
 }
 
@@ -306,71 +321,89 @@ __attribute__((always_inline)) inline SuperBlock decode_iq4_xs(const uint8_t* bl
 
 // The K-quants: per super-block, the integer dots of its 4 steps scaled by d x the activation scale, less the
 // offset term (IQ4_XS's signed values as |v| times sign-carrying activations).
-template <int R, int64_t type>
-void dot_super_blocks(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k, const Rows<R>& x, float* y) {
+template <int R, int N, int64_t type>
+void dot_super_blocks(const uint8_t* const* w, int64_t row_bytes, int64_t count, int64_t k, const Rows<R>& x,
+                      float* y) {
     const int64_t blocks = k / 256, bytes = block_bytes(type);
-    for (int64_t i = 0; i < n; ++i, w += row_bytes, y += R) {
-        Sums<R> sums;
+    for (int64_t g = 0; g < count; ++g, y += N * R) {
+        Sums<R> row_sums[N];
         for (int64_t b = 0; b < blocks; ++b) {
-            simd::prefetch_ahead(w + b * bytes, bytes);
-            SuperBlock s;
-            if constexpr (type == Q6_K) {
-                s = decode_q6k(w + b * bytes);
-            } else if constexpr (type == IQ4_XS) {
-                s = decode_iq4_xs(w + b * bytes);
-            } else {
-                s = decode_q4k_q5k<type>(w + b * bytes);
-            }
-            simd::Bytes magnitudes[4];
-            for (int j = 0; j < 4; ++j) magnitudes[j] = type == IQ4_XS ? simd::bytes_abs(s.codes[j]) : s.codes[j];
-            for (int r = 0; r < R; ++r) {
-                const int8_t* q = x.q[r] + b * 256;
-                simd::I16 dots = simd::izero();
-                for (int j = 0; j < 4; ++j) {
-                    simd::Bytes activations = simd::bytes_load(q + 64 * j);
-                    if constexpr (type == IQ4_XS) activations = simd::bytes_sign(activations, s.codes[j]);
-                    dots = simd::dot_bytes(dots, magnitudes[j], activations, s.factors[j]);
+            for (int i = 0; i < N; ++i) {
+                Sums<R>& sums = row_sums[i];
+                const uint8_t* block = w[i] + g * row_bytes + b * bytes;
+                simd::prefetch_ahead(block, bytes);
+                SuperBlock s;
+                if constexpr (type == Q6_K) {
+                    s = decode_q6k(block);
+                } else if constexpr (type == IQ4_XS) {
+                    s = decode_iq4_xs(block);
+                } else {
+                    s = decode_q4k_q5k<type>(block);
                 }
-                const float dx = x.d[r][b];
-                sums.acc[r] = simd::fmadd(simd::to_float(dots), simd::set1(s.d * dx), sums.acc[r]);
-                if constexpr (type == IQ4_XS) continue;
-                const __m128i offsets = simd::madd16(s.offset_weights, _mm256_loadu_si256((const __m256i*)(x.sums[r] + 16 * b)));
-                sums.offset[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(offsets), _mm_set1_ps(s.offset_scale * dx), sums.offset[r]);
+                simd::Bytes magnitudes[4];
+                for (int j = 0; j < 4; ++j) magnitudes[j] = type == IQ4_XS ? simd::bytes_abs(s.codes[j]) : s.codes[j];
+                for (int r = 0; r < R; ++r) {
+                    const int8_t* q = x.q[r] + b * 256;
+                    simd::I16 dots = simd::izero();
+                    for (int j = 0; j < 4; ++j) {
+                        simd::Bytes activations = simd::bytes_load(q + 64 * j);
+                        if constexpr (type == IQ4_XS) activations = simd::bytes_sign(activations, s.codes[j]);
+                        dots = simd::dot_bytes(dots, magnitudes[j], activations, s.factors[j]);
+                    }
+                    const float dx = x.d[r][b];
+                    sums.acc[r] = simd::fmadd(simd::to_float(dots), simd::set1(s.d * dx), sums.acc[r]);
+                    if constexpr (type == IQ4_XS) continue;
+                    const __m256i code_sums = _mm256_loadu_si256((const __m256i*)(x.sums[r] + 16 * b));
+                    const __m128i offsets = simd::madd16(s.offset_weights, code_sums);
+                    sums.offset[r] =
+                        _mm_fmadd_ps(_mm_cvtepi32_ps(offsets), _mm_set1_ps(s.offset_scale * dx), sums.offset[r]);
+                }
             }
         }
-        sums.finish(y);
+        for (int i = 0; i < N; ++i) row_sums[i].finish(y + i * R);
     }
 }
 
-// Outputs [n][R] of `n` weight rows of `type` against activation rows first .. first + R - 1.
-template <int R>
-void dot(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, int64_t k, const Quantized& quantized,
-         int64_t first, float* y) {
+// Outputs [count][N][R] of weight rows of `type` (see above) against activation rows first .. first + R - 1.
+template <int R, int N>
+void dot(const uint8_t* const* w, int64_t row_bytes, int64_t count, int64_t type, int64_t k,
+         const Quantized& quantized, int64_t first, float* y) {
     const Rows<R> x(quantized, k, first);
     if (type == Q4_K) {
-        dot_super_blocks<R, Q4_K>(w, row_bytes, n, k, x, y);
+        dot_super_blocks<R, N, Q4_K>(w, row_bytes, count, k, x, y);
     } else if (type == Q5_K) {
-        dot_super_blocks<R, Q5_K>(w, row_bytes, n, k, x, y);
+        dot_super_blocks<R, N, Q5_K>(w, row_bytes, count, k, x, y);
     } else if (type == Q6_K) {
-        dot_super_blocks<R, Q6_K>(w, row_bytes, n, k, x, y);
+        dot_super_blocks<R, N, Q6_K>(w, row_bytes, count, k, x, y);
     } else if (type == IQ4_XS) {
-        dot_super_blocks<R, IQ4_XS>(w, row_bytes, n, k, x, y);
+        dot_super_blocks<R, N, IQ4_XS>(w, row_bytes, count, k, x, y);
     } else {
-        dot_blocks32<R>(w, row_bytes, n, type, k, x, y);
+        dot_blocks32<R, N>(w, row_bytes, count, type, k, x, y);
     }
 }
 
-void dot_some_rows(int rows, const uint8_t* w, int64_t row_bytes, int64_t n, int64_t type, int64_t k,
-                   const Quantized& quantized, int64_t first, float* y) {
+// `runs` is 1 or kRuns(R).
+template <int R>
+void dot_runs(int runs, const uint8_t* const* w, int64_t row_bytes, int64_t count, int64_t type, int64_t k,
+              const Quantized& quantized, int64_t first, float* y) {
+    if (runs == 1) {
+        dot<R, 1>(w, row_bytes, count, type, k, quantized, first, y);
+    } else {
+        dot<R, kRuns(R)>(w, row_bytes, count, type, k, quantized, first, y);
+    }
+}
+
+void dot_some_rows(int rows, int runs, const uint8_t* const* w, int64_t row_bytes, int64_t count, int64_t type,
+                   int64_t k, const Quantized& quantized, int64_t first, float* y) {
     switch (rows) {
-        case 1: dot<1>(w, row_bytes, n, type, k, quantized, first, y); break;
-        case 2: dot<2>(w, row_bytes, n, type, k, quantized, first, y); break;
-        case 3: dot<3>(w, row_bytes, n, type, k, quantized, first, y); break;
-        case 4: dot<4>(w, row_bytes, n, type, k, quantized, first, y); break;
-        case 5: dot<5>(w, row_bytes, n, type, k, quantized, first, y); break;
-        case 6: dot<6>(w, row_bytes, n, type, k, quantized, first, y); break;
-        case 7: dot<7>(w, row_bytes, n, type, k, quantized, first, y); break;
-        default: dot<8>(w, row_bytes, n, type, k, quantized, first, y); break;
+        case 1: dot_runs<1>(runs, w, row_bytes, count, type, k, quantized, first, y); break;
+        case 2: dot_runs<2>(runs, w, row_bytes, count, type, k, quantized, first, y); break;
+        case 3: dot_runs<3>(runs, w, row_bytes, count, type, k, quantized, first, y); break;
+        case 4: dot_runs<4>(runs, w, row_bytes, count, type, k, quantized, first, y); break;
+        case 5: dot_runs<5>(runs, w, row_bytes, count, type, k, quantized, first, y); break;
+        case 6: dot_runs<6>(runs, w, row_bytes, count, type, k, quantized, first, y); break;
+        case 7: dot_runs<7>(runs, w, row_bytes, count, type, k, quantized, first, y); break;
+        default: dot_runs<8>(runs, w, row_bytes, count, type, k, quantized, first, y); break;
     }
 }
 
@@ -537,10 +570,44 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
         if (tiles256) columns256.emplace_back(blocks256, k, r0, rows);
     }
 #endif
+    // the row kernel over `span` (consecutive output rows of one matrix) as `runs` runs of its rows side by side, a
+    // visit reading rows v .. v + count - 1 of each (one row of several runs, up to kTile of one run; a run already
+    // done reads the span's first row again, its outputs dropped)
+    const int runs = m <= kMaxRows ? kRuns((int)m) : 1;
+    const int64_t visit_rows = runs == 1 ? kTile : 1;
+    auto on_rows = [&](const Tile& span) {
+        const GGUFMatrix& matrix = matrices[span.matrix];
+        const int64_t row_bytes = k / block_size(matrix.type) * block_bytes(matrix.type);
+        const Quantized& quantized = block_size(matrix.type) == 256 ? blocks256 : blocks32;
+        int64_t start[kMostRuns + 1];
+        for (int i = 0; i <= runs; ++i) start[i] = span.count * i / runs;
+        const int64_t longest = (span.count + runs - 1) / runs;
+        float results[kTile * kMaxRows];
+        for (int64_t v = 0; v < longest; v += visit_rows) {
+            const int64_t count = std::min(visit_rows, longest - v);
+            const uint8_t* w[kMostRuns];
+            for (int i = 0; i < runs; ++i)
+                w[i] = matrix.data + (span.row + (start[i] + v < start[i + 1] ? start[i] + v : 0)) * row_bytes;
+            for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+                const int rows = (int)std::min<int64_t>(kMaxRows, m - r0);
+                dot_some_rows(rows, runs, w, row_bytes, count, matrix.type, k, quantized, r0, results);
+                for (int64_t g = 0; g < count; ++g) {
+                    for (int i = 0; i < runs; ++i) {
+                        if (start[i] + v + g >= start[i + 1]) continue;
+                        finish(Tile{span.matrix, span.row + start[i] + v + g, 1}, matrix, r0, rows,
+                               [&](int64_t, int r) { return results[(g * runs + i) * rows + r]; });
+                    }
+                }
+            }
+        }
+    };
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static)
-    for (size_t t = 0; t < tiles.size(); ++t) {
+    // each thread a contiguous range of the tiles; its row-kernel tiles joined into spans, done last
+    const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
+    const size_t first = tiles.size() * thread / team, last = tiles.size() * (thread + 1) / team;
+    std::vector<Tile> spans;
+    for (size_t t = first; t < last; ++t) {
         const Tile& tile = tiles[t];
         const GGUFMatrix& matrix = matrices[tile.matrix];
         const int64_t row_bytes = k / block_size(matrix.type) * block_bytes(matrix.type);
@@ -563,8 +630,8 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
             continue;
         }
 #endif
-        const Quantized& quantized = block_size(matrix.type) == 256 ? blocks256 : blocks32;
         if (on_lanes(matrix)) {
+            const Quantized& quantized = block_size(matrix.type) == 256 ? blocks256 : blocks32;
             alignas(64) float y[lanes::kChunk][lanes::kTileOutputs];
             const uint8_t* next = w + tile.count * row_bytes;
             for (int64_t r0 = 0; r0 < m; r0 += lanes::kChunk) {
@@ -584,13 +651,13 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
             }
             continue;
         }
-        float results[kTile * kMaxRows];
-        for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
-            const int rows = (int)std::min<int64_t>(kMaxRows, m - r0);
-            dot_some_rows(rows, w, row_bytes, tile.count, matrix.type, k, quantized, r0, results);
-            finish(tile, matrix, r0, rows, [&](int64_t i, int r) { return results[i * rows + r]; });
+        if (!spans.empty() && spans.back().matrix == tile.matrix && spans.back().row + spans.back().count == tile.row) {
+            spans.back().count += tile.count;
+        } else {
+            spans.push_back(tile);
         }
     }
+    for (const Tile& span : spans) on_rows(span);
 #if defined(__AMX_INT8__)
     amx::release();
 #endif

@@ -126,6 +126,25 @@ def test_a_last_tile_of_fewer_outputs_than_a_whole_tile(kind, rows, isa):
         assert_computes_its_product(y, x, library_weight(matrix), BLOCK_SIZES[kind])
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("kind", TYPES, ids=[t.name for t in TYPES])
+def test_every_output_of_rows_read_in_runs_side_by_side(kind, rows, isa):
+    """Steps of one or two rows read a thread's outputs of a matrix as 4 runs side by side: outputs that split
+    unevenly (a thread's 21 outputs as runs of 5, 5, 5 and 6; fewer outputs than runs) each get their own row's
+    product, and two matrices of a call each their own runs."""
+    in_features = 512
+    for seed, outputs in ((40, 1), (41, 3), (42, 19), (43, 37), (44, 70)):
+        matrix = random_matrix(kind, outputs, in_features, seed=seed)
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(seed))
+        y = GGUFMatmul([matrix], [None], None, isa, torch.float32)(x)
+        assert_computes_its_product(y, x, library_weight(matrix), BLOCK_SIZES[kind])
+    parts = [random_matrix(kind, 37, in_features, seed=45), random_matrix(T.Q6_K, 21, in_features, seed=46)]
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(47))
+    y = GGUFMatmul(parts, [None, None], None, isa, torch.float32)(x)
+    assert_computes_its_product(y[:, :37], x, library_weight(parts[0]), BLOCK_SIZES[kind])
+    assert_computes_its_product(y[:, 37:], x, library_weight(parts[1]), 256)
+
+
 def test_fused_matrices_of_several_types_with_placed_rows_a_bias_and_a_norm(isa):
     """q/k/v-like parts of different types in one call; the second part's rows written to permuted columns (GGUF
     llama's q/k order), a bias over the outputs, and an RMSNorm applied to each row before quantizing."""
