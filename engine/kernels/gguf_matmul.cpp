@@ -48,7 +48,7 @@ constexpr int64_t kTile = 16;  // output rows a thread takes at a time
 // Weights stream from memory once a step, and one core keeps more of them in flight reading several runs of a
 // matrix's rows side by side than one run (plain reads on a 2-core Xeon slice: 16.5 GB/s as one stream a core, 19.5
 // as four). The row kernel reads kRuns(R) output rows at once, block by block in turn, where its R activation rows
-// leave it memory-bound (a 1.7B Q4_K_M model's linears at one row: 90 -> 66-77 ms a step; at three rows the kernel's
+// leave it memory-bound (a 1.7B Q4_K_M model's linears at one row: 77 -> 54-62 ms a step; at three rows the kernel's
 // arithmetic bounds it and more runs gain nothing).
 constexpr int kRuns(int rows) { return rows <= 2 ? 4 : 1; }
 constexpr int kMostRuns = kRuns(1);
@@ -603,10 +603,11 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
     };
 #pragma omp parallel num_threads(threads)
     {
-    // each thread a contiguous range of the tiles; its row-kernel tiles joined into spans, done last
+    // each thread a contiguous range of the tiles; its row-kernel tiles of a matrix joined into one span, run once
+    // the span ends
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     const size_t first = tiles.size() * thread / team, last = tiles.size() * (thread + 1) / team;
-    std::vector<Tile> spans;
+    Tile span{0, 0, 0};
     for (size_t t = first; t < last; ++t) {
         const Tile& tile = tiles[t];
         const GGUFMatrix& matrix = matrices[tile.matrix];
@@ -651,13 +652,14 @@ void gguf_linear(const GGUFMatrix* matrices, int64_t count, int64_t n, int64_t k
             }
             continue;
         }
-        if (!spans.empty() && spans.back().matrix == tile.matrix && spans.back().row + spans.back().count == tile.row) {
-            spans.back().count += tile.count;
-        } else {
-            spans.push_back(tile);
+        if (span.count > 0 && span.matrix == tile.matrix && span.row + span.count == tile.row) {
+            span.count += tile.count;
+            continue;
         }
+        if (span.count > 0) on_rows(span);
+        span = tile;
     }
-    for (const Tile& span : spans) on_rows(span);
+    if (span.count > 0) on_rows(span);
 #if defined(__AMX_INT8__)
     amx::release();
 #endif
