@@ -11,6 +11,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,8 +27,9 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory) -> dict[str, Path]:
-    """The image's file system, mapped: /opt/venv, /opt/qwen-serve, /models, /etc/qwen-serve."""
+def image(tmp_path_factory) -> Iterator[dict[str, Path]]:
+    """The image's file system, mapped: /opt/venv, /opt/qwen-serve, /models, /etc/qwen-serve; removed after the
+    module (its virtual environment holds torch: over 2 GB)."""
     root = tmp_path_factory.mktemp("image")
     paths = {"/opt/venv": root / "venv", "/opt/qwen-serve": root / "qwen-serve", "/models": root / "models",
              "/etc/qwen-serve": ROOT / "config"}
@@ -41,7 +43,8 @@ def image(tmp_path_factory) -> dict[str, Path]:
         argv = [mapped_value(word, paths) for word in shlex.split(command)]
         argv = [str(ROOT) if word == "/src" else word for word in argv]
         subprocess.run(argv, cwd=ROOT, env=build_env, check=True, timeout=900)
-    return paths
+    yield paths
+    shutil.rmtree(root)
 
 
 def mapped_value(value: str, paths: dict[str, Path]) -> str:

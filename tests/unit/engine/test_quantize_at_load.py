@@ -6,6 +6,9 @@ kernels, and close to the dense model on a real one (SmolLM2-135M written out as
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,8 +35,9 @@ MEAN_KL = {"q8_0": 0.0098, "q4_0": 0.861, "q4_k": 0.0328}
 
 
 @pytest.fixture(scope="module")
-def smollm2_folder(smollm2_gguf, tmp_path_factory):
-    """The embedded SmolLM2 as a dense safetensors folder (its GGUF weights dequantized by transformers)."""
+def smollm2_folder(smollm2_gguf, tmp_path_factory) -> Iterator[Path]:
+    """The embedded SmolLM2 as a dense safetensors folder (its GGUF weights dequantized by transformers), removed
+    after the module: half a gigabyte of fp32."""
     folder = tmp_path_factory.mktemp("smollm2-dense")
     model = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
                                                               dtype=torch.float32)
@@ -44,7 +48,8 @@ def smollm2_folder(smollm2_gguf, tmp_path_factory):
     save_file(tensors, folder / "model.safetensors")
     transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name).save_pretrained(
         folder)
-    return folder
+    yield folder
+    shutil.rmtree(folder)
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
