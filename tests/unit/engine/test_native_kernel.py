@@ -248,7 +248,8 @@ def rotate_first(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     (9, 3, 64, False, 64, False), (4, 4, 128, True, 128, False), (8, 2, 32, False, 32, False),
     (8, 4, 128, False, 128, True),  # Qwen3: per-head norms of q and k before RoPE
     (4, 2, 256, False, 64, True),  # Qwen3.5's attention layers: 256-dim heads, a quarter of each rotated
-], ids=["gqa-64", "logn-128", "gqa-32", "head-norms-128", "head-norms-256-partial"])
+    (45, 9, 32, False, 32, False),  # more heads than a job takes (32): two jobs a sequence, the second from mid-group
+], ids=["gqa-64", "logn-128", "gqa-32", "head-norms-128", "head-norms-256-partial", "gqa-45"])
 def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head_dim, with_logn, rotated, head_norms,
                                                            dtype, int8, isa):
     """The per-head norms, RoPE, the cache write and attention over each sequence's scattered slots, against fp64
@@ -262,8 +263,9 @@ def test_paged_decode_attention_rotates_writes_and_attends(heads, kv_heads, head
     batch, width = len(lens), int(lens.max())
     cache = random_cache(slots, kv_heads, head_dim, dtype, int8, generator)
     kv_slots = torch.zeros(batch, width, dtype=torch.long)
-    for b, n in enumerate(lens.tolist()):  # left-padded, scattered over the pool like a block table's slots
-        kv_slots[b, width - n :] = torch.randperm(slots, generator=generator)[:n]
+    pool = torch.randperm(slots, generator=generator)
+    for b, n in enumerate(lens.tolist()):  # left-padded, scattered over the pool like block tables' slots, none shared
+        kv_slots[b, width - n :], pool = pool[:n], pool[n:]
     write_slots = kv_slots[:, -1].clone()  # the new token is each sequence's last key
     qkv = (torch.randn(batch, (heads + 2 * kv_heads) * head_dim, generator=generator) * 3).to(dtype)
     angles = torch.rand(batch, rotated // 2, generator=generator) * 6
